@@ -1,0 +1,273 @@
+//! Kernel configuration, read from `COMMERCE_*` environment variables.
+//!
+//! Every variable has a safe default, so the kernel starts with none set (on the
+//! embedded SQLite backend). A value that cannot be used stops start-up with a
+//! [`ConfigError`] naming the variable. The README lists the variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::PgConnectOptions;
+
+use crate::storage::DatabaseConfig;
+
+pub const DATABASE_URL: &str = "COMMERCE_DATABASE_URL";
+pub const DATABASE_MAX_CONNECTIONS: &str = "COMMERCE_DATABASE_MAX_CONNECTIONS";
+pub const DATA_DIR: &str = "COMMERCE_DATA_DIR";
+pub const LISTEN_ADDR: &str = "COMMERCE_LISTEN_ADDR";
+pub const REQUEST_TIMEOUT_SECS: &str = "COMMERCE_REQUEST_TIMEOUT_SECS";
+pub const SHUTDOWN_TIMEOUT_SECS: &str = "COMMERCE_SHUTDOWN_TIMEOUT_SECS";
+pub const MAX_REQUEST_BYTES: &str = "COMMERCE_MAX_REQUEST_BYTES";
+pub const GRAPHIQL: &str = "COMMERCE_GRAPHIQL";
+pub const LOG: &str = "COMMERCE_LOG";
+
+/// Name of the SQLite file inside the data directory.
+pub const EMBEDDED_DATABASE_FILE: &str = "commerce.db";
+
+/// Everything the kernel needs to start.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen_addr: SocketAddr,
+    pub database: DatabaseConfig,
+    /// Longest a request may run before it is answered with 408.
+    pub request_timeout: Duration,
+    /// Longest graceful shutdown waits for in-flight requests after SIGTERM/ctrl-c.
+    pub shutdown_timeout: Duration,
+    /// Largest request body accepted, in bytes.
+    pub max_request_bytes: usize,
+    /// Serve the GraphiQL IDE on `GET /graphql`.
+    pub graphiql: bool,
+    /// A `tracing` filter directive such as `info` or `commerce_kernel=debug`.
+    pub log_filter: String,
+}
+
+/// A configuration value the kernel cannot use.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {reason}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub reason: String,
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup`, which returns a variable's value if set.
+    /// Empty values count as unset.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+
+        let max_connections = parse_or(
+            &get,
+            DATABASE_MAX_CONNECTIONS,
+            20u32,
+            "a whole number of connections",
+        )?;
+        if !(1..=10_000).contains(&max_connections) {
+            return Err(invalid(
+                DATABASE_MAX_CONNECTIONS,
+                "must be between 1 and 10000",
+            ));
+        }
+        let database = match get(DATABASE_URL) {
+            Some(url) => database_from_url(&url, max_connections)?,
+            None => {
+                let dir = get(DATA_DIR).map_or_else(|| PathBuf::from("data"), PathBuf::from);
+                DatabaseConfig::Sqlite {
+                    path: dir.join(EMBEDDED_DATABASE_FILE),
+                }
+            }
+        };
+
+        let listen_addr = parse_or(
+            &get,
+            LISTEN_ADDR,
+            SocketAddr::from(([0, 0, 0, 0], 8084)),
+            "a socket address such as 0.0.0.0:8084",
+        )?;
+        let request_timeout = seconds(&get, REQUEST_TIMEOUT_SECS, 30)?;
+        let shutdown_timeout = seconds(&get, SHUTDOWN_TIMEOUT_SECS, 30)?;
+        let max_request_bytes =
+            parse_or(&get, MAX_REQUEST_BYTES, 1_048_576usize, "a number of bytes")?;
+        if max_request_bytes < 1024 {
+            return Err(invalid(MAX_REQUEST_BYTES, "must be at least 1024"));
+        }
+        let graphiql = match get(GRAPHIQL)
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("true" | "1" | "yes" | "on") => true,
+            Some("false" | "0" | "no" | "off") => false,
+            Some(other) => {
+                return Err(invalid(GRAPHIQL, format!("`{other}` is not true or false")));
+            }
+        };
+        let log_filter = get(LOG)
+            .or_else(|| get("RUST_LOG"))
+            .unwrap_or_else(|| "info,sqlx=warn".to_string());
+
+        Ok(Config {
+            listen_addr,
+            database,
+            request_timeout,
+            shutdown_timeout,
+            max_request_bytes,
+            graphiql,
+            log_filter,
+        })
+    }
+}
+
+/// `postgres://` and `postgresql://` select Postgres; `sqlite:` selects a file.
+fn database_from_url(url: &str, max_connections: u32) -> Result<DatabaseConfig, ConfigError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        // The URL may hold a password: never echo it back.
+        let options = PgConnectOptions::from_str(url).map_err(|e| {
+            invalid(
+                DATABASE_URL,
+                format!(
+                    "not a usable Postgres URL ({})",
+                    redact(&e.to_string(), url)
+                ),
+            )
+        })?;
+        Ok(DatabaseConfig::Postgres {
+            options,
+            max_connections,
+        })
+    } else if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        let path = path.split('?').next().unwrap_or_default();
+        if path.is_empty() || path == ":memory:" {
+            return Err(invalid(
+                DATABASE_URL,
+                "an SQLite URL must name a file (sqlite://data/commerce.db); in-memory databases lose every event",
+            ));
+        }
+        Ok(DatabaseConfig::Sqlite {
+            path: PathBuf::from(path),
+        })
+    } else {
+        Err(invalid(
+            DATABASE_URL,
+            "must start with postgres://, postgresql:// or sqlite://",
+        ))
+    }
+}
+
+fn redact(message: &str, url: &str) -> String {
+    message.replace(url, "<url>")
+}
+
+fn parse_or<T: FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: T,
+    expected: &str,
+) -> Result<T, ConfigError> {
+    match get(variable) {
+        None => Ok(default),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .map_err(|_| invalid(variable, format!("`{raw}` is not {expected}"))),
+    }
+}
+
+fn seconds(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: u64,
+) -> Result<Duration, ConfigError> {
+    let secs: u64 = parse_or(get, variable, default, "a whole number of seconds")?;
+    if secs == 0 || secs > 86_400 {
+        return Err(invalid(variable, "must be between 1 and 86400 seconds"));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn invalid(variable: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_to_embedded_sqlite_on_port_8084() {
+        let config = config(&[]).expect("defaults are valid");
+        assert_eq!(config.listen_addr.to_string(), "0.0.0.0:8084");
+        match config.database {
+            DatabaseConfig::Sqlite { path } => assert_eq!(path, PathBuf::from("data/commerce.db")),
+            other => panic!("expected sqlite, got {other:?}"),
+        }
+        assert!(config.graphiql);
+    }
+
+    #[test]
+    fn selects_backend_by_url() {
+        let pg = config(&[(DATABASE_URL, "postgres://u:secret@db:5432/commerce")]).expect("valid");
+        assert!(matches!(
+            pg.database,
+            DatabaseConfig::Postgres {
+                max_connections: 20,
+                ..
+            }
+        ));
+        let file = config(&[(DATABASE_URL, "sqlite:///var/lib/commerce/k.db")]).expect("valid");
+        assert!(
+            matches!(file.database, DatabaseConfig::Sqlite { ref path } if path == &PathBuf::from("/var/lib/commerce/k.db"))
+        );
+        let dir = config(&[(DATA_DIR, "/srv/k")]).expect("valid");
+        assert!(
+            matches!(dir.database, DatabaseConfig::Sqlite { ref path } if path == &PathBuf::from("/srv/k/commerce.db"))
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let cases = [
+            (DATABASE_URL, "mysql://localhost/db"),
+            (DATABASE_URL, "sqlite::memory:"),
+            (LISTEN_ADDR, "localhost"),
+            (REQUEST_TIMEOUT_SECS, "0"),
+            (SHUTDOWN_TIMEOUT_SECS, "soon"),
+            (MAX_REQUEST_BYTES, "12"),
+            (DATABASE_MAX_CONNECTIONS, "-3"),
+            (GRAPHIQL, "maybe"),
+        ];
+        for (variable, value) in cases {
+            let error = config(&[(variable, value)]).expect_err(value);
+            assert_eq!(error.variable, variable, "{value}");
+            assert!(error.to_string().starts_with(variable));
+        }
+    }
+
+    #[test]
+    fn errors_never_echo_a_database_password() {
+        let error =
+            config(&[(DATABASE_URL, "postgres://u:hunter2@db:notaport/x")]).expect_err("bad port");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+}

@@ -1,0 +1,16 @@
+//! The commerce kernel: an event-sourced commerce backend with a GraphQL API.
+//!
+//! Map of the crate (ARCHITECTURE.md at the repository root has the long form):
+//! - [`domain`]: pure domain contracts (aggregates, events); no I/O.
+//! - [`event_store`]: the event store contract, its types and the aggregate repository.
+//! - [`storage`]: the backends (PostgreSQL, embedded SQLite) and their migrations.
+//! - [`api`]: the GraphQL schema.
+//! - [`server`]: HTTP routes, health, graceful shutdown.
+//! - [`config`]: configuration from `COMMERCE_*` environment variables.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod event_store;
+pub mod server;
+pub mod storage;

@@ -1,0 +1,239 @@
+//! The HTTP server: `/graphql`, `/health`, `/ready`, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_graphql::http::GraphiQLSource;
+use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::api::{self, KernelSchema};
+use crate::config::{Config, ConfigError};
+use crate::event_store::StoreError;
+use crate::storage::Database;
+
+/// How long a health probe waits for a backing store before calling it down.
+const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the kernel could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    database: Database,
+    schema: KernelSchema,
+    /// Set once shutdown begins, so `/ready` sends load balancers elsewhere.
+    draining: Arc<AtomicBool>,
+    graphiql: bool,
+}
+
+impl AppState {
+    pub fn new(database: Database, graphiql: bool) -> Self {
+        AppState {
+            schema: api::build_schema(database.event_store()),
+            database,
+            draining: Arc::new(AtomicBool::new(false)),
+            graphiql,
+        }
+    }
+}
+
+/// The kernel's routes with their limits.
+pub fn router(state: AppState, config: &Config) -> Router {
+    Router::new()
+        .route("/graphql", get(graphiql).post(graphql))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .layer(RequestBodyLimitLayer::new(config.max_request_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout,
+        ))
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Opens the database, applies migrations and serves until `shutdown` resolves.
+///
+/// `on_listening` is told the bound address (useful with port 0). After
+/// `shutdown`, in-flight requests get up to `config.shutdown_timeout` to finish;
+/// then the database pools are closed.
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), KernelError> {
+    let database = Database::connect(&config.database).await?;
+    database.migrate().await?;
+    let state = AppState::new(database.clone(), config.graphiql);
+    let draining = Arc::clone(&state.draining);
+    let app = router(state, &config);
+
+    let listener = TcpListener::bind(config.listen_addr)
+        .await
+        .map_err(|source| KernelError::Bind {
+            address: config.listen_addr,
+            source,
+        })?;
+    let address = listener.local_addr().map_err(KernelError::Serve)?;
+    tracing::info!(
+        %address,
+        backend = %database.backend(),
+        "commerce-kernel listening on http://{address} (GraphQL at /graphql)"
+    );
+    on_listening(address);
+
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let graceful = async move {
+        shutdown.await;
+        draining.store(true, Ordering::SeqCst);
+        tracing::info!("shutting down: finishing in-flight requests");
+        let _ = stopping_tx.send(true);
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    let grace = config.shutdown_timeout;
+    let deadline = async move {
+        if stopping_rx.wait_for(|stopping| *stopping).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = server => served.map_err(KernelError::Serve)?,
+        () = deadline => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "shutdown grace period over; abandoning open connections (their transactions roll back)"
+        ),
+    }
+    database.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on ctrl-c or, on Unix, SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+async fn graphql(State(state): State<AppState>, request: GraphQLRequest) -> GraphQLResponse {
+    state.schema.execute(request.into_inner()).await.into()
+}
+
+async fn graphiql(State(state): State<AppState>) -> Response {
+    if state.graphiql {
+        Html(GraphiQLSource::build().endpoint("/graphql").finish()).into_response()
+    } else {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GraphiQL is disabled; POST GraphQL requests to /graphql",
+        )
+            .into_response()
+    }
+}
+
+/// Status of each backing store; 503 when any is down.
+async fn health(State(state): State<AppState>) -> Response {
+    let backend = state.database.backend();
+    let (up, database) =
+        match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.database.ping()).await {
+            Ok(Ok(latency)) => (
+                true,
+                json!({
+                    "status": "up",
+                    "backend": backend,
+                    "latency_ms": latency.as_secs_f64() * 1000.0,
+                }),
+            ),
+            Ok(Err(error)) => (
+                false,
+                json!({ "status": "down", "backend": backend, "error": error.to_string() }),
+            ),
+            Err(_) => (
+                false,
+                json!({
+                    "status": "down",
+                    "backend": backend,
+                    "error": format!("no answer within {} ms", HEALTH_PROBE_TIMEOUT.as_millis()),
+                }),
+            ),
+        };
+    let status = if up {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if up { "ok" } else { "unavailable" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "checks": { "database": database },
+    });
+    (status, Json(body)).into_response()
+}
+
+/// 200 while the kernel takes traffic; 503 while draining or when the database is unreachable.
+async fn ready(State(state): State<AppState>) -> Response {
+    if state.draining.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "draining" })),
+        )
+            .into_response();
+    }
+    match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.database.ping()).await {
+        Ok(Ok(_)) => (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable" })),
+        )
+            .into_response(),
+    }
+}

@@ -1,0 +1,405 @@
+//! The PostgreSQL backend: production storage, shared by every kernel process.
+//!
+//! # Reading the global log without gaps
+//!
+//! Identity values are allocated before commit, so event 102 can become visible
+//! before event 101. Each event therefore records the id of its writing
+//! transaction (`pg_current_xact_id()`), and [`read_all`](PostgresEventStore)
+//! returns only events of transactions older than the oldest one still running
+//! (`pg_snapshot_xmin`), ordered by `(transaction_id, sequence)`. Every
+//! transaction below that horizon has finished, so no event can later appear
+//! before a position a reader has already passed. The cost: a long-running
+//! transaction anywhere in the cluster pauses readers, which is why the pool
+//! sets `idle_in_transaction_session_timeout`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgExecutor, PgPool, PgPoolOptions};
+use sqlx::{Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::event_store::{
+    AppendOutcome, AppendRequest, Backend, EventFilter, EventMetadata, EventStore, Position,
+    RecordedEvent, StoreError, StreamSelection, StreamVersion, clamp_limit, validate,
+};
+
+/// How long a session may sit idle inside a transaction before Postgres ends it.
+/// An open transaction holds back the read horizon of the global log.
+const IDLE_IN_TRANSACTION_TIMEOUT_MS: &str = "30000";
+
+/// SQLSTATEs raised by `append_events` (migrations/postgres).
+const VERSION_CONFLICT_STATE: &str = "CK001";
+const TYPE_MISMATCH_STATE: &str = "CK002";
+const UNIQUE_VIOLATION_STATE: &str = "23505";
+
+/// Connection pool and migrations for one Postgres database.
+#[derive(Clone, Debug)]
+pub struct PostgresDatabase {
+    pool: PgPool,
+}
+
+impl PostgresDatabase {
+    /// Opens a pool and checks that the server answers.
+    pub async fn connect(
+        options: PgConnectOptions,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let options = options.application_name("commerce-kernel").options([(
+            "idle_in_transaction_session_timeout",
+            IDLE_IN_TRANSACTION_TIMEOUT_MS,
+        )]);
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(PostgresDatabase { pool })
+    }
+
+    /// Wraps an existing pool (tests and tools that manage their own).
+    pub fn from_pool(pool: PgPool) -> Self {
+        PostgresDatabase { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        // sqlx serialises concurrent migrators with an advisory lock.
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub fn event_store(&self) -> PostgresEventStore {
+        PostgresEventStore {
+            pool: self.pool.clone(),
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// [`EventStore`] on Postgres.
+#[derive(Clone, Debug)]
+pub struct PostgresEventStore {
+    pool: PgPool,
+}
+
+impl PostgresEventStore {
+    /// Appends through `executor`, which may be an open transaction: the events
+    /// then commit (and become readable) with it. This is how other tables are
+    /// written atomically with events.
+    pub async fn append_with<'c>(
+        executor: impl PgExecutor<'c>,
+        request: AppendRequest,
+    ) -> Result<AppendOutcome, StoreError> {
+        validate(&request)?;
+        let resulting_versions = request.resulting_versions();
+        let args = AppendArguments::from_request(request);
+        let row: Option<(bool, i64, i64, Option<Value>)> = sqlx::query_as(
+            "SELECT replayed, transaction_id, sequence, stream_versions \
+             FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(args.idempotency_key)
+        .bind(args.stream_ids)
+        .bind(args.stream_types)
+        .bind(&args.expected_versions)
+        .bind(args.event_ids)
+        .bind(args.event_streams)
+        .bind(args.event_types)
+        .bind(args.event_versions)
+        .bind(args.schema_versions)
+        .bind(args.event_data)
+        .bind(args.metadata.correlation_id)
+        .bind(args.metadata.causation_id)
+        .bind(args.metadata.actor)
+        .fetch_optional(executor)
+        .await
+        .map_err(|error| append_error(error, &args.expected))?;
+
+        let Some((replayed, transaction_id, sequence, stored_versions)) = row else {
+            return Err(StoreError::Corrupt(
+                "append_events returned no row: the idempotency record names a missing event"
+                    .into(),
+            ));
+        };
+        let stream_versions = match (replayed, stored_versions) {
+            (false, _) => resulting_versions,
+            (true, Some(stored)) => serde_json::from_value::<Vec<StreamVersion>>(stored)
+                .map_err(|e| StoreError::Corrupt(format!("idempotency record: {e}")))?,
+            (true, None) => {
+                return Err(StoreError::Corrupt(
+                    "idempotency record without versions".into(),
+                ));
+            }
+        };
+        Ok(AppendOutcome {
+            stream_versions,
+            last_position: Position {
+                transaction_id,
+                sequence,
+            },
+            replayed,
+        })
+    }
+}
+
+/// An append request as the parallel arrays `append_events` takes.
+struct AppendArguments {
+    idempotency_key: Option<String>,
+    stream_ids: Vec<Uuid>,
+    stream_types: Vec<String>,
+    expected_versions: Vec<i32>,
+    event_ids: Vec<Uuid>,
+    event_streams: Vec<Uuid>,
+    event_types: Vec<String>,
+    event_versions: Vec<i32>,
+    schema_versions: Vec<i32>,
+    event_data: Vec<Value>,
+    metadata: EventMetadata,
+    /// Expected version per stream, to report conflicts.
+    expected: Vec<(Uuid, u32)>,
+}
+
+impl AppendArguments {
+    /// Assumes a validated request, so every version fits in an `i32`.
+    fn from_request(request: AppendRequest) -> Self {
+        let event_count = request.event_count();
+        let mut args = AppendArguments {
+            idempotency_key: request.idempotency_key,
+            stream_ids: Vec::with_capacity(request.streams.len()),
+            stream_types: Vec::with_capacity(request.streams.len()),
+            expected_versions: Vec::with_capacity(request.streams.len()),
+            event_ids: Vec::with_capacity(event_count),
+            event_streams: Vec::with_capacity(event_count),
+            event_types: Vec::with_capacity(event_count),
+            event_versions: Vec::with_capacity(event_count),
+            schema_versions: Vec::with_capacity(event_count),
+            event_data: Vec::with_capacity(event_count),
+            metadata: request.metadata,
+            expected: Vec::with_capacity(request.streams.len()),
+        };
+        for stream in request.streams {
+            args.stream_ids.push(stream.aggregate_id);
+            args.stream_types.push(stream.aggregate_type);
+            args.expected_versions.push(stream.expected_version as i32);
+            args.expected
+                .push((stream.aggregate_id, stream.expected_version));
+            for (offset, event) in stream.events.into_iter().enumerate() {
+                args.event_ids.push(event.id);
+                args.event_streams.push(stream.aggregate_id);
+                args.event_types.push(event.event_type);
+                args.event_versions
+                    .push(stream.expected_version as i32 + offset as i32 + 1);
+                args.schema_versions.push(event.schema_version as i32);
+                args.event_data.push(event.data);
+            }
+        }
+        args
+    }
+}
+
+/// Maps the errors `append_events` raises to typed store errors.
+fn append_error(error: sqlx::Error, expected: &[(Uuid, u32)]) -> StoreError {
+    let Some(db_error) = error
+        .as_database_error()
+        .and_then(|e| e.try_downcast_ref::<PgDatabaseError>())
+    else {
+        return StoreError::Database(error);
+    };
+    let detail = db_error.detail().unwrap_or_default();
+    let mut parts = detail.splitn(2, ' ');
+    let aggregate_id = parts.next().and_then(|id| id.parse::<Uuid>().ok());
+    let rest = parts.next().unwrap_or_default();
+    match (db_error.code(), aggregate_id) {
+        (VERSION_CONFLICT_STATE, Some(aggregate_id)) => StoreError::VersionConflict {
+            aggregate_id,
+            expected: expected
+                .iter()
+                .find(|(id, _)| *id == aggregate_id)
+                .map_or(0, |(_, v)| *v),
+            actual: rest.parse().unwrap_or(0),
+        },
+        (TYPE_MISMATCH_STATE, Some(aggregate_id)) => {
+            let (existing, requested) = rest.split_once(' ').unwrap_or((rest, ""));
+            StoreError::AggregateTypeMismatch {
+                aggregate_id,
+                existing: existing.to_string(),
+                requested: requested.to_string(),
+            }
+        }
+        (UNIQUE_VIOLATION_STATE, _) if db_error.constraint() == Some("events_pkey") => {
+            StoreError::invalid("id", "an event with this id is already stored")
+        }
+        _ => StoreError::Database(error),
+    }
+}
+
+const EVENT_COLUMNS: &str = "sequence, transaction_id, id, aggregate_id, aggregate_type, event_type, \
+     schema_version, event_data, version, correlation_id, causation_id, actor, created_at";
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    sequence: i64,
+    transaction_id: i64,
+    id: Uuid,
+    aggregate_id: Uuid,
+    aggregate_type: String,
+    event_type: String,
+    schema_version: i32,
+    event_data: Value,
+    version: i32,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    actor: Option<String>,
+    created_at: DateTime<Utc>,
+}
+
+impl TryFrom<EventRow> for RecordedEvent {
+    type Error = StoreError;
+
+    fn try_from(row: EventRow) -> Result<Self, StoreError> {
+        let non_negative = |value: i32, what: &str| {
+            u32::try_from(value)
+                .map_err(|_| StoreError::Corrupt(format!("event {}: negative {what}", row.id)))
+        };
+        Ok(RecordedEvent {
+            id: row.id,
+            position: Position {
+                transaction_id: row.transaction_id,
+                sequence: row.sequence,
+            },
+            aggregate_id: row.aggregate_id,
+            aggregate_type: row.aggregate_type,
+            event_type: row.event_type,
+            schema_version: non_negative(row.schema_version, "schema version")?,
+            data: row.event_data,
+            version: non_negative(row.version, "version")?,
+            metadata: EventMetadata {
+                correlation_id: row.correlation_id,
+                causation_id: row.causation_id,
+                actor: row.actor,
+            },
+            created_at: row.created_at,
+        })
+    }
+}
+
+fn to_recorded(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>, StoreError> {
+    rows.into_iter().map(RecordedEvent::try_from).collect()
+}
+
+/// Transactions below this id have all finished: the read horizon of the log.
+const READ_HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+
+#[async_trait]
+impl EventStore for PostgresEventStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        Self::append_with(&self.pool, request).await
+    }
+
+    async fn read_stream(
+        &self,
+        aggregate_id: Uuid,
+        selection: StreamSelection,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let to_version = selection
+            .to_version
+            .map(|v| i32::try_from(v).unwrap_or(i32::MAX));
+        let rows: Vec<EventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events \
+             WHERE aggregate_id = $1 \
+               AND ($2::integer IS NULL OR version <= $2) \
+               AND ($3::timestamptz IS NULL OR created_at <= $3) \
+             ORDER BY version"
+        ))
+        .bind(aggregate_id)
+        .bind(to_version)
+        .bind(selection.until)
+        .fetch_all(&self.pool)
+        .await?;
+        to_recorded(rows)
+    }
+
+    async fn read_all_matching(
+        &self,
+        filter: &EventFilter,
+        after: Position,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut query = QueryBuilder::<Postgres>::new(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE (transaction_id, sequence) > ("
+        ));
+        query
+            .push_bind(after.transaction_id)
+            .push(", ")
+            .push_bind(after.sequence)
+            .push(format!(") AND transaction_id < {READ_HORIZON}"));
+        if let Some(aggregate_id) = filter.aggregate_id {
+            query.push(" AND aggregate_id = ").push_bind(aggregate_id);
+        }
+        if let Some(aggregate_type) = &filter.aggregate_type {
+            query
+                .push(" AND aggregate_type = ")
+                .push_bind(aggregate_type.clone());
+        }
+        if let Some(event_type) = &filter.event_type {
+            query
+                .push(" AND event_type = ")
+                .push_bind(event_type.clone());
+        }
+        if let Some(correlation_id) = filter.correlation_id {
+            query
+                .push(" AND correlation_id = ")
+                .push_bind(correlation_id);
+        }
+        query
+            .push(" ORDER BY transaction_id, sequence LIMIT ")
+            .push_bind(clamp_limit(limit));
+        let rows: Vec<EventRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        to_recorded(rows)
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(&format!(
+            "SELECT transaction_id, sequence FROM events \
+             WHERE transaction_id < {READ_HORIZON} \
+             ORDER BY transaction_id DESC, sequence DESC LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(
+            row.map_or(Position::START, |(transaction_id, sequence)| Position {
+                transaction_id,
+                sequence,
+            }),
+        )
+    }
+
+    async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
+        let version: Option<i32> =
+            sqlx::query_scalar("SELECT version FROM streams WHERE aggregate_id = $1")
+                .bind(aggregate_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        u32::try_from(version.unwrap_or(0))
+            .map_err(|_| StoreError::Corrupt(format!("stream {aggregate_id}: negative version")))
+    }
+}

@@ -1,0 +1,209 @@
+//! Fixtures shared by the integration suites: a fresh, empty database per test
+//! on each backend, and a runner that executes one suite against every backend.
+//!
+//! SQLite always runs. Postgres runs when `COMMERCE_TEST_DATABASE_URL` is set
+//! (`.ci/run` sets it); otherwise its tests are listed as ignored, never passed.
+//! Each Postgres test gets its own schema, so runs never see each other's data.
+
+#![allow(dead_code)] // Each test binary uses its own part of the fixtures.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use commerce_kernel::event_store::{AppendOutcome, AppendRequest, EventStore};
+use commerce_kernel::storage::postgres::PostgresEventStore;
+use commerce_kernel::storage::sqlite::SqliteEventStore;
+use commerce_kernel::storage::{Database, DatabaseConfig};
+use libtest_mimic::{Arguments, Failed, Trial};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+
+/// Points the suites at a Postgres server, e.g. `postgres://postgres@127.0.0.1:5432/test`.
+pub const TEST_DATABASE_URL: &str = "COMMERCE_TEST_DATABASE_URL";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Sqlite,
+    Postgres,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Sqlite => "sqlite",
+            BackendKind::Postgres => "postgres",
+        }
+    }
+}
+
+fn postgres_url() -> Option<String> {
+    std::env::var(TEST_DATABASE_URL)
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+}
+
+/// A fresh database with migrations applied, removed again by [`TestDatabase::remove`].
+pub struct TestDatabase {
+    pub database: Database,
+    pub kind: BackendKind,
+    cleanup: Cleanup,
+}
+
+enum Cleanup {
+    Sqlite(tempfile::TempDir),
+    Postgres { url: String, schema: String },
+}
+
+impl TestDatabase {
+    pub async fn create(kind: BackendKind) -> anyhow::Result<Self> {
+        match kind {
+            BackendKind::Sqlite => {
+                let dir = tempfile::tempdir().context("temporary directory")?;
+                let config = DatabaseConfig::Sqlite {
+                    path: dir.path().join("commerce.db"),
+                };
+                let database = Database::connect(&config).await?;
+                database.migrate().await?;
+                Ok(TestDatabase {
+                    database,
+                    kind,
+                    cleanup: Cleanup::Sqlite(dir),
+                })
+            }
+            BackendKind::Postgres => {
+                let url =
+                    postgres_url().with_context(|| format!("{TEST_DATABASE_URL} is not set"))?;
+                let schema = format!("test_{}", uuid::Uuid::new_v4().simple());
+                let mut admin = PgConnection::connect(&url)
+                    .await
+                    .with_context(|| format!("cannot reach Postgres at {TEST_DATABASE_URL}"))?;
+                sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                    .execute(&mut admin)
+                    .await?;
+                admin.close().await?;
+                let options =
+                    PgConnectOptions::from_str(&url)?.options([("search_path", schema.as_str())]);
+                let config = DatabaseConfig::Postgres {
+                    options,
+                    max_connections: 40,
+                };
+                let database = Database::connect(&config).await?;
+                database.migrate().await?;
+                Ok(TestDatabase {
+                    database,
+                    kind,
+                    cleanup: Cleanup::Postgres { url, schema },
+                })
+            }
+        }
+    }
+
+    pub fn event_store(&self) -> Arc<dyn EventStore> {
+        self.database.event_store()
+    }
+
+    /// Starts `request` in a transaction that stays open until [`HeldAppend::commit`].
+    pub async fn hold_append(&self, request: AppendRequest) -> anyhow::Result<HeldAppend> {
+        match &self.database {
+            Database::Postgres(db) => {
+                let mut transaction = db.pool().begin().await?;
+                let outcome = PostgresEventStore::append_with(&mut *transaction, request).await?;
+                Ok(HeldAppend::Postgres(transaction, outcome))
+            }
+            Database::Sqlite(db) => {
+                let mut transaction = db.begin_write().await?;
+                let outcome = SqliteEventStore::append_in(&mut transaction, request).await?;
+                Ok(HeldAppend::Sqlite(transaction, outcome))
+            }
+        }
+    }
+
+    /// Closes the pools and deletes the database.
+    pub async fn remove(self) -> anyhow::Result<()> {
+        self.database.close().await;
+        match self.cleanup {
+            Cleanup::Sqlite(dir) => dir.close()?,
+            Cleanup::Postgres { url, schema } => {
+                let mut admin = PgConnection::connect(&url).await?;
+                sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .execute(&mut admin)
+                    .await?;
+                admin.close().await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An append whose transaction is still open.
+pub enum HeldAppend {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>, AppendOutcome),
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>, AppendOutcome),
+}
+
+impl HeldAppend {
+    pub async fn commit(self) -> anyhow::Result<AppendOutcome> {
+        match self {
+            HeldAppend::Postgres(transaction, outcome) => {
+                transaction.commit().await?;
+                Ok(outcome)
+            }
+            HeldAppend::Sqlite(transaction, outcome) => {
+                transaction.commit().await?;
+                Ok(outcome)
+            }
+        }
+    }
+}
+
+/// A test of a backend-neutral suite: gets a fresh database, returns an error to fail.
+pub type SuiteCase =
+    fn(Arc<TestDatabase>) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// Runs every case against every backend, as `<backend>::<case>`. Cases on a
+/// backend that is not configured are reported as ignored.
+pub fn run_suite(cases: &[(&'static str, SuiteCase)]) -> ! {
+    let args = Arguments::from_args();
+    let postgres_configured = postgres_url().is_some();
+    let mut trials = Vec::new();
+    for kind in [BackendKind::Sqlite, BackendKind::Postgres] {
+        for &(name, case) in cases {
+            let available = kind == BackendKind::Sqlite || postgres_configured;
+            trials.push(
+                Trial::test(format!("{}::{name}", kind.name()), move || {
+                    run_case(kind, case)
+                })
+                .with_ignored_flag(!available),
+            );
+        }
+    }
+    libtest_mimic::run(&args, trials).exit()
+}
+
+fn run_case(kind: BackendKind, case: SuiteCase) -> Result<(), Failed> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failed::from(format!("runtime: {e}")))?;
+    runtime.block_on(async move {
+        let database = Arc::new(
+            TestDatabase::create(kind)
+                .await
+                .map_err(|e| Failed::from(format!("setting up {}: {e:#}", kind.name())))?,
+        );
+        let outcome = case(Arc::clone(&database)).await;
+        // Keep a failed test's database for inspection; remove a passed one's.
+        if outcome.is_ok() {
+            if let Ok(database) = Arc::try_unwrap(database) {
+                database
+                    .remove()
+                    .await
+                    .map_err(|e| Failed::from(format!("cleanup: {e:#}")))?;
+            }
+        }
+        outcome.map_err(|e| Failed::from(format!("{e:#}")))
+    })
+}
