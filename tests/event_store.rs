@@ -16,7 +16,7 @@ use commerce_kernel::event_store::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use support::{BackendKind, SuiteCase, TestDatabase, run_suite};
+use support::{BackendKind, SuiteCase, TestDatabase, run_suite, wait_until_readable};
 use uuid::Uuid;
 
 macro_rules! cases {
@@ -51,9 +51,13 @@ fn single(id: Uuid, expected: u32, events: Vec<NewEvent>) -> AppendRequest {
     AppendRequest::single(id, "account", expected, events)
 }
 
-/// Every event of the log, following it page by page from the start.
-async fn whole_log(store: &dyn EventStore) -> anyhow::Result<Vec<RecordedEvent>> {
-    let mut all = Vec::new();
+/// Every event of the log, once readers can see `through` (see [`wait_until_readable`]).
+async fn whole_log(
+    store: &dyn EventStore,
+    through: Position,
+) -> anyhow::Result<Vec<RecordedEvent>> {
+    wait_until_readable(store, through).await?;
+    let mut all: Vec<RecordedEvent> = Vec::new();
     let mut cursor = Position::START;
     loop {
         let page = store.read_all(cursor, 100).await?;
@@ -102,8 +106,8 @@ async fn append_and_read_back(db: Arc<TestDatabase>) -> anyhow::Result<()> {
     ensure!(stream[2].position == outcome.last_position);
     ensure!(store.stream_version(id).await? == 3);
     ensure!(store.stream_version(Uuid::now_v7()).await? == 0);
+    ensure!(whole_log(store.as_ref(), outcome.last_position).await? == stream);
     ensure!(store.head().await? == outcome.last_position);
-    ensure!(whole_log(store.as_ref()).await? == stream);
     ensure!(
         store
             .read_stream(Uuid::now_v7(), StreamSelection::default())
@@ -116,7 +120,7 @@ async fn append_and_read_back(db: Arc<TestDatabase>) -> anyhow::Result<()> {
 async fn stale_expected_version_is_a_typed_conflict(db: Arc<TestDatabase>) -> anyhow::Result<()> {
     let store = db.event_store();
     let id = Uuid::now_v7();
-    store
+    let opened = store
         .append(single(id, 0, vec![event("Opened", json!({}))]))
         .await?;
 
@@ -152,7 +156,7 @@ async fn stale_expected_version_is_a_typed_conflict(db: Arc<TestDatabase>) -> an
             == 1
     );
     ensure!(
-        whole_log(store.as_ref()).await?.len() == 1,
+        whole_log(store.as_ref(), opened.last_position).await?.len() == 1,
         "a conflict wrote something"
     );
     Ok(())
@@ -255,7 +259,7 @@ async fn multi_stream_append_is_all_or_nothing(db: Arc<TestDatabase>) -> anyhow:
         .map(|v| (v.aggregate_id, v.version))
         .collect();
     ensure!(versions == vec![(fresh, 2), (existing, 2)], "{versions:?}");
-    let log = whole_log(store.as_ref()).await?;
+    let log = whole_log(store.as_ref(), outcome.last_position).await?;
     ensure!(log.len() == 4);
     let transaction = log[1].position.transaction_id;
     ensure!(
@@ -275,7 +279,7 @@ async fn batch_keeps_its_order_in_the_log(db: Arc<TestDatabase>) -> anyhow::Resu
         .collect();
     let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
     let outcome = store.append(single(id, 0, events)).await?;
-    let log = whole_log(store.as_ref()).await?;
+    let log = whole_log(store.as_ref(), outcome.last_position).await?;
     ensure!(
         log.iter().map(|e| e.id).collect::<Vec<_>>() == ids,
         "log order differs from append order"
@@ -295,7 +299,7 @@ async fn idempotent_append_returns_the_original_outcome(
         .append(single(id, 0, vec![event("Opened", json!({}))]).with_idempotency_key("open:42"))
         .await?;
     ensure!(!first.replayed);
-    store
+    let deposit = store
         .append(single(id, 1, vec![event("Deposited", json!({}))]))
         .await?;
 
@@ -323,7 +327,12 @@ async fn idempotent_append_returns_the_original_outcome(
         )
         .await?;
     ensure!(elsewhere.replayed && elsewhere.stream_versions[0].aggregate_id == id);
-    ensure!(whole_log(store.as_ref()).await?.len() == 2);
+    ensure!(
+        whole_log(store.as_ref(), deposit.last_position)
+            .await?
+            .len()
+            == 2
+    );
     Ok(())
 }
 
@@ -356,7 +365,7 @@ async fn idempotent_appends_racing_write_once(db: Arc<TestDatabase>) -> anyhow::
         ensure!(outcome.stream_versions == winner.stream_versions);
         ensure!(outcome.last_position == winner.last_position);
     }
-    let log = whole_log(store.as_ref()).await?;
+    let log = whole_log(store.as_ref(), winner.last_position).await?;
     ensure!(log.len() == 1 && log[0].aggregate_id == winner.stream_versions[0].aggregate_id);
     Ok(())
 }
@@ -766,7 +775,7 @@ async fn invalid_appends_are_rejected_and_write_nothing(
     let store = db.event_store();
     let id = Uuid::now_v7();
     let opened = event("Opened", json!({}));
-    store.append(single(id, 0, vec![opened.clone()])).await?;
+    let first = store.append(single(id, 0, vec![opened.clone()])).await?;
 
     for expected in [0, 1] {
         let as_order =
@@ -809,7 +818,7 @@ async fn invalid_appends_are_rejected_and_write_nothing(
     ));
 
     ensure!(
-        whole_log(store.as_ref()).await?.len() == 1,
+        whole_log(store.as_ref(), first.last_position).await?.len() == 1,
         "a rejected append wrote events"
     );
     ensure!(store.stream_version(id).await? == 1);

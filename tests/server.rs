@@ -1,1 +1,362 @@
+//! The HTTP surface: health, readiness, GraphQL over the event log, limits and
+//! graceful shutdown. Runs on every backend (see support/mod.rs).
 
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, ensure};
+use commerce_kernel::config::{self, Config};
+use commerce_kernel::event_store::{AppendOutcome, AppendRequest, NewEvent};
+use commerce_kernel::server;
+use serde_json::{Value, json};
+use support::{SuiteCase, TestDatabase, run_suite, wait_until_readable};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        [$((stringify!($name), (|db| Box::pin($name(db))) as SuiteCase)),*]
+    };
+}
+
+fn main() {
+    run_suite(&cases![
+        health_and_ready_report_the_database,
+        graphql_pages_through_the_event_log,
+        graphql_reads_a_stream_as_of_a_version,
+        graphql_errors_carry_codes,
+        limits_reject_oversized_requests,
+        graphiql_is_served_on_get,
+        in_flight_requests_finish_on_shutdown,
+    ]);
+}
+
+/// A kernel serving a test database on a loopback port.
+struct RunningKernel {
+    address: SocketAddr,
+    shutdown: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), server::KernelError>>,
+    http: reqwest::Client,
+}
+
+impl RunningKernel {
+    async fn start(db: &TestDatabase, vars: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        vars.push((config::LISTEN_ADDR.into(), "127.0.0.1:0".into()));
+        let config = Config::from_lookup(|name| {
+            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        })?;
+        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
+        let (bound_tx, bound_rx) = oneshot::channel();
+        let database = db.database.clone();
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = shutdown_rx.await;
+            };
+            server::serve(database, &config, shutdown, |address| {
+                let _ = bound_tx.send(address);
+            })
+            .await
+        });
+        let address = tokio::time::timeout(Duration::from_secs(10), bound_rx)
+            .await
+            .context("kernel did not start listening")??;
+        Ok(RunningKernel {
+            address,
+            shutdown,
+            task,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    async fn graphql(&self, query: &str, variables: Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(self.url("/graphql"))
+            .json(&json!({ "query": query, "variables": variables }))
+            .send()
+            .await?;
+        ensure!(
+            response.status() == 200,
+            "GraphQL answered {}",
+            response.status()
+        );
+        Ok(response.json().await?)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .context("kernel did not stop")???;
+        Ok(())
+    }
+}
+
+/// Appends `count` events to a new stream and waits until log readers see them.
+async fn append_events(
+    db: &TestDatabase,
+    aggregate_id: Uuid,
+    count: usize,
+) -> anyhow::Result<AppendOutcome> {
+    let events = (0..count)
+        .map(|i| NewEvent::new("Deposited", json!({ "n": i })))
+        .collect();
+    let store = db.event_store();
+    let outcome = store
+        .append(AppendRequest::single(aggregate_id, "account", 0, events))
+        .await?;
+    wait_until_readable(store.as_ref(), outcome.last_position).await?;
+    Ok(outcome)
+}
+
+async fn health_and_ready_report_the_database(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let health = kernel.http.get(kernel.url("/health")).send().await?;
+    ensure!(health.status() == 200);
+    let body: Value = health.json().await?;
+    ensure!(body["status"] == "ok", "{body}");
+    ensure!(body["checks"]["database"]["status"] == "up");
+    ensure!(body["checks"]["database"]["backend"] == db.kind.name());
+    ensure!(body["checks"]["database"]["latency_ms"].is_number());
+
+    let ready = kernel.http.get(kernel.url("/ready")).send().await?;
+    ensure!(ready.status() == 200);
+    ensure!(ready.json::<Value>().await?["status"] == "ready");
+
+    // With the database gone, both say so with 503 instead of hanging or lying.
+    db.database.close().await;
+    let health = kernel.http.get(kernel.url("/health")).send().await?;
+    ensure!(
+        health.status() == 503,
+        "health with a closed database: {}",
+        health.status()
+    );
+    let body: Value = health.json().await?;
+    ensure!(body["checks"]["database"]["status"] == "down", "{body}");
+    ensure!(kernel.http.get(kernel.url("/ready")).send().await?.status() == 503);
+    kernel.stop().await
+}
+
+const EVENTS_PAGE: &str = "query($first: Int, $after: String, $id: UUID) {
+  events(first: $first, after: $after, aggregateId: $id) {
+    edges { cursor node { id position aggregateId aggregateType eventType version schemaVersion data createdAt } }
+    pageInfo { hasNextPage hasPreviousPage endCursor }
+  }
+}";
+
+async fn graphql_pages_through_the_event_log(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let account = Uuid::now_v7();
+    append_events(&db, account, 5).await?;
+    append_events(&db, Uuid::now_v7(), 2).await?;
+    let kernel = RunningKernel::start(&db, &[]).await?;
+
+    let mut cursor = Value::Null;
+    let mut versions = Vec::new();
+    loop {
+        let page = kernel
+            .graphql(
+                EVENTS_PAGE,
+                json!({ "first": 2, "after": cursor, "id": account }),
+            )
+            .await?;
+        ensure!(page.get("errors").is_none(), "{page}");
+        let events = &page["data"]["events"];
+        for edge in events["edges"].as_array().context("edges")? {
+            ensure!(edge["cursor"] == edge["node"]["position"]);
+            ensure!(edge["node"]["aggregateId"] == account.to_string());
+            ensure!(
+                edge["node"]["eventType"] == "Deposited"
+                    && edge["node"]["aggregateType"] == "account"
+            );
+            versions.push(edge["node"]["version"].as_i64().context("version")?);
+        }
+        if events["pageInfo"]["hasNextPage"] != true {
+            break;
+        }
+        cursor = events["pageInfo"]["endCursor"].clone();
+    }
+    ensure!(versions == [1, 2, 3, 4, 5], "{versions:?}");
+
+    let all = kernel.graphql(EVENTS_PAGE, json!({ "first": 500 })).await?;
+    ensure!(all["data"]["events"]["edges"].as_array().map(Vec::len) == Some(7));
+    ensure!(all["data"]["events"]["pageInfo"]["hasNextPage"] == false);
+    let head = kernel.graphql("{ eventLogHead }", json!({})).await?;
+    let last_cursor = all["data"]["events"]["edges"][6]["cursor"].clone();
+    ensure!(head["data"]["eventLogHead"] == last_cursor, "{head}");
+    kernel.stop().await
+}
+
+async fn graphql_reads_a_stream_as_of_a_version(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let account = Uuid::now_v7();
+    append_events(&db, account, 4).await?;
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let query = "query($id: UUID!, $v: Int) { aggregateEvents(aggregateId: $id, untilVersion: $v) { version data } }";
+    let at_two = kernel
+        .graphql(query, json!({ "id": account, "v": 2 }))
+        .await?;
+    let events = at_two["data"]["aggregateEvents"]
+        .as_array()
+        .context("events")?;
+    ensure!(
+        events.len() == 2 && events[1]["data"] == json!({ "n": 1 }),
+        "{at_two}"
+    );
+    let whole = kernel.graphql(query, json!({ "id": account })).await?;
+    ensure!(whole["data"]["aggregateEvents"].as_array().map(Vec::len) == Some(4));
+    kernel.stop().await
+}
+
+/// The `extensions.code` of a response's first error.
+fn error_code(response: &Value) -> Option<&str> {
+    response["errors"][0]["extensions"]["code"].as_str()
+}
+
+async fn graphql_errors_carry_codes(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let bad_cursor = kernel
+        .graphql(EVENTS_PAGE, json!({ "after": "not-a-cursor" }))
+        .await?;
+    ensure!(
+        error_code(&bad_cursor) == Some("INVALID_INPUT"),
+        "{bad_cursor}"
+    );
+    ensure!(bad_cursor["errors"][0]["extensions"]["field"] == "after");
+    for first in [0, -1, 501] {
+        let response = kernel
+            .graphql(EVENTS_PAGE, json!({ "first": first }))
+            .await?;
+        ensure!(
+            error_code(&response) == Some("INVALID_INPUT"),
+            "first={first}: {response}"
+        );
+    }
+    let negative = kernel
+        .graphql("{ aggregateEvents(aggregateId: \"00000000-0000-0000-0000-000000000000\", untilVersion: -1) { id } }", json!({}))
+        .await?;
+    ensure!(error_code(&negative) == Some("INVALID_INPUT"), "{negative}");
+    // Malformed documents are GraphQL errors, not server errors.
+    for document in [
+        "{",
+        "{ nope }",
+        "query { events(first: \"x\") { pageInfo { hasNextPage } } }",
+    ] {
+        let response = kernel.graphql(document, json!({})).await?;
+        ensure!(response["errors"].is_array(), "{document}: {response}");
+    }
+    kernel.stop().await
+}
+
+async fn limits_reject_oversized_requests(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[(config::MAX_REQUEST_BYTES, "4096")]).await?;
+    let huge = json!({ "query": format!("{{ eventLogHead }} # {}", "x".repeat(8192)) });
+    let response = kernel
+        .http
+        .post(kernel.url("/graphql"))
+        .json(&huge)
+        .send()
+        .await?;
+    ensure!(
+        response.status() == 413,
+        "oversized body answered {}",
+        response.status()
+    );
+
+    // Introspection nests as deep as asked: a valid query past the depth limit.
+    let nested = |levels: usize| {
+        let of_type = (0..levels).fold(String::from("name"), |inner, _| {
+            format!("ofType {{ {inner} }}")
+        });
+        format!("{{ __type(name: \"Event\") {{ fields {{ type {{ {of_type} }} }} }} }}")
+    };
+    let too_deep = kernel.graphql(&nested(20), json!({})).await?;
+    let message = too_deep["errors"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(message.contains("nested too deep"), "{too_deep}");
+    let shallow = kernel.graphql(&nested(3), json!({})).await?;
+    ensure!(shallow.get("errors").is_none(), "{shallow}");
+    kernel.stop().await
+}
+
+async fn graphiql_is_served_on_get(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let page = kernel.http.get(kernel.url("/graphql")).send().await?;
+    ensure!(page.status() == 200);
+    ensure!(page.text().await?.to_lowercase().contains("graphiql"));
+    kernel.stop().await?;
+
+    let locked = RunningKernel::start(&db, &[(config::GRAPHIQL, "false")]).await?;
+    ensure!(
+        locked
+            .http
+            .get(locked.url("/graphql"))
+            .send()
+            .await?
+            .status()
+            == 405
+    );
+    locked.stop().await
+}
+
+async fn in_flight_requests_finish_on_shutdown(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    append_events(&db, Uuid::now_v7(), 3).await?;
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let body = json!({ "query": "{ events { edges { node { id } } } }" }).to_string();
+    let (head, tail) = body.split_at(body.len() / 2);
+
+    // A request whose body is still arriving when shutdown begins.
+    let mut stream = tokio::net::TcpStream::connect(kernel.address).await?;
+    let request = format!(
+        "POST /graphql HTTP/1.1\r\nHost: kernel\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{head}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let RunningKernel {
+        address,
+        shutdown,
+        task,
+        ..
+    } = kernel;
+    let _ = shutdown.send(());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ensure!(
+        !task.is_finished(),
+        "the kernel stopped with a request in flight"
+    );
+    ensure!(
+        tokio::net::TcpStream::connect(address).await.is_err(),
+        "a draining kernel still accepts new connections"
+    );
+
+    stream.write_all(tail.as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .context("no response to the in-flight request")??;
+    ensure!(
+        response.starts_with("HTTP/1.1 200"),
+        "in-flight request answered: {response}"
+    );
+    ensure!(response.matches("\"id\"").count() == 3, "{response}");
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .context("kernel did not stop after its last request")???;
+    Ok(())
+}

@@ -138,7 +138,7 @@ fn database_from_url(url: &str, max_connections: u32) -> Result<DatabaseConfig, 
             )
         })?;
         Ok(DatabaseConfig::Postgres {
-            options,
+            options: Box::new(options),
             max_connections,
         })
     } else if let Some(path) = url

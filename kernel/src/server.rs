@@ -79,11 +79,8 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .with_state(state)
 }
 
-/// Opens the database, applies migrations and serves until `shutdown` resolves.
-///
-/// `on_listening` is told the bound address (useful with port 0). After
-/// `shutdown`, in-flight requests get up to `config.shutdown_timeout` to finish;
-/// then the database pools are closed.
+/// Opens the database, applies migrations and serves until `shutdown` resolves;
+/// see [`serve`].
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -91,9 +88,25 @@ pub async fn run(
 ) -> Result<(), KernelError> {
     let database = Database::connect(&config.database).await?;
     database.migrate().await?;
+    serve(database, &config, shutdown, on_listening).await
+}
+
+/// Serves the API on `config.listen_addr` from an open, migrated `database`
+/// until `shutdown` resolves.
+///
+/// `on_listening` is told the bound address (useful with port 0). After
+/// `shutdown`, `/ready` answers 503, no new connections are accepted, and
+/// in-flight requests get up to `config.shutdown_timeout` to finish; then the
+/// database pools are closed.
+pub async fn serve(
+    database: Database,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), KernelError> {
     let state = AppState::new(database.clone(), config.graphiql);
     let draining = Arc::clone(&state.draining);
-    let app = router(state, &config);
+    let app = router(state, config);
 
     let listener = TcpListener::bind(config.listen_addr)
         .await
@@ -180,39 +193,37 @@ async fn graphiql(State(state): State<AppState>) -> Response {
     }
 }
 
+/// Pings the database within [`HEALTH_PROBE_TIMEOUT`]: its latency, or why it is down.
+async fn probe_database(database: &Database) -> Result<Duration, String> {
+    match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, database.ping()).await {
+        Ok(Ok(latency)) => Ok(latency),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!(
+            "no answer within {} ms",
+            HEALTH_PROBE_TIMEOUT.as_millis()
+        )),
+    }
+}
+
 /// Status of each backing store; 503 when any is down.
 async fn health(State(state): State<AppState>) -> Response {
     let backend = state.database.backend();
-    let (up, database) =
-        match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.database.ping()).await {
-            Ok(Ok(latency)) => (
-                true,
-                json!({
-                    "status": "up",
-                    "backend": backend,
-                    "latency_ms": latency.as_secs_f64() * 1000.0,
-                }),
-            ),
-            Ok(Err(error)) => (
-                false,
-                json!({ "status": "down", "backend": backend, "error": error.to_string() }),
-            ),
-            Err(_) => (
-                false,
-                json!({
-                    "status": "down",
-                    "backend": backend,
-                    "error": format!("no answer within {} ms", HEALTH_PROBE_TIMEOUT.as_millis()),
-                }),
-            ),
-        };
-    let status = if up {
-        StatusCode::OK
+    let probe = probe_database(&state.database).await;
+    let database = match &probe {
+        Ok(latency) => json!({
+            "status": "up",
+            "backend": backend,
+            "latency_ms": latency.as_secs_f64() * 1000.0,
+        }),
+        Err(error) => json!({ "status": "down", "backend": backend, "error": error }),
+    };
+    let (status, summary) = if probe.is_ok() {
+        (StatusCode::OK, "ok")
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
     };
     let body = json!({
-        "status": if up { "ok" } else { "unavailable" },
+        "status": summary,
         "version": env!("CARGO_PKG_VERSION"),
         "checks": { "database": database },
     });
@@ -221,19 +232,16 @@ async fn health(State(state): State<AppState>) -> Response {
 
 /// 200 while the kernel takes traffic; 503 while draining or when the database is unreachable.
 async fn ready(State(state): State<AppState>) -> Response {
-    if state.draining.load(Ordering::SeqCst) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "draining" })),
-        )
-            .into_response();
-    }
-    match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, state.database.ping()).await {
-        Ok(Ok(_)) => (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response(),
-        _ => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unavailable" })),
-        )
-            .into_response(),
-    }
+    let status = if state.draining.load(Ordering::SeqCst) {
+        "draining"
+    } else if probe_database(&state.database).await.is_err() {
+        "unavailable"
+    } else {
+        return (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response();
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "status": status })),
+    )
+        .into_response()
 }

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use commerce_kernel::event_store::{AppendOutcome, AppendRequest, EventStore};
+use commerce_kernel::event_store::{AppendOutcome, AppendRequest, EventStore, Position};
 use commerce_kernel::storage::postgres::PostgresEventStore;
 use commerce_kernel::storage::sqlite::SqliteEventStore;
 use commerce_kernel::storage::{Database, DatabaseConfig};
@@ -86,7 +86,7 @@ impl TestDatabase {
                 let options =
                     PgConnectOptions::from_str(&url)?.options([("search_path", schema.as_str())]);
                 let config = DatabaseConfig::Postgres {
-                    options,
+                    options: Box::new(options),
                     max_connections: 40,
                 };
                 let database = Database::connect(&config).await?;
@@ -158,6 +158,21 @@ impl HeldAppend {
     }
 }
 
+/// Waits until readers of the global log can see `through`. On Postgres an event
+/// becomes readable only once every older write transaction in the cluster has
+/// finished (another test's, say); on SQLite at once.
+pub async fn wait_until_readable(store: &dyn EventStore, through: Position) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while store.head().await? < through {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the log never reached {through}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
 /// A test of a backend-neutral suite: gets a fresh database, returns an error to fail.
 pub type SuiteCase =
     fn(Arc<TestDatabase>) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
@@ -196,13 +211,13 @@ fn run_case(kind: BackendKind, case: SuiteCase) -> Result<(), Failed> {
         );
         let outcome = case(Arc::clone(&database)).await;
         // Keep a failed test's database for inspection; remove a passed one's.
-        if outcome.is_ok() {
-            if let Ok(database) = Arc::try_unwrap(database) {
-                database
-                    .remove()
-                    .await
-                    .map_err(|e| Failed::from(format!("cleanup: {e:#}")))?;
-            }
+        if outcome.is_ok()
+            && let Ok(database) = Arc::try_unwrap(database)
+        {
+            database
+                .remove()
+                .await
+                .map_err(|e| Failed::from(format!("cleanup: {e:#}")))?;
         }
         outcome.map_err(|e| Failed::from(format!("{e:#}")))
     })

@@ -20,7 +20,7 @@ use crate::event_store::{Backend, EventStore, StoreError};
 pub enum DatabaseConfig {
     /// A PostgreSQL server. Several kernel processes may share one.
     Postgres {
-        options: PgConnectOptions,
+        options: Box<PgConnectOptions>,
         max_connections: u32,
     },
     /// An SQLite file, created if missing, used by this process.
@@ -42,7 +42,7 @@ impl Database {
                 options,
                 max_connections,
             } => Ok(Database::Postgres(
-                postgres::PostgresDatabase::connect(options.clone(), *max_connections).await?,
+                postgres::PostgresDatabase::connect((**options).clone(), *max_connections).await?,
             )),
             DatabaseConfig::Sqlite { path } => {
                 Ok(Database::Sqlite(sqlite::SqliteDatabase::open(path).await?))

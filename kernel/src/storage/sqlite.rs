@@ -119,10 +119,10 @@ impl SqliteEventStore {
         request: AppendRequest,
     ) -> Result<AppendOutcome, StoreError> {
         validate(&request)?;
-        if let Some(key) = &request.idempotency_key {
-            if let Some(outcome) = replay(connection, key).await? {
-                return Ok(outcome);
-            }
+        if let Some(key) = &request.idempotency_key
+            && let Some(outcome) = replay(connection, key).await?
+        {
+            return Ok(outcome);
         }
 
         for stream in &request.streams {
@@ -209,7 +209,10 @@ impl SqliteEventStore {
 
         let stream_versions = request.resulting_versions();
         if let Some(key) = &request.idempotency_key {
-            let last = stream_versions_last_event(&request);
+            // Validation guarantees at least one stream; the last one holds the last event.
+            let last = stream_versions
+                .last()
+                .map_or((Uuid::nil(), 0), |v| (v.aggregate_id, v.version));
             let stored = serde_json::to_string(&stream_versions)
                 .map_err(|e| StoreError::Codec(e.to_string()))?;
             sqlx::query(
@@ -234,14 +237,6 @@ impl SqliteEventStore {
             replayed: false,
         })
     }
-}
-
-/// The aggregate id and version of a validated request's last event.
-fn stream_versions_last_event(request: &AppendRequest) -> (Uuid, u32) {
-    request
-        .resulting_versions()
-        .last()
-        .map_or((Uuid::nil(), 0), |v| (v.aggregate_id, v.version))
 }
 
 /// The stored outcome of an earlier append with `key`, if there was one.

@@ -1,0 +1,166 @@
+//! The `commerce-kernel` binary as an operator runs it: start-up on the embedded
+//! default, SIGTERM, configuration errors, and the committed GraphQL schema.
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_commerce-kernel");
+
+/// Kills the child if a test fails before stopping it.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn kernel(data_dir: &std::path::Path) -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("COMMERCE_DATA_DIR", data_dir)
+        .env("COMMERCE_LISTEN_ADDR", "127.0.0.1:0")
+        .env("COMMERCE_LOG", "info")
+        .env("NO_COLOR", "1");
+    command
+}
+
+/// A minimal HTTP/1.1 GET, so the test needs no client tool on the machine.
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the kernel");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: kernel\r\nConnection: close\r\n\r\n"
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    response
+}
+
+fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut child = KillOnDrop(
+        kernel(data.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the kernel"),
+    );
+    let stdout = child.0.stdout.take().expect("piped stdout");
+    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+
+    // The one line that tells an operator where the kernel listens.
+    let address = loop {
+        let line = lines_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the kernel never logged its address");
+        if let Some(rest) = line.split("listening on http://").nth(1) {
+            break rest.split_whitespace().next().expect("address").to_string();
+        }
+    };
+    assert!(
+        data.path().join("commerce.db").exists(),
+        "no SQLite file under the data dir"
+    );
+
+    let health = http_get(&address, "/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "health: {health}");
+    assert!(
+        health.contains("\"backend\":\"sqlite\""),
+        "health: {health}"
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(status.success());
+    let exit = wait_for_exit(&mut child.0, Duration::from_secs(20))
+        .expect("the kernel did not stop after SIGTERM");
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    let rest: Vec<String> = lines_rx.try_iter().collect();
+    assert!(
+        rest.iter().any(|l| l.contains("stopped")),
+        "no shutdown log: {rest:?}"
+    );
+}
+
+#[test]
+fn bad_configuration_stops_start_up_naming_the_variable() {
+    let data = tempfile::tempdir().expect("temp dir");
+    for (variable, value) in [
+        ("COMMERCE_LISTEN_ADDR", "localhost"),
+        ("COMMERCE_DATABASE_URL", "mysql://x"),
+        ("COMMERCE_REQUEST_TIMEOUT_SECS", "forever"),
+        ("COMMERCE_LOG", "info,[[["),
+    ] {
+        let output = kernel(data.path())
+            .env(variable, value)
+            .output()
+            .expect("run the kernel");
+        assert_eq!(output.status.code(), Some(2), "{variable}={value}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
+    }
+}
+
+#[test]
+fn unknown_commands_are_refused() {
+    let output = Command::new(BINARY)
+        .arg("serev")
+        .output()
+        .expect("run the kernel");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown command `serev`"));
+}
+
+#[test]
+fn migrate_prepares_the_database_and_exits() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let output = kernel(data.path())
+        .arg("migrate")
+        .output()
+        .expect("run the kernel");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(data.path().join("commerce.db").exists());
+}
+
+#[test]
+fn committed_schema_matches_the_code() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schema.graphql");
+    let committed = std::fs::read_to_string(path).unwrap_or_default();
+    assert!(
+        committed == commerce_kernel::api::sdl(),
+        "schema.graphql is out of date: run `cargo run -q -- schema > schema.graphql`"
+    );
+}
