@@ -158,12 +158,13 @@ impl Event {
         &self.0.event_type
     }
     /// The stream's version after this event (1 for the first).
-    async fn version(&self) -> i64 {
-        i64::from(self.0.version)
+    async fn version(&self) -> i32 {
+        // Stored as a Postgres INTEGER, so it always fits.
+        i32::try_from(self.0.version).unwrap_or(i32::MAX)
     }
     /// Version of the payload's shape.
-    async fn schema_version(&self) -> i64 {
-        i64::from(self.0.schema_version)
+    async fn schema_version(&self) -> i32 {
+        i32::try_from(self.0.schema_version).unwrap_or(i32::MAX)
     }
     async fn data(&self) -> Json<&Value> {
         Json(&self.0.data)
