@@ -101,6 +101,12 @@ fn init_logging(filter: &str) -> Result<(), config::ConfigError> {
             variable: config::LOG,
             reason: format!("`{filter}` is not a tracing filter ({e})"),
         })?;
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    // Colours only on a terminal: log files and journald get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .init();
     Ok(())
 }
