@@ -1,6 +1,7 @@
 //! The event store suite. Every case runs on the embedded SQLite backend and,
 //! when `COMMERCE_TEST_DATABASE_URL` is set, on Postgres (see support/mod.rs).
 
+#[macro_use]
 mod support;
 
 use std::collections::{HashMap, HashSet};
@@ -16,14 +17,8 @@ use commerce_kernel::event_store::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use support::{BackendKind, SuiteCase, TestDatabase, run_suite, wait_until_readable};
+use support::{BackendKind, TestDatabase, run_suite, wait_until_readable};
 use uuid::Uuid;
-
-macro_rules! cases {
-    ($($name:ident),* $(,)?) => {
-        [$((stringify!($name), (|db| Box::pin($name(db))) as SuiteCase)),*]
-    };
-}
 
 fn main() {
     run_suite(&cases![

@@ -1,6 +1,7 @@
 //! The HTTP surface: health, readiness, GraphQL over the event log, limits and
 //! graceful shutdown. Runs on every backend (see support/mod.rs).
 
+#[macro_use]
 mod support;
 
 use std::net::SocketAddr;
@@ -12,17 +13,11 @@ use commerce_kernel::config::{self, Config};
 use commerce_kernel::event_store::{AppendOutcome, AppendRequest, NewEvent};
 use commerce_kernel::server;
 use serde_json::{Value, json};
-use support::{SuiteCase, TestDatabase, run_suite, wait_until_readable};
+use support::{TestDatabase, run_suite, wait_until_readable};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use uuid::Uuid;
-
-macro_rules! cases {
-    ($($name:ident),* $(,)?) => {
-        [$((stringify!($name), (|db| Box::pin($name(db))) as SuiteCase)),*]
-    };
-}
 
 fn main() {
     run_suite(&cases![

@@ -173,6 +173,14 @@ pub async fn wait_until_readable(store: &dyn EventStore, through: Position) -> a
     Ok(())
 }
 
+/// `cases![a, b, ...]`: the async functions `a`, `b`, ... as named cases for
+/// [`run_suite`]. Each takes an `Arc<TestDatabase>` and returns `anyhow::Result<()>`.
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        [$((stringify!($name), (|db| Box::pin($name(db))) as $crate::support::SuiteCase)),*]
+    };
+}
+
 /// A test of a backend-neutral suite: gets a fresh database, returns an error to fail.
 pub type SuiteCase =
     fn(Arc<TestDatabase>) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;

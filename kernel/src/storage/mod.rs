@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
+use sqlx::{Encode, QueryBuilder, Type};
+use uuid::Uuid;
 
-use crate::event_store::{Backend, EventStore, StoreError};
+use crate::event_store::{Backend, EventFilter, EventStore, Position, StoreError, clamp_limit};
 
 /// Where the kernel keeps its data.
 #[derive(Clone, Debug)]
@@ -90,4 +92,55 @@ impl Database {
             Database::Sqlite(db) => db.close().await,
         }
     }
+}
+
+/// Columns every event read selects, in the order the backends' rows declare them.
+pub(crate) const EVENT_COLUMNS: &str = "sequence, transaction_id, id, aggregate_id, aggregate_type, \
+     event_type, schema_version, event_data, version, correlation_id, causation_id, actor, created_at";
+
+/// The read of the global log both backends run: events after `after` that
+/// match `filter`, in log order. `visible` is the backend's extra condition
+/// for which events may be read yet (see `postgres::READ_HORIZON`).
+pub(crate) fn log_query<'args, DB>(
+    filter: &EventFilter,
+    after: Position,
+    limit: u32,
+    visible: &str,
+) -> QueryBuilder<'args, DB>
+where
+    DB: sqlx::Database,
+    i64: Encode<'args, DB> + Type<DB>,
+    Uuid: Encode<'args, DB> + Type<DB>,
+    String: Encode<'args, DB> + Type<DB>,
+{
+    let mut query = QueryBuilder::new(format!(
+        "SELECT {EVENT_COLUMNS} FROM events WHERE {visible} AND (transaction_id, sequence) > ("
+    ));
+    query
+        .push_bind(after.transaction_id)
+        .push(", ")
+        .push_bind(after.sequence)
+        .push(")");
+    if let Some(aggregate_id) = filter.aggregate_id {
+        query.push(" AND aggregate_id = ").push_bind(aggregate_id);
+    }
+    if let Some(aggregate_type) = &filter.aggregate_type {
+        query
+            .push(" AND aggregate_type = ")
+            .push_bind(aggregate_type.clone());
+    }
+    if let Some(event_type) = &filter.event_type {
+        query
+            .push(" AND event_type = ")
+            .push_bind(event_type.clone());
+    }
+    if let Some(correlation_id) = filter.correlation_id {
+        query
+            .push(" AND correlation_id = ")
+            .push_bind(correlation_id);
+    }
+    query
+        .push(" ORDER BY transaction_id, sequence LIMIT ")
+        .push_bind(clamp_limit(limit));
+    query
 }

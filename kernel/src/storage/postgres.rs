@@ -17,14 +17,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::Postgres;
 use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgExecutor, PgPool, PgPoolOptions};
-use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use crate::event_store::{
     AppendOutcome, AppendRequest, Backend, EventFilter, EventMetadata, EventStore, Position,
-    RecordedEvent, StoreError, StreamSelection, StreamVersion, clamp_limit, validate,
+    RecordedEvent, StoreError, StreamSelection, StreamVersion, validate,
 };
+use crate::storage::{EVENT_COLUMNS, log_query};
 
 /// How long a session may sit idle inside a transaction before Postgres ends it.
 /// An open transaction holds back the read horizon of the global log.
@@ -248,9 +249,6 @@ fn append_error(error: sqlx::Error, expected: &[(Uuid, u32)]) -> StoreError {
     }
 }
 
-const EVENT_COLUMNS: &str = "sequence, transaction_id, id, aggregate_id, aggregate_type, event_type, \
-     schema_version, event_data, version, correlation_id, causation_id, actor, created_at";
-
 #[derive(sqlx::FromRow)]
 struct EventRow {
     sequence: i64,
@@ -344,35 +342,12 @@ impl EventStore for PostgresEventStore {
         after: Position,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut query = QueryBuilder::<Postgres>::new(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE (transaction_id, sequence) > ("
-        ));
-        query
-            .push_bind(after.transaction_id)
-            .push(", ")
-            .push_bind(after.sequence)
-            .push(format!(") AND transaction_id < {READ_HORIZON}"));
-        if let Some(aggregate_id) = filter.aggregate_id {
-            query.push(" AND aggregate_id = ").push_bind(aggregate_id);
-        }
-        if let Some(aggregate_type) = &filter.aggregate_type {
-            query
-                .push(" AND aggregate_type = ")
-                .push_bind(aggregate_type.clone());
-        }
-        if let Some(event_type) = &filter.event_type {
-            query
-                .push(" AND event_type = ")
-                .push_bind(event_type.clone());
-        }
-        if let Some(correlation_id) = filter.correlation_id {
-            query
-                .push(" AND correlation_id = ")
-                .push_bind(correlation_id);
-        }
-        query
-            .push(" ORDER BY transaction_id, sequence LIMIT ")
-            .push_bind(clamp_limit(limit));
+        let mut query = log_query::<Postgres>(
+            filter,
+            after,
+            limit,
+            &format!("transaction_id < {READ_HORIZON}"),
+        );
         let rows: Vec<EventRow> = query.build_query_as().fetch_all(&self.pool).await?;
         to_recorded(rows)
     }

@@ -17,13 +17,14 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Sqlite, Transaction};
+use sqlx::{Sqlite, Transaction};
 use uuid::Uuid;
 
 use crate::event_store::{
     AppendOutcome, AppendRequest, Backend, EventFilter, EventMetadata, EventStore, Position,
-    RecordedEvent, StoreError, StreamSelection, StreamVersion, clamp_limit, validate,
+    RecordedEvent, StoreError, StreamSelection, StreamVersion, validate,
 };
+use crate::storage::{EVENT_COLUMNS, log_query};
 
 const READ_CONNECTIONS: u32 = 4;
 /// How long a writer waits for another process's write lock on the same file.
@@ -281,9 +282,6 @@ fn insert_error(error: sqlx::Error, event_id: Uuid) -> StoreError {
     }
 }
 
-const EVENT_COLUMNS: &str = "sequence, transaction_id, id, aggregate_id, aggregate_type, event_type, \
-     schema_version, event_data, version, correlation_id, causation_id, actor, created_at";
-
 #[derive(sqlx::FromRow)]
 struct EventRow {
     sequence: i64,
@@ -373,35 +371,7 @@ impl EventStore for SqliteEventStore {
         after: Position,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut query = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {EVENT_COLUMNS} FROM events WHERE (transaction_id, sequence) > ("
-        ));
-        query
-            .push_bind(after.transaction_id)
-            .push(", ")
-            .push_bind(after.sequence)
-            .push(")");
-        if let Some(aggregate_id) = filter.aggregate_id {
-            query.push(" AND aggregate_id = ").push_bind(aggregate_id);
-        }
-        if let Some(aggregate_type) = &filter.aggregate_type {
-            query
-                .push(" AND aggregate_type = ")
-                .push_bind(aggregate_type.clone());
-        }
-        if let Some(event_type) = &filter.event_type {
-            query
-                .push(" AND event_type = ")
-                .push_bind(event_type.clone());
-        }
-        if let Some(correlation_id) = filter.correlation_id {
-            query
-                .push(" AND correlation_id = ")
-                .push_bind(correlation_id);
-        }
-        query
-            .push(" ORDER BY transaction_id, sequence LIMIT ")
-            .push_bind(clamp_limit(limit));
+        let mut query = log_query::<Sqlite>(filter, after, limit, "TRUE");
         let rows: Vec<EventRow> = query
             .build_query_as()
             .fetch_all(&self.database.reader)
