@@ -37,6 +37,11 @@ enum Workload {
     Append { batch: usize, keyed: bool },
 }
 
+/// Appends of `batch` events each, with or without an idempotency key.
+fn append(batch: usize, keyed: bool) -> Workload {
+    Workload::Append { batch, keyed }
+}
+
 struct Scenario {
     name: String,
     workload: Workload,
@@ -186,39 +191,14 @@ async fn run_in_schema(
         workload,
         clients,
     };
-    let single = Workload::Append {
-        batch: 1,
-        keyed: false,
-    };
     let scenarios = vec![
         scenario("raw insert", Workload::RawInsert, 8),
-        scenario("append x1", single, 8),
-        scenario(
-            "append x1 + key",
-            Workload::Append {
-                batch: 1,
-                keyed: true,
-            },
-            8,
-        ),
+        scenario("append x1", append(1, false), 8),
+        scenario("append x1 + key", append(1, true), 8),
         scenario("raw insert", Workload::RawInsert, 32),
-        scenario("append x1", single, 32),
-        scenario(
-            "append x10",
-            Workload::Append {
-                batch: 10,
-                keyed: false,
-            },
-            32,
-        ),
-        scenario(
-            "append x50",
-            Workload::Append {
-                batch: 50,
-                keyed: false,
-            },
-            8,
-        ),
+        scenario("append x1", append(1, false), 32),
+        scenario("append x10", append(10, false), 32),
+        scenario("append x50", append(50, false), 8),
     ];
     let mut results = Vec::new();
     for scenario in scenarios {

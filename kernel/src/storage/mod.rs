@@ -100,7 +100,7 @@ pub(crate) const EVENT_COLUMNS: &str = "sequence, transaction_id, id, aggregate_
 
 /// The read of the global log both backends run: events after `after` that
 /// match `filter`, in log order. `visible` is the backend's extra condition
-/// for which events may be read yet (see `postgres::READ_HORIZON`).
+/// for which events may be read yet (see `postgres::READABLE`).
 pub(crate) fn log_query<'args, DB>(
     filter: &EventFilter,
     after: Position,

@@ -115,7 +115,7 @@ impl PostgresEventStore {
              FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
         .bind(args.idempotency_key)
-        .bind(args.stream_ids)
+        .bind(&args.stream_ids)
         .bind(args.stream_types)
         .bind(&args.expected_versions)
         .bind(args.event_ids)
@@ -129,7 +129,7 @@ impl PostgresEventStore {
         .bind(args.metadata.actor)
         .fetch_optional(executor)
         .await
-        .map_err(|error| append_error(error, &args.expected))?;
+        .map_err(|error| append_error(error, &args.stream_ids, &args.expected_versions))?;
 
         let Some((replayed, transaction_id, sequence, stored_versions)) = row else {
             return Err(StoreError::Corrupt(
@@ -171,8 +171,6 @@ struct AppendArguments {
     schema_versions: Vec<i32>,
     event_data: Vec<Value>,
     metadata: EventMetadata,
-    /// Expected version per stream, to report conflicts.
-    expected: Vec<(Uuid, u32)>,
 }
 
 impl AppendArguments {
@@ -191,14 +189,11 @@ impl AppendArguments {
             schema_versions: Vec::with_capacity(event_count),
             event_data: Vec::with_capacity(event_count),
             metadata: request.metadata,
-            expected: Vec::with_capacity(request.streams.len()),
         };
         for stream in request.streams {
             args.stream_ids.push(stream.aggregate_id);
             args.stream_types.push(stream.aggregate_type);
             args.expected_versions.push(stream.expected_version as i32);
-            args.expected
-                .push((stream.aggregate_id, stream.expected_version));
             for (offset, event) in stream.events.into_iter().enumerate() {
                 args.event_ids.push(event.id);
                 args.event_streams.push(stream.aggregate_id);
@@ -214,7 +209,8 @@ impl AppendArguments {
 }
 
 /// Maps the errors `append_events` raises to typed store errors.
-fn append_error(error: sqlx::Error, expected: &[(Uuid, u32)]) -> StoreError {
+/// `stream_ids` and `expected_versions` are the request's, to report what was expected.
+fn append_error(error: sqlx::Error, stream_ids: &[Uuid], expected_versions: &[i32]) -> StoreError {
     let Some(db_error) = error
         .as_database_error()
         .and_then(|e| e.try_downcast_ref::<PgDatabaseError>())
@@ -228,10 +224,11 @@ fn append_error(error: sqlx::Error, expected: &[(Uuid, u32)]) -> StoreError {
     match (db_error.code(), aggregate_id) {
         (VERSION_CONFLICT_STATE, Some(aggregate_id)) => StoreError::VersionConflict {
             aggregate_id,
-            expected: expected
+            expected: stream_ids
                 .iter()
-                .find(|(id, _)| *id == aggregate_id)
-                .map_or(0, |(_, v)| *v),
+                .zip(expected_versions)
+                .find(|(id, _)| **id == aggregate_id)
+                .map_or(0, |(_, v)| u32::try_from(*v).unwrap_or(0)),
             actual: rest.parse().unwrap_or(0),
         },
         (TYPE_MISMATCH_STATE, Some(aggregate_id)) => {
@@ -300,8 +297,9 @@ fn to_recorded(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>, StoreError> {
     rows.into_iter().map(RecordedEvent::try_from).collect()
 }
 
-/// Transactions below this id have all finished: the read horizon of the log.
-const READ_HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
+/// Events a log reader may see now: those of transactions below the oldest one
+/// still running (the read horizon), all of which have finished.
+const READABLE: &str = "transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
 
 #[async_trait]
 impl EventStore for PostgresEventStore {
@@ -342,12 +340,7 @@ impl EventStore for PostgresEventStore {
         after: Position,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let mut query = log_query::<Postgres>(
-            filter,
-            after,
-            limit,
-            &format!("transaction_id < {READ_HORIZON}"),
-        );
+        let mut query = log_query::<Postgres>(filter, after, limit, READABLE);
         let rows: Vec<EventRow> = query.build_query_as().fetch_all(&self.pool).await?;
         to_recorded(rows)
     }
@@ -355,7 +348,7 @@ impl EventStore for PostgresEventStore {
     async fn head(&self) -> Result<Position, StoreError> {
         let row: Option<(i64, i64)> = sqlx::query_as(&format!(
             "SELECT transaction_id, sequence FROM events \
-             WHERE transaction_id < {READ_HORIZON} \
+             WHERE {READABLE} \
              ORDER BY transaction_id DESC, sequence DESC LIMIT 1"
         ))
         .fetch_optional(&self.pool)
