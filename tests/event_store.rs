@@ -26,6 +26,7 @@ fn main() {
         stale_expected_version_is_a_typed_conflict,
         concurrent_appends_at_one_version_have_one_winner,
         multi_stream_append_is_all_or_nothing,
+        multi_stream_conflicts_are_typed,
         batch_keeps_its_order_in_the_log,
         idempotent_append_returns_the_original_outcome,
         idempotent_appends_racing_write_once,
@@ -263,6 +264,82 @@ async fn multi_stream_append_is_all_or_nothing(db: Arc<TestDatabase>) -> anyhow:
             .all(|e| e.position.transaction_id == transaction),
         "one append, one transaction"
     );
+    Ok(())
+}
+
+/// Appends that span several streams (or carry an idempotency key) take a
+/// different path on Postgres than single-stream ones; their conflicts must be
+/// just as typed: a stream behind, ahead (also when racing) or of another type.
+async fn multi_stream_conflicts_are_typed(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    const WRITERS: usize = 12;
+    let store = db.event_store();
+    let account = Uuid::now_v7();
+    store
+        .append(single(account, 0, vec![event("Opened", json!({}))]))
+        .await?;
+    let two_streams = |account_type: &str, expected: u32| AppendRequest {
+        streams: vec![
+            StreamAppend {
+                aggregate_id: Uuid::now_v7(),
+                aggregate_type: "order".into(),
+                expected_version: 0,
+                events: vec![event("Placed", json!({}))],
+            },
+            StreamAppend {
+                aggregate_id: account,
+                aggregate_type: account_type.into(),
+                expected_version: expected,
+                events: vec![event("Withdrawn", json!({}))],
+            },
+        ],
+        metadata: EventMetadata::default(),
+        idempotency_key: None,
+    };
+
+    match store.append(two_streams("account", 3)).await {
+        Err(StoreError::VersionConflict {
+            aggregate_id,
+            expected: 3,
+            actual: 1,
+        }) if aggregate_id == account => {}
+        other => bail!("expected a conflict (behind), got {other:?}"),
+    }
+    match store.append(two_streams("wallet", 1)).await {
+        Err(StoreError::AggregateTypeMismatch {
+            existing,
+            requested,
+            ..
+        }) if existing == "account" && requested == "wallet" => {}
+        other => bail!("expected a type mismatch, got {other:?}"),
+    }
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(WRITERS));
+    let mut tasks = Vec::new();
+    for _ in 0..WRITERS {
+        let (store, barrier) = (Arc::clone(&store), Arc::clone(&barrier));
+        let request = two_streams("account", 1);
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            store.append(request).await
+        }));
+    }
+    let (mut won, mut conflicted) = (0, 0);
+    for task in tasks {
+        match task.await? {
+            Ok(_) => won += 1,
+            Err(StoreError::VersionConflict {
+                expected: 1,
+                actual: 2,
+                ..
+            }) => conflicted += 1,
+            Err(other) => bail!("unexpected error: {other:?}"),
+        }
+    }
+    ensure!(
+        won == 1 && conflicted == WRITERS - 1,
+        "{won} won, {conflicted} conflicted"
+    );
+    ensure!(store.stream_version(account).await? == 2);
     Ok(())
 }
 
