@@ -3,10 +3,89 @@
 //! Everything here is pure: no I/O, no clocks, no database. Aggregates decide
 //! which events a command produces and fold events into state; the storage
 //! adapters persist and replay them (see [`crate::event_store::repository`]).
+//! Commands that depend on time take `now` as an argument.
+//!
+//! - [`money`]: decimal amounts with ISO 4217 currencies.
+//! - [`catalog`]: products, their prices and SKU claims.
+//! - [`inventory`]: stock per product, reservations, expiry.
+//! - [`order`]: orders, their lines and their state machine.
+
+pub mod catalog;
+pub mod inventory;
+pub mod money;
+pub mod order;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use uuid::Uuid;
+
+use money::Currency;
+use order::OrderStatus;
+
+/// Why a command was refused. Every refusal writes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DomainError {
+    #[error("{field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+    #[error("{kind} {id} does not exist")]
+    NotFound { kind: &'static str, id: Uuid },
+    #[error("{kind} {id} already exists")]
+    AlreadyExists { kind: &'static str, id: Uuid },
+    #[error("expected {expected}, found {found}")]
+    CurrencyMismatch { expected: Currency, found: Currency },
+    #[error("product {product_id}: {requested} requested, {available} available")]
+    InsufficientStock {
+        product_id: Uuid,
+        requested: u32,
+        available: u32,
+    },
+    #[error("product {product_id}: on hand cannot go below the {reserved} reserved")]
+    StockBelowReserved { product_id: Uuid, reserved: u32 },
+    #[error("reservation {reservation_id} does not exist or has ended")]
+    ReservationNotFound { reservation_id: Uuid },
+    #[error("{owner} already holds reservation {reservation_id} of {quantity} units")]
+    ReservationMismatch {
+        owner: String,
+        reservation_id: Uuid,
+        quantity: u32,
+    },
+    #[error("product {product_id} is not active")]
+    ProductInactive { product_id: Uuid },
+    #[error("an order cannot go from {from} to {to}")]
+    IllegalTransition { from: OrderStatus, to: OrderStatus },
+}
+
+impl DomainError {
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        DomainError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Checks a free-text field: trimmed, not empty, at most `max` characters, no
+/// control characters. Returns the trimmed text.
+pub fn clean_text(field: &'static str, text: &str, max: usize) -> Result<String, DomainError> {
+    let trimmed = text.trim();
+    if trimmed.is_empty() {
+        return Err(DomainError::invalid(field, "must not be empty"));
+    }
+    if trimmed.chars().count() > max {
+        return Err(DomainError::invalid(
+            field,
+            format!("at most {max} characters"),
+        ));
+    }
+    if trimmed.chars().any(char::is_control) {
+        return Err(DomainError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(trimmed.to_string())
+}
 
 /// A consistency boundary whose state is the fold of its own event stream.
 ///
