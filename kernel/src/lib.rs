@@ -4,13 +4,17 @@
 //! - [`domain`]: pure domain contracts (aggregates, events); no I/O.
 //! - [`event_store`]: the event store contract, its types and the aggregate repository.
 //! - [`storage`]: the backends (PostgreSQL, embedded SQLite) and their migrations.
+//! - [`commerce`]: command handlers: load aggregates, decide, append, retry conflicts.
+//! - [`projections`]: CQRS read models following the event log.
 //! - [`api`]: the GraphQL schema.
 //! - [`server`]: HTTP routes, health, graceful shutdown.
 //! - [`config`]: configuration from `COMMERCE_*` environment variables.
 
 pub mod api;
+pub mod commerce;
 pub mod config;
 pub mod domain;
 pub mod event_store;
+pub mod projections;
 pub mod server;
 pub mod storage;

@@ -52,10 +52,12 @@ pub enum InventoryEvent {
     },
     ReservationReleased {
         reservation_id: Uuid,
+        quantity: u32,
         reason: ReleaseReason,
     },
     ReservationCommitted {
         reservation_id: Uuid,
+        quantity: u32,
     },
 }
 
@@ -134,7 +136,7 @@ impl Aggregate for Inventory {
                     self.reserved = self.reserved.saturating_sub(reservation.quantity);
                 }
             }
-            InventoryEvent::ReservationCommitted { reservation_id } => {
+            InventoryEvent::ReservationCommitted { reservation_id, .. } => {
                 if let Some(reservation) = self.reservations.remove(reservation_id) {
                     self.reserved = self.reserved.saturating_sub(reservation.quantity);
                     self.on_hand = self.on_hand.saturating_sub(reservation.quantity);
@@ -154,8 +156,9 @@ impl Inventory {
         self.reservations
             .iter()
             .filter(|(_, reservation)| reservation.is_due(now))
-            .map(|(id, _)| InventoryEvent::ReservationReleased {
+            .map(|(id, reservation)| InventoryEvent::ReservationReleased {
                 reservation_id: *id,
+                quantity: reservation.quantity,
                 reason: ReleaseReason::Expired,
             })
             .collect()
@@ -265,22 +268,24 @@ impl Inventory {
         reservation_id: Uuid,
         reason: ReleaseReason,
     ) -> Result<Vec<InventoryEvent>, DomainError> {
-        if !self.reservations.contains_key(&reservation_id) {
+        let Some(reservation) = self.reservations.get(&reservation_id) else {
             return Err(DomainError::ReservationNotFound { reservation_id });
-        }
+        };
         Ok(vec![InventoryEvent::ReservationReleased {
             reservation_id,
+            quantity: reservation.quantity,
             reason,
         }])
     }
 
     /// Turns a reservation into a sale: on hand and reserved drop together.
     pub fn commit(&self, reservation_id: Uuid) -> Result<Vec<InventoryEvent>, DomainError> {
-        if !self.reservations.contains_key(&reservation_id) {
+        let Some(reservation) = self.reservations.get(&reservation_id) else {
             return Err(DomainError::ReservationNotFound { reservation_id });
-        }
+        };
         Ok(vec![InventoryEvent::ReservationCommitted {
             reservation_id,
+            quantity: reservation.quantity,
         }])
     }
 }
@@ -375,6 +380,7 @@ mod tests {
             next.events[0],
             InventoryEvent::ReservationReleased {
                 reservation_id: held.reservation_id,
+                quantity: 1,
                 reason: ReleaseReason::Expired
             }
         );

@@ -32,6 +32,8 @@ pub enum DomainError {
     NotFound { kind: &'static str, id: Uuid },
     #[error("{kind} {id} already exists")]
     AlreadyExists { kind: &'static str, id: Uuid },
+    #[error("SKU {sku} belongs to another product")]
+    SkuTaken { sku: String },
     #[error("expected {expected}, found {found}")]
     CurrencyMismatch { expected: Currency, found: Currency },
     #[error("product {product_id}: {requested} requested, {available} available")]

@@ -5,7 +5,10 @@
 //! runs is decided once, from configuration ([`DatabaseConfig`]).
 
 pub mod postgres;
+pub mod postgres_views;
 pub mod sqlite;
+pub mod sqlite_views;
+mod views;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use sqlx::{Encode, QueryBuilder, Type};
 use uuid::Uuid;
 
 use crate::event_store::{Backend, EventFilter, EventStore, Position, StoreError, clamp_limit};
+use crate::projections::ViewStore;
 
 /// Where the kernel keeps its data.
 #[derive(Clone, Debug)]
@@ -72,6 +76,16 @@ impl Database {
         match self {
             Database::Postgres(db) => Arc::new(db.event_store()),
             Database::Sqlite(db) => Arc::new(db.event_store()),
+        }
+    }
+
+    /// The read models on this backend.
+    pub fn view_store(&self) -> Arc<dyn ViewStore> {
+        match self {
+            Database::Postgres(db) => {
+                Arc::new(postgres_views::PostgresViewStore::new(db.pool().clone()))
+            }
+            Database::Sqlite(db) => Arc::new(sqlite_views::SqliteViewStore::new(db.clone())),
         }
     }
 

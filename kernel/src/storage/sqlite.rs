@@ -85,6 +85,11 @@ impl SqliteDatabase {
 
     /// Starts a write transaction holding SQLite's write lock. Every other
     /// writer waits until it commits or rolls back, so keep it short.
+    /// The pool for reads, which run in parallel with the writer (WAL).
+    pub fn reader(&self) -> &SqlitePool {
+        &self.reader
+    }
+
     pub async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }

@@ -1,0 +1,238 @@
+//! Placing orders and moving them through their state machine.
+//!
+//! Transitions that touch stock write the order's event and the inventory
+//! events in one atomic append: reserving stock moves the order to
+//! INVENTORY_RESERVED, confirming commits the reservations, cancelling or
+//! failing releases them. So an order's status and the stock it holds can
+//! never disagree.
+
+use uuid::Uuid;
+
+use super::{CommandContext, CommandError, Commerce, ConflictCounter, Written, stream_append};
+use crate::domain::DomainError;
+use crate::domain::inventory::{Inventory, ReleaseReason};
+use crate::domain::money::Money;
+use crate::domain::order::{Address, CatalogPrice, Order, OrderEvent, PlaceOrder};
+use crate::event_store::repository::Loaded;
+use crate::event_store::{AppendRequest, StreamAppend};
+
+pub type OrderChange = Written<Order>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlaceOrderInput {
+    pub customer_id: Uuid,
+    /// Product and quantity; prices come from the catalog.
+    pub lines: Vec<(Uuid, u32)>,
+    pub shipping_address: Address,
+    pub payment_method: String,
+    /// A repeated key returns the order the first call placed.
+    pub idempotency_key: Option<String>,
+}
+
+/// A step of the order state machine (see [`crate::domain::order`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderTransition {
+    /// Reserves every line's stock, all or nothing.
+    ReserveInventory,
+    MarkPaid {
+        payment_reference: String,
+        amount: Money,
+    },
+    Ship {
+        shipment_reference: String,
+    },
+    /// Commits the reserved stock as sold.
+    Confirm,
+    /// Releases any reserved stock.
+    Cancel {
+        reason: String,
+    },
+    /// Releases any reserved stock.
+    Fail {
+        reason: String,
+    },
+}
+
+/// The owner name of an order's reservations.
+pub fn reservation_owner(order_id: Uuid) -> String {
+    format!("order:{order_id}")
+}
+
+impl Commerce {
+    /// Prices the lines from the catalog and places the order (PENDING).
+    pub async fn place_order(
+        &self,
+        input: PlaceOrderInput,
+        context: &CommandContext,
+    ) -> Result<OrderChange, CommandError> {
+        let mut priced = Vec::with_capacity(input.lines.len());
+        for (product_id, quantity) in &input.lines {
+            let product = self.load_product(*product_id).await?;
+            let details = product.state.sellable_price(*product_id)?;
+            priced.push((
+                CatalogPrice {
+                    product_id: *product_id,
+                    sku: details.sku.clone(),
+                    name: details.name.clone(),
+                    unit_price: details.price,
+                },
+                *quantity,
+            ));
+        }
+        let events = Order::place(&PlaceOrder {
+            customer_id: input.customer_id,
+            lines: priced,
+            shipping_address: input.shipping_address,
+            payment_method: input.payment_method,
+            idempotency_key: input.idempotency_key.clone(),
+        })?;
+        let order_id = Uuid::now_v7();
+        let outcome = self
+            .repository::<Order>()
+            .append(
+                order_id,
+                0,
+                &events,
+                context.metadata(),
+                input
+                    .idempotency_key
+                    .map(|key| format!("place-order:{key}")),
+            )
+            .await?;
+        if outcome.replayed {
+            // The key placed an order before: return that one as it is now.
+            let first_id = outcome
+                .stream_versions
+                .first()
+                .map(|v| v.aggregate_id)
+                .unwrap_or(order_id);
+            let loaded = self.repository::<Order>().load(first_id).await?;
+            let mut existing = Written::unchanged(first_id, loaded);
+            existing.position = Some(outcome.last_position);
+            return Ok(existing);
+        }
+        Ok(Written::after(
+            order_id,
+            Loaded {
+                state: Order::default(),
+                version: 0,
+            },
+            &events,
+            outcome.last_position,
+        ))
+    }
+
+    /// Moves an order one step through its state machine.
+    pub async fn transition_order(
+        &self,
+        order_id: Uuid,
+        transition: OrderTransition,
+        expected_version: Option<u32>,
+        context: &CommandContext,
+    ) -> Result<OrderChange, CommandError> {
+        self.retrying(
+            ConflictCounter::Other,
+            expected_version.is_some(),
+            || async {
+                let loaded = self
+                    .load_expecting::<Order>(order_id, expected_version)
+                    .await?;
+                let order = &loaded.state;
+                let mut inventory_streams: Vec<StreamAppend> = Vec::new();
+                let events: Vec<OrderEvent> = match &transition {
+                    OrderTransition::ReserveInventory => {
+                        // Check the transition first: no stock is planned for an order that cannot take it.
+                        order.reserve_inventory(order_id, Vec::new())?;
+                        let plan = self
+                            .plan_reservations(
+                                &reservation_owner(order_id),
+                                &order.quantities_by_product(),
+                                None,
+                            )
+                            .await?;
+                        inventory_streams = plan.streams;
+                        order.reserve_inventory(order_id, plan.reservations)?
+                    }
+                    OrderTransition::MarkPaid {
+                        payment_reference,
+                        amount,
+                    } => order.mark_paid(order_id, payment_reference, *amount)?,
+                    OrderTransition::Ship { shipment_reference } => {
+                        order.ship(order_id, shipment_reference)?
+                    }
+                    OrderTransition::Confirm => {
+                        let events = order.confirm(order_id)?;
+                        for reserved in &order.reservations {
+                            let stock = self
+                                .repository::<Inventory>()
+                                .load(reserved.product_id)
+                                .await?;
+                            let sold = stock.state.commit(reserved.reservation_id)?;
+                            inventory_streams.push(stream_append::<Inventory>(
+                                reserved.product_id,
+                                stock.version,
+                                &sold,
+                            )?);
+                        }
+                        events
+                    }
+                    OrderTransition::Cancel { reason } | OrderTransition::Fail { reason } => {
+                        let events = if matches!(transition, OrderTransition::Cancel { .. }) {
+                            order.cancel(order_id, reason)?
+                        } else {
+                            order.fail(order_id, reason)?
+                        };
+                        for reserved in &order.reservations {
+                            let stock = self
+                                .repository::<Inventory>()
+                                .load(reserved.product_id)
+                                .await?;
+                            // Already gone (expired, say): nothing left to give back.
+                            match stock
+                                .state
+                                .release(reserved.reservation_id, ReleaseReason::Released)
+                            {
+                                Ok(released) => inventory_streams.push(stream_append::<Inventory>(
+                                    reserved.product_id,
+                                    stock.version,
+                                    &released,
+                                )?),
+                                Err(DomainError::ReservationNotFound { .. }) => {}
+                                Err(other) => return Err(other.into()),
+                            }
+                        }
+                        events
+                    }
+                };
+                let mut streams = vec![stream_append::<Order>(order_id, loaded.version, &events)?];
+                streams.extend(inventory_streams);
+                let request = AppendRequest {
+                    streams,
+                    metadata: context.metadata(),
+                    idempotency_key: None,
+                };
+                let outcome = self.store.append(request).await?;
+                Ok(Written::after(
+                    order_id,
+                    loaded.clone(),
+                    &events,
+                    outcome.last_position,
+                ))
+            },
+        )
+        .await
+    }
+
+    /// The order as its stream says it is now, at `version`, or as of a time.
+    pub async fn load_order(&self, order_id: Uuid) -> Result<Written<Order>, CommandError> {
+        let loaded = self.repository::<Order>().load(order_id).await?;
+        if loaded.state.status.is_none() {
+            return Err(DomainError::NotFound {
+                kind: "order",
+                id: order_id,
+            }
+            .into());
+        }
+        Ok(Written::unchanged(order_id, loaded))
+    }
+}

@@ -1,0 +1,525 @@
+//! CQRS read models: views of the event log that queries read instead of the
+//! event store.
+//!
+//! A projection follows the global log (gap-free, see the event store) for
+//! one aggregate type and turns each event into [`ViewChange`]s with the pure
+//! function [`project`]. A [`ViewStore`] applies a batch of changes and moves
+//! the projection's checkpoint in one transaction, so every event is applied
+//! exactly once and a crash resumes from the last committed batch. Several
+//! kernel processes may run projectors against one database: the checkpoint
+//! row is taken with a lock, so one applies a batch while the others skip.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, watch};
+use uuid::Uuid;
+
+use crate::domain::catalog::ProductEvent;
+use crate::domain::inventory::InventoryEvent;
+use crate::domain::money::Money;
+use crate::domain::order::{Address, OrderEvent, OrderLine, OrderStatus};
+use crate::event_store::repository::decode;
+use crate::event_store::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
+
+/// Events read and applied per transaction.
+const BATCH_SIZE: u32 = 500;
+/// How often a projector looks for events written by other processes.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often [`Projector::wait_for`] checks progress.
+const WAIT_STEP: Duration = Duration::from_millis(3);
+
+/// The kernel's projections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProjectionName {
+    /// `product_views`.
+    Products,
+    /// `inventory_views` and `reservation_views`.
+    Inventory,
+    /// `order_views`.
+    Orders,
+}
+
+impl ProjectionName {
+    pub const ALL: [ProjectionName; 3] = [
+        ProjectionName::Products,
+        ProjectionName::Inventory,
+        ProjectionName::Orders,
+    ];
+
+    /// The name in `projection_checkpoints` and in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProjectionName::Products => "products",
+            ProjectionName::Inventory => "inventory",
+            ProjectionName::Orders => "orders",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<ProjectionName> {
+        ProjectionName::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
+    /// The aggregate type whose events this projection follows.
+    pub fn aggregate_type(self) -> &'static str {
+        match self {
+            ProjectionName::Products => "product",
+            ProjectionName::Inventory => "inventory",
+            ProjectionName::Orders => "order",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProductView {
+    pub product_id: Uuid,
+    pub sku: String,
+    pub name: String,
+    pub price: Money,
+    pub active: bool,
+    pub version: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InventoryView {
+    pub product_id: Uuid,
+    pub on_hand: u32,
+    pub reserved: u32,
+    pub version: u32,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl InventoryView {
+    pub fn available(&self) -> u32 {
+        self.on_hand.saturating_sub(self.reserved)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservationView {
+    pub reservation_id: Uuid,
+    pub product_id: Uuid,
+    pub owner: String,
+    pub quantity: u32,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderView {
+    pub order_id: Uuid,
+    pub customer_id: Uuid,
+    pub status: OrderStatus,
+    pub total: Money,
+    /// Why the order was cancelled or failed.
+    pub reason: Option<String>,
+    pub lines: Vec<OrderLine>,
+    pub shipping_address: Address,
+    pub payment_method: String,
+    pub version: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One row-level change a projection makes for an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewChange {
+    InsertProduct(ProductView),
+    UpdateProduct {
+        product_id: Uuid,
+        name: Option<String>,
+        price: Option<Money>,
+        active: Option<bool>,
+        version: u32,
+        at: DateTime<Utc>,
+    },
+    /// Creates the row at zero first if there is none.
+    AdjustInventory {
+        product_id: Uuid,
+        on_hand_delta: i64,
+        reserved_delta: i64,
+        version: u32,
+        at: DateTime<Utc>,
+    },
+    InsertReservation(ReservationView),
+    DeleteReservation {
+        reservation_id: Uuid,
+    },
+    InsertOrder(Box<OrderView>),
+    SetOrderStatus {
+        order_id: Uuid,
+        status: OrderStatus,
+        reason: Option<String>,
+        version: u32,
+        at: DateTime<Utc>,
+    },
+}
+
+/// The changes `projection` makes for `event` (none for other aggregate types).
+pub fn project(
+    projection: ProjectionName,
+    event: &RecordedEvent,
+) -> Result<Vec<ViewChange>, StoreError> {
+    if event.aggregate_type != projection.aggregate_type() {
+        return Ok(Vec::new());
+    }
+    let (id, version, at) = (event.aggregate_id, event.version, event.created_at);
+    let changes = match projection {
+        ProjectionName::Products => match decode::<ProductEvent>(event)? {
+            ProductEvent::Created {
+                sku,
+                name,
+                price,
+                active,
+            } => vec![ViewChange::InsertProduct(ProductView {
+                product_id: id,
+                sku,
+                name,
+                price,
+                active,
+                version,
+                created_at: at,
+                updated_at: at,
+            })],
+            change => {
+                let (mut name, mut price, mut active) = (None, None, None);
+                match change {
+                    ProductEvent::Renamed { name: new } => name = Some(new),
+                    ProductEvent::PriceChanged { price: new } => price = Some(new),
+                    ProductEvent::ActivationChanged { active: new } => active = Some(new),
+                    ProductEvent::Created { .. } => {}
+                }
+                vec![ViewChange::UpdateProduct {
+                    product_id: id,
+                    name,
+                    price,
+                    active,
+                    version,
+                    at,
+                }]
+            }
+        },
+        ProjectionName::Inventory => {
+            let adjust = |on_hand_delta: i64, reserved_delta: i64| ViewChange::AdjustInventory {
+                product_id: id,
+                on_hand_delta,
+                reserved_delta,
+                version,
+                at,
+            };
+            match decode::<InventoryEvent>(event)? {
+                InventoryEvent::StockAdjusted { delta, .. } => vec![adjust(delta, 0)],
+                InventoryEvent::StockReserved {
+                    reservation_id,
+                    owner,
+                    quantity,
+                    expires_at,
+                } => vec![
+                    adjust(0, i64::from(quantity)),
+                    ViewChange::InsertReservation(ReservationView {
+                        reservation_id,
+                        product_id: id,
+                        owner,
+                        quantity,
+                        expires_at,
+                        created_at: at,
+                    }),
+                ],
+                InventoryEvent::ReservationReleased {
+                    reservation_id,
+                    quantity,
+                    ..
+                } => vec![
+                    adjust(0, -i64::from(quantity)),
+                    ViewChange::DeleteReservation { reservation_id },
+                ],
+                InventoryEvent::ReservationCommitted {
+                    reservation_id,
+                    quantity,
+                } => vec![
+                    adjust(-i64::from(quantity), -i64::from(quantity)),
+                    ViewChange::DeleteReservation { reservation_id },
+                ],
+            }
+        }
+        ProjectionName::Orders => match decode::<OrderEvent>(event)? {
+            OrderEvent::Placed {
+                customer_id,
+                lines,
+                total,
+                shipping_address,
+                payment_method,
+                ..
+            } => vec![ViewChange::InsertOrder(Box::new(OrderView {
+                order_id: id,
+                customer_id,
+                status: OrderStatus::Pending,
+                total,
+                reason: None,
+                lines,
+                shipping_address,
+                payment_method,
+                version,
+                created_at: at,
+                updated_at: at,
+            }))],
+            transition => {
+                let status = transition.status();
+                let reason = match transition {
+                    OrderEvent::Cancelled { reason } | OrderEvent::Failed { reason } => {
+                        Some(reason)
+                    }
+                    _ => None,
+                };
+                vec![ViewChange::SetOrderStatus {
+                    order_id: id,
+                    status,
+                    reason,
+                    version,
+                    at,
+                }]
+            }
+        },
+    };
+    Ok(changes)
+}
+
+/// Storage of the views and their checkpoints; one implementation per backend.
+#[async_trait]
+pub trait ViewStore: Send + Sync {
+    /// Position of the last event the projection has applied.
+    async fn checkpoint(&self, projection: ProjectionName) -> Result<Position, StoreError>;
+
+    /// In one transaction: applies `changes` and moves the checkpoint from
+    /// `from` to `to`. Writes nothing and returns `false` when the checkpoint
+    /// is no longer at `from` or another process is applying a batch.
+    async fn apply(
+        &self,
+        projection: ProjectionName,
+        from: Position,
+        to: Position,
+        changes: &[ViewChange],
+    ) -> Result<bool, StoreError>;
+
+    /// Empties the projection's views and moves its checkpoint to the start,
+    /// in one transaction (waiting for a batch in progress to finish).
+    async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError>;
+
+    async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError>;
+
+    /// Products in creation order, after the product `after`.
+    async fn products(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<ProductView>, StoreError>;
+
+    async fn inventory(&self, product_id: Uuid) -> Result<Option<InventoryView>, StoreError>;
+
+    async fn reservation(
+        &self,
+        reservation_id: Uuid,
+    ) -> Result<Option<ReservationView>, StoreError>;
+
+    /// Reservations whose expiry is at or before `now`, oldest expiry first.
+    async fn expired_reservations(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<ReservationView>, StoreError>;
+
+    async fn order(&self, order_id: Uuid) -> Result<Option<OrderView>, StoreError>;
+
+    /// Orders newest first, optionally of one status, older than the order `before`.
+    async fn orders(
+        &self,
+        status: Option<OrderStatus>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError>;
+}
+
+/// How far a projection is behind the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProjectionLag {
+    pub projection: ProjectionName,
+    pub checkpoint: Position,
+    /// The newest readable position of the whole log.
+    pub head: Position,
+    /// Events of the projection's aggregate type not yet applied (counted up
+    /// to [`BATCH_SIZE`]; more shows as that number).
+    pub pending_events: u32,
+}
+
+/// Runs the projections: catches them up with the log, on a timer and when
+/// woken by a local write.
+#[derive(Clone)]
+pub struct Projector {
+    store: Arc<dyn EventStore>,
+    views: Arc<dyn ViewStore>,
+    wake: Arc<Notify>,
+}
+
+impl Projector {
+    pub fn new(store: Arc<dyn EventStore>, views: Arc<dyn ViewStore>) -> Self {
+        Projector {
+            store,
+            views,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn views(&self) -> &Arc<dyn ViewStore> {
+        &self.views
+    }
+
+    /// Asks the running loop to look for new events now.
+    pub fn nudge(&self) {
+        self.wake.notify_one();
+    }
+
+    fn filter(projection: ProjectionName) -> EventFilter {
+        EventFilter {
+            aggregate_type: Some(projection.aggregate_type().to_string()),
+            ..EventFilter::default()
+        }
+    }
+
+    /// Applies every readable event the projection has not applied yet.
+    /// Returns how many events this call applied; stops early (without error)
+    /// when another process is applying the same projection.
+    pub async fn catch_up(&self, projection: ProjectionName) -> Result<usize, StoreError> {
+        let filter = Self::filter(projection);
+        let mut applied = 0;
+        loop {
+            let from = self.views.checkpoint(projection).await?;
+            let events = self
+                .store
+                .read_all_matching(&filter, from, BATCH_SIZE)
+                .await?;
+            let Some(last) = events.last() else {
+                return Ok(applied);
+            };
+            let to = last.position;
+            let mut changes = Vec::with_capacity(events.len());
+            for event in &events {
+                changes.extend(project(projection, event)?);
+            }
+            if !self.views.apply(projection, from, to, &changes).await? {
+                return Ok(applied);
+            }
+            applied += events.len();
+        }
+    }
+
+    /// Catches every projection up, then waits for a nudge, the poll interval
+    /// or shutdown. Errors are logged and retried on the next round.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            for projection in ProjectionName::ALL {
+                if let Err(error) = self.catch_up(projection).await {
+                    tracing::warn!(projection = projection.as_str(), %error, "projection failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = shutdown.changed() => return,
+            }
+            if *shutdown.borrow() {
+                return;
+            }
+        }
+    }
+
+    /// Whether `projection` has applied every one of its events at or before
+    /// `position`. True also when its checkpoint is behind `position` only
+    /// because the events since are of other aggregate types.
+    pub async fn has_reached(
+        &self,
+        projection: ProjectionName,
+        position: Position,
+    ) -> Result<bool, StoreError> {
+        let checkpoint = self.views.checkpoint(projection).await?;
+        if checkpoint >= position {
+            return Ok(true);
+        }
+        // The log is gap-free below the head: once `position` is readable,
+        // every event before it is too, so "nothing pending up to it" is final.
+        if self.store.head().await? < position {
+            return Ok(false);
+        }
+        let next = self
+            .store
+            .read_all_matching(&Self::filter(projection), checkpoint, 1)
+            .await?;
+        Ok(next.first().is_none_or(|event| event.position > position))
+    }
+
+    /// Read-your-writes: waits until each of `projections` has reached
+    /// `position`, or `timeout` passes. Returns whether they all did.
+    pub async fn wait_for(
+        &self,
+        projections: &[ProjectionName],
+        position: Position,
+        timeout: Duration,
+    ) -> Result<bool, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pending: Vec<ProjectionName> = projections.to_vec();
+        loop {
+            self.nudge();
+            let mut still = Vec::with_capacity(pending.len());
+            for projection in pending {
+                if !self.has_reached(projection, position).await? {
+                    still.push(projection);
+                }
+            }
+            pending = still;
+            if pending.is_empty() {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(WAIT_STEP).await;
+        }
+    }
+
+    /// Empties a projection and replays it from the start of the log; returns
+    /// once it has caught up with the log as it was when the rebuild began
+    /// (or after `timeout`, while it keeps catching up in the background).
+    pub async fn rebuild(
+        &self,
+        projection: ProjectionName,
+        timeout: Duration,
+    ) -> Result<bool, StoreError> {
+        let head = self.store.head().await?;
+        self.views.reset(projection).await?;
+        self.catch_up(projection).await?;
+        self.wait_for(&[projection], head, timeout).await
+    }
+
+    /// Each projection's position against the head of the log.
+    pub async fn lag(&self) -> Result<Vec<ProjectionLag>, StoreError> {
+        let head = self.store.head().await?;
+        let mut lags = Vec::with_capacity(ProjectionName::ALL.len());
+        for projection in ProjectionName::ALL {
+            let checkpoint = self.views.checkpoint(projection).await?;
+            let pending = self
+                .store
+                .read_all_matching(&Self::filter(projection), checkpoint, BATCH_SIZE)
+                .await?;
+            lags.push(ProjectionLag {
+                projection,
+                checkpoint,
+                head,
+                pending_events: u32::try_from(pending.len()).unwrap_or(BATCH_SIZE),
+            });
+        }
+        Ok(lags)
+    }
+}

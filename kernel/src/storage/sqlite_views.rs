@@ -1,0 +1,424 @@
+//! The read models on SQLite (migrations/sqlite/0002). Amounts are decimal
+//! strings, timestamps microseconds since the Unix epoch, JSON is text.
+//! Batches are applied on the single writer connection (`BEGIN IMMEDIATE`).
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{Sqlite, SqliteConnection, Transaction};
+use uuid::Uuid;
+
+use super::views::{count, from_json, money, status, tables, to_json};
+use crate::domain::order::OrderStatus;
+use crate::event_store::{Position, StoreError};
+use crate::projections::{
+    InventoryView, OrderView, ProductView, ProjectionName, ReservationView, ViewChange, ViewStore,
+};
+
+use super::sqlite::SqliteDatabase;
+
+/// [`ViewStore`] on SQLite.
+#[derive(Clone, Debug)]
+pub struct SqliteViewStore {
+    database: SqliteDatabase,
+}
+
+impl SqliteViewStore {
+    pub fn new(database: SqliteDatabase) -> Self {
+        SqliteViewStore { database }
+    }
+}
+
+fn time(micros: i64) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::from_timestamp_micros(micros)
+        .ok_or_else(|| StoreError::Corrupt(format!("timestamp out of range: {micros}")))
+}
+
+type ProductRow = (Uuid, String, String, String, String, bool, i32, i64, i64);
+const PRODUCT_COLUMNS: &str =
+    "product_id, sku, name, price_amount, currency, active, version, created_at, updated_at";
+
+fn product_view(row: ProductRow) -> Result<ProductView, StoreError> {
+    let (product_id, sku, name, amount, currency, active, version, created_at, updated_at) = row;
+    Ok(ProductView {
+        product_id,
+        sku,
+        name,
+        price: money(&amount, &currency)?,
+        active,
+        version: count(version.into(), "version")?,
+        created_at: time(created_at)?,
+        updated_at: time(updated_at)?,
+    })
+}
+
+type ReservationRow = (Uuid, Uuid, String, i32, Option<i64>, i64);
+const RESERVATION_COLUMNS: &str =
+    "reservation_id, product_id, owner, quantity, expires_at, created_at";
+
+fn reservation_view(row: ReservationRow) -> Result<ReservationView, StoreError> {
+    let (reservation_id, product_id, owner, quantity, expires_at, created_at) = row;
+    Ok(ReservationView {
+        reservation_id,
+        product_id,
+        owner,
+        quantity: count(quantity.into(), "quantity")?,
+        expires_at: expires_at.map(time).transpose()?,
+        created_at: time(created_at)?,
+    })
+}
+
+#[derive(sqlx::FromRow)]
+struct OrderRow {
+    order_id: Uuid,
+    customer_id: Uuid,
+    status: String,
+    total_amount: String,
+    currency: String,
+    reason: Option<String>,
+    lines: String,
+    shipping_address: String,
+    payment_method: String,
+    version: i32,
+    created_at: i64,
+    updated_at: i64,
+}
+const ORDER_COLUMNS: &str = "order_id, customer_id, status, total_amount, \
+     currency, reason, lines, shipping_address, payment_method, version, created_at, updated_at";
+
+fn parse(json: &str) -> Result<Value, StoreError> {
+    serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("view JSON: {e}")))
+}
+
+fn order_view(row: OrderRow) -> Result<OrderView, StoreError> {
+    Ok(OrderView {
+        order_id: row.order_id,
+        customer_id: row.customer_id,
+        status: status(&row.status)?,
+        total: money(&row.total_amount, &row.currency)?,
+        reason: row.reason,
+        lines: from_json(parse(&row.lines)?, "order lines")?,
+        shipping_address: from_json(parse(&row.shipping_address)?, "shipping address")?,
+        payment_method: row.payment_method,
+        version: count(row.version.into(), "version")?,
+        created_at: time(row.created_at)?,
+        updated_at: time(row.updated_at)?,
+    })
+}
+
+async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<(), StoreError> {
+    match change {
+        ViewChange::InsertProduct(p) => {
+            sqlx::query(
+                "INSERT INTO product_views (product_id, sku, name, price_amount, currency, active, \
+                 version, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )
+            .bind(p.product_id)
+            .bind(&p.sku)
+            .bind(&p.name)
+            .bind(p.price.amount().to_string())
+            .bind(p.price.currency().code())
+            .bind(p.active)
+            .bind(p.version as i32)
+            .bind(p.created_at.timestamp_micros())
+            .bind(p.updated_at.timestamp_micros())
+            .execute(tx)
+            .await?;
+        }
+        ViewChange::UpdateProduct {
+            product_id,
+            name,
+            price,
+            active,
+            version,
+            at,
+        } => {
+            sqlx::query(
+                "UPDATE product_views SET name = coalesce(?2, name), \
+                 price_amount = coalesce(?3, price_amount), \
+                 currency = coalesce(?4, currency), active = coalesce(?5, active), \
+                 version = ?6, updated_at = ?7 WHERE product_id = ?1",
+            )
+            .bind(product_id)
+            .bind(name)
+            .bind(price.map(|p| p.amount().to_string()))
+            .bind(price.map(|p| p.currency().code().to_string()))
+            .bind(active)
+            .bind(*version as i32)
+            .bind(at.timestamp_micros())
+            .execute(tx)
+            .await?;
+        }
+        ViewChange::AdjustInventory {
+            product_id,
+            on_hand_delta,
+            reserved_delta,
+            version,
+            at,
+        } => {
+            sqlx::query(
+                "INSERT INTO inventory_views (product_id, on_hand, reserved, version, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (product_id) DO UPDATE SET \
+                 on_hand = inventory_views.on_hand + excluded.on_hand, \
+                 reserved = inventory_views.reserved + excluded.reserved, \
+                 version = excluded.version, updated_at = excluded.updated_at",
+            )
+            .bind(product_id)
+            .bind(on_hand_delta)
+            .bind(reserved_delta)
+            .bind(*version as i32)
+            .bind(at.timestamp_micros())
+            .execute(tx)
+            .await?;
+        }
+        ViewChange::InsertReservation(r) => {
+            sqlx::query(&format!(
+                "INSERT INTO reservation_views ({RESERVATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ))
+            .bind(r.reservation_id)
+            .bind(r.product_id)
+            .bind(&r.owner)
+            .bind(r.quantity as i32)
+            .bind(r.expires_at.map(|t| t.timestamp_micros()))
+            .bind(r.created_at.timestamp_micros())
+            .execute(tx)
+            .await?;
+        }
+        ViewChange::DeleteReservation { reservation_id } => {
+            sqlx::query("DELETE FROM reservation_views WHERE reservation_id = ?1")
+                .bind(reservation_id)
+                .execute(tx)
+                .await?;
+        }
+        ViewChange::InsertOrder(o) => {
+            sqlx::query(
+                "INSERT INTO order_views (order_id, customer_id, status, total_amount, currency, \
+                 reason, lines, shipping_address, payment_method, version, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .bind(o.order_id)
+            .bind(o.customer_id)
+            .bind(o.status.as_str())
+            .bind(o.total.amount().to_string())
+            .bind(o.total.currency().code())
+            .bind(&o.reason)
+            .bind(to_json(&o.lines)?.to_string())
+            .bind(to_json(&o.shipping_address)?.to_string())
+            .bind(&o.payment_method)
+            .bind(o.version as i32)
+            .bind(o.created_at.timestamp_micros())
+            .bind(o.updated_at.timestamp_micros())
+            .execute(tx)
+            .await?;
+        }
+        ViewChange::SetOrderStatus {
+            order_id,
+            status,
+            reason,
+            version,
+            at,
+        } => {
+            sqlx::query(
+                "UPDATE order_views SET status = ?2, reason = coalesce(?3, reason), version = ?4, \
+                 updated_at = ?5 WHERE order_id = ?1",
+            )
+            .bind(order_id)
+            .bind(status.as_str())
+            .bind(reason)
+            .bind(*version as i32)
+            .bind(at.timestamp_micros())
+            .execute(tx)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint of `projection`, read inside a write transaction (which
+/// holds SQLite's single write lock, so nobody else can move it meanwhile).
+async fn read_checkpoint(
+    tx: &mut Transaction<'_, Sqlite>,
+    projection: ProjectionName,
+) -> Result<Option<Position>, StoreError> {
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id, sequence FROM projection_checkpoints WHERE name = ?1",
+    )
+    .bind(projection.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(|(transaction_id, sequence)| Position {
+        transaction_id,
+        sequence,
+    }))
+}
+
+async fn set_checkpoint(
+    tx: &mut Transaction<'_, Sqlite>,
+    projection: ProjectionName,
+    to: Position,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE projection_checkpoints SET transaction_id = ?2, sequence = ?3, updated_at = CAST(strftime('%s', 'now') AS INTEGER) * 1000000 \
+         WHERE name = ?1",
+    )
+    .bind(projection.as_str())
+    .bind(to.transaction_id)
+    .bind(to.sequence)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl ViewStore for SqliteViewStore {
+    async fn checkpoint(&self, projection: ProjectionName) -> Result<Position, StoreError> {
+        let row: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT transaction_id, sequence FROM projection_checkpoints WHERE name = ?1",
+        )
+        .bind(projection.as_str())
+        .fetch_optional(self.database.reader())
+        .await?;
+        let (transaction_id, sequence) = row.ok_or_else(|| {
+            StoreError::Corrupt(format!("no checkpoint row for {}", projection.as_str()))
+        })?;
+        Ok(Position {
+            transaction_id,
+            sequence,
+        })
+    }
+
+    async fn apply(
+        &self,
+        projection: ProjectionName,
+        from: Position,
+        to: Position,
+        changes: &[ViewChange],
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.database.begin_write().await?;
+        if read_checkpoint(&mut tx, projection).await? != Some(from) {
+            return Ok(false);
+        }
+        for change in changes {
+            apply_change(&mut tx, change).await?;
+        }
+        set_checkpoint(&mut tx, projection, to).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError> {
+        let mut tx = self.database.begin_write().await?;
+        for table in tables(projection) {
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&mut *tx)
+                .await?;
+        }
+        set_checkpoint(&mut tx, projection, Position::START).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError> {
+        let row: Option<ProductRow> = sqlx::query_as(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM product_views WHERE product_id = ?1"
+        ))
+        .bind(product_id)
+        .fetch_optional(self.database.reader())
+        .await?;
+        row.map(product_view).transpose()
+    }
+
+    async fn products(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<ProductView>, StoreError> {
+        let rows: Vec<ProductRow> = sqlx::query_as(&format!(
+            "SELECT {PRODUCT_COLUMNS} FROM product_views \
+             WHERE (?1 IS NULL OR product_id > ?1) ORDER BY product_id LIMIT ?2"
+        ))
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(self.database.reader())
+        .await?;
+        rows.into_iter().map(product_view).collect()
+    }
+
+    async fn inventory(&self, product_id: Uuid) -> Result<Option<InventoryView>, StoreError> {
+        let row: Option<(i64, i64, i32, i64)> = sqlx::query_as(
+            "SELECT on_hand, reserved, version, updated_at FROM inventory_views WHERE product_id = ?1",
+        )
+        .bind(product_id)
+        .fetch_optional(self.database.reader())
+        .await?;
+        row.map(|(on_hand, reserved, version, updated_at)| {
+            Ok(InventoryView {
+                product_id,
+                on_hand: count(on_hand, "on hand")?,
+                reserved: count(reserved, "reserved")?,
+                version: count(version.into(), "version")?,
+                updated_at: time(updated_at)?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn reservation(
+        &self,
+        reservation_id: Uuid,
+    ) -> Result<Option<ReservationView>, StoreError> {
+        let row: Option<ReservationRow> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservation_views WHERE reservation_id = ?1"
+        ))
+        .bind(reservation_id)
+        .fetch_optional(self.database.reader())
+        .await?;
+        row.map(reservation_view).transpose()
+    }
+
+    async fn expired_reservations(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<ReservationView>, StoreError> {
+        let rows: Vec<ReservationRow> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservation_views \
+             WHERE expires_at IS NOT NULL AND expires_at <= ?1 ORDER BY expires_at LIMIT ?2"
+        ))
+        .bind(now.timestamp_micros())
+        .bind(i64::from(limit))
+        .fetch_all(self.database.reader())
+        .await?;
+        rows.into_iter().map(reservation_view).collect()
+    }
+
+    async fn order(&self, order_id: Uuid) -> Result<Option<OrderView>, StoreError> {
+        let row: Option<OrderRow> = sqlx::query_as(&format!(
+            "SELECT {ORDER_COLUMNS} FROM order_views WHERE order_id = ?1"
+        ))
+        .bind(order_id)
+        .fetch_optional(self.database.reader())
+        .await?;
+        row.map(order_view).transpose()
+    }
+
+    async fn orders(
+        &self,
+        status: Option<OrderStatus>,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError> {
+        let rows: Vec<OrderRow> = sqlx::query_as(&format!(
+            "SELECT {ORDER_COLUMNS} FROM order_views \
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR order_id < ?2) \
+             ORDER BY order_id DESC LIMIT ?3"
+        ))
+        .bind(status.map(OrderStatus::as_str))
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(self.database.reader())
+        .await?;
+        rows.into_iter().map(order_view).collect()
+    }
+}

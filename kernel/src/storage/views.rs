@@ -1,0 +1,47 @@
+//! Pieces both backends' view stores share: turning stored text back into
+//! domain values, and the tables of each projection.
+
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+
+use crate::domain::money::{Currency, Money};
+use crate::domain::order::OrderStatus;
+use crate::event_store::StoreError;
+use crate::projections::ProjectionName;
+
+/// The tables a projection owns, emptied by a rebuild.
+pub fn tables(projection: ProjectionName) -> &'static [&'static str] {
+    match projection {
+        ProjectionName::Products => &["product_views"],
+        ProjectionName::Inventory => &["inventory_views", "reservation_views"],
+        ProjectionName::Orders => &["order_views"],
+    }
+}
+
+pub fn money(amount: &str, currency: &str) -> Result<Money, StoreError> {
+    let amount = Decimal::from_str(amount)
+        .map_err(|e| StoreError::Corrupt(format!("amount {amount:?}: {e}")))?;
+    let currency =
+        Currency::parse(currency).map_err(|e| StoreError::Corrupt(format!("currency: {e}")))?;
+    Money::new(amount, currency).map_err(|e| StoreError::Corrupt(format!("amount: {e}")))
+}
+
+pub fn status(text: &str) -> Result<OrderStatus, StoreError> {
+    OrderStatus::parse(text).ok_or_else(|| StoreError::Corrupt(format!("order status {text:?}")))
+}
+
+pub fn count(value: i64, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} out of range: {value}")))
+}
+
+pub fn from_json<T: serde::de::DeserializeOwned>(
+    value: serde_json::Value,
+    what: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_value(value).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+pub fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(value).map_err(|e| StoreError::Codec(e.to_string()))
+}
