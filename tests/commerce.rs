@@ -1,1 +1,718 @@
-fn main() {}
+//! The commerce suite: catalog, inventory under contention, orders and read
+//! models, on SQLite and (with `COMMERCE_TEST_DATABASE_URL`) Postgres.
+
+#[macro_use]
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use commerce_kernel::commerce::{
+    CommandContext, CommandError, Commerce, NewProduct, OrderTransition, PlaceOrderInput,
+};
+use commerce_kernel::domain::DomainError;
+use commerce_kernel::domain::catalog::ProductUpdate;
+use commerce_kernel::domain::inventory::Inventory;
+use commerce_kernel::domain::money::{Currency, Money};
+use commerce_kernel::domain::order::{Address, OrderStatus};
+use commerce_kernel::event_store::StreamSelection;
+use commerce_kernel::projections::{ProjectionName, Projector};
+use support::{TestDatabase, run_suite};
+use uuid::Uuid;
+
+fn main() {
+    run_suite(&cases![
+        hundred_buyers_for_ten_units_never_oversell,
+        multi_product_reservations_are_all_or_nothing,
+        concurrent_multi_product_reservations_stay_consistent,
+        skus_are_unique_under_concurrency,
+        orders_walk_the_state_machine_and_keep_their_history,
+        cancelling_an_order_gives_its_stock_back,
+        placing_an_order_twice_with_one_key_places_one_order,
+        prices_always_come_from_the_catalog,
+        expired_reservations_are_released_by_the_kernel,
+        projections_rebuild_to_the_same_views,
+    ]);
+}
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The command handlers and a running projector (stopped when dropped).
+struct Services {
+    commerce: Commerce,
+    projector: Projector,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn services(db: &TestDatabase) -> Services {
+    let store = db.event_store();
+    let views = db.database.view_store();
+    let projector = Projector::new(Arc::clone(&store), Arc::clone(&views));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(projector.clone().run(stopped));
+    Services {
+        commerce: Commerce::new(store, views),
+        projector,
+        _stop: stop,
+    }
+}
+
+fn context() -> CommandContext {
+    CommandContext {
+        actor: Some("test".into()),
+        correlation_id: None,
+    }
+}
+
+fn eur(amount: &str) -> anyhow::Result<Money> {
+    Ok(Money::new(amount.parse()?, Currency::parse("EUR")?)?)
+}
+
+async fn product_with_stock(commerce: &Commerce, price: &str, stock: i64) -> anyhow::Result<Uuid> {
+    let created = commerce
+        .create_product(
+            NewProduct {
+                sku: format!("SKU-{}", Uuid::now_v7().simple()),
+                name: "Espresso cup".into(),
+                price: eur(price)?,
+                active: true,
+            },
+            &context(),
+        )
+        .await?;
+    if stock > 0 {
+        commerce
+            .adjust_inventory(created.id, stock, "initial stock", None, &context())
+            .await?;
+    }
+    Ok(created.id)
+}
+
+fn address() -> Address {
+    Address {
+        name: "Grace Hopper".into(),
+        line1: "1 Navy Way".into(),
+        line2: None,
+        city: "Arlington".into(),
+        postal_code: "22202".into(),
+        region: Some("VA".into()),
+        country: "US".into(),
+    }
+}
+
+fn order_input(lines: Vec<(Uuid, u32)>, key: Option<&str>) -> PlaceOrderInput {
+    PlaceOrderInput {
+        customer_id: Uuid::now_v7(),
+        lines,
+        shipping_address: address(),
+        payment_method: "card".into(),
+        idempotency_key: key.map(str::to_string),
+    }
+}
+
+async fn hundred_buyers_for_ten_units_never_oversell(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    const BUYERS: usize = 100;
+    let Services {
+        commerce,
+        projector,
+        _stop,
+    } = services(&db);
+    let product = product_with_stock(&commerce, "3.50", 10).await?;
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(BUYERS));
+    let mut buyers = Vec::new();
+    for buyer in 0..BUYERS {
+        let (commerce, barrier) = (commerce.clone(), Arc::clone(&barrier));
+        buyers.push(tokio::spawn(async move {
+            barrier.wait().await;
+            commerce
+                .reserve_inventory(
+                    product,
+                    &format!("order:{buyer}"),
+                    1,
+                    None,
+                    None,
+                    &context(),
+                )
+                .await
+        }));
+    }
+    let (mut reserved, mut refused) = (0, 0);
+    for buyer in buyers {
+        match buyer.await? {
+            Ok(_) => reserved += 1,
+            Err(CommandError::Domain(DomainError::InsufficientStock { available: 0, .. })) => {
+                refused += 1
+            }
+            Err(other) => bail!("a buyer got neither stock nor INSUFFICIENT_STOCK: {other}"),
+        }
+    }
+    ensure!(
+        (reserved, refused) == (10, 90),
+        "{reserved} reserved, {refused} refused"
+    );
+
+    let stream = commerce
+        .store()
+        .read_stream(Inventory::stream_id(product), StreamSelection::default())
+        .await?;
+    ensure!(
+        stream.len() == 11,
+        "restock + 10 reservations, got {}",
+        stream.len()
+    );
+    let head = stream.last().context("stream")?.position;
+    ensure!(
+        projector
+            .wait_for(&[ProjectionName::Inventory], head, WAIT)
+            .await?
+    );
+    let view = projector
+        .views()
+        .inventory(product)
+        .await?
+        .context("inventory view")?;
+    ensure!(
+        (view.on_hand, view.reserved, view.available()) == (10, 10, 0),
+        "{view:?}"
+    );
+    ensure!(
+        commerce
+            .metrics()
+            .inventory_conflicts
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0,
+        "100 racing buyers met no conflict: the test did not race"
+    );
+    Ok(())
+}
+
+async fn multi_product_reservations_are_all_or_nothing(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let Services {
+        commerce, _stop, ..
+    } = services(&db);
+    let plenty = product_with_stock(&commerce, "1", 5).await?;
+    let scarce = product_with_stock(&commerce, "1", 1).await?;
+
+    match commerce
+        .reserve_all("order:a", &[(plenty, 2), (scarce, 2)], None, &context())
+        .await
+    {
+        Err(CommandError::Domain(DomainError::InsufficientStock { product_id, .. }))
+            if product_id == scarce => {}
+        other => bail!("expected INSUFFICIENT_STOCK on the scarce product, got {other:?}"),
+    }
+    // Two lines of one product add up: 3 + 3 > 5 even though each fits.
+    match commerce
+        .reserve_all("order:b", &[(plenty, 3), (plenty, 3)], None, &context())
+        .await
+    {
+        Err(CommandError::Domain(DomainError::InsufficientStock { requested: 6, .. })) => {}
+        other => bail!("expected the lines to add up to 6, got {other:?}"),
+    }
+    for product in [plenty, scarce] {
+        let stock = commerce
+            .store()
+            .read_stream(Inventory::stream_id(product), StreamSelection::default())
+            .await?;
+        ensure!(stock.len() == 1, "a refused reservation wrote to {product}");
+    }
+
+    let (reservations, position) = commerce
+        .reserve_all(
+            "order:c",
+            &[(plenty, 2), (scarce, 1), (plenty, 1)],
+            None,
+            &context(),
+        )
+        .await?;
+    ensure!(position.is_some());
+    let mut quantities: Vec<(Uuid, u32)> = reservations
+        .iter()
+        .map(|r| (r.product_id, r.quantity))
+        .collect();
+    quantities.sort();
+    let mut expected = vec![(plenty, 3), (scarce, 1)];
+    expected.sort();
+    ensure!(quantities == expected, "{quantities:?}");
+    Ok(())
+}
+
+async fn concurrent_multi_product_reservations_stay_consistent(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    const ORDERS: usize = 12;
+    let Services {
+        commerce, _stop, ..
+    } = services(&db);
+    let cups = product_with_stock(&commerce, "1", 5).await?;
+    let saucers = product_with_stock(&commerce, "1", 7).await?;
+    let mut orders = Vec::new();
+    for order in 0..ORDERS {
+        let commerce = commerce.clone();
+        orders.push(tokio::spawn(async move {
+            commerce
+                .reserve_all(
+                    &format!("order:{order}"),
+                    &[(cups, 1), (saucers, 1)],
+                    None,
+                    &context(),
+                )
+                .await
+        }));
+    }
+    let mut reserved = 0;
+    for order in orders {
+        match order.await? {
+            Ok(_) => reserved += 1,
+            Err(CommandError::Domain(DomainError::InsufficientStock { .. })) => {}
+            Err(other) => bail!("unexpected: {other}"),
+        }
+    }
+    ensure!(reserved == 5, "{reserved} orders got both products");
+    let cup_events = commerce
+        .store()
+        .read_stream(Inventory::stream_id(cups), StreamSelection::default())
+        .await?;
+    let saucer_events = commerce
+        .store()
+        .read_stream(Inventory::stream_id(saucers), StreamSelection::default())
+        .await?;
+    ensure!(
+        cup_events.len() == 6 && saucer_events.len() == 6,
+        "one reservation per order per product"
+    );
+    Ok(())
+}
+
+async fn skus_are_unique_under_concurrency(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    const CREATORS: usize = 8;
+    let Services {
+        commerce, _stop, ..
+    } = services(&db);
+    let mut creators = Vec::new();
+    for creator in 0..CREATORS {
+        let commerce = commerce.clone();
+        let price = eur("2")?;
+        creators.push(tokio::spawn(async move {
+            // Case differs per creator: SKUs are unique regardless of case.
+            let sku = if creator % 2 == 0 {
+                "mug-blue"
+            } else {
+                "MUG-BLUE"
+            };
+            commerce
+                .create_product(
+                    NewProduct {
+                        sku: sku.into(),
+                        name: format!("Mug {creator}"),
+                        price,
+                        active: true,
+                    },
+                    &context(),
+                )
+                .await
+        }));
+    }
+    let (mut created, mut taken) = (0, 0);
+    for creator in creators {
+        match creator.await? {
+            Ok(_) => created += 1,
+            Err(CommandError::Domain(DomainError::SkuTaken { .. })) => taken += 1,
+            Err(other) => bail!("unexpected: {other}"),
+        }
+    }
+    ensure!(
+        (created, taken) == (1, CREATORS - 1),
+        "{created} created, {taken} refused"
+    );
+    Ok(())
+}
+
+async fn orders_walk_the_state_machine_and_keep_their_history(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let Services {
+        commerce,
+        projector,
+        _stop,
+    } = services(&db);
+    let product = product_with_stock(&commerce, "4.20", 10).await?;
+    let placed = commerce
+        .place_order(
+            order_input(vec![(product, 2), (product, 1)], None),
+            &context(),
+        )
+        .await?;
+    let order_id = placed.id;
+    let total = placed.state.placed.as_ref().context("placed")?.total;
+    ensure!(total == eur("12.60")?, "total {total}");
+
+    let actor = context();
+    let step = |transition| commerce.transition_order(order_id, transition, None, &actor);
+    step(OrderTransition::ReserveInventory).await?;
+    // Illegal: SHIPPED before PAID. Typed, and nothing is written.
+    match step(OrderTransition::Ship {
+        shipment_reference: "ship_1".into(),
+    })
+    .await
+    {
+        Err(CommandError::Domain(DomainError::IllegalTransition {
+            from: OrderStatus::InventoryReserved,
+            to: OrderStatus::Shipped,
+        })) => {}
+        other => bail!("expected an illegal transition, got {other:?}"),
+    }
+    // A stale expected version is a conflict, not a retry.
+    match commerce
+        .transition_order(order_id, OrderTransition::Confirm, Some(1), &context())
+        .await
+    {
+        Err(CommandError::VersionConflict {
+            expected: 1,
+            actual: 2,
+            ..
+        }) => {}
+        other => bail!("expected a version conflict, got {other:?}"),
+    }
+    step(OrderTransition::MarkPaid {
+        payment_reference: "pay_1".into(),
+        amount: total,
+    })
+    .await?;
+    step(OrderTransition::Ship {
+        shipment_reference: "ship_1".into(),
+    })
+    .await?;
+    let confirmed = step(OrderTransition::Confirm).await?;
+    ensure!(confirmed.state.status == Some(OrderStatus::Confirmed));
+    ensure!(confirmed.version == 5);
+
+    // Confirming sold the stock: on hand and reserved dropped together.
+    let stock = commerce
+        .store()
+        .read_stream(Inventory::stream_id(product), StreamSelection::default())
+        .await?;
+    let last = stock.last().context("stock events")?;
+    ensure!(
+        last.event_type == "ReservationCommitted",
+        "{}",
+        last.event_type
+    );
+
+    // The history, event by event, and the order as of an earlier version.
+    let history = commerce
+        .store()
+        .read_stream(order_id, StreamSelection::default())
+        .await?;
+    let types: Vec<&str> = history.iter().map(|e| e.event_type.as_str()).collect();
+    ensure!(
+        types
+            == [
+                "Placed",
+                "InventoryReserved",
+                "PaymentCaptured",
+                "Shipped",
+                "Confirmed"
+            ],
+        "{types:?}"
+    );
+    let position = confirmed.position.context("position")?;
+    ensure!(
+        projector
+            .wait_for(
+                &[ProjectionName::Orders, ProjectionName::Inventory],
+                position,
+                WAIT
+            )
+            .await?
+    );
+    let view = projector
+        .views()
+        .order(order_id)
+        .await?
+        .context("order view")?;
+    ensure!(view.status == OrderStatus::Confirmed && view.total == total && view.version == 5);
+    let stock_view = projector
+        .views()
+        .inventory(product)
+        .await?
+        .context("inventory view")?;
+    ensure!(
+        (stock_view.on_hand, stock_view.reserved) == (7, 0),
+        "{stock_view:?}"
+    );
+    Ok(())
+}
+
+async fn cancelling_an_order_gives_its_stock_back(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let Services {
+        commerce, _stop, ..
+    } = services(&db);
+    let product = product_with_stock(&commerce, "1", 2).await?;
+    let order = commerce
+        .place_order(order_input(vec![(product, 2)], None), &context())
+        .await?;
+    commerce
+        .transition_order(
+            order.id,
+            OrderTransition::ReserveInventory,
+            None,
+            &context(),
+        )
+        .await?;
+    // No stock left for a second order...
+    let second = commerce
+        .place_order(order_input(vec![(product, 1)], None), &context())
+        .await?;
+    match commerce
+        .transition_order(
+            second.id,
+            OrderTransition::ReserveInventory,
+            None,
+            &context(),
+        )
+        .await
+    {
+        Err(CommandError::Domain(DomainError::InsufficientStock { .. })) => {}
+        other => bail!("expected INSUFFICIENT_STOCK, got {other:?}"),
+    }
+    // ...until the first is cancelled.
+    let cancelled = commerce
+        .transition_order(
+            order.id,
+            OrderTransition::Cancel {
+                reason: "customer changed their mind".into(),
+            },
+            None,
+            &context(),
+        )
+        .await?;
+    ensure!(cancelled.state.reason.as_deref() == Some("customer changed their mind"));
+    commerce
+        .transition_order(
+            second.id,
+            OrderTransition::ReserveInventory,
+            None,
+            &context(),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn placing_an_order_twice_with_one_key_places_one_order(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let Services {
+        commerce, _stop, ..
+    } = services(&db);
+    let product = product_with_stock(&commerce, "1", 0).await?;
+    let mut attempts = Vec::new();
+    for _ in 0..4 {
+        let commerce = commerce.clone();
+        attempts.push(tokio::spawn(async move {
+            commerce
+                .place_order(
+                    order_input(vec![(product, 1)], Some("checkout-42")),
+                    &context(),
+                )
+                .await
+        }));
+    }
+    let mut ids = Vec::new();
+    for attempt in attempts {
+        ids.push(attempt.await??.id);
+    }
+    ids.dedup();
+    ensure!(ids.len() == 1, "one key placed {} orders", ids.len());
+    Ok(())
+}
+
+async fn prices_always_come_from_the_catalog(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let Services {
+        commerce, _stop, ..
+    } = services(&db);
+    let product = product_with_stock(&commerce, "10.00", 0).await?;
+    let first = commerce
+        .place_order(order_input(vec![(product, 1)], None), &context())
+        .await?;
+    commerce
+        .update_product(
+            product,
+            ProductUpdate {
+                price: Some(eur("12.50")?),
+                ..ProductUpdate::default()
+            },
+            None,
+            &context(),
+        )
+        .await?;
+    let second = commerce
+        .place_order(order_input(vec![(product, 2)], None), &context())
+        .await?;
+    let total =
+        |o: &commerce_kernel::commerce::OrderChange| o.state.placed.as_ref().map(|p| p.total);
+    ensure!(
+        total(&first) == Some(eur("10")?),
+        "the first order keeps its price"
+    );
+    ensure!(
+        total(&second) == Some(eur("25")?),
+        "the second order uses the new price"
+    );
+    // Price history is the product's stream.
+    let history = commerce
+        .store()
+        .read_stream(product, StreamSelection::default())
+        .await?;
+    ensure!(history.iter().any(|e| e.event_type == "PriceChanged"));
+
+    commerce
+        .update_product(
+            product,
+            ProductUpdate {
+                active: Some(false),
+                ..ProductUpdate::default()
+            },
+            None,
+            &context(),
+        )
+        .await?;
+    match commerce
+        .place_order(order_input(vec![(product, 1)], None), &context())
+        .await
+    {
+        Err(CommandError::Domain(DomainError::ProductInactive { .. })) => Ok(()),
+        other => bail!("an inactive product was sold: {other:?}"),
+    }
+}
+
+async fn expired_reservations_are_released_by_the_kernel(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let Services {
+        commerce,
+        projector,
+        _stop,
+    } = services(&db);
+    let product = product_with_stock(&commerce, "1", 3).await?;
+    let held = commerce
+        .reserve_inventory(
+            product,
+            "cart:abandoned",
+            2,
+            Some(chrono::Duration::seconds(60)),
+            None,
+            &context(),
+        )
+        .await?;
+    let position = held.inventory.position.context("position")?;
+    ensure!(
+        projector
+            .wait_for(&[ProjectionName::Inventory], position, WAIT)
+            .await?
+    );
+    let now = chrono::Utc::now();
+    ensure!(
+        commerce.expire_reservations(now, 100).await? == 0,
+        "expired too early"
+    );
+    let later = now + chrono::Duration::seconds(61);
+    ensure!(commerce.expire_reservations(later, 100).await? == 1);
+    // A second sweeper (another process) finds nothing left to do.
+    ensure!(commerce.expire_reservations(later, 100).await? == 0);
+
+    let stock = commerce
+        .store()
+        .read_stream(Inventory::stream_id(product), StreamSelection::default())
+        .await?;
+    let last = stock.last().context("stock events")?;
+    ensure!(
+        last.event_type == "ReservationReleased" && last.data["reason"] == "EXPIRED",
+        "{:?}",
+        last.data
+    );
+    ensure!(
+        projector
+            .wait_for(&[ProjectionName::Inventory], last.position, WAIT)
+            .await?
+    );
+    let view = projector
+        .views()
+        .inventory(product)
+        .await?
+        .context("view")?;
+    ensure!(view.available() == 3, "{view:?}");
+    ensure!(
+        projector
+            .views()
+            .reservation(held.reservation_id)
+            .await?
+            .is_none()
+    );
+    Ok(())
+}
+
+async fn projections_rebuild_to_the_same_views(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let Services {
+        commerce,
+        projector,
+        _stop,
+    } = services(&db);
+    let mut last = None;
+    for i in 0..3 {
+        let product = product_with_stock(&commerce, &format!("{i}.99"), 5).await?;
+        let order = commerce
+            .place_order(order_input(vec![(product, 1)], None), &context())
+            .await?;
+        let reserved = commerce
+            .transition_order(
+                order.id,
+                OrderTransition::ReserveInventory,
+                None,
+                &context(),
+            )
+            .await?;
+        last = reserved.position;
+    }
+    let head = last.context("position")?;
+    ensure!(projector.wait_for(&ProjectionName::ALL, head, WAIT).await?);
+
+    let views = projector.views();
+    let snapshot = || async {
+        let products = views.products(None, 100).await?;
+        let mut inventory = Vec::new();
+        for product in &products {
+            inventory.push(views.inventory(product.product_id).await?);
+        }
+        let orders = views.orders(None, None, 100).await?;
+        anyhow::Ok((products, inventory, orders))
+    };
+    let before = snapshot().await?;
+    ensure!(before.0.len() == 3 && before.2.len() == 3);
+    for projection in ProjectionName::ALL {
+        ensure!(
+            projector.rebuild(projection, WAIT).await?,
+            "rebuild timed out"
+        );
+    }
+    let after = snapshot().await?;
+    ensure!(
+        before == after,
+        "rebuilt views differ:\n{before:#?}\n{after:#?}"
+    );
+    let reserved = views
+        .orders(Some(OrderStatus::InventoryReserved), None, 100)
+        .await?;
+    ensure!(reserved.len() == 3);
+    ensure!(
+        views
+            .orders(Some(OrderStatus::Paid), None, 100)
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}

@@ -60,13 +60,13 @@ impl Commerce {
             expected_version.is_some(),
             || async {
                 let loaded = self
-                    .load_expecting::<Inventory>(product_id, expected_version)
+                    .load_expecting::<Inventory>(Inventory::stream_id(product_id), expected_version)
                     .await?;
                 let events = loaded.state.adjust(product_id, delta, reason)?;
                 let outcome = self
                     .repository::<Inventory>()
                     .append(
-                        product_id,
+                        Inventory::stream_id(product_id),
                         loaded.version,
                         &events,
                         context.metadata(),
@@ -102,7 +102,7 @@ impl Commerce {
             expected_version.is_some(),
             || async {
                 let loaded = self
-                    .load_expecting::<Inventory>(product_id, expected_version)
+                    .load_expecting::<Inventory>(Inventory::stream_id(product_id), expected_version)
                     .await?;
                 let now = Utc::now();
                 let request = ReserveRequest {
@@ -121,7 +121,7 @@ impl Commerce {
                 let outcome = self
                     .repository::<Inventory>()
                     .append(
-                        product_id,
+                        Inventory::stream_id(product_id),
                         loaded.version,
                         &reserved.events,
                         context.metadata(),
@@ -166,7 +166,10 @@ impl Commerce {
             reservations: Vec::with_capacity(per_product.len()),
         };
         for (product_id, quantity) in per_product {
-            let loaded = self.repository::<Inventory>().load(product_id).await?;
+            let loaded = self
+                .repository::<Inventory>()
+                .load(Inventory::stream_id(product_id))
+                .await?;
             let request = ReserveRequest {
                 reservation_id: Uuid::now_v7(),
                 owner: owner.to_string(),
@@ -176,7 +179,7 @@ impl Commerce {
             let reserved = loaded.state.reserve(product_id, &request, now)?;
             if !reserved.events.is_empty() {
                 plan.streams.push(stream_append::<Inventory>(
-                    product_id,
+                    Inventory::stream_id(product_id),
                     loaded.version,
                     &reserved.events,
                 )?);
@@ -229,7 +232,11 @@ impl Commerce {
             return Err(DomainError::ReservationNotFound { reservation_id }.into());
         };
         self.change_reservation(reservation.product_id, context, |inventory| {
-            inventory.release(reservation_id, ReleaseReason::Released)
+            inventory.release(
+                reservation.product_id,
+                reservation_id,
+                ReleaseReason::Released,
+            )
         })
         .await
     }
@@ -242,7 +249,7 @@ impl Commerce {
         context: &CommandContext,
     ) -> Result<InventoryChange, CommandError> {
         self.change_reservation(product_id, context, |inventory| {
-            inventory.commit(reservation_id)
+            inventory.commit(product_id, reservation_id)
         })
         .await
     }
@@ -257,12 +264,15 @@ impl Commerce {
         F: Fn(&Inventory) -> Result<Vec<crate::domain::inventory::InventoryEvent>, DomainError>,
     {
         self.retrying(ConflictCounter::Inventory, false, || async {
-            let loaded = self.repository::<Inventory>().load(product_id).await?;
+            let loaded = self
+                .repository::<Inventory>()
+                .load(Inventory::stream_id(product_id))
+                .await?;
             let events = decide(&loaded.state)?;
             let outcome = self
                 .repository::<Inventory>()
                 .append(
-                    product_id,
+                    Inventory::stream_id(product_id),
                     loaded.version,
                     &events,
                     context.metadata(),
@@ -300,14 +310,17 @@ impl Commerce {
         for product_id in products {
             let count = self
                 .retrying(ConflictCounter::Inventory, false, || async {
-                    let loaded = self.repository::<Inventory>().load(product_id).await?;
-                    let events = loaded.state.expire(now);
+                    let loaded = self
+                        .repository::<Inventory>()
+                        .load(Inventory::stream_id(product_id))
+                        .await?;
+                    let events = loaded.state.expire(product_id, now);
                     if events.is_empty() {
                         return Ok(0);
                     }
                     self.repository::<Inventory>()
                         .append(
-                            product_id,
+                            Inventory::stream_id(product_id),
                             loaded.version,
                             &events,
                             context.metadata(),

@@ -165,11 +165,13 @@ impl Commerce {
                         for reserved in &order.reservations {
                             let stock = self
                                 .repository::<Inventory>()
-                                .load(reserved.product_id)
+                                .load(Inventory::stream_id(reserved.product_id))
                                 .await?;
-                            let sold = stock.state.commit(reserved.reservation_id)?;
+                            let sold = stock
+                                .state
+                                .commit(reserved.product_id, reserved.reservation_id)?;
                             inventory_streams.push(stream_append::<Inventory>(
-                                reserved.product_id,
+                                Inventory::stream_id(reserved.product_id),
                                 stock.version,
                                 &sold,
                             )?);
@@ -185,15 +187,16 @@ impl Commerce {
                         for reserved in &order.reservations {
                             let stock = self
                                 .repository::<Inventory>()
-                                .load(reserved.product_id)
+                                .load(Inventory::stream_id(reserved.product_id))
                                 .await?;
                             // Already gone (expired, say): nothing left to give back.
-                            match stock
-                                .state
-                                .release(reserved.reservation_id, ReleaseReason::Released)
-                            {
+                            match stock.state.release(
+                                reserved.product_id,
+                                reserved.reservation_id,
+                                ReleaseReason::Released,
+                            ) {
                                 Ok(released) => inventory_streams.push(stream_append::<Inventory>(
-                                    reserved.product_id,
+                                    Inventory::stream_id(reserved.product_id),
                                     stock.version,
                                     &released,
                                 )?),

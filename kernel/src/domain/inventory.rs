@@ -41,21 +41,25 @@ pub enum ReleaseReason {
 #[serde(tag = "type", content = "data")]
 pub enum InventoryEvent {
     StockAdjusted {
+        product_id: Uuid,
         delta: i64,
         reason: String,
     },
     StockReserved {
+        product_id: Uuid,
         reservation_id: Uuid,
         owner: String,
         quantity: u32,
         expires_at: Option<DateTime<Utc>>,
     },
     ReservationReleased {
+        product_id: Uuid,
         reservation_id: Uuid,
         quantity: u32,
         reason: ReleaseReason,
     },
     ReservationCommitted {
+        product_id: Uuid,
         reservation_id: Uuid,
         quantity: u32,
     },
@@ -120,6 +124,7 @@ impl Aggregate for Inventory {
                 owner,
                 quantity,
                 expires_at,
+                ..
             } => {
                 self.reserved = self.reserved.saturating_add(*quantity);
                 self.reservations.insert(
@@ -146,17 +151,27 @@ impl Aggregate for Inventory {
     }
 }
 
+/// Namespace of the name-based UUIDs of inventory streams.
+const INVENTORY_NAMESPACE: Uuid = Uuid::from_u128(0x2b8e_51d4_0c6f_4a97_8e13_d5a0_7f62_c4e9);
+
 impl Inventory {
+    /// The inventory stream of a product. It cannot be the product's own id:
+    /// a stream id names one aggregate, and the product's stream is the catalog's.
+    pub fn stream_id(product_id: Uuid) -> Uuid {
+        Uuid::new_v5(&INVENTORY_NAMESPACE, product_id.as_bytes())
+    }
+
     pub fn available(&self) -> u32 {
         self.on_hand.saturating_sub(self.reserved)
     }
 
     /// Releases every reservation whose expiry has passed at `now`.
-    pub fn expire(&self, now: DateTime<Utc>) -> Vec<InventoryEvent> {
+    pub fn expire(&self, product_id: Uuid, now: DateTime<Utc>) -> Vec<InventoryEvent> {
         self.reservations
             .iter()
             .filter(|(_, reservation)| reservation.is_due(now))
             .map(|(id, reservation)| InventoryEvent::ReservationReleased {
+                product_id,
                 reservation_id: *id,
                 quantity: reservation.quantity,
                 reason: ReleaseReason::Expired,
@@ -189,7 +204,11 @@ impl Inventory {
         if on_hand > i64::from(u32::MAX) {
             return Err(DomainError::invalid("delta", "on hand would overflow"));
         }
-        Ok(vec![InventoryEvent::StockAdjusted { delta, reason }])
+        Ok(vec![InventoryEvent::StockAdjusted {
+            product_id,
+            delta,
+            reason,
+        }])
     }
 
     /// Holds `quantity` units for an owner, after expiring what is due.
@@ -238,7 +257,7 @@ impl Inventory {
             });
         }
 
-        let mut events = self.expire(now);
+        let mut events = self.expire(product_id, now);
         let mut after_expiry = self.clone();
         for event in &events {
             after_expiry.apply(event);
@@ -251,6 +270,7 @@ impl Inventory {
             });
         }
         events.push(InventoryEvent::StockReserved {
+            product_id,
             reservation_id: request.reservation_id,
             owner,
             quantity: request.quantity,
@@ -265,6 +285,7 @@ impl Inventory {
     /// Gives a reservation's stock back.
     pub fn release(
         &self,
+        product_id: Uuid,
         reservation_id: Uuid,
         reason: ReleaseReason,
     ) -> Result<Vec<InventoryEvent>, DomainError> {
@@ -272,6 +293,7 @@ impl Inventory {
             return Err(DomainError::ReservationNotFound { reservation_id });
         };
         Ok(vec![InventoryEvent::ReservationReleased {
+            product_id,
             reservation_id,
             quantity: reservation.quantity,
             reason,
@@ -279,11 +301,16 @@ impl Inventory {
     }
 
     /// Turns a reservation into a sale: on hand and reserved drop together.
-    pub fn commit(&self, reservation_id: Uuid) -> Result<Vec<InventoryEvent>, DomainError> {
+    pub fn commit(
+        &self,
+        product_id: Uuid,
+        reservation_id: Uuid,
+    ) -> Result<Vec<InventoryEvent>, DomainError> {
         let Some(reservation) = self.reservations.get(&reservation_id) else {
             return Err(DomainError::ReservationNotFound { reservation_id });
         };
         Ok(vec![InventoryEvent::ReservationCommitted {
+            product_id,
             reservation_id,
             quantity: reservation.quantity,
         }])
@@ -370,8 +397,8 @@ mod tests {
             .reserve(product, &request("cart-1", 1, Some(at(60))), at(0))
             .expect("reserves");
         let inventory = applied(inventory, &held.events);
-        assert!(inventory.expire(at(59)).is_empty());
-        assert_eq!(inventory.expire(at(60)).len(), 1);
+        assert!(inventory.expire(product, at(59)).is_empty());
+        assert_eq!(inventory.expire(product, at(60)).len(), 1);
         // A new buyer after the expiry gets the unit; the expiry is part of the command.
         let next = inventory
             .reserve(product, &request("cart-2", 1, None), at(61))
@@ -379,6 +406,7 @@ mod tests {
         assert_eq!(
             next.events[0],
             InventoryEvent::ReservationReleased {
+                product_id: product,
                 reservation_id: held.reservation_id,
                 quantity: 1,
                 reason: ReleaseReason::Expired
@@ -402,11 +430,13 @@ mod tests {
         let inventory = applied(inventory, &held.events);
         let sold = applied(
             inventory.clone(),
-            &inventory.commit(held.reservation_id).expect("commits"),
+            &inventory
+                .commit(product, held.reservation_id)
+                .expect("commits"),
         );
         assert_eq!((sold.on_hand, sold.reserved, sold.available()), (1, 0, 1));
         assert!(matches!(
-            sold.commit(held.reservation_id),
+            sold.commit(product, held.reservation_id),
             Err(DomainError::ReservationNotFound { .. })
         ));
         assert_eq!(
@@ -490,9 +520,9 @@ mod tests {
                             now,
                         )
                         .map(|reserved| reserved.events),
-                    Command::Release(i) => state.release(pick(i), ReleaseReason::Released),
-                    Command::Commit(i) => state.commit(pick(i)),
-                    Command::Expire => Ok(state.expire(now)),
+                    Command::Release(i) => state.release(product, pick(i), ReleaseReason::Released),
+                    Command::Commit(i) => state.commit(product, pick(i)),
+                    Command::Expire => Ok(state.expire(product, now)),
                     Command::Wait(seconds) => {
                         now += Duration::seconds(seconds);
                         Ok(Vec::new())

@@ -204,25 +204,30 @@ pub fn project(
             }
         },
         ProjectionName::Inventory => {
-            let adjust = |on_hand_delta: i64, reserved_delta: i64| ViewChange::AdjustInventory {
-                product_id: id,
-                on_hand_delta,
-                reserved_delta,
-                version,
-                at,
-            };
+            // Inventory streams have ids of their own; the events name the product.
+            let adjust =
+                |product_id, on_hand_delta: i64, reserved_delta: i64| ViewChange::AdjustInventory {
+                    product_id,
+                    on_hand_delta,
+                    reserved_delta,
+                    version,
+                    at,
+                };
             match decode::<InventoryEvent>(event)? {
-                InventoryEvent::StockAdjusted { delta, .. } => vec![adjust(delta, 0)],
+                InventoryEvent::StockAdjusted {
+                    product_id, delta, ..
+                } => vec![adjust(product_id, delta, 0)],
                 InventoryEvent::StockReserved {
+                    product_id,
                     reservation_id,
                     owner,
                     quantity,
                     expires_at,
                 } => vec![
-                    adjust(0, i64::from(quantity)),
+                    adjust(product_id, 0, i64::from(quantity)),
                     ViewChange::InsertReservation(ReservationView {
                         reservation_id,
-                        product_id: id,
+                        product_id,
                         owner,
                         quantity,
                         expires_at,
@@ -230,18 +235,20 @@ pub fn project(
                     }),
                 ],
                 InventoryEvent::ReservationReleased {
+                    product_id,
                     reservation_id,
                     quantity,
                     ..
                 } => vec![
-                    adjust(0, -i64::from(quantity)),
+                    adjust(product_id, 0, -i64::from(quantity)),
                     ViewChange::DeleteReservation { reservation_id },
                 ],
                 InventoryEvent::ReservationCommitted {
+                    product_id,
                     reservation_id,
                     quantity,
                 } => vec![
-                    adjust(-i64::from(quantity), -i64::from(quantity)),
+                    adjust(product_id, -i64::from(quantity), -i64::from(quantity)),
                     ViewChange::DeleteReservation { reservation_id },
                 ],
             }
