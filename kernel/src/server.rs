@@ -20,8 +20,10 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::api::{self, KernelSchema};
+use crate::commerce::Commerce;
 use crate::config::{Config, ConfigError};
 use crate::event_store::StoreError;
+use crate::projections::Projector;
 use crate::storage::Database;
 
 /// How long a health probe waits for a backing store before calling it down.
@@ -48,6 +50,8 @@ pub enum KernelError {
 pub struct AppState {
     database: Database,
     schema: KernelSchema,
+    commerce: Commerce,
+    projector: Projector,
     /// Set once shutdown begins, so `/ready` sends load balancers elsewhere.
     draining: Arc<AtomicBool>,
     graphiql: bool,
@@ -55,8 +59,14 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(database: Database, graphiql: bool) -> Self {
+        let store = database.event_store();
+        let views = database.view_store();
+        let commerce = Commerce::new(Arc::clone(&store), Arc::clone(&views));
+        let projector = Projector::new(Arc::clone(&store), views);
         AppState {
-            schema: api::build_schema(database.event_store()),
+            schema: api::build_schema(store, commerce.clone(), projector.clone()),
+            commerce,
+            projector,
             database,
             draining: Arc::new(AtomicBool::new(false)),
             graphiql,
@@ -70,6 +80,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/graphql", get(graphiql).post(graphql))
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .layer(RequestBodyLimitLayer::new(config.max_request_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -106,6 +117,16 @@ pub async fn serve(
 ) -> Result<(), KernelError> {
     let state = AppState::new(database.clone(), config.graphiql);
     let draining = Arc::clone(&state.draining);
+    // Background work of every kernel process: projections and the expiry
+    // sweep. Both are safe to run in several processes at once.
+    let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
+    let background = [
+        tokio::spawn(state.projector.clone().run(background_stopped.clone())),
+        tokio::spawn(sweep_expired_reservations(
+            state.commerce.clone(),
+            background_stopped,
+        )),
+    ];
     let app = router(state, config);
 
     let listener = TcpListener::bind(config.listen_addr)
@@ -144,9 +165,42 @@ pub async fn serve(
             "shutdown grace period over; abandoning open connections (their transactions roll back)"
         ),
     }
+    let _ = stop_background.send(true);
+    for task in background {
+        // A batch in progress finishes (or rolls back) within the grace period.
+        if tokio::time::timeout(grace, task).await.is_err() {
+            tracing::warn!("a background task did not stop in time");
+        }
+    }
     database.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the kernel looks for reservations past their expiry.
+const RESERVATION_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Most reservations released per sweep.
+const RESERVATION_SWEEP_LIMIT: u32 = 500;
+
+/// Releases expired reservations (as events) until `stopped` turns true.
+async fn sweep_expired_reservations(
+    commerce: Commerce,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        match commerce
+            .expire_reservations(chrono::Utc::now(), RESERVATION_SWEEP_LIMIT)
+            .await
+        {
+            Ok(0) => {}
+            Ok(released) => tracing::info!(released, "expired reservations released"),
+            Err(error) => tracing::warn!(%error, "reservation sweep failed; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(RESERVATION_SWEEP_INTERVAL) => {}
+            _ = stopped.changed() => return,
+        }
+    }
 }
 
 /// Resolves on ctrl-c or, on Unix, SIGTERM.
@@ -231,6 +285,29 @@ async fn health(State(state): State<AppState>) -> Response {
 }
 
 /// 200 while the kernel takes traffic; 503 while draining or when the database is unreachable.
+/// Counters in the Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let metrics = state.commerce.metrics();
+    let inventory = metrics.inventory_conflicts.load(Ordering::Relaxed);
+    let other = metrics.other_conflicts.load(Ordering::Relaxed);
+    let body = format!(
+        "# HELP commerce_inventory_conflicts_total Version conflicts met by inventory commands.\n\
+         # TYPE commerce_inventory_conflicts_total counter\n\
+         commerce_inventory_conflicts_total {inventory}\n\
+         # HELP commerce_command_conflicts_total Version conflicts met by other commands.\n\
+         # TYPE commerce_command_conflicts_total counter\n\
+         commerce_command_conflicts_total {other}\n"
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response()
+}
+
 async fn ready(State(state): State<AppState>) -> Response {
     let status = if state.draining.load(Ordering::SeqCst) {
         "draining"

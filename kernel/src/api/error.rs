@@ -4,6 +4,10 @@
 
 use async_graphql::{Enum, ErrorExtensions};
 
+use async_graphql::SimpleObject;
+
+use crate::commerce::CommandError;
+use crate::domain::DomainError;
 use crate::event_store::StoreError;
 
 /// Error codes clients can branch on. Also used in typed mutation payloads.
@@ -15,6 +19,27 @@ pub enum ErrorCode {
     VersionConflict,
     /// The id belongs to an aggregate of another type.
     AggregateTypeMismatch,
+    /// Nothing with this id exists.
+    NotFound,
+    /// Not enough available stock for a reservation.
+    InsufficientStock,
+    /// On hand would drop below what is reserved.
+    StockBelowReserved,
+    /// The reservation does not exist or has ended.
+    ReservationNotFound,
+    /// The owner already holds a reservation of another quantity.
+    ReservationMismatch,
+    /// Another product has this SKU.
+    DuplicateSku,
+    /// Amounts of different currencies were combined.
+    CurrencyMismatch,
+    /// The product is not active and cannot be sold.
+    ProductInactive,
+    /// The order's state machine does not allow this transition.
+    IllegalTransition,
+    /// The change was saved, but the read model had not caught up with it
+    /// before the response: read it again shortly.
+    ReadModelLagging,
     /// The service failed; the request may be retried.
     Internal,
 }
@@ -25,6 +50,16 @@ impl ErrorCode {
             ErrorCode::InvalidInput => "INVALID_INPUT",
             ErrorCode::VersionConflict => "VERSION_CONFLICT",
             ErrorCode::AggregateTypeMismatch => "AGGREGATE_TYPE_MISMATCH",
+            ErrorCode::NotFound => "NOT_FOUND",
+            ErrorCode::InsufficientStock => "INSUFFICIENT_STOCK",
+            ErrorCode::StockBelowReserved => "STOCK_BELOW_RESERVED",
+            ErrorCode::ReservationNotFound => "RESERVATION_NOT_FOUND",
+            ErrorCode::ReservationMismatch => "RESERVATION_MISMATCH",
+            ErrorCode::DuplicateSku => "DUPLICATE_SKU",
+            ErrorCode::CurrencyMismatch => "CURRENCY_MISMATCH",
+            ErrorCode::ProductInactive => "PRODUCT_INACTIVE",
+            ErrorCode::IllegalTransition => "ILLEGAL_TRANSITION",
+            ErrorCode::ReadModelLagging => "READ_MODEL_LAGGING",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -95,4 +130,57 @@ impl From<ApiError> for async_graphql::Error {
             }
         })
     }
+}
+
+/// A refused mutation's reason, inside its payload (`errors { field code message }`).
+#[derive(SimpleObject, Debug, Clone, PartialEq, Eq)]
+pub struct UserError {
+    /// The input field at fault, when one is.
+    pub field: Option<String>,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl UserError {
+    pub fn new(code: ErrorCode, field: Option<&str>, message: impl Into<String>) -> Self {
+        UserError {
+            field: field.map(str::to_string),
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// How a command's outcome reaches a client: refusals become [`UserError`]s
+/// in the payload; store failures stay top-level errors (`INTERNAL`).
+pub fn user_error(error: CommandError) -> Result<UserError, ApiError> {
+    let message = error.to_string();
+    let (code, field) = match error {
+        CommandError::Store(store) => return Err(ApiError::Store(store)),
+        CommandError::VersionConflict { .. } => {
+            (ErrorCode::VersionConflict, Some("expectedVersion"))
+        }
+        CommandError::Domain(domain) => match domain {
+            DomainError::Invalid { field, .. } => (ErrorCode::InvalidInput, Some(field)),
+            DomainError::NotFound { .. } => (ErrorCode::NotFound, None),
+            DomainError::AlreadyExists { .. } => (ErrorCode::InvalidInput, Some("id")),
+            DomainError::SkuTaken { .. } => (ErrorCode::DuplicateSku, Some("sku")),
+            DomainError::CurrencyMismatch { .. } => (ErrorCode::CurrencyMismatch, Some("currency")),
+            DomainError::InsufficientStock { .. } => {
+                (ErrorCode::InsufficientStock, Some("quantity"))
+            }
+            DomainError::StockBelowReserved { .. } => {
+                (ErrorCode::StockBelowReserved, Some("delta"))
+            }
+            DomainError::ReservationNotFound { .. } => {
+                (ErrorCode::ReservationNotFound, Some("reservationId"))
+            }
+            DomainError::ReservationMismatch { .. } => {
+                (ErrorCode::ReservationMismatch, Some("quantity"))
+            }
+            DomainError::ProductInactive { .. } => (ErrorCode::ProductInactive, Some("productId")),
+            DomainError::IllegalTransition { .. } => (ErrorCode::IllegalTransition, None),
+        },
+    };
+    Ok(UserError::new(code, field, message))
 }

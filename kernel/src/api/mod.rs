@@ -5,22 +5,32 @@
 //! repository root is this schema printed as SDL (`commerce-kernel schema`), and
 //! a test fails when the two differ.
 
+pub mod commerce;
 pub mod error;
 
 use std::sync::Arc;
 
 use async_graphql::connection::{Connection, Edge, EmptyFields};
-use async_graphql::{Context, EmptyMutation, EmptySubscription, Json, Object, Schema};
+use async_graphql::{Context, EmptySubscription, Json, MergedObject, Object, Schema};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
 pub use error::{ApiError, ErrorCode};
 
+use crate::commerce::Commerce;
 use crate::event_store::{EventFilter, EventStore, Position, RecordedEvent, StreamSelection};
+use crate::projections::Projector;
 
 /// The kernel's GraphQL schema.
-pub type KernelSchema = Schema<QueryRoot, EmptyMutation, EmptySubscription>;
+pub type KernelSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+
+/// Every query: the event log's and the commerce read models'.
+#[derive(MergedObject, Default)]
+pub struct QueryRoot(EventLogQuery, commerce::CommerceQuery);
+
+#[derive(MergedObject, Default)]
+pub struct MutationRoot(commerce::CommerceMutation);
 
 /// Default and largest page of a connection.
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
@@ -30,8 +40,16 @@ pub const MAX_QUERY_DEPTH: usize = 16;
 pub const MAX_QUERY_COMPLEXITY: usize = 10_000;
 
 /// Builds the schema around the kernel's adapters.
-pub fn build_schema(event_store: Arc<dyn EventStore>) -> KernelSchema {
-    schema_builder().data(event_store).finish()
+pub fn build_schema(
+    event_store: Arc<dyn EventStore>,
+    commerce: Commerce,
+    projector: Projector,
+) -> KernelSchema {
+    schema_builder()
+        .data(event_store)
+        .data(commerce)
+        .data(projector)
+        .finish()
 }
 
 /// The schema as SDL, the content of `schema.graphql`.
@@ -39,10 +57,14 @@ pub fn sdl() -> String {
     schema_builder().finish().sdl()
 }
 
-fn schema_builder() -> async_graphql::SchemaBuilder<QueryRoot, EmptyMutation, EmptySubscription> {
-    Schema::build(QueryRoot, EmptyMutation, EmptySubscription)
-        .limit_depth(MAX_QUERY_DEPTH)
-        .limit_complexity(MAX_QUERY_COMPLEXITY)
+fn schema_builder() -> async_graphql::SchemaBuilder<QueryRoot, MutationRoot, EmptySubscription> {
+    Schema::build(
+        QueryRoot::default(),
+        MutationRoot::default(),
+        EmptySubscription,
+    )
+    .limit_depth(MAX_QUERY_DEPTH)
+    .limit_complexity(MAX_QUERY_COMPLEXITY)
 }
 
 fn event_store<'a>(ctx: &Context<'a>) -> &'a Arc<dyn EventStore> {
@@ -50,10 +72,11 @@ fn event_store<'a>(ctx: &Context<'a>) -> &'a Arc<dyn EventStore> {
     ctx.data_unchecked::<Arc<dyn EventStore>>()
 }
 
-pub struct QueryRoot;
+#[derive(Default)]
+pub struct EventLogQuery;
 
 #[Object]
-impl QueryRoot {
+impl EventLogQuery {
     /// The global event log, oldest first, optionally narrowed by the filters
     /// given. Cursors are log positions: passing the last one seen as `after`
     /// never skips an event.

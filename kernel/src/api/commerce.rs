@@ -1,0 +1,800 @@
+//! Catalog, inventory and order queries and mutations.
+//!
+//! Queries read the projections (`crate::projections`), never the event
+//! store; the exceptions are an order's event history and an order "as of" a
+//! past version or time, which are the log by definition. Mutations run a
+//! command, then wait (bounded by [`READ_YOUR_WRITES_TIMEOUT`]) until the
+//! projections have applied it, so the payload and any query that follows
+//! show the change.
+
+use std::time::Duration;
+
+use async_graphql::connection::{Connection, Edge, EmptyFields};
+use async_graphql::{Context, Enum, InputObject, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use uuid::Uuid;
+
+use super::error::{UserError, user_error};
+use super::{ApiError, ErrorCode, Event, page_size};
+use crate::commerce::{CommandContext, CommandError, Commerce, NewProduct, OrderTransition};
+use crate::domain::Aggregate;
+use crate::domain::catalog::ProductUpdate;
+use crate::domain::money::{Currency, Money as DomainMoney};
+use crate::domain::order::Order as OrderAggregate;
+use crate::event_store::repository::decode;
+use crate::event_store::{Position, RecordedEvent, StreamSelection};
+use crate::projections::{
+    InventoryView, OrderView, ProductView, ProjectionName, Projector, ReservationView,
+};
+
+/// Longest a mutation waits for the read models to show its change.
+pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest `rebuildProjections` waits for a rebuild to catch up before returning.
+pub const REBUILD_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn commerce<'a>(ctx: &Context<'a>) -> &'a Commerce {
+    ctx.data_unchecked::<Commerce>()
+}
+
+fn projector<'a>(ctx: &Context<'a>) -> &'a Projector {
+    ctx.data_unchecked::<Projector>()
+}
+
+/// Until authentication arrives (issue 7), every API command is recorded as
+/// coming from the API.
+fn api_context() -> CommandContext {
+    CommandContext {
+        actor: Some("api".into()),
+        correlation_id: Some(Uuid::now_v7()),
+    }
+}
+
+fn version_argument(field: &str, version: Option<i32>) -> Result<Option<u32>, ApiError> {
+    version
+        .map(|v| u32::try_from(v).map_err(|_| ApiError::invalid(field, "must not be negative")))
+        .transpose()
+}
+
+/// Waits until `projections` show `position`; the lag error when they don't.
+async fn read_your_writes(
+    ctx: &Context<'_>,
+    projections: &[ProjectionName],
+    position: Option<Position>,
+) -> Result<Option<UserError>, ApiError> {
+    let Some(position) = position else {
+        return Ok(None);
+    };
+    if projector(ctx)
+        .wait_for(projections, position, READ_YOUR_WRITES_TIMEOUT)
+        .await?
+    {
+        Ok(None)
+    } else {
+        Ok(Some(UserError::new(
+            ErrorCode::ReadModelLagging,
+            None,
+            "saved, but the read model has not caught up yet; read again shortly",
+        )))
+    }
+}
+
+/// An amount of money. `amount` is a decimal string such as "19.99".
+#[derive(SimpleObject)]
+pub struct Money {
+    pub amount: Decimal,
+    /// ISO 4217 code.
+    pub currency: String,
+}
+
+impl From<DomainMoney> for Money {
+    /// Shown with the currency's minor units: "24.90" EUR, "300" JPY.
+    fn from(money: DomainMoney) -> Self {
+        let mut amount = money.amount();
+        // Money never has more decimals than its currency, so this only pads.
+        amount.rescale(money.currency().minor_units());
+        Money {
+            amount,
+            currency: money.currency().code().to_string(),
+        }
+    }
+}
+
+#[derive(InputObject)]
+pub struct MoneyInput {
+    /// A decimal string; no more decimals than the currency has (2 for EUR).
+    pub amount: Decimal,
+    /// ISO 4217 code, upper case.
+    pub currency: String,
+}
+
+impl MoneyInput {
+    fn to_money(&self) -> Result<DomainMoney, CommandError> {
+        let currency = Currency::parse(&self.currency)?;
+        Ok(DomainMoney::new(self.amount, currency)?)
+    }
+}
+
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(remote = "crate::domain::order::OrderStatus")]
+pub enum OrderStatus {
+    Pending,
+    InventoryReserved,
+    Paid,
+    Shipped,
+    Confirmed,
+    Cancelled,
+    Failed,
+}
+
+pub struct Product(ProductView);
+
+#[Object]
+impl Product {
+    async fn id(&self) -> Uuid {
+        self.0.product_id
+    }
+    async fn sku(&self) -> &str {
+        &self.0.sku
+    }
+    async fn name(&self) -> &str {
+        &self.0.name
+    }
+    /// The catalog price: the only price orders are charged.
+    async fn price(&self) -> Money {
+        self.0.price.into()
+    }
+    async fn active(&self) -> bool {
+        self.0.active
+    }
+    /// The product stream's version, for `updateProduct(expectedVersion)`.
+    async fn version(&self) -> u32 {
+        self.0.version
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+    /// Stock of this product (`null` before its first stock adjustment).
+    async fn inventory(&self, ctx: &Context<'_>) -> Result<Option<Inventory>, ApiError> {
+        Ok(projector(ctx)
+            .views()
+            .inventory(self.0.product_id)
+            .await?
+            .map(Inventory))
+    }
+}
+
+pub struct Inventory(InventoryView);
+
+#[Object]
+impl Inventory {
+    async fn product_id(&self) -> Uuid {
+        self.0.product_id
+    }
+    async fn on_hand(&self) -> u32 {
+        self.0.on_hand
+    }
+    async fn reserved(&self) -> u32 {
+        self.0.reserved
+    }
+    /// On hand minus reserved: what can still be reserved.
+    async fn available(&self) -> u32 {
+        self.0.available()
+    }
+    /// The inventory stream's version, for `expectedVersion` arguments.
+    async fn version(&self) -> u32 {
+        self.0.version
+    }
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct Reservation {
+    pub id: Uuid,
+    pub product_id: Uuid,
+    pub owner: String,
+    pub quantity: u32,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+impl From<ReservationView> for Reservation {
+    fn from(view: ReservationView) -> Self {
+        Reservation {
+            id: view.reservation_id,
+            product_id: view.product_id,
+            owner: view.owner,
+            quantity: view.quantity,
+            expires_at: view.expires_at,
+        }
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct OrderLine {
+    pub product_id: Uuid,
+    pub sku: String,
+    pub name: String,
+    pub quantity: u32,
+    /// Catalog price when the order was placed.
+    pub unit_price: Money,
+    pub line_total: Money,
+}
+
+#[derive(SimpleObject)]
+pub struct Address {
+    pub name: String,
+    pub line1: String,
+    pub line2: Option<String>,
+    pub city: String,
+    pub postal_code: String,
+    pub region: Option<String>,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+}
+
+pub struct Order(OrderView);
+
+#[Object]
+impl Order {
+    async fn id(&self) -> Uuid {
+        self.0.order_id
+    }
+    async fn customer_id(&self) -> Uuid {
+        self.0.customer_id
+    }
+    async fn status(&self) -> OrderStatus {
+        self.0.status.into()
+    }
+    /// Why the order was cancelled or failed.
+    async fn reason(&self) -> Option<&str> {
+        self.0.reason.as_deref()
+    }
+    async fn total(&self) -> Money {
+        self.0.total.into()
+    }
+    async fn lines(&self) -> Vec<OrderLine> {
+        self.0
+            .lines
+            .iter()
+            .map(|line| OrderLine {
+                product_id: line.product_id,
+                sku: line.sku.clone(),
+                name: line.name.clone(),
+                quantity: line.quantity,
+                unit_price: line.unit_price.into(),
+                line_total: line.line_total.into(),
+            })
+            .collect()
+    }
+    async fn shipping_address(&self) -> Address {
+        let a = &self.0.shipping_address;
+        Address {
+            name: a.name.clone(),
+            line1: a.line1.clone(),
+            line2: a.line2.clone(),
+            city: a.city.clone(),
+            postal_code: a.postal_code.clone(),
+            region: a.region.clone(),
+            country: a.country.clone(),
+        }
+    }
+    async fn payment_method(&self) -> &str {
+        &self.0.payment_method
+    }
+    /// The order stream's version.
+    async fn version(&self) -> u32 {
+        self.0.version
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.created_at
+    }
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.updated_at
+    }
+    /// Every event of this order, in order, up to the version shown.
+    async fn events(&self, ctx: &Context<'_>) -> Result<Vec<Event>, ApiError> {
+        let selection = StreamSelection {
+            to_version: Some(self.0.version),
+            until: None,
+        };
+        let events = commerce(ctx)
+            .store()
+            .read_stream(self.0.order_id, selection)
+            .await?;
+        Ok(events.into_iter().map(Event).collect())
+    }
+}
+
+/// An order rebuilt from its events (for "as of" reads), shaped like its view.
+fn order_from_history(
+    order_id: Uuid,
+    events: &[RecordedEvent],
+) -> Result<Option<OrderView>, ApiError> {
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return Ok(None);
+    };
+    let mut order = OrderAggregate::default();
+    for event in events {
+        order.apply(&decode(event)?);
+    }
+    let (Some(placed), Some(status)) = (order.placed, order.status) else {
+        return Ok(None);
+    };
+    Ok(Some(OrderView {
+        order_id,
+        customer_id: placed.customer_id,
+        status,
+        total: placed.total,
+        reason: order.reason,
+        lines: placed.lines,
+        shipping_address: placed.shipping_address,
+        payment_method: placed.payment_method,
+        version: last.version,
+        created_at: first.created_at,
+        updated_at: last.created_at,
+    }))
+}
+
+#[derive(SimpleObject)]
+pub struct ProjectionStatus {
+    pub name: String,
+    /// Cursor (log position) of the last event applied.
+    pub checkpoint: String,
+    /// Cursor of the newest readable event of the whole log.
+    pub head: String,
+    /// Events of this projection's type not applied yet (capped at 500).
+    pub pending_events: u32,
+}
+
+async fn projection_statuses(ctx: &Context<'_>) -> Result<Vec<ProjectionStatus>, ApiError> {
+    Ok(projector(ctx)
+        .lag()
+        .await?
+        .into_iter()
+        .map(|lag| ProjectionStatus {
+            name: lag.projection.as_str().to_string(),
+            checkpoint: lag.checkpoint.to_string(),
+            head: lag.head.to_string(),
+            pending_events: lag.pending_events,
+        })
+        .collect())
+}
+
+#[derive(Default)]
+pub struct CommerceQuery;
+
+#[Object]
+impl CommerceQuery {
+    async fn product(&self, ctx: &Context<'_>, id: Uuid) -> Result<Option<Product>, ApiError> {
+        Ok(projector(ctx).views().product(id).await?.map(Product))
+    }
+
+    /// Products in creation order.
+    async fn products(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Page size, 1 to 500 (default 50).")] first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Connection<String, Product, EmptyFields, EmptyFields>, ApiError> {
+        let first = page_size(first)?;
+        let after_id = cursor_id("after", after.as_deref())?;
+        let mut page = projector(ctx).views().products(after_id, first + 1).await?;
+        let has_next = page.len() > first as usize;
+        page.truncate(first as usize);
+        let mut connection = Connection::new(after.is_some(), has_next);
+        connection.edges.extend(
+            page.into_iter()
+                .map(|p| Edge::new(p.product_id.to_string(), Product(p))),
+        );
+        Ok(connection)
+    }
+
+    async fn inventory(
+        &self,
+        ctx: &Context<'_>,
+        product_id: Uuid,
+    ) -> Result<Option<Inventory>, ApiError> {
+        Ok(projector(ctx)
+            .views()
+            .inventory(product_id)
+            .await?
+            .map(Inventory))
+    }
+
+    async fn reservation(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+    ) -> Result<Option<Reservation>, ApiError> {
+        Ok(projector(ctx)
+            .views()
+            .reservation(id)
+            .await?
+            .map(Into::into))
+    }
+
+    /// An order as it is now (from the read model), or as it was at
+    /// `asOfVersion` or at time `asOf` (rebuilt from its events).
+    async fn order(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        as_of_version: Option<i32>,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<Option<Order>, ApiError> {
+        let to_version = version_argument("asOfVersion", as_of_version)?;
+        if to_version.is_none() && as_of.is_none() {
+            return Ok(projector(ctx).views().order(id).await?.map(Order));
+        }
+        let events = commerce(ctx)
+            .store()
+            .read_stream(
+                id,
+                StreamSelection {
+                    to_version,
+                    until: as_of,
+                },
+            )
+            .await?;
+        if events
+            .iter()
+            .any(|e| e.aggregate_type != OrderAggregate::AGGREGATE_TYPE)
+        {
+            return Ok(None);
+        }
+        Ok(order_from_history(id, &events)?.map(Order))
+    }
+
+    /// Orders, newest first, optionally of one status.
+    async fn orders(
+        &self,
+        ctx: &Context<'_>,
+        status: Option<OrderStatus>,
+        #[graphql(desc = "Page size, 1 to 500 (default 50).")] first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Connection<String, Order, EmptyFields, EmptyFields>, ApiError> {
+        let first = page_size(first)?;
+        let before = cursor_id("after", after.as_deref())?;
+        let mut page = projector(ctx)
+            .views()
+            .orders(status.map(Into::into), before, first + 1)
+            .await?;
+        let has_next = page.len() > first as usize;
+        page.truncate(first as usize);
+        let mut connection = Connection::new(after.is_some(), has_next);
+        connection.edges.extend(
+            page.into_iter()
+                .map(|o| Edge::new(o.order_id.to_string(), Order(o))),
+        );
+        Ok(connection)
+    }
+
+    /// Each read model's position against the head of the log.
+    async fn projections(&self, ctx: &Context<'_>) -> Result<Vec<ProjectionStatus>, ApiError> {
+        projection_statuses(ctx).await
+    }
+}
+
+fn cursor_id(field: &str, cursor: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+    cursor
+        .map(|c| {
+            Uuid::parse_str(c).map_err(|_| ApiError::invalid(field, "not a cursor of this list"))
+        })
+        .transpose()
+}
+
+#[derive(InputObject)]
+pub struct CreateProductInput {
+    pub sku: String,
+    pub name: String,
+    pub price: MoneyInput,
+    #[graphql(default = true)]
+    pub active: bool,
+}
+
+#[derive(InputObject)]
+pub struct UpdateProductInput {
+    pub id: Uuid,
+    pub name: Option<String>,
+    pub price: Option<MoneyInput>,
+    pub active: Option<bool>,
+    /// Compare-and-swap: refuse with VERSION_CONFLICT unless the product is at this version.
+    pub expected_version: Option<i32>,
+}
+
+#[derive(InputObject)]
+pub struct AdjustInventoryInput {
+    pub product_id: Uuid,
+    /// Units added (restock) or removed (write-off).
+    pub delta: i64,
+    pub reason: String,
+    pub expected_version: Option<i32>,
+}
+
+#[derive(SimpleObject, Default)]
+pub struct ProductPayload {
+    pub product: Option<Product>,
+    pub errors: Vec<UserError>,
+}
+
+#[derive(SimpleObject, Default)]
+pub struct InventoryPayload {
+    pub inventory: Option<Inventory>,
+    pub reservation: Option<Reservation>,
+    pub errors: Vec<UserError>,
+}
+
+#[derive(SimpleObject, Default)]
+pub struct OrderPayload {
+    pub order: Option<Order>,
+    pub errors: Vec<UserError>,
+}
+
+#[derive(SimpleObject, Default)]
+pub struct RebuildProjectionsPayload {
+    pub projections: Vec<ProjectionStatus>,
+    pub errors: Vec<UserError>,
+}
+
+/// Runs `command`; a refusal becomes the payload's error list.
+async fn refused<T>(
+    command: impl std::future::Future<Output = Result<T, CommandError>>,
+) -> Result<Result<T, Vec<UserError>>, ApiError> {
+    match command.await {
+        Ok(value) => Ok(Ok(value)),
+        Err(error) => Ok(Err(vec![user_error(error)?])),
+    }
+}
+
+async fn product_payload(
+    ctx: &Context<'_>,
+    product_id: Uuid,
+    position: Option<Position>,
+) -> Result<ProductPayload, ApiError> {
+    let lag = read_your_writes(ctx, &[ProjectionName::Products], position).await?;
+    Ok(ProductPayload {
+        product: projector(ctx)
+            .views()
+            .product(product_id)
+            .await?
+            .map(Product),
+        errors: lag.into_iter().collect(),
+    })
+}
+
+async fn inventory_payload(
+    ctx: &Context<'_>,
+    product_id: Uuid,
+    reservation_id: Option<Uuid>,
+    position: Option<Position>,
+) -> Result<InventoryPayload, ApiError> {
+    let lag = read_your_writes(ctx, &[ProjectionName::Inventory], position).await?;
+    let views = projector(ctx).views();
+    let reservation = match reservation_id {
+        Some(id) => views.reservation(id).await?.map(Into::into),
+        None => None,
+    };
+    Ok(InventoryPayload {
+        inventory: views.inventory(product_id).await?.map(Inventory),
+        reservation,
+        errors: lag.into_iter().collect(),
+    })
+}
+
+#[derive(Default)]
+pub struct CommerceMutation;
+
+#[Object]
+impl CommerceMutation {
+    /// Creates a product. SKUs are unique regardless of case (DUPLICATE_SKU).
+    async fn create_product(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateProductInput,
+    ) -> Result<ProductPayload, ApiError> {
+        let command = async {
+            let product = NewProduct {
+                sku: input.sku,
+                name: input.name,
+                price: input.price.to_money()?,
+                active: input.active,
+            };
+            commerce(ctx).create_product(product, &api_context()).await
+        };
+        match refused(command).await? {
+            Ok(created) => product_payload(ctx, created.id, created.position).await,
+            Err(errors) => Ok(ProductPayload {
+                product: None,
+                errors,
+            }),
+        }
+    }
+
+    /// Renames, reprices or (de)activates a product. Every price change is
+    /// kept in the product's event history.
+    async fn update_product(
+        &self,
+        ctx: &Context<'_>,
+        input: UpdateProductInput,
+    ) -> Result<ProductPayload, ApiError> {
+        let expected = version_argument("expectedVersion", input.expected_version)?;
+        let command = async {
+            let update = ProductUpdate {
+                name: input.name,
+                price: input.price.as_ref().map(MoneyInput::to_money).transpose()?,
+                active: input.active,
+            };
+            commerce(ctx)
+                .update_product(input.id, update, expected, &api_context())
+                .await
+        };
+        match refused(command).await? {
+            Ok(updated) => product_payload(ctx, updated.id, updated.position).await,
+            Err(errors) => Ok(ProductPayload {
+                product: None,
+                errors,
+            }),
+        }
+    }
+
+    /// Restocks (positive delta) or writes off (negative delta) stock.
+    async fn adjust_inventory(
+        &self,
+        ctx: &Context<'_>,
+        input: AdjustInventoryInput,
+    ) -> Result<InventoryPayload, ApiError> {
+        let expected = version_argument("expectedVersion", input.expected_version)?;
+        let context = api_context();
+        let command = commerce(ctx).adjust_inventory(
+            input.product_id,
+            input.delta,
+            &input.reason,
+            expected,
+            &context,
+        );
+        match refused(command).await? {
+            Ok(change) => inventory_payload(ctx, input.product_id, None, change.position).await,
+            Err(errors) => Ok(InventoryPayload {
+                errors,
+                ..InventoryPayload::default()
+            }),
+        }
+    }
+
+    /// Holds stock for an owner (an order, a cart). Repeating it with the same
+    /// owner returns the same reservation. With `ttlSeconds`, the kernel
+    /// releases the reservation when it expires.
+    async fn reserve_inventory(
+        &self,
+        ctx: &Context<'_>,
+        product_id: Uuid,
+        quantity: i32,
+        #[graphql(desc = "Who holds the stock, e.g. \"cart:<id>\"; a fresh owner when omitted.")]
+        owner: Option<String>,
+        expected_version: Option<i32>,
+        ttl_seconds: Option<i32>,
+    ) -> Result<InventoryPayload, ApiError> {
+        let expected = version_argument("expectedVersion", expected_version)?;
+        let quantity = u32::try_from(quantity)
+            .map_err(|_| ApiError::invalid("quantity", "must be positive"))?;
+        let ttl = ttl_seconds.map(|s| chrono::Duration::seconds(i64::from(s)));
+        let owner = owner.unwrap_or_else(|| format!("api:{}", Uuid::now_v7()));
+        let context = api_context();
+        let command =
+            commerce(ctx).reserve_inventory(product_id, &owner, quantity, ttl, expected, &context);
+        match refused(command).await? {
+            Ok(made) => {
+                inventory_payload(
+                    ctx,
+                    product_id,
+                    Some(made.reservation_id),
+                    made.inventory.position,
+                )
+                .await
+            }
+            Err(errors) => Ok(InventoryPayload {
+                errors,
+                ..InventoryPayload::default()
+            }),
+        }
+    }
+
+    /// Gives a reservation's stock back.
+    async fn release_inventory(
+        &self,
+        ctx: &Context<'_>,
+        reservation_id: Uuid,
+    ) -> Result<InventoryPayload, ApiError> {
+        let context = api_context();
+        let command = commerce(ctx).release_reservation(reservation_id, &context);
+        match refused(command).await? {
+            // The command reports the reservation's product as its id.
+            Ok(change) => inventory_payload(ctx, change.id, None, change.position).await,
+            Err(errors) => Ok(InventoryPayload {
+                errors,
+                ..InventoryPayload::default()
+            }),
+        }
+    }
+
+    /// Cancels an order that has not shipped; its reserved stock is released.
+    async fn cancel_order(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        reason: String,
+        expected_version: Option<i32>,
+    ) -> Result<OrderPayload, ApiError> {
+        let expected = version_argument("expectedVersion", expected_version)?;
+        let context = api_context();
+        let command = commerce(ctx).transition_order(
+            id,
+            OrderTransition::Cancel { reason },
+            expected,
+            &context,
+        );
+        match refused(command).await? {
+            Ok(change) => {
+                let lag = read_your_writes(
+                    ctx,
+                    &[ProjectionName::Orders, ProjectionName::Inventory],
+                    change.position,
+                )
+                .await?;
+                Ok(OrderPayload {
+                    order: projector(ctx).views().order(id).await?.map(Order),
+                    errors: lag.into_iter().collect(),
+                })
+            }
+            Err(errors) => Ok(OrderPayload {
+                order: None,
+                errors,
+            }),
+        }
+    }
+
+    /// Empties a read model (or all, without `name`) and replays it from the
+    /// event log while the service keeps running. Returns once caught up.
+    async fn rebuild_projections(
+        &self,
+        ctx: &Context<'_>,
+        name: Option<String>,
+    ) -> Result<RebuildProjectionsPayload, ApiError> {
+        let projections = match name.as_deref() {
+            None => ProjectionName::ALL.to_vec(),
+            Some(name) => match ProjectionName::parse(name) {
+                Some(projection) => vec![projection],
+                None => {
+                    let known: Vec<&str> = ProjectionName::ALL.iter().map(|p| p.as_str()).collect();
+                    return Ok(RebuildProjectionsPayload {
+                        projections: Vec::new(),
+                        errors: vec![UserError::new(
+                            ErrorCode::NotFound,
+                            Some("name"),
+                            format!("no projection {name:?}; known: {}", known.join(", ")),
+                        )],
+                    });
+                }
+            },
+        };
+        let mut errors = Vec::new();
+        for projection in projections {
+            if !projector(ctx).rebuild(projection, REBUILD_TIMEOUT).await? {
+                errors.push(UserError::new(
+                    ErrorCode::ReadModelLagging,
+                    Some("name"),
+                    format!("{} is still catching up", projection.as_str()),
+                ));
+            }
+        }
+        Ok(RebuildProjectionsPayload {
+            projections: projection_statuses(ctx).await?,
+            errors,
+        })
+    }
+}
