@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::{CommandContext, CommandError, Commerce, ConflictCounter, Written, stream_append};
 use crate::domain::DomainError;
-use crate::domain::inventory::{Inventory, ReleaseReason, ReserveRequest};
+use crate::domain::inventory::{Inventory, InventoryEvent, ReleaseReason, ReserveRequest};
 use crate::domain::order::ReservedStock;
 use crate::event_store::{AppendRequest, Position, StreamAppend};
 
@@ -55,32 +55,9 @@ impl Commerce {
         context: &CommandContext,
     ) -> Result<InventoryChange, CommandError> {
         self.require_product(product_id).await?;
-        self.retrying(
-            ConflictCounter::Inventory,
-            expected_version.is_some(),
-            || async {
-                let loaded = self
-                    .load_expecting::<Inventory>(Inventory::stream_id(product_id), expected_version)
-                    .await?;
-                let events = loaded.state.adjust(product_id, delta, reason)?;
-                let outcome = self
-                    .repository::<Inventory>()
-                    .append(
-                        Inventory::stream_id(product_id),
-                        loaded.version,
-                        &events,
-                        context.metadata(),
-                        None,
-                    )
-                    .await?;
-                Ok(Written::after(
-                    product_id,
-                    loaded,
-                    &events,
-                    outcome.last_position,
-                ))
-            },
-        )
+        self.decide_inventory(product_id, expected_version, context, |inventory| {
+            inventory.adjust(product_id, delta, reason)
+        })
         .await
     }
 
@@ -231,7 +208,7 @@ impl Commerce {
         let Some(reservation) = self.views.reservation(reservation_id).await? else {
             return Err(DomainError::ReservationNotFound { reservation_id }.into());
         };
-        self.change_reservation(reservation.product_id, context, |inventory| {
+        self.decide_inventory(reservation.product_id, None, context, |inventory| {
             inventory.release(
                 reservation.product_id,
                 reservation_id,
@@ -248,44 +225,51 @@ impl Commerce {
         reservation_id: Uuid,
         context: &CommandContext,
     ) -> Result<InventoryChange, CommandError> {
-        self.change_reservation(product_id, context, |inventory| {
+        self.decide_inventory(product_id, None, context, |inventory| {
             inventory.commit(product_id, reservation_id)
         })
         .await
     }
 
-    async fn change_reservation<F>(
+    /// Loads a product's inventory, lets `decide` produce events and appends
+    /// them; retried on conflicts unless the caller expects a version.
+    async fn decide_inventory<F>(
         &self,
         product_id: Uuid,
+        expected_version: Option<u32>,
         context: &CommandContext,
         decide: F,
     ) -> Result<InventoryChange, CommandError>
     where
-        F: Fn(&Inventory) -> Result<Vec<crate::domain::inventory::InventoryEvent>, DomainError>,
+        F: Fn(&Inventory) -> Result<Vec<InventoryEvent>, DomainError>,
     {
-        self.retrying(ConflictCounter::Inventory, false, || async {
-            let loaded = self
-                .repository::<Inventory>()
-                .load(Inventory::stream_id(product_id))
-                .await?;
-            let events = decide(&loaded.state)?;
-            let outcome = self
-                .repository::<Inventory>()
-                .append(
-                    Inventory::stream_id(product_id),
-                    loaded.version,
+        let stream = Inventory::stream_id(product_id);
+        self.retrying(
+            ConflictCounter::Inventory,
+            expected_version.is_some(),
+            || async {
+                let loaded = self
+                    .load_expecting::<Inventory>(stream, expected_version)
+                    .await?;
+                let events = decide(&loaded.state)?;
+                let outcome = self
+                    .repository::<Inventory>()
+                    .append(
+                        Inventory::stream_id(product_id),
+                        loaded.version,
+                        &events,
+                        context.metadata(),
+                        None,
+                    )
+                    .await?;
+                Ok(Written::after(
+                    product_id,
+                    loaded,
                     &events,
-                    context.metadata(),
-                    None,
-                )
-                .await?;
-            Ok(Written::after(
-                product_id,
-                loaded,
-                &events,
-                outcome.last_position,
-            ))
-        })
+                    outcome.last_position,
+                ))
+            },
+        )
         .await
     }
 
