@@ -4,7 +4,7 @@ use uuid::Uuid;
 
 use super::{CommandContext, CommandError, Commerce, ConflictCounter, Written, stream_append};
 use crate::domain::DomainError;
-use crate::domain::catalog::{Product, ProductEvent, ProductUpdate, SkuClaim};
+use crate::domain::catalog::{Product, ProductUpdate, SkuClaim, validate_sku};
 use crate::domain::money::Money;
 use crate::event_store::repository::Loaded;
 use crate::event_store::{AppendRequest, StoreError};
@@ -27,12 +27,9 @@ impl Commerce {
         input: NewProduct,
         context: &CommandContext,
     ) -> Result<CreatedProduct, CommandError> {
-        let events = Product::create(&input.sku, &input.name, input.price, input.active)?;
+        let sku = validate_sku(&input.sku)?;
+        let events = Product::create(&sku, &input.name, input.price, input.active)?;
         let product_id = Uuid::now_v7();
-        let sku = match &events[..] {
-            [ProductEvent::Created { sku, .. }] => sku.clone(),
-            _ => input.sku.trim().to_string(),
-        };
         let claim_id = SkuClaim::stream_id(&sku);
         let request = AppendRequest {
             streams: vec![
