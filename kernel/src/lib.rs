@@ -5,12 +5,14 @@
 //! - [`event_store`]: the event store contract, its types and the aggregate repository.
 //! - [`storage`]: the backends (PostgreSQL, embedded SQLite) and their migrations.
 //! - [`commerce`]: command handlers: load aggregates, decide, append, retry conflicts.
+//! - [`carts`]: cart stores (Redis, embedded) and the cart lifecycle record.
 //! - [`projections`]: CQRS read models following the event log.
 //! - [`api`]: the GraphQL schema.
 //! - [`server`]: HTTP routes, health, graceful shutdown.
 //! - [`config`]: configuration from `COMMERCE_*` environment variables.
 
 pub mod api;
+pub mod carts;
 pub mod commerce;
 pub mod config;
 pub mod domain;

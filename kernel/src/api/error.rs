@@ -6,6 +6,7 @@ use async_graphql::{Enum, ErrorExtensions};
 
 use async_graphql::SimpleObject;
 
+use crate::carts::CartStoreError;
 use crate::commerce::CommandError;
 use crate::domain::DomainError;
 use crate::event_store::StoreError;
@@ -37,6 +38,8 @@ pub enum ErrorCode {
     ProductInactive,
     /// The order's state machine does not allow this transition.
     IllegalTransition,
+    /// The cart is being checked out or was checked out, and cannot change.
+    CartNotOpen,
     /// The change was saved, but the read model had not caught up with it
     /// before the response: read it again shortly.
     ReadModelLagging,
@@ -59,6 +62,7 @@ impl ErrorCode {
             ErrorCode::CurrencyMismatch => "CURRENCY_MISMATCH",
             ErrorCode::ProductInactive => "PRODUCT_INACTIVE",
             ErrorCode::IllegalTransition => "ILLEGAL_TRANSITION",
+            ErrorCode::CartNotOpen => "CART_NOT_OPEN",
             ErrorCode::ReadModelLagging => "READ_MODEL_LAGGING",
             ErrorCode::Internal => "INTERNAL",
         }
@@ -73,6 +77,7 @@ impl ErrorCode {
 pub enum ApiError {
     InvalidArgument { field: String, message: String },
     Store(StoreError),
+    Carts(CartStoreError),
 }
 
 impl From<StoreError> for ApiError {
@@ -102,7 +107,8 @@ impl ApiError {
                 | StoreError::Corrupt(_)
                 | StoreError::Database(_)
                 | StoreError::Migration(_),
-            ) => ErrorCode::Internal,
+            )
+            | ApiError::Carts(_) => ErrorCode::Internal,
         }
     }
 }
@@ -122,6 +128,10 @@ impl From<ApiError> for async_graphql::Error {
                 }
                 _ => (store_error.to_string(), None),
             },
+            ApiError::Carts(cart_error) => {
+                tracing::error!(error = %cart_error, "request failed");
+                ("internal error".to_string(), None)
+            }
         };
         async_graphql::Error::new(message).extend_with(|_, extensions| {
             extensions.set("code", code.as_str());
@@ -157,6 +167,7 @@ pub fn user_error(error: CommandError) -> Result<UserError, ApiError> {
     let message = error.to_string();
     let (code, field) = match error {
         CommandError::Store(store) => return Err(ApiError::Store(store)),
+        CommandError::CartStore(carts) => return Err(ApiError::Carts(carts)),
         CommandError::VersionConflict { .. } => {
             (ErrorCode::VersionConflict, Some("expectedVersion"))
         }
@@ -180,6 +191,7 @@ pub fn user_error(error: CommandError) -> Result<UserError, ApiError> {
             }
             DomainError::ProductInactive { .. } => (ErrorCode::ProductInactive, Some("productId")),
             DomainError::IllegalTransition { .. } => (ErrorCode::IllegalTransition, None),
+            DomainError::CartNotOpen { .. } => (ErrorCode::CartNotOpen, Some("cartId")),
         },
     };
     Ok(UserError::new(code, field, message))

@@ -12,6 +12,7 @@
 //! Handlers return the log position of what they wrote, so the API can wait
 //! for the read models to reach it (read-your-writes).
 
+mod carts;
 mod catalog;
 mod inventory;
 mod orders;
@@ -23,11 +24,13 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::carts::CartStoreError;
 use crate::domain::{Aggregate, DomainError};
 use crate::event_store::repository::{AggregateRepository, Loaded, encode};
 use crate::event_store::{EventMetadata, EventStore, Position, StoreError, StreamAppend};
 use crate::projections::ViewStore;
 
+pub use carts::{CartItem, Carts, Checkout, CheckoutInput, NewCart, PricedCart};
 pub use catalog::{CreatedProduct, NewProduct, UpdatedProduct};
 pub use inventory::{InventoryChange, ReservationMade};
 pub use orders::{OrderChange, OrderTransition, PlaceOrderInput};
@@ -49,6 +52,9 @@ pub enum CommandError {
     /// The store failed; the command may be retried.
     #[error(transparent)]
     Store(StoreError),
+    /// The cart store failed; the command may be retried.
+    #[error(transparent)]
+    CartStore(#[from] CartStoreError),
 }
 
 impl From<StoreError> for CommandError {
@@ -76,6 +82,8 @@ impl From<StoreError> for CommandError {
 pub struct Metrics {
     /// Version conflicts met by inventory commands (each retry counts one).
     pub inventory_conflicts: AtomicU64,
+    /// Version conflicts met by cart commands (each retry counts one).
+    pub cart_conflicts: AtomicU64,
     /// Version conflicts met by other commands.
     pub other_conflicts: AtomicU64,
 }
@@ -119,6 +127,7 @@ impl RetryPolicy {
 #[derive(Debug, Clone, Copy)]
 enum ConflictCounter {
     Inventory,
+    Cart,
     Other,
 }
 
@@ -196,6 +205,7 @@ impl Commerce {
             };
             let count = match counter {
                 ConflictCounter::Inventory => &self.metrics.inventory_conflicts,
+                ConflictCounter::Cart => &self.metrics.cart_conflicts,
                 ConflictCounter::Other => &self.metrics.other_conflicts,
             };
             count.fetch_add(1, Ordering::Relaxed);

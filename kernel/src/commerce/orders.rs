@@ -14,7 +14,7 @@ use crate::domain::inventory::{Inventory, ReleaseReason};
 use crate::domain::money::Money;
 use crate::domain::order::{Address, CatalogPrice, Order, OrderEvent, PlaceOrder};
 use crate::event_store::repository::Loaded;
-use crate::event_store::{AppendRequest, StreamAppend};
+use crate::event_store::{AppendRequest, StoreError, StreamAppend};
 
 pub type OrderChange = Written<Order>;
 
@@ -65,8 +65,27 @@ impl Commerce {
         input: PlaceOrderInput,
         context: &CommandContext,
     ) -> Result<OrderChange, CommandError> {
-        let mut priced = Vec::with_capacity(input.lines.len());
-        for (product_id, quantity) in &input.lines {
+        let command = PlaceOrder {
+            customer_id: input.customer_id,
+            lines: self.catalog_prices(&input.lines).await?,
+            shipping_address: input.shipping_address,
+            payment_method: input.payment_method,
+            idempotency_key: input.idempotency_key.clone(),
+        };
+        let store_key = input
+            .idempotency_key
+            .map(|key| format!("place-order:{key}"));
+        self.place_priced_order(Uuid::now_v7(), &command, store_key, context)
+            .await
+    }
+
+    /// Each line's product as the catalog sells it now.
+    pub(crate) async fn catalog_prices(
+        &self,
+        lines: &[(Uuid, u32)],
+    ) -> Result<Vec<(CatalogPrice, u32)>, CommandError> {
+        let mut priced = Vec::with_capacity(lines.len());
+        for (product_id, quantity) in lines {
             let product = self.load_product(*product_id).await?;
             let details = product.state.sellable_price(*product_id)?;
             priced.push((
@@ -79,26 +98,30 @@ impl Commerce {
                 *quantity,
             ));
         }
-        let events = Order::place(&PlaceOrder {
-            customer_id: input.customer_id,
-            lines: priced,
-            shipping_address: input.shipping_address,
-            payment_method: input.payment_method,
-            idempotency_key: input.idempotency_key.clone(),
-        })?;
-        let order_id = Uuid::now_v7();
-        let outcome = self
+        Ok(priced)
+    }
+
+    /// Places `command` as order `order_id`. If that order exists already
+    /// (an earlier attempt placed it), returns it as it is: placing one id
+    /// is idempotent. With `store_key`, a repeated key returns the order the
+    /// key placed first.
+    pub(crate) async fn place_priced_order(
+        &self,
+        order_id: Uuid,
+        command: &PlaceOrder,
+        store_key: Option<String>,
+        context: &CommandContext,
+    ) -> Result<OrderChange, CommandError> {
+        let events = Order::place(command)?;
+        let appended = self
             .repository::<Order>()
-            .append(
-                order_id,
-                0,
-                &events,
-                context.metadata(),
-                input
-                    .idempotency_key
-                    .map(|key| format!("place-order:{key}")),
-            )
-            .await?;
+            .append(order_id, 0, &events, context.metadata(), store_key)
+            .await;
+        let outcome = match appended {
+            Ok(outcome) => outcome,
+            Err(StoreError::VersionConflict { .. }) => return self.load_order(order_id).await,
+            Err(other) => return Err(other.into()),
+        };
         if outcome.replayed {
             // The key placed an order before: return that one as it is now.
             let first_id = outcome

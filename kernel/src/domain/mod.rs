@@ -9,7 +9,9 @@
 //! - [`catalog`]: products, their prices and SKU claims.
 //! - [`inventory`]: stock per product, reservations, expiry.
 //! - [`order`]: orders, their lines and their state machine.
+//! - [`cart`]: shopping carts, their limits, checkout states and pricing.
 
+pub mod cart;
 pub mod catalog;
 pub mod inventory;
 pub mod money;
@@ -20,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use uuid::Uuid;
 
+use cart::CartStatus;
 use money::Currency;
 use order::OrderStatus;
 
@@ -56,6 +59,8 @@ pub enum DomainError {
     ProductInactive { product_id: Uuid },
     #[error("an order cannot go from {from} to {to}")]
     IllegalTransition { from: OrderStatus, to: OrderStatus },
+    #[error("cart {cart_id} is {status} and can no longer change")]
+    CartNotOpen { cart_id: Uuid, status: CartStatus },
 }
 
 impl DomainError {

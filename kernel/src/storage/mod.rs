@@ -1,9 +1,11 @@
 //! Storage backends: PostgreSQL for production, SQLite as the embedded default.
 //!
 //! [`Database`] owns the connection pools and migrations of one backend and
-//! hands out the adapters built on it (today the [`EventStore`]). Which backend
+//! hands out the adapters built on it (the [`EventStore`], the read models'
+//! [`ViewStore`] and the cart lifecycle record). Which backend
 //! runs is decided once, from configuration ([`DatabaseConfig`]).
 
+pub mod cart_activity;
 pub mod postgres;
 pub mod postgres_views;
 pub mod sqlite;
@@ -18,6 +20,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Encode, QueryBuilder, Type};
 use uuid::Uuid;
 
+use crate::carts::CartActivityLog;
 use crate::event_store::{Backend, EventFilter, EventStore, Position, StoreError, clamp_limit};
 use crate::projections::ViewStore;
 
@@ -86,6 +89,16 @@ impl Database {
                 Arc::new(postgres_views::PostgresViewStore::new(db.pool().clone()))
             }
             Database::Sqlite(db) => Arc::new(sqlite_views::SqliteViewStore::new(db.clone())),
+        }
+    }
+
+    /// The durable record of cart lifecycles on this backend.
+    pub fn cart_activity(&self) -> Arc<dyn CartActivityLog> {
+        match self {
+            Database::Postgres(db) => {
+                Arc::new(cart_activity::PostgresCartActivity::new(db.clone()))
+            }
+            Database::Sqlite(db) => Arc::new(cart_activity::SqliteCartActivity::new(db.clone())),
         }
     }
 
