@@ -175,6 +175,7 @@ pub async fn wait_until_readable(store: &dyn EventStore, through: Position) -> a
 
 /// `cases![a, b, ...]`: the async functions `a`, `b`, ... as named cases for
 /// [`run_suite`]. Each takes an `Arc<TestDatabase>` and returns `anyhow::Result<()>`.
+#[allow(unused_macros)]
 macro_rules! cases {
     ($($name:ident),* $(,)?) => {
         [$((stringify!($name), (|db| Box::pin($name(db))) as $crate::support::SuiteCase)),*]
@@ -226,6 +227,150 @@ fn run_case(kind: BackendKind, case: SuiteCase) -> Result<(), Failed> {
                 .remove()
                 .await
                 .map_err(|e| Failed::from(format!("cleanup: {e:#}")))?;
+        }
+        outcome.map_err(|e| Failed::from(format!("{e:#}")))
+    })
+}
+
+/// Points the cart suites at a Redis server, e.g. `redis://127.0.0.1:6379`.
+pub const TEST_REDIS_URL: &str = "COMMERCE_TEST_REDIS_URL";
+
+fn redis_url() -> Option<String> {
+    std::env::var(TEST_REDIS_URL)
+        .ok()
+        .filter(|url| !url.trim().is_empty())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CartBackendKind {
+    Embedded,
+    Redis,
+}
+
+impl CartBackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            CartBackendKind::Embedded => "embedded",
+            CartBackendKind::Redis => "redis",
+        }
+    }
+
+    /// The database each cart backend runs with: the embedded default pairs
+    /// SQLite with the embedded cart store; Redis pairs with Postgres when it
+    /// is configured, as in production.
+    fn database(self) -> BackendKind {
+        match self {
+            CartBackendKind::Redis if postgres_url().is_some() => BackendKind::Postgres,
+            _ => BackendKind::Sqlite,
+        }
+    }
+}
+
+/// A cart store for one test: Redis keys under a prefix of its own, deleted
+/// again by [`TestCartStore::remove`].
+pub struct TestCartStore {
+    pub kind: CartBackendKind,
+    /// The configuration that opens this store again (another "process").
+    pub config: commerce_kernel::carts::CartBackendConfig,
+    pub store: Arc<dyn commerce_kernel::carts::CartStore>,
+}
+
+impl TestCartStore {
+    pub async fn create(kind: CartBackendKind) -> anyhow::Result<Self> {
+        use commerce_kernel::carts::{self, CartBackendConfig};
+        let config = match kind {
+            CartBackendKind::Embedded => CartBackendConfig::Embedded,
+            CartBackendKind::Redis => CartBackendConfig::Redis {
+                url: redis_url().with_context(|| format!("{TEST_REDIS_URL} is not set"))?,
+                key_prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
+            },
+        };
+        let store = carts::open(&config)
+            .await
+            .with_context(|| format!("opening the {} cart store", kind.name()))?;
+        Ok(TestCartStore {
+            kind,
+            config,
+            store,
+        })
+    }
+
+    /// Deletes every key the test wrote.
+    pub async fn remove(self) -> anyhow::Result<()> {
+        let commerce_kernel::carts::CartBackendConfig::Redis { url, key_prefix } = self.config
+        else {
+            return Ok(());
+        };
+        let client = redis::Client::open(url.as_str())?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{key_prefix}*"))
+            .query_async(&mut connection)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("DEL")
+                .arg(keys)
+                .query_async::<()>(&mut connection)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A test of the cart suite: a fresh database and cart store.
+pub type CartCase = fn(
+    Arc<TestDatabase>,
+    Arc<TestCartStore>,
+) -> std::pin::Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send>>;
+
+/// `cart_cases![a, b, ...]`: like [`cases!`], for [`run_cart_suite`].
+#[allow(unused_macros)]
+macro_rules! cart_cases {
+    ($($name:ident),* $(,)?) => {
+        [$((stringify!($name), (|db, carts| Box::pin($name(db, carts))) as $crate::support::CartCase)),*]
+    };
+}
+
+/// Runs every case against every cart backend, as `<cart backend>::<case>`.
+/// Redis cases are reported as ignored when `COMMERCE_TEST_REDIS_URL` is unset.
+pub fn run_cart_suite(cases: &[(&'static str, CartCase)]) -> ! {
+    let args = Arguments::from_args();
+    let redis_configured = redis_url().is_some();
+    let mut trials = Vec::new();
+    for kind in [CartBackendKind::Embedded, CartBackendKind::Redis] {
+        for &(name, case) in cases {
+            let available = kind == CartBackendKind::Embedded || redis_configured;
+            trials.push(
+                Trial::test(format!("{}::{name}", kind.name()), move || {
+                    run_cart_case(kind, case)
+                })
+                .with_ignored_flag(!available),
+            );
+        }
+    }
+    libtest_mimic::run(&args, trials).exit()
+}
+
+fn run_cart_case(kind: CartBackendKind, case: CartCase) -> Result<(), Failed> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failed::from(format!("runtime: {e}")))?;
+    runtime.block_on(async move {
+        let setup = |e: anyhow::Error| Failed::from(format!("setting up {}: {e:#}", kind.name()));
+        let database = Arc::new(TestDatabase::create(kind.database()).await.map_err(setup)?);
+        let carts = Arc::new(TestCartStore::create(kind).await.map_err(setup)?);
+        let outcome = case(Arc::clone(&database), Arc::clone(&carts)).await;
+        // Keep a failed test's data for inspection; remove a passed one's.
+        if outcome.is_ok() {
+            let cleanup = |e: anyhow::Error| Failed::from(format!("cleanup: {e:#}"));
+            if let Ok(carts) = Arc::try_unwrap(carts) {
+                carts.remove().await.map_err(cleanup)?;
+            }
+            if let Ok(database) = Arc::try_unwrap(database) {
+                database.remove().await.map_err(cleanup)?;
+            }
         }
         outcome.map_err(|e| Failed::from(format!("{e:#}")))
     })

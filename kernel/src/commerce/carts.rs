@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use uuid::Uuid;
 
 use super::{CommandContext, CommandError, Commerce, ConflictCounter, OrderChange};
@@ -35,6 +35,11 @@ use crate::domain::order::{Address, Order, PlaceOrder};
 /// How long a checkout may sit in CHECKING_OUT before another attempt that
 /// cannot place its order may reopen the cart.
 const CHECKOUT_LEASE: chrono::Duration = chrono::Duration::seconds(30);
+
+/// The time now, to the microsecond: what every store keeps.
+fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
 
 /// One requested line change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +110,7 @@ impl Carts {
     /// Creates a cart, optionally with items.
     pub async fn create_cart(&self, new: NewCart) -> Result<Cart, CommandError> {
         let items = self.resolve(&new.items).await?;
-        let now = Utc::now();
+        let now = now();
         let cart = Cart::create(
             Uuid::now_v7(),
             new.owner,
@@ -120,7 +125,7 @@ impl Carts {
 
     /// The cart, or `None` when it does not exist or has expired.
     pub async fn cart(&self, id: Uuid) -> Result<Option<Cart>, CommandError> {
-        let now = Utc::now();
+        let now = now();
         Ok(self
             .store
             .load(id, now)
@@ -212,7 +217,7 @@ impl Carts {
     ) -> Result<Checkout, CommandError> {
         self.commerce
             .retrying(ConflictCounter::Cart, false, || async {
-                let now = Utc::now();
+                let now = now();
                 let cart = self.existing(input.cart_id, now).await?;
                 let (frozen, command) = match cart.status {
                     CartStatus::CheckedOut => {
@@ -221,10 +226,10 @@ impl Carts {
                         return Ok(Checkout { cart, order });
                     }
                     CartStatus::Open => {
+                        let frozen = cart.begin_checkout(&self.limits, now)?;
                         let command = self.order_command(&cart, input).await?;
                         // A dry run: refusals come back while the cart is still open.
                         Order::place(&command)?;
-                        let frozen = cart.begin_checkout(&self.limits, now)?;
                         self.swap(&frozen, cart.version, now).await?;
                         (frozen, Ok(command))
                     }
@@ -327,7 +332,7 @@ impl Carts {
                 ConflictCounter::Cart,
                 expected_version.is_some(),
                 || async {
-                    let now = Utc::now();
+                    let now = now();
                     let cart = self.existing(cart_id, now).await?;
                     if let Some(expected) = expected_version
                         && expected != cart.version
