@@ -117,6 +117,9 @@ fn checkout_input(cart_id: Uuid, key: &str) -> CheckoutInput {
     }
 }
 
+/// Tells whether a refusal is the one expected.
+type RefusalCheck = fn(&DomainError) -> bool;
+
 /// The domain refusal inside a command error, or a failure naming what came instead.
 fn refusal<T: std::fmt::Debug>(result: Result<T, CommandError>) -> anyhow::Result<DomainError> {
     match result {
@@ -141,8 +144,16 @@ async fn carts_are_priced_from_the_catalog_when_read(
     let loaded = service.cart(cart.id).await?.context("cart just created")?;
     ensure!(loaded == cart, "the store returns what was written");
     let priced = service.price(loaded.clone()).await?;
-    ensure!(priced.subtotal == Some(money("60.67", "EUR")?), "{:?}", priced.subtotal);
-    let pot_line = priced.lines.iter().find(|l| l.product_id == pot).context("pot line")?;
+    ensure!(
+        priced.subtotal == Some(money("60.67", "EUR")?),
+        "{:?}",
+        priced.subtotal
+    );
+    let pot_line = priced
+        .lines
+        .iter()
+        .find(|l| l.product_id == pot)
+        .context("pot line")?;
     ensure!(pot_line.line_total == Some(money("59.97", "EUR")?));
 
     // A price change shows at the next read; a deactivated product drops out of the subtotal.
@@ -169,11 +180,22 @@ async fn carts_are_priced_from_the_catalog_when_read(
         )
         .await?;
     let priced = service.price(loaded).await?;
-    ensure!(priced.subtotal == Some(money("60.00", "EUR")?), "{:?}", priced.subtotal);
-    let cup_line = priced.lines.iter().find(|l| l.product_id == cup).context("cup line")?;
+    ensure!(
+        priced.subtotal == Some(money("60.00", "EUR")?),
+        "{:?}",
+        priced.subtotal
+    );
+    let cup_line = priced
+        .lines
+        .iter()
+        .find(|l| l.product_id == cup)
+        .context("cup line")?;
     ensure!(cup_line.line_total.is_none() && cup_line.unavailable_reason.is_some());
 
-    ensure!(service.cart(Uuid::now_v7()).await?.is_none(), "unknown carts are not found");
+    ensure!(
+        service.cart(Uuid::now_v7()).await?.is_none(),
+        "unknown carts are not found"
+    );
     Ok(())
 }
 
@@ -183,11 +205,16 @@ async fn every_change_bumps_the_version_and_stale_versions_change_nothing(
 ) -> anyhow::Result<()> {
     let service = services(&db, Arc::clone(&carts.store), limits());
     let commerce = commerce_of(&db);
-    let (a, b) = (product(&commerce, "5.00", "EUR").await?, product(&commerce, "7.00", "EUR").await?);
+    let (a, b) = (
+        product(&commerce, "5.00", "EUR").await?,
+        product(&commerce, "7.00", "EUR").await?,
+    );
     let cart = service.create_cart(customer_cart(Vec::new())).await?;
     ensure!(cart.version == 1 && cart.lines.is_empty() && cart.currency.is_none());
 
-    let cart = service.change_items(cart.id, &[set(a, 2), add(b, 1)], Some(1)).await?;
+    let cart = service
+        .change_items(cart.id, &[set(a, 2), add(b, 1)], Some(1))
+        .await?;
     ensure!(cart.version == 2 && cart.lines.len() == 2);
     let cart = service.change_items(cart.id, &[add(b, 4)], None).await?;
     ensure!(cart.version == 3 && cart.lines.get(&b) == Some(&5));
@@ -207,9 +234,15 @@ async fn every_change_bumps_the_version_and_stale_versions_change_nothing(
         other => bail!("expected a version conflict, got {other:?}"),
     }
     let stale_remove = service.remove_item(cart.id, b, Some(3)).await;
-    ensure!(matches!(stale_remove, Err(CommandError::VersionConflict { .. })));
+    ensure!(matches!(
+        stale_remove,
+        Err(CommandError::VersionConflict { .. })
+    ));
     let stale_clear = service.clear(cart.id, Some(1)).await;
-    ensure!(matches!(stale_clear, Err(CommandError::VersionConflict { .. })));
+    ensure!(matches!(
+        stale_clear,
+        Err(CommandError::VersionConflict { .. })
+    ));
     let unchanged = service.cart(cart.id).await?.context("cart")?;
     ensure!(unchanged == cart, "a refused change wrote nothing");
 
@@ -246,24 +279,50 @@ async fn invalid_items_are_refused_with_typed_errors(
             &context(),
         )
         .await?;
-    let cart = service.create_cart(customer_cart(vec![set(euro, 998)])).await?;
+    let cart = service
+        .create_cart(customer_cart(vec![set(euro, 998)]))
+        .await?;
 
     let unknown = Uuid::now_v7();
-    let cases: Vec<(Vec<CartItem>, fn(&DomainError) -> bool)> = vec![
+    let cases: Vec<(Vec<CartItem>, RefusalCheck)> = vec![
         (vec![set(unknown, 1)], |e| {
-            matches!(e, DomainError::NotFound { kind: "product", .. })
+            matches!(
+                e,
+                DomainError::NotFound {
+                    kind: "product",
+                    ..
+                }
+            )
         }),
         (vec![set(retired, 1)], |e| {
             matches!(e, DomainError::ProductInactive { .. })
         }),
         (vec![set(euro, 1000)], |e| {
-            matches!(e, DomainError::Invalid { field: "items.quantity", .. })
+            matches!(
+                e,
+                DomainError::Invalid {
+                    field: "items.quantity",
+                    ..
+                }
+            )
         }),
         (vec![add(euro, 2)], |e| {
-            matches!(e, DomainError::Invalid { field: "items.quantity", .. })
+            matches!(
+                e,
+                DomainError::Invalid {
+                    field: "items.quantity",
+                    ..
+                }
+            )
         }),
         (vec![add(euro, 0)], |e| {
-            matches!(e, DomainError::Invalid { field: "items.quantity", .. })
+            matches!(
+                e,
+                DomainError::Invalid {
+                    field: "items.quantity",
+                    ..
+                }
+            )
         }),
         (vec![set(dollar, 1)], |e| {
             matches!(e, DomainError::CurrencyMismatch { .. })
@@ -287,12 +346,19 @@ async fn invalid_items_are_refused_with_typed_errors(
         "{refused:?}"
     );
     // Removing a line never needs a sellable product.
-    ensure!(service.cart(cart.id).await?.as_ref() == Some(&cart), "nothing was written");
+    ensure!(
+        service.cart(cart.id).await?.as_ref() == Some(&cart),
+        "nothing was written"
+    );
     let emptied = service.change_items(cart.id, &[set(euro, 0)], None).await?;
     ensure!(emptied.lines.is_empty() && emptied.currency.is_none());
     // Creation validates too, and writes no cart.
     ensure!(matches!(
-        refusal(service.create_cart(customer_cart(vec![set(unknown, 1)])).await)?,
+        refusal(
+            service
+                .create_cart(customer_cart(vec![set(unknown, 1)]))
+                .await
+        )?,
         DomainError::NotFound { .. }
     ));
     Ok(())
@@ -316,7 +382,11 @@ async fn fifty_concurrent_adds_lose_nothing(
 
     let mut tasks = Vec::new();
     for client in 0..50 {
-        let service = if client % 2 == 0 { first.clone() } else { second.clone() };
+        let service = if client % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
         let cart_id = cart.id;
         tasks.push(tokio::spawn(async move {
             service.change_items(cart_id, &[add(mug, 1)], None).await
@@ -327,7 +397,11 @@ async fn fifty_concurrent_adds_lose_nothing(
     }
     let cart = first.cart(cart.id).await?.context("cart")?;
     ensure!(cart.lines.get(&mug) == Some(&50), "lines: {:?}", cart.lines);
-    ensure!(cart.version == 51, "one version per change: {}", cart.version);
+    ensure!(
+        cart.version == 51,
+        "one version per change: {}",
+        cart.version
+    );
     let priced = first.price(cart).await?;
     ensure!(priced.subtotal == Some(money("175.00", "EUR")?));
     Ok(())
@@ -341,27 +415,34 @@ async fn carts_expire_unless_written_within_their_ttl(
     let service = services(
         &db,
         Arc::clone(&carts.store),
-        CartLimits {
-            max_lines: 3,
-            ttl,
-        },
+        CartLimits { max_lines: 3, ttl },
     );
     let commerce = commerce_of(&db);
     let mug = product(&commerce, "3.50", "EUR").await?;
-    let cart = service.create_cart(customer_cart(vec![set(mug, 1)])).await?;
+    let cart = service
+        .create_cart(customer_cart(vec![set(mug, 1)]))
+        .await?;
     ensure!(cart.expires_at == cart.updated_at + ttl);
 
     // Each write renews the TTL: written every 0.9 s, it outlives 1.5 s.
     for quantity in 2..=3 {
         tokio::time::sleep(Duration::from_millis(900)).await;
-        let renewed = service.change_items(cart.id, &[set(mug, quantity)], None).await?;
+        let renewed = service
+            .change_items(cart.id, &[set(mug, quantity)], None)
+            .await?;
         ensure!(renewed.expires_at > cart.expires_at);
     }
-    ensure!(service.cart(cart.id).await?.is_some(), "written within its TTL");
+    ensure!(
+        service.cart(cart.id).await?.is_some(),
+        "written within its TTL"
+    );
 
     // Left alone past its TTL: not found (never an empty cart), and no write revives it.
     tokio::time::sleep(Duration::from_millis(1700)).await;
-    ensure!(service.cart(cart.id).await?.is_none(), "expired carts are not found");
+    ensure!(
+        service.cart(cart.id).await?.is_none(),
+        "expired carts are not found"
+    );
     for refused in [
         service.change_items(cart.id, &[set(mug, 1)], None).await,
         service.clear(cart.id, None).await,
@@ -371,8 +452,13 @@ async fn carts_expire_unless_written_within_their_ttl(
             DomainError::NotFound { kind: "cart", .. }
         ));
     }
-    let checkout = service.checkout(&checkout_input(cart.id, "late"), &context()).await;
-    ensure!(matches!(refusal(checkout)?, DomainError::NotFound { kind: "cart", .. }));
+    let checkout = service
+        .checkout(&checkout_input(cart.id, "late"), &context())
+        .await;
+    ensure!(matches!(
+        refusal(checkout)?,
+        DomainError::NotFound { kind: "cart", .. }
+    ));
     Ok(())
 }
 
@@ -385,9 +471,15 @@ async fn checkout_places_exactly_one_order(
     let pot = product(&commerce, "19.99", "EUR").await?;
 
     // Twice in a row: one order, the same both times.
-    let cart = service.create_cart(customer_cart(vec![set(pot, 2)])).await?;
-    let first = service.checkout(&checkout_input(cart.id, "k-1"), &context()).await?;
-    let again = service.checkout(&checkout_input(cart.id, "k-2"), &context()).await?;
+    let cart = service
+        .create_cart(customer_cart(vec![set(pot, 2)]))
+        .await?;
+    let first = service
+        .checkout(&checkout_input(cart.id, "k-1"), &context())
+        .await?;
+    let again = service
+        .checkout(&checkout_input(cart.id, "k-2"), &context())
+        .await?;
     ensure!(first.order.id == again.order.id);
     ensure!(first.cart.status == CartStatus::CheckedOut);
     ensure!(first.cart.order_id == Some(first.order.id));
@@ -460,15 +552,36 @@ async fn a_refused_checkout_leaves_the_cart_open(
     let pot = product(&commerce, "19.99", "EUR").await?;
 
     let empty = service.create_cart(customer_cart(Vec::new())).await?;
-    let refused = refusal(service.checkout(&checkout_input(empty.id, "e"), &context()).await)?;
-    ensure!(matches!(refused, DomainError::Invalid { field: "cartId", .. }), "{refused:?}");
+    let refused = refusal(
+        service
+            .checkout(&checkout_input(empty.id, "e"), &context())
+            .await,
+    )?;
+    ensure!(
+        matches!(
+            refused,
+            DomainError::Invalid {
+                field: "cartId",
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
 
-    let cart = service.create_cart(customer_cart(vec![set(pot, 1)])).await?;
+    let cart = service
+        .create_cart(customer_cart(vec![set(pot, 1)]))
+        .await?;
     let mut bad_address = checkout_input(cart.id, "a");
     bad_address.shipping_address.country = "Britain".into();
     let refused = refusal(service.checkout(&bad_address, &context()).await)?;
     ensure!(
-        matches!(refused, DomainError::Invalid { field: "shippingAddress.country", .. }),
+        matches!(
+            refused,
+            DomainError::Invalid {
+                field: "shippingAddress.country",
+                ..
+            }
+        ),
         "{refused:?}"
     );
     commerce
@@ -482,11 +595,21 @@ async fn a_refused_checkout_leaves_the_cart_open(
             &context(),
         )
         .await?;
-    let refused = refusal(service.checkout(&checkout_input(cart.id, "b"), &context()).await)?;
-    ensure!(matches!(refused, DomainError::ProductInactive { .. }), "{refused:?}");
+    let refused = refusal(
+        service
+            .checkout(&checkout_input(cart.id, "b"), &context())
+            .await,
+    )?;
+    ensure!(
+        matches!(refused, DomainError::ProductInactive { .. }),
+        "{refused:?}"
+    );
 
     let unchanged = service.cart(cart.id).await?.context("cart")?;
-    ensure!(unchanged == cart, "refused checkouts write nothing: {unchanged:?}");
+    ensure!(
+        unchanged == cart,
+        "refused checkouts write nothing: {unchanged:?}"
+    );
     ensure!(
         db.event_store()
             .read_stream(cart.order_id(), Default::default())
@@ -498,7 +621,9 @@ async fn a_refused_checkout_leaves_the_cart_open(
     let cart = service.change_items(cart.id, &[set(pot, 0)], None).await?;
     let mug = product(&commerce, "3.00", "EUR").await?;
     service.change_items(cart.id, &[set(mug, 2)], None).await?;
-    let done = service.checkout(&checkout_input(cart.id, "c"), &context()).await?;
+    let done = service
+        .checkout(&checkout_input(cart.id, "c"), &context())
+        .await?;
     ensure!(done.order.state.placed.context("placed")?.total == money("6.00", "EUR")?);
     Ok(())
 }
@@ -513,7 +638,9 @@ async fn abandoned_carts_and_the_abandonment_rate(
     let recorder = ActivityRecorder::new(Arc::clone(&carts.store), Arc::clone(&log));
     let pot = product(&commerce, "19.99", "EUR").await?;
 
-    let left_1 = service.create_cart(customer_cart(vec![set(pot, 1)])).await?;
+    let left_1 = service
+        .create_cart(customer_cart(vec![set(pot, 1)]))
+        .await?;
     let left_2 = service
         .create_cart(NewCart {
             owner: CartOwner::session("visitor-7")?,
@@ -521,9 +648,15 @@ async fn abandoned_carts_and_the_abandonment_rate(
             items: vec![set(pot, 2)],
         })
         .await?;
-    let bought = service.create_cart(customer_cart(vec![set(pot, 1)])).await?;
-    let busy = service.create_cart(customer_cart(vec![set(pot, 1)])).await?;
-    service.checkout(&checkout_input(bought.id, "x"), &context()).await?;
+    let bought = service
+        .create_cart(customer_cart(vec![set(pot, 1)]))
+        .await?;
+    let busy = service
+        .create_cart(customer_cart(vec![set(pot, 1)]))
+        .await?;
+    service
+        .checkout(&checkout_input(bought.id, "x"), &context())
+        .await?;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let cutoff = Utc::now() - chrono::Duration::milliseconds(1000);
     // Touched after the cutoff: still active, not abandoned.
@@ -532,12 +665,21 @@ async fn abandoned_carts_and_the_abandonment_rate(
     // Nothing is in the record until the recorder has moved it.
     let recorded = recorder.record_all().await?;
     ensure!(recorded >= 7, "every write queued its activity: {recorded}");
-    ensure!(recorder.record_all().await? == 0, "acknowledged entries are gone");
+    ensure!(
+        recorder.record_all().await? == 0,
+        "acknowledged entries are gone"
+    );
 
     let report = log.abandoned(cutoff, None, 10).await?;
     let listed: Vec<Uuid> = report.carts.iter().map(|c| c.cart_id).collect();
-    ensure!(listed == vec![left_1.id, left_2.id], "oldest first: {listed:?}");
-    ensure!(report.abandoned == 2 && report.checked_out == 1 && report.active == 1, "{report:?}");
+    ensure!(
+        listed == vec![left_1.id, left_2.id],
+        "oldest first: {listed:?}"
+    );
+    ensure!(
+        report.abandoned == 2 && report.checked_out == 1 && report.active == 1,
+        "{report:?}"
+    );
     let rate = report.abandonment_rate().context("rate")?;
     ensure!((rate - 2.0 / 3.0).abs() < 1e-9, "rate {rate}");
     let session = &report.carts[1];
@@ -552,8 +694,14 @@ async fn abandoned_carts_and_the_abandonment_rate(
     let page = log.abandoned(cutoff, Some(cursor), 10).await?;
     ensure!(page.carts.iter().map(|c| c.cart_id).collect::<Vec<_>>() == vec![left_2.id]);
     let bought_again = service.cart(bought.id).await?.context("bought")?;
-    log.record(&[carts::CartActivity::of(&left_1), carts::CartActivity::of(&bought_again)])
-        .await?;
-    ensure!(log.abandoned(cutoff, None, 10).await? == report, "recording is idempotent");
+    log.record(&[
+        carts::CartActivity::of(&left_1),
+        carts::CartActivity::of(&bought_again),
+    ])
+    .await?;
+    ensure!(
+        log.abandoned(cutoff, None, 10).await? == report,
+        "recording is idempotent"
+    );
     Ok(())
 }

@@ -13,7 +13,7 @@ use commerce_kernel::config::{self, Config};
 use commerce_kernel::event_store::{AppendOutcome, AppendRequest, NewEvent};
 use commerce_kernel::server;
 use serde_json::{Value, json};
-use support::{TestDatabase, run_suite, wait_until_readable};
+use support::{CartBackendKind, TestCartStore, TestDatabase, run_suite, wait_until_readable};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -30,12 +30,14 @@ fn main() {
         in_flight_requests_finish_on_shutdown,
         graphql_catalog_and_inventory_read_their_own_writes,
         graphql_orders_show_their_history_and_past_versions,
+        graphql_carts_check_out_once_and_report_abandonment,
     ]);
 }
 
 /// A kernel serving a test database on a loopback port.
 struct RunningKernel {
     address: SocketAddr,
+    carts: TestCartStore,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), server::KernelError>>,
     http: reqwest::Client,
@@ -54,11 +56,13 @@ impl RunningKernel {
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let (bound_tx, bound_rx) = oneshot::channel();
         let database = db.database.clone();
+        let carts = TestCartStore::create(CartBackendKind::paired_with(db.kind)).await?;
+        let cart_store = Arc::clone(&carts.store);
         let task = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = shutdown_rx.await;
             };
-            server::serve(database, &config, shutdown, |address| {
+            server::serve(database, cart_store, &config, shutdown, |address| {
                 let _ = bound_tx.send(address);
             })
             .await
@@ -68,6 +72,7 @@ impl RunningKernel {
             .context("kernel did not start listening")??;
         Ok(RunningKernel {
             address,
+            carts,
             shutdown,
             task,
             http: reqwest::Client::new(),
@@ -98,7 +103,7 @@ impl RunningKernel {
         tokio::time::timeout(Duration::from_secs(10), self.task)
             .await
             .context("kernel did not stop")???;
-        Ok(())
+        self.carts.remove().await
     }
 }
 
@@ -128,6 +133,9 @@ async fn health_and_ready_report_the_database(db: Arc<TestDatabase>) -> anyhow::
     ensure!(body["checks"]["database"]["status"] == "up");
     ensure!(body["checks"]["database"]["backend"] == db.kind.name());
     ensure!(body["checks"]["database"]["latency_ms"].is_number());
+    let carts = &body["checks"]["carts"];
+    ensure!(carts["status"] == "up", "{body}");
+    ensure!(carts["backend"] == kernel.carts.kind.name(), "{body}");
 
     let ready = kernel.http.get(kernel.url("/ready")).send().await?;
     ensure!(ready.status() == 200);
@@ -654,5 +662,173 @@ async fn graphql_orders_show_their_history_and_past_versions(
         metrics.contains("commerce_inventory_conflicts_total "),
         "{metrics}"
     );
+    kernel.stop().await
+}
+
+async fn graphql_carts_check_out_once_and_report_abandonment(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let created = kernel
+        .graphql(
+            r#"mutation { createProduct(input: { sku: "POT-1", name: "Teapot", price: { amount: "19.99", currency: "EUR" } }) { product { id } errors { code } } }"#,
+            json!({}),
+        )
+        .await?;
+    let product = created["data"]["createProduct"]["product"]["id"].clone();
+    ensure!(product.is_string(), "{created}");
+
+    const CART_FIELDS: &str = "id status version currency itemCount subtotal { amount currency } \
+        lines { productId quantity sku unitPrice { amount } lineTotal { amount } available } orderId expiresAt";
+    let create = format!(
+        "mutation ($items: [CartItemInput!]!) {{ createCart(input: {{ sessionId: \"visitor-1\", items: $items }}) \
+         {{ cart {{ {CART_FIELDS} }} errors {{ field code message }} }} }}"
+    );
+    let cart = kernel
+        .graphql(
+            &create,
+            json!({ "items": [{ "productId": product, "quantity": 2 }] }),
+        )
+        .await?;
+    let view = &cart["data"]["createCart"]["cart"];
+    ensure!(
+        view["version"] == 1 && view["subtotal"]["amount"] == "39.98",
+        "{cart}"
+    );
+    ensure!(view["lines"][0]["lineTotal"]["amount"] == "39.98", "{cart}");
+    let cart_id = view["id"].clone();
+
+    // ADD, a stale expectedVersion, and a refused quantity: typed errors in the payload.
+    let upsert = format!(
+        "mutation ($id: UUID!, $items: [CartItemInput!]!, $v: Int) {{ upsertCartItems(cartId: $id, items: $items, expectedVersion: $v) \
+         {{ cart {{ {CART_FIELDS} }} errors {{ field code message }} }} }}"
+    );
+    let added = kernel
+        .graphql(&upsert, json!({ "id": cart_id, "items": [{ "productId": product, "quantity": 1, "mode": "ADD" }], "v": 1 }))
+        .await?;
+    let view = &added["data"]["upsertCartItems"]["cart"];
+    ensure!(
+        view["version"] == 2 && view["itemCount"] == 3 && view["subtotal"]["amount"] == "59.97",
+        "{added}"
+    );
+    let stale = kernel
+        .graphql(
+            &upsert,
+            json!({ "id": cart_id, "items": [{ "productId": product, "quantity": 1 }], "v": 1 }),
+        )
+        .await?;
+    ensure!(
+        stale["data"]["upsertCartItems"]["errors"][0]["code"] == "VERSION_CONFLICT",
+        "{stale}"
+    );
+    let too_many = kernel
+        .graphql(
+            &upsert,
+            json!({ "id": cart_id, "items": [{ "productId": product, "quantity": 1000 }] }),
+        )
+        .await?;
+    let error = &too_many["data"]["upsertCartItems"]["errors"][0];
+    ensure!(
+        error["code"] == "INVALID_INPUT" && error["field"] == "items.quantity",
+        "{too_many}"
+    );
+    let unknown = kernel
+        .graphql(
+            &upsert,
+            json!({ "id": Uuid::now_v7(), "items": [{ "productId": product, "quantity": 1 }] }),
+        )
+        .await?;
+    ensure!(
+        unknown["data"]["upsertCartItems"]["errors"][0]["code"] == "NOT_FOUND",
+        "{unknown}"
+    );
+
+    const PLACE: &str = r#"mutation ($id: UUID!) { placeOrder(input: { cartId: $id, paymentMethod: "card", idempotencyKey: "checkout-1",
+        shippingAddress: { name: "Ada", line1: "1 Main St", city: "Berlin", postalCode: "10115", country: "DE" } })
+        { order { id status total { amount } customerId } cart { status orderId } errors { field code message } } }"#;
+    let placed = kernel.graphql(PLACE, json!({ "id": cart_id })).await?;
+    let payload = &placed["data"]["placeOrder"];
+    ensure!(payload["errors"] == json!([]), "{placed}");
+    ensure!(
+        payload["order"]["status"] == "PENDING" && payload["order"]["total"]["amount"] == "59.97",
+        "{placed}"
+    );
+    ensure!(payload["cart"]["status"] == "CHECKED_OUT", "{placed}");
+    ensure!(
+        payload["cart"]["orderId"] == payload["order"]["id"],
+        "{placed}"
+    );
+    let again = kernel.graphql(PLACE, json!({ "id": cart_id })).await?;
+    ensure!(
+        again["data"]["placeOrder"]["order"]["id"] == payload["order"]["id"],
+        "one order: {again}"
+    );
+    let frozen = kernel
+        .graphql(
+            &upsert,
+            json!({ "id": cart_id, "items": [{ "productId": product, "quantity": 1 }] }),
+        )
+        .await?;
+    ensure!(
+        frozen["data"]["upsertCartItems"]["errors"][0]["code"] == "CART_NOT_OPEN",
+        "{frozen}"
+    );
+
+    // A second cart, left alone; the report sees it once the recorder has run.
+    let left = kernel
+        .graphql(
+            &create,
+            json!({ "items": [{ "productId": product, "quantity": 1 }] }),
+        )
+        .await?;
+    let left_id = left["data"]["createCart"]["cart"]["id"].clone();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    const REPORT: &str = r#"query { abandonedCarts(hours: 0.00005) { carts { cartId sessionId expired } abandonedCount checkedOutCount abandonmentRate } }"#;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let report = kernel.graphql(REPORT, json!({})).await?;
+        let counts = &report["data"]["abandonedCarts"];
+        if (counts["abandonedCount"] == 1 && counts["checkedOutCount"] == 1)
+            || tokio::time::Instant::now() > deadline
+        {
+            break report;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let view = &report["data"]["abandonedCarts"];
+    ensure!(
+        view["abandonedCount"] == 1 && view["checkedOutCount"] == 1,
+        "{report}"
+    );
+    ensure!(view["abandonmentRate"] == 0.5, "{report}");
+    ensure!(
+        view["carts"][0]["cartId"] == left_id && view["carts"][0]["expired"] == false,
+        "{report}"
+    );
+    let bad = kernel
+        .graphql(
+            "query { abandonedCarts(hours: -1) { abandonedCount } }",
+            json!({}),
+        )
+        .await?;
+    ensure!(
+        bad["errors"][0]["extensions"]["code"] == "INVALID_INPUT",
+        "{bad}"
+    );
+
+    let read = kernel
+        .graphql(
+            &format!("query ($id: UUID!) {{ cart(id: $id) {{ {CART_FIELDS} }} }}"),
+            json!({ "id": left_id }),
+        )
+        .await?;
+    ensure!(read["data"]["cart"]["status"] == "OPEN", "{read}");
+    let missing = kernel
+        .graphql(
+            "query ($id: UUID!) { cart(id: $id) { id } }",
+            json!({ "id": Uuid::now_v7() }),
+        )
+        .await?;
+    ensure!(missing["data"]["cart"].is_null(), "{missing}");
     kernel.stop().await
 }

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 
+use crate::carts::CartBackendConfig;
+use crate::domain::cart::CartLimits;
+use crate::domain::order::MAX_LINES;
 use crate::storage::DatabaseConfig;
 
 pub const DATABASE_URL: &str = "COMMERCE_DATABASE_URL";
@@ -22,6 +25,13 @@ pub const SHUTDOWN_TIMEOUT_SECS: &str = "COMMERCE_SHUTDOWN_TIMEOUT_SECS";
 pub const MAX_REQUEST_BYTES: &str = "COMMERCE_MAX_REQUEST_BYTES";
 pub const GRAPHIQL: &str = "COMMERCE_GRAPHIQL";
 pub const LOG: &str = "COMMERCE_LOG";
+pub const REDIS_URL: &str = "COMMERCE_REDIS_URL";
+pub const REDIS_KEY_PREFIX: &str = "COMMERCE_REDIS_KEY_PREFIX";
+pub const CART_TTL_SECS: &str = "COMMERCE_CART_TTL_SECS";
+pub const CART_MAX_LINES: &str = "COMMERCE_CART_MAX_LINES";
+
+/// Longest cart time to live accepted: 90 days.
+const MAX_CART_TTL_SECS: u64 = 90 * 86_400;
 
 /// Name of the SQLite file inside the data directory.
 pub const EMBEDDED_DATABASE_FILE: &str = "commerce.db";
@@ -31,6 +41,9 @@ pub const EMBEDDED_DATABASE_FILE: &str = "commerce.db";
 pub struct Config {
     pub listen_addr: SocketAddr,
     pub database: DatabaseConfig,
+    /// Redis, or the embedded cart store when no Redis URL is set.
+    pub carts: CartBackendConfig,
+    pub cart_limits: CartLimits,
     /// Longest a request may run before it is answered with 408.
     pub request_timeout: Duration,
     /// Longest graceful shutdown waits for in-flight requests after SIGTERM/ctrl-c.
@@ -84,6 +97,44 @@ impl Config {
             }
         };
 
+        let carts = match get(REDIS_URL) {
+            Some(url) => {
+                // Parsed now so a typo stops start-up; the URL may hold a password.
+                redis::Client::open(url.as_str()).map_err(|e| {
+                    invalid(
+                        REDIS_URL,
+                        format!(
+                            "not a usable Redis URL such as redis://127.0.0.1:6379 ({})",
+                            redact(&e.to_string(), &url)
+                        ),
+                    )
+                })?;
+                CartBackendConfig::Redis {
+                    url,
+                    key_prefix: get(REDIS_KEY_PREFIX).unwrap_or_else(|| "commerce:".to_string()),
+                }
+            }
+            None => CartBackendConfig::Embedded,
+        };
+        let ttl_secs: u64 = parse_or(&get, CART_TTL_SECS, 7 * 86_400, "a whole number of seconds")?;
+        if !(1..=MAX_CART_TTL_SECS).contains(&ttl_secs) {
+            return Err(invalid(
+                CART_TTL_SECS,
+                format!("must be between 1 and {MAX_CART_TTL_SECS} seconds (90 days)"),
+            ));
+        }
+        let max_lines: usize = parse_or(&get, CART_MAX_LINES, MAX_LINES, "a whole number")?;
+        if !(1..=MAX_LINES).contains(&max_lines) {
+            return Err(invalid(
+                CART_MAX_LINES,
+                format!("must be between 1 and {MAX_LINES}, the most an order holds"),
+            ));
+        }
+        let cart_limits = CartLimits {
+            max_lines,
+            ttl: chrono::Duration::seconds(ttl_secs as i64),
+        };
+
         let listen_addr = parse_or(
             &get,
             LISTEN_ADDR,
@@ -115,6 +166,8 @@ impl Config {
         Ok(Config {
             listen_addr,
             database,
+            carts,
+            cart_limits,
             request_timeout,
             shutdown_timeout,
             max_request_bytes,
@@ -223,6 +276,27 @@ mod tests {
             other => panic!("expected sqlite, got {other:?}"),
         }
         assert!(config.graphiql);
+        assert_eq!(config.carts, CartBackendConfig::Embedded);
+        assert_eq!(config.cart_limits, CartLimits::default());
+    }
+
+    #[test]
+    fn a_redis_url_selects_the_redis_cart_store() {
+        let config = config(&[
+            (REDIS_URL, "redis://:secret@cache:6379/2"),
+            (CART_TTL_SECS, "3600"),
+            (CART_MAX_LINES, "20"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            config.carts,
+            CartBackendConfig::Redis {
+                url: "redis://:secret@cache:6379/2".into(),
+                key_prefix: "commerce:".into(),
+            }
+        );
+        assert_eq!(config.cart_limits.ttl, chrono::Duration::hours(1));
+        assert_eq!(config.cart_limits.max_lines, 20);
     }
 
     #[test]
@@ -256,6 +330,10 @@ mod tests {
             (MAX_REQUEST_BYTES, "12"),
             (DATABASE_MAX_CONNECTIONS, "-3"),
             (GRAPHIQL, "maybe"),
+            (REDIS_URL, "memcached://cache"),
+            (CART_TTL_SECS, "0"),
+            (CART_TTL_SECS, "99999999"),
+            (CART_MAX_LINES, "101"),
         ];
         for (variable, value) in cases {
             let error = config(&[(variable, value)]).expect_err(value);
@@ -268,6 +346,8 @@ mod tests {
     fn errors_never_echo_a_database_password() {
         let error =
             config(&[(DATABASE_URL, "postgres://u:hunter2@db:notaport/x")]).expect_err("bad port");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        let error = config(&[(REDIS_URL, "redis://:hunter2@cache:port/x")]).expect_err("bad port");
         assert!(!error.to_string().contains("hunter2"), "{error}");
     }
 }

@@ -20,7 +20,8 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::api::{self, KernelSchema};
-use crate::commerce::Commerce;
+use crate::carts::{self, ActivityRecorder, CartStore, CartStoreError};
+use crate::commerce::{Carts, Commerce};
 use crate::config::{Config, ConfigError};
 use crate::event_store::StoreError;
 use crate::projections::Projector;
@@ -36,6 +37,8 @@ pub enum KernelError {
     Config(#[from] ConfigError),
     #[error("storage: {0}")]
     Store(#[from] StoreError),
+    #[error("carts: {0}")]
+    Carts(#[from] CartStoreError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -51,6 +54,7 @@ pub struct AppState {
     database: Database,
     schema: KernelSchema,
     commerce: Commerce,
+    carts: Carts,
     projector: Projector,
     /// Set once shutdown begins, so `/ready` sends load balancers elsewhere.
     draining: Arc<AtomicBool>,
@@ -58,18 +62,26 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(database: Database, graphiql: bool) -> Self {
+    pub fn new(database: Database, cart_store: Arc<dyn CartStore>, config: &Config) -> Self {
         let store = database.event_store();
         let views = database.view_store();
         let commerce = Commerce::new(Arc::clone(&store), Arc::clone(&views));
+        let carts = Carts::new(commerce.clone(), cart_store, config.cart_limits);
         let projector = Projector::new(Arc::clone(&store), views);
         AppState {
-            schema: api::build_schema(store, commerce.clone(), projector.clone()),
+            schema: api::build_schema(api::Adapters {
+                event_store: store,
+                commerce: commerce.clone(),
+                carts: carts.clone(),
+                cart_activity: database.cart_activity(),
+                projector: projector.clone(),
+            }),
             commerce,
+            carts,
             projector,
             database,
             draining: Arc::new(AtomicBool::new(false)),
-            graphiql,
+            graphiql: config.graphiql,
         }
     }
 }
@@ -90,8 +102,8 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .with_state(state)
 }
 
-/// Opens the database, applies migrations and serves until `shutdown` resolves;
-/// see [`serve`].
+/// Opens the database (applying migrations) and the cart store, and serves
+/// until `shutdown` resolves; see [`serve`].
 pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -99,11 +111,12 @@ pub async fn run(
 ) -> Result<(), KernelError> {
     let database = Database::connect(&config.database).await?;
     database.migrate().await?;
-    serve(database, &config, shutdown, on_listening).await
+    let cart_store = carts::open(&config.carts).await?;
+    serve(database, cart_store, &config, shutdown, on_listening).await
 }
 
 /// Serves the API on `config.listen_addr` from an open, migrated `database`
-/// until `shutdown` resolves.
+/// and an open cart store until `shutdown` resolves.
 ///
 /// `on_listening` is told the bound address (useful with port 0). After
 /// `shutdown`, `/ready` answers 503, no new connections are accepted, and
@@ -111,22 +124,27 @@ pub async fn run(
 /// database pools are closed.
 pub async fn serve(
     database: Database,
+    cart_store: Arc<dyn CartStore>,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), KernelError> {
-    let state = AppState::new(database.clone(), config.graphiql);
+    let state = AppState::new(database.clone(), Arc::clone(&cart_store), config);
     let draining = Arc::clone(&state.draining);
-    // Background work of every kernel process: projections and the expiry
-    // sweep. Both are safe to run in several processes at once.
+    // Background work of every kernel process: projections, the expiry sweep
+    // and the cart activity recorder. All are safe to run in several
+    // processes at once.
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
+    let recorder = ActivityRecorder::new(cart_store, database.cart_activity());
     let background = [
         tokio::spawn(state.projector.clone().run(background_stopped.clone())),
         tokio::spawn(sweep_expired_reservations(
             state.commerce.clone(),
-            background_stopped,
+            background_stopped.clone(),
         )),
+        tokio::spawn(recorder.run(background_stopped)),
     ];
+    let carts_backend = state.carts.store().backend();
     let app = router(state, config);
 
     let listener = TcpListener::bind(config.listen_addr)
@@ -139,6 +157,7 @@ pub async fn serve(
     tracing::info!(
         %address,
         backend = %database.backend(),
+        carts = carts_backend,
         "commerce-kernel listening on http://{address} (GraphQL at /graphql)"
     );
     on_listening(address);
@@ -247,10 +266,14 @@ async fn graphiql(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Pings the database within [`HEALTH_PROBE_TIMEOUT`]: its latency, or why it is down.
-async fn probe_database(database: &Database) -> Result<Duration, String> {
-    match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, database.ping()).await {
-        Ok(Ok(latency)) => Ok(latency),
+/// Runs a health probe within [`HEALTH_PROBE_TIMEOUT`]: its latency, or why
+/// the store is down.
+async fn probe<E: std::fmt::Display>(
+    check: impl Future<Output = Result<(), E>>,
+) -> Result<Duration, String> {
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(HEALTH_PROBE_TIMEOUT, check).await {
+        Ok(Ok(())) => Ok(started.elapsed()),
         Ok(Err(error)) => Err(error.to_string()),
         Err(_) => Err(format!(
             "no answer within {} ms",
@@ -259,19 +282,33 @@ async fn probe_database(database: &Database) -> Result<Duration, String> {
     }
 }
 
-/// Status of each backing store; 503 when any is down.
-async fn health(State(state): State<AppState>) -> Response {
-    let backend = state.database.backend();
-    let probe = probe_database(&state.database).await;
-    let database = match &probe {
+async fn probe_database(database: &Database) -> Result<Duration, String> {
+    probe(async { database.ping().await.map(|_| ()) }).await
+}
+
+async fn probe_carts(carts: &Carts) -> Result<Duration, String> {
+    probe(carts.store().ping()).await
+}
+
+fn check_json(
+    backend: impl serde::Serialize,
+    probe: &Result<Duration, String>,
+) -> serde_json::Value {
+    match probe {
         Ok(latency) => json!({
             "status": "up",
             "backend": backend,
             "latency_ms": latency.as_secs_f64() * 1000.0,
         }),
         Err(error) => json!({ "status": "down", "backend": backend, "error": error }),
-    };
-    let (status, summary) = if probe.is_ok() {
+    }
+}
+
+/// Status of each backing store (database, cart store); 503 when any is down.
+async fn health(State(state): State<AppState>) -> Response {
+    let (database, carts) =
+        tokio::join!(probe_database(&state.database), probe_carts(&state.carts));
+    let (status, summary) = if database.is_ok() && carts.is_ok() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
@@ -279,21 +316,29 @@ async fn health(State(state): State<AppState>) -> Response {
     let body = json!({
         "status": summary,
         "version": env!("CARGO_PKG_VERSION"),
-        "checks": { "database": database },
+        "checks": {
+            "database": check_json(state.database.backend(), &database),
+            "carts": check_json(state.carts.store().backend(), &carts),
+        },
     });
     (status, Json(body)).into_response()
 }
 
-/// 200 while the kernel takes traffic; 503 while draining or when the database is unreachable.
+/// 200 while the kernel takes traffic; 503 while draining or when the
+/// database or the cart store is unreachable.
 /// Counters in the Prometheus text format.
 async fn metrics(State(state): State<AppState>) -> Response {
     let metrics = state.commerce.metrics();
     let inventory = metrics.inventory_conflicts.load(Ordering::Relaxed);
+    let carts = metrics.cart_conflicts.load(Ordering::Relaxed);
     let other = metrics.other_conflicts.load(Ordering::Relaxed);
     let body = format!(
         "# HELP commerce_inventory_conflicts_total Version conflicts met by inventory commands.\n\
          # TYPE commerce_inventory_conflicts_total counter\n\
          commerce_inventory_conflicts_total {inventory}\n\
+         # HELP commerce_cart_conflicts_total Version conflicts met by cart commands.\n\
+         # TYPE commerce_cart_conflicts_total counter\n\
+         commerce_cart_conflicts_total {carts}\n\
          # HELP commerce_command_conflicts_total Version conflicts met by other commands.\n\
          # TYPE commerce_command_conflicts_total counter\n\
          commerce_command_conflicts_total {other}\n"
@@ -311,7 +356,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn ready(State(state): State<AppState>) -> Response {
     let status = if state.draining.load(Ordering::SeqCst) {
         "draining"
-    } else if probe_database(&state.database).await.is_err() {
+    } else if probe_database(&state.database).await.is_err()
+        || probe_carts(&state.carts).await.is_err()
+    {
         "unavailable"
     } else {
         return (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response();

@@ -255,6 +255,16 @@ impl CartBackendKind {
         }
     }
 
+    /// The cart store that runs with a database in production: Redis with
+    /// Postgres (when a test Redis is configured), embedded with SQLite.
+    pub fn paired_with(database: BackendKind) -> Self {
+        if database == BackendKind::Postgres && redis_url().is_some() {
+            CartBackendKind::Redis
+        } else {
+            CartBackendKind::Embedded
+        }
+    }
+
     /// The database each cart backend runs with: the embedded default pairs
     /// SQLite with the embedded cart store; Redis pairs with Postgres when it
     /// is configured, as in production.

@@ -33,31 +33,31 @@ pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest `rebuildProjections` waits for a rebuild to catch up before returning.
 pub const REBUILD_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn commerce<'a>(ctx: &Context<'a>) -> &'a Commerce {
+pub(super) fn commerce<'a>(ctx: &Context<'a>) -> &'a Commerce {
     ctx.data_unchecked::<Commerce>()
 }
 
-fn projector<'a>(ctx: &Context<'a>) -> &'a Projector {
+pub(super) fn projector<'a>(ctx: &Context<'a>) -> &'a Projector {
     ctx.data_unchecked::<Projector>()
 }
 
 /// Until authentication arrives (issue 7), every API command is recorded as
 /// coming from the API.
-fn api_context() -> CommandContext {
+pub(super) fn api_context() -> CommandContext {
     CommandContext {
         actor: Some("api".into()),
         correlation_id: Some(Uuid::now_v7()),
     }
 }
 
-fn version_argument(field: &str, version: Option<i32>) -> Result<Option<u32>, ApiError> {
+pub(super) fn version_argument(field: &str, version: Option<i32>) -> Result<Option<u32>, ApiError> {
     version
         .map(|v| u32::try_from(v).map_err(|_| ApiError::invalid(field, "must not be negative")))
         .transpose()
 }
 
 /// Waits until `projections` show `position`; the lag error when they don't.
-async fn read_your_writes(
+pub(super) async fn read_your_writes(
     ctx: &Context<'_>,
     projections: &[ProjectionName],
     position: Option<Position>,
@@ -237,7 +237,7 @@ pub struct Address {
     pub country: String,
 }
 
-pub struct Order(OrderView);
+pub struct Order(pub(super) OrderView);
 
 #[Object]
 impl Order {
@@ -542,7 +542,7 @@ pub struct RebuildProjectionsPayload {
 }
 
 /// Runs `command`; a refusal becomes the payload's error list.
-async fn refused<T>(
+pub(super) async fn refused<T>(
     command: impl std::future::Future<Output = Result<T, CommandError>>,
 ) -> Result<Result<T, Vec<UserError>>, ApiError> {
     match command.await {

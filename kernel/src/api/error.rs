@@ -75,9 +75,14 @@ impl ErrorCode {
 /// GraphQL error without a code, and that path must not be the one taken.
 #[derive(Debug)]
 pub enum ApiError {
-    InvalidArgument { field: String, message: String },
+    InvalidArgument {
+        field: String,
+        message: String,
+    },
     Store(StoreError),
     Carts(CartStoreError),
+    /// A command refused where the schema has no payload to carry the refusal.
+    Refused(UserError),
 }
 
 impl From<StoreError> for ApiError {
@@ -109,6 +114,7 @@ impl ApiError {
                 | StoreError::Migration(_),
             )
             | ApiError::Carts(_) => ErrorCode::Internal,
+            ApiError::Refused(refusal) => refusal.code,
         }
     }
 }
@@ -128,6 +134,7 @@ impl From<ApiError> for async_graphql::Error {
                 }
                 _ => (store_error.to_string(), None),
             },
+            ApiError::Refused(refusal) => (refusal.message, refusal.field),
             ApiError::Carts(cart_error) => {
                 tracing::error!(error = %cart_error, "request failed");
                 ("internal error".to_string(), None)
@@ -195,4 +202,12 @@ pub fn user_error(error: CommandError) -> Result<UserError, ApiError> {
         },
     };
     Ok(UserError::new(code, field, message))
+}
+
+/// A command's failure as a top-level error, for resolvers without a payload.
+pub fn command_failure(error: CommandError) -> ApiError {
+    match user_error(error) {
+        Ok(refusal) => ApiError::Refused(refusal),
+        Err(failure) => failure,
+    }
 }

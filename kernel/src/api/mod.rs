@@ -5,6 +5,7 @@
 //! repository root is this schema printed as SDL (`commerce-kernel schema`), and
 //! a test fails when the two differ.
 
+pub mod carts;
 pub mod commerce;
 pub mod error;
 
@@ -18,7 +19,8 @@ use uuid::Uuid;
 
 pub use error::{ApiError, ErrorCode};
 
-use crate::commerce::Commerce;
+use crate::carts::CartActivityLog;
+use crate::commerce::{Carts, Commerce};
 use crate::event_store::{EventFilter, EventStore, Position, RecordedEvent, StreamSelection};
 use crate::projections::Projector;
 
@@ -27,10 +29,10 @@ pub type KernelSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 
 /// Every query: the event log's and the commerce read models'.
 #[derive(MergedObject, Default)]
-pub struct QueryRoot(EventLogQuery, commerce::CommerceQuery);
+pub struct QueryRoot(EventLogQuery, commerce::CommerceQuery, carts::CartQuery);
 
 #[derive(MergedObject, Default)]
-pub struct MutationRoot(commerce::CommerceMutation);
+pub struct MutationRoot(commerce::CommerceMutation, carts::CartMutation);
 
 /// Default and largest page of a connection.
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
@@ -39,16 +41,23 @@ pub const MAX_PAGE_SIZE: i32 = 500;
 pub const MAX_QUERY_DEPTH: usize = 16;
 pub const MAX_QUERY_COMPLEXITY: usize = 10_000;
 
+/// What the resolvers reach through the schema's data.
+pub struct Adapters {
+    pub event_store: Arc<dyn EventStore>,
+    pub commerce: Commerce,
+    pub carts: Carts,
+    pub cart_activity: Arc<dyn CartActivityLog>,
+    pub projector: Projector,
+}
+
 /// Builds the schema around the kernel's adapters.
-pub fn build_schema(
-    event_store: Arc<dyn EventStore>,
-    commerce: Commerce,
-    projector: Projector,
-) -> KernelSchema {
+pub fn build_schema(adapters: Adapters) -> KernelSchema {
     schema_builder()
-        .data(event_store)
-        .data(commerce)
-        .data(projector)
+        .data(adapters.event_store)
+        .data(adapters.commerce)
+        .data(adapters.carts)
+        .data(adapters.cart_activity)
+        .data(adapters.projector)
         .finish()
 }
 

@@ -1,0 +1,496 @@
+//! Cart queries and mutations, checkout (`placeOrder`) and the abandoned-cart
+//! report.
+//!
+//! Carts are read from the cart store, not from a projection, so a cart
+//! mutation's payload shows its change at once. Prices are the catalog's at
+//! the time of the read.
+
+use std::sync::Arc;
+
+use async_graphql::{Context, Enum, InputObject, Object, SimpleObject};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::commerce::{
+    Money, Order, api_context, projector, read_your_writes, refused, version_argument,
+};
+use super::error::UserError;
+use super::{ApiError, page_size};
+use crate::carts::{AbandonedCart as AbandonedCartRecord, AbandonedCursor, CartActivityLog};
+use crate::commerce::{CartItem, Carts, CheckoutInput, CommandError, NewCart, PricedCart};
+use crate::domain::DomainError;
+use crate::domain::cart::{CartOwner, PricedLine, QuantityMode};
+use crate::domain::money::Currency;
+use crate::domain::order::Address as DomainAddress;
+use crate::projections::ProjectionName;
+
+/// Longest idle time `abandonedCarts` accepts: ten years, in hours.
+const MAX_ABANDONED_HOURS: f64 = 87_600.0;
+
+fn carts<'a>(ctx: &Context<'a>) -> &'a Carts {
+    ctx.data_unchecked::<Carts>()
+}
+
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(remote = "crate::domain::cart::CartStatus")]
+pub enum CartStatus {
+    Open,
+    /// Frozen while its order is being placed.
+    CheckingOut,
+    /// Its order exists; the cart can no longer change.
+    CheckedOut,
+}
+
+/// How an item's quantity combines with the cart's line.
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(remote = "crate::domain::cart::QuantityMode")]
+pub enum CartItemMode {
+    /// The line holds exactly `quantity`; 0 removes it.
+    Set,
+    /// `quantity` (1 or more) is added to the line.
+    Add,
+}
+
+/// A cart, priced from the catalog as of this read.
+pub struct Cart(PricedCart);
+
+fn owner_ids(owner: &CartOwner) -> (Option<Uuid>, Option<&str>) {
+    match owner {
+        CartOwner::Customer(id) => (Some(*id), None),
+        CartOwner::Session(session) => (None, Some(session)),
+    }
+}
+
+#[Object]
+impl Cart {
+    async fn id(&self) -> Uuid {
+        self.0.cart.id
+    }
+    /// Set for a customer's cart.
+    async fn customer_id(&self) -> Option<Uuid> {
+        owner_ids(&self.0.cart.owner).0
+    }
+    /// Set for an anonymous session's cart.
+    async fn session_id(&self) -> Option<&str> {
+        owner_ids(&self.0.cart.owner).1
+    }
+    async fn status(&self) -> CartStatus {
+        self.0.cart.status.into()
+    }
+    /// ISO 4217 code every line is priced in; null while the cart is empty,
+    /// unless one was chosen at creation.
+    async fn currency(&self) -> Option<&str> {
+        self.0.cart.currency.as_ref().map(Currency::code)
+    }
+    async fn lines(&self) -> Vec<CartLine> {
+        self.0.lines.iter().map(CartLine::from).collect()
+    }
+    /// Sum of the lines that can be bought now.
+    async fn subtotal(&self) -> Option<Money> {
+        self.0.subtotal.map(Money::from)
+    }
+    /// Units across all lines.
+    async fn item_count(&self) -> u32 {
+        self.0.cart.item_count()
+    }
+    /// One more per change; pass it as `expectedVersion` to change only this state.
+    async fn version(&self) -> u32 {
+        self.0.cart.version
+    }
+    /// The order the cart became, once checked out.
+    async fn order_id(&self) -> Option<Uuid> {
+        self.0.cart.order_id
+    }
+    async fn created_at(&self) -> DateTime<Utc> {
+        self.0.cart.created_at
+    }
+    async fn updated_at(&self) -> DateTime<Utc> {
+        self.0.cart.updated_at
+    }
+    /// When the cart disappears unless it changes before.
+    async fn expires_at(&self) -> DateTime<Utc> {
+        self.0.cart.expires_at
+    }
+}
+
+#[derive(SimpleObject)]
+pub struct CartLine {
+    pub product_id: Uuid,
+    pub quantity: u32,
+    pub sku: Option<String>,
+    pub name: Option<String>,
+    /// The catalog's price now; null when the product cannot be bought.
+    pub unit_price: Option<Money>,
+    pub line_total: Option<Money>,
+    pub available: bool,
+    /// Why the line cannot be bought now (inactive product, say).
+    pub unavailable_reason: Option<String>,
+}
+
+impl From<&PricedLine> for CartLine {
+    fn from(line: &PricedLine) -> Self {
+        CartLine {
+            product_id: line.product_id,
+            quantity: line.quantity,
+            sku: line.sku.clone(),
+            name: line.name.clone(),
+            unit_price: line.unit_price.map(Money::from),
+            line_total: line.line_total.map(Money::from),
+            available: line.unavailable_reason.is_none(),
+            unavailable_reason: line.unavailable_reason.clone(),
+        }
+    }
+}
+
+#[derive(InputObject)]
+pub struct CartItemInput {
+    pub product_id: Uuid,
+    /// 0 to 999 with SET (0 removes the line), 1 to 999 with ADD; a line
+    /// never holds more than 999.
+    pub quantity: i32,
+    #[graphql(default_with = "CartItemMode::Set")]
+    pub mode: CartItemMode,
+}
+
+impl CartItemInput {
+    fn to_item(&self) -> Result<CartItem, CommandError> {
+        let quantity = u32::try_from(self.quantity)
+            .map_err(|_| DomainError::invalid("items.quantity", "must not be negative"))?;
+        Ok(CartItem {
+            product_id: self.product_id,
+            quantity,
+            mode: QuantityMode::from(self.mode),
+        })
+    }
+}
+
+fn items(inputs: &[CartItemInput]) -> Result<Vec<CartItem>, CommandError> {
+    inputs.iter().map(CartItemInput::to_item).collect()
+}
+
+/// A new cart for a customer or for an anonymous session (exactly one of the two).
+#[derive(InputObject)]
+pub struct CreateCartInput {
+    pub customer_id: Option<Uuid>,
+    pub session_id: Option<String>,
+    /// Fixes the cart's currency; otherwise the first product added decides.
+    pub currency: Option<String>,
+    #[graphql(default)]
+    pub items: Vec<CartItemInput>,
+}
+
+#[derive(InputObject)]
+pub struct AddressInput {
+    pub name: String,
+    pub line1: String,
+    pub line2: Option<String>,
+    pub city: String,
+    pub postal_code: String,
+    pub region: Option<String>,
+    /// ISO 3166-1 alpha-2, such as "DE".
+    pub country: String,
+}
+
+impl From<AddressInput> for DomainAddress {
+    fn from(input: AddressInput) -> Self {
+        DomainAddress {
+            name: input.name,
+            line1: input.line1,
+            line2: input.line2,
+            city: input.city,
+            postal_code: input.postal_code,
+            region: input.region,
+            country: input.country,
+        }
+    }
+}
+
+#[derive(InputObject)]
+pub struct PlaceOrderInput {
+    pub cart_id: Uuid,
+    pub payment_method: String,
+    pub shipping_address: AddressInput,
+    /// Recorded on the order and handed to the payment provider. The cart
+    /// itself makes checkout exactly-once: placing its order again returns
+    /// the same order.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(SimpleObject, Default)]
+pub struct CartPayload {
+    pub cart: Option<Cart>,
+    pub errors: Vec<UserError>,
+}
+
+#[derive(SimpleObject, Default)]
+pub struct PlaceOrderPayload {
+    pub order: Option<Order>,
+    pub cart: Option<Cart>,
+    pub errors: Vec<UserError>,
+}
+
+/// A cart untouched for the hours asked for and never checked out.
+#[derive(SimpleObject)]
+pub struct AbandonedCart {
+    pub cart_id: Uuid,
+    pub customer_id: Option<Uuid>,
+    pub session_id: Option<String>,
+    pub line_count: u32,
+    pub created_at: DateTime<Utc>,
+    pub last_activity_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    /// Past its time to live: the cart itself is gone.
+    pub expired: bool,
+}
+
+impl AbandonedCart {
+    fn new(record: AbandonedCartRecord, now: DateTime<Utc>) -> Self {
+        let (customer_id, session_id) = owner_ids(&record.owner);
+        AbandonedCart {
+            cart_id: record.cart_id,
+            customer_id,
+            session_id: session_id.map(str::to_string),
+            line_count: record.line_count,
+            created_at: record.created_at,
+            last_activity_at: record.last_activity_at,
+            expires_at: record.expires_at,
+            expired: record.expires_at <= now,
+        }
+    }
+}
+
+/// Abandoned carts and the abandonment rate. The record is filled in the
+/// background, within about a second of each cart change.
+#[derive(SimpleObject)]
+pub struct AbandonedCartReport {
+    /// Carts idle since this time and not checked out are abandoned.
+    pub cutoff: DateTime<Utc>,
+    /// Oldest activity first.
+    pub carts: Vec<AbandonedCart>,
+    /// Pass as `after` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+    pub abandoned_count: u64,
+    pub checked_out_count: u64,
+    /// Carts touched since the cutoff and not checked out: undecided, so
+    /// not part of the rate.
+    pub active_count: u64,
+    /// abandoned / (abandoned + checked out); null when both are 0.
+    pub abandonment_rate: Option<f64>,
+}
+
+fn cursor_text(cart: &AbandonedCartRecord) -> String {
+    format!(
+        "{}_{}",
+        cart.last_activity_at.timestamp_micros(),
+        cart.cart_id
+    )
+}
+
+fn parse_cursor(text: &str) -> Result<AbandonedCursor, ApiError> {
+    let invalid = || ApiError::invalid("after", "not a cursor of this list");
+    let (micros, id) = text.split_once('_').ok_or_else(invalid)?;
+    Ok(AbandonedCursor {
+        last_activity_at: micros
+            .parse::<i64>()
+            .ok()
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(invalid)?,
+        cart_id: Uuid::parse_str(id).map_err(|_| invalid())?,
+    })
+}
+
+/// Prices a cart for a payload; a refusal of the pricing itself is an error.
+async fn priced(ctx: &Context<'_>, cart: crate::domain::cart::Cart) -> Result<Cart, ApiError> {
+    match carts(ctx).price(cart).await {
+        Ok(priced) => Ok(Cart(priced)),
+        Err(error) => Err(super::error::command_failure(error)),
+    }
+}
+
+async fn cart_payload(
+    ctx: &Context<'_>,
+    outcome: Result<crate::domain::cart::Cart, Vec<UserError>>,
+) -> Result<CartPayload, ApiError> {
+    match outcome {
+        Ok(cart) => Ok(CartPayload {
+            cart: Some(priced(ctx, cart).await?),
+            errors: Vec::new(),
+        }),
+        Err(errors) => Ok(CartPayload { cart: None, errors }),
+    }
+}
+
+#[derive(Default)]
+pub struct CartQuery;
+
+#[Object]
+impl CartQuery {
+    /// A cart; null when it does not exist or has expired.
+    async fn cart(&self, ctx: &Context<'_>, id: Uuid) -> Result<Option<Cart>, ApiError> {
+        let found = carts(ctx)
+            .cart(id)
+            .await
+            .map_err(super::error::command_failure)?;
+        match found {
+            Some(cart) => Ok(Some(priced(ctx, cart).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Carts untouched for `hours` (fractions allowed) and never checked
+    /// out, expired ones included, with the abandonment rate. For admins.
+    async fn abandoned_carts(
+        &self,
+        ctx: &Context<'_>,
+        hours: f64,
+        #[graphql(desc = "Page size, 1 to 500 (default 50).")] first: Option<i32>,
+        #[graphql(desc = "`nextCursor` of the previous page.")] after: Option<String>,
+    ) -> Result<AbandonedCartReport, ApiError> {
+        if !(hours > 0.0 && hours <= MAX_ABANDONED_HOURS) {
+            return Err(ApiError::invalid(
+                "hours",
+                format!("must be more than 0 and at most {MAX_ABANDONED_HOURS}"),
+            ));
+        }
+        let first = page_size(first)?;
+        let after = after.as_deref().map(parse_cursor).transpose()?;
+        let now = Utc::now();
+        let idle = chrono::Duration::milliseconds((hours * 3_600_000.0) as i64);
+        let cutoff = now - idle;
+        let report = ctx
+            .data_unchecked::<Arc<dyn CartActivityLog>>()
+            .abandoned(cutoff, after, first)
+            .await?;
+        let next_cursor = if report.carts.len() == first as usize {
+            report.carts.last().map(cursor_text)
+        } else {
+            None
+        };
+        let abandonment_rate = report.abandonment_rate();
+        Ok(AbandonedCartReport {
+            cutoff,
+            carts: report
+                .carts
+                .into_iter()
+                .map(|cart| AbandonedCart::new(cart, now))
+                .collect(),
+            next_cursor,
+            abandoned_count: report.abandoned,
+            checked_out_count: report.checked_out,
+            active_count: report.active,
+            abandonment_rate,
+        })
+    }
+}
+
+#[derive(Default)]
+pub struct CartMutation;
+
+#[Object]
+impl CartMutation {
+    /// Creates a cart for a customer or an anonymous session, optionally with items.
+    async fn create_cart(
+        &self,
+        ctx: &Context<'_>,
+        input: CreateCartInput,
+    ) -> Result<CartPayload, ApiError> {
+        let command = async {
+            let owner = match (input.customer_id, input.session_id.as_deref()) {
+                (Some(customer), None) => CartOwner::Customer(customer),
+                (None, Some(session)) => CartOwner::session(session)?,
+                _ => {
+                    return Err(DomainError::invalid(
+                        "customerId",
+                        "give exactly one of customerId and sessionId",
+                    )
+                    .into());
+                }
+            };
+            let currency = input.currency.as_deref().map(Currency::parse).transpose()?;
+            let new = NewCart {
+                owner,
+                currency,
+                items: items(&input.items)?,
+            };
+            carts(ctx).create_cart(new).await
+        };
+        cart_payload(ctx, refused(command).await?).await
+    }
+
+    /// Sets (SET, the default) or adds to (ADD) the quantities of several
+    /// lines at once: all of them or, with an error, none.
+    async fn upsert_cart_items(
+        &self,
+        ctx: &Context<'_>,
+        cart_id: Uuid,
+        items: Vec<CartItemInput>,
+        #[graphql(desc = "Refuse with VERSION_CONFLICT unless the cart is at this version.")]
+        expected_version: Option<i32>,
+    ) -> Result<CartPayload, ApiError> {
+        let expected = version_argument("expectedVersion", expected_version)?;
+        let command = async {
+            let items = self::items(&items)?;
+            carts(ctx).change_items(cart_id, &items, expected).await
+        };
+        cart_payload(ctx, refused(command).await?).await
+    }
+
+    async fn remove_cart_item(
+        &self,
+        ctx: &Context<'_>,
+        cart_id: Uuid,
+        product_id: Uuid,
+        expected_version: Option<i32>,
+    ) -> Result<CartPayload, ApiError> {
+        let expected = version_argument("expectedVersion", expected_version)?;
+        let command = carts(ctx).remove_item(cart_id, product_id, expected);
+        cart_payload(ctx, refused(command).await?).await
+    }
+
+    async fn clear_cart(
+        &self,
+        ctx: &Context<'_>,
+        cart_id: Uuid,
+        expected_version: Option<i32>,
+    ) -> Result<CartPayload, ApiError> {
+        let expected = version_argument("expectedVersion", expected_version)?;
+        let command = carts(ctx).clear(cart_id, expected);
+        cart_payload(ctx, refused(command).await?).await
+    }
+
+    /// Turns the cart into an order (PENDING), exactly once: placing it again,
+    /// even concurrently, returns the same order. The cart is then CHECKED_OUT
+    /// and cannot change.
+    async fn place_order(
+        &self,
+        ctx: &Context<'_>,
+        input: PlaceOrderInput,
+    ) -> Result<PlaceOrderPayload, ApiError> {
+        let checkout = CheckoutInput {
+            cart_id: input.cart_id,
+            payment_method: input.payment_method,
+            shipping_address: input.shipping_address.into(),
+            idempotency_key: input.idempotency_key,
+        };
+        let context = api_context();
+        let done = match refused(carts(ctx).checkout(&checkout, &context)).await? {
+            Ok(done) => done,
+            Err(errors) => {
+                return Ok(PlaceOrderPayload {
+                    errors,
+                    ..PlaceOrderPayload::default()
+                });
+            }
+        };
+        let lag = read_your_writes(ctx, &[ProjectionName::Orders], done.order.position).await?;
+        Ok(PlaceOrderPayload {
+            order: projector(ctx)
+                .views()
+                .order(done.order.id)
+                .await?
+                .map(Order),
+            cart: Some(priced(ctx, done.cart).await?),
+            errors: lag.into_iter().collect(),
+        })
+    }
+}
