@@ -229,19 +229,26 @@ impl CartStore for RedisCartStore {
         }
         .map_err(unavailable)?;
         let mut queued = Vec::with_capacity(entries.len());
+        let mut unreadable = Vec::new();
         for entry in entries {
-            let Some(json) = entry.get::<String>("activity") else {
-                // Not ours to read; acknowledged with the rest so it goes away.
-                tracing::warn!(id = %entry.id, "cart activity entry without payload");
-                continue;
-            };
-            let activity = serde_json::from_str(&json)
-                .map_err(|e| CartStoreError::Corrupt(format!("activity {}: {e}", entry.id)))?;
-            queued.push(QueuedActivity {
-                token: entry.id,
-                activity,
-            });
+            let parsed = entry
+                .get::<String>("activity")
+                .ok_or_else(|| "no activity field".to_string())
+                .and_then(|json| serde_json::from_str(&json).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(activity) => queued.push(QueuedActivity {
+                    token: entry.id,
+                    activity,
+                }),
+                Err(reason) => {
+                    // Never written by this store; left queued it would come
+                    // back forever and hold up the entries behind it.
+                    tracing::error!(id = %entry.id, %reason, "dropping an unreadable cart activity entry");
+                    unreadable.push(entry.id);
+                }
+            }
         }
+        self.acknowledge_activity(&unreadable).await?;
         Ok(queued)
     }
 
