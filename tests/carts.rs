@@ -77,6 +77,17 @@ async fn product(commerce: &Commerce, price: &str, currency: &str) -> anyhow::Re
     Ok(created.id)
 }
 
+async fn deactivate(commerce: &Commerce, product_id: Uuid) -> anyhow::Result<()> {
+    let update = ProductUpdate {
+        active: Some(false),
+        ..ProductUpdate::default()
+    };
+    commerce
+        .update_product(product_id, update, None, &context())
+        .await?;
+    Ok(())
+}
+
 fn set(product_id: Uuid, quantity: u32) -> CartItem {
     CartItem {
         product_id,
@@ -168,17 +179,7 @@ async fn carts_are_priced_from_the_catalog_when_read(
             &context(),
         )
         .await?;
-    commerce
-        .update_product(
-            cup,
-            ProductUpdate {
-                active: Some(false),
-                ..ProductUpdate::default()
-            },
-            None,
-            &context(),
-        )
-        .await?;
+    deactivate(&commerce, cup).await?;
     let priced = service.price(loaded).await?;
     ensure!(
         priced.subtotal == Some(money("60.00", "EUR")?),
@@ -268,17 +269,7 @@ async fn invalid_items_are_refused_with_typed_errors(
     let euro = product(&commerce, "1.00", "EUR").await?;
     let dollar = product(&commerce, "1.00", "USD").await?;
     let retired = product(&commerce, "1.00", "EUR").await?;
-    commerce
-        .update_product(
-            retired,
-            ProductUpdate {
-                active: Some(false),
-                ..ProductUpdate::default()
-            },
-            None,
-            &context(),
-        )
-        .await?;
+    deactivate(&commerce, retired).await?;
     let cart = service
         .create_cart(customer_cart(vec![set(euro, 998)]))
         .await?;
@@ -584,17 +575,7 @@ async fn a_refused_checkout_leaves_the_cart_open(
         ),
         "{refused:?}"
     );
-    commerce
-        .update_product(
-            pot,
-            ProductUpdate {
-                active: Some(false),
-                ..ProductUpdate::default()
-            },
-            None,
-            &context(),
-        )
-        .await?;
+    deactivate(&commerce, pot).await?;
     let refused = refusal(
         service
             .checkout(&checkout_input(cart.id, "b"), &context())

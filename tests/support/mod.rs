@@ -207,12 +207,7 @@ pub fn run_suite(cases: &[(&'static str, SuiteCase)]) -> ! {
 }
 
 fn run_case(kind: BackendKind, case: SuiteCase) -> Result<(), Failed> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Failed::from(format!("runtime: {e}")))?;
-    runtime.block_on(async move {
+    block_on(async move {
         let database = Arc::new(
             TestDatabase::create(kind)
                 .await
@@ -230,6 +225,16 @@ fn run_case(kind: BackendKind, case: SuiteCase) -> Result<(), Failed> {
         }
         outcome.map_err(|e| Failed::from(format!("{e:#}")))
     })
+}
+
+/// Runs one test on a runtime of its own, as small as the CI machine.
+fn block_on(test: impl Future<Output = Result<(), Failed>>) -> Result<(), Failed> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Failed::from(format!("runtime: {e}")))?
+        .block_on(test)
 }
 
 /// Points the cart suites at a Redis server, e.g. `redis://127.0.0.1:6379`.
@@ -362,12 +367,7 @@ pub fn run_cart_suite(cases: &[(&'static str, CartCase)]) -> ! {
 }
 
 fn run_cart_case(kind: CartBackendKind, case: CartCase) -> Result<(), Failed> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| Failed::from(format!("runtime: {e}")))?;
-    runtime.block_on(async move {
+    block_on(async move {
         let setup = |e: anyhow::Error| Failed::from(format!("setting up {}: {e:#}", kind.name()));
         let database = Arc::new(TestDatabase::create(kind.database()).await.map_err(setup)?);
         let carts = Arc::new(TestCartStore::create(kind).await.map_err(setup)?);
