@@ -103,10 +103,6 @@ impl Carts {
         &self.store
     }
 
-    pub fn limits(&self) -> &CartLimits {
-        &self.limits
-    }
-
     /// Creates a cart, optionally with items.
     pub async fn create_cart(&self, new: NewCart) -> Result<Cart, CommandError> {
         let items = self.resolve(&new.items).await?;
