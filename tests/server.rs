@@ -332,6 +332,7 @@ async fn in_flight_requests_finish_on_shutdown(db: Arc<TestDatabase>) -> anyhow:
     tokio::time::sleep(Duration::from_millis(200)).await;
     let RunningKernel {
         address,
+        carts,
         shutdown,
         task,
         ..
@@ -363,7 +364,7 @@ async fn in_flight_requests_finish_on_shutdown(db: Arc<TestDatabase>) -> anyhow:
     tokio::time::timeout(Duration::from_secs(10), task)
         .await
         .context("kernel did not stop after its last request")???;
-    Ok(())
+    carts.remove().await
 }
 
 const CREATE_PRODUCT: &str = r#"
