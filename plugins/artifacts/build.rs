@@ -1,0 +1,151 @@
+//! Builds the guest plugins in `../guests` as `wasm32-wasip2` components and
+//! writes their paths to `$OUT_DIR/components.rs`, as wasmtime's
+//! test-programs crate does, so `cargo test` needs no manual step.
+//!
+//! A plain `cargo build` does not install a missing target even when
+//! `rust-toolchain.toml` names it, so this script adds `wasm32-wasip2` with
+//! rustup when it is missing, and otherwise stops with the command to run.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const TARGET: &str = "wasm32-wasip2";
+
+/// Guest crate name, and the constant naming its component in `lib.rs`.
+const GUESTS: &[(&str, &str)] = &[
+    ("order-limit", "ORDER_LIMIT"),
+    ("misbehaving", "MISBEHAVING"),
+    ("payment-http", "PAYMENT_HTTP"),
+    ("shipping-http", "SHIPPING_HTTP"),
+];
+
+fn main() {
+    if let Err(message) = build() {
+        // A build script reports failure by exiting non-zero; the message is
+        // what the developer sees.
+        eprintln!("{message}");
+        std::process::exit(1);
+    }
+}
+
+fn build() -> Result<(), String> {
+    let manifest_dir = PathBuf::from(env_var("CARGO_MANIFEST_DIR")?);
+    let guests = manifest_dir.join("../guests");
+    let wit = manifest_dir.join("../../wit");
+    let out_dir = PathBuf::from(env_var("OUT_DIR")?);
+    println!("cargo:rerun-if-changed={}", guests.display());
+    println!("cargo:rerun-if-changed={}", wit.display());
+
+    ensure_target()?;
+
+    // Beside the kernel's own build output (<target>/<profile>/plugin-guests),
+    // so a change to this script's hash does not rebuild the guests from scratch.
+    let guest_target = out_dir
+        .ancestors()
+        .nth(3)
+        .map(|profile_dir| profile_dir.join("plugin-guests"))
+        .unwrap_or_else(|| out_dir.join("plugin-guests"));
+
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let mut command = Command::new(cargo);
+    command
+        .arg("build")
+        .arg("--release")
+        .arg("--target")
+        .arg(TARGET)
+        .arg("--manifest-path")
+        .arg(guests.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&guest_target);
+    // The outer build's flags, wrappers and lints are for the host, not the guests.
+    for variable in [
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CLIPPY_ARGS",
+        "CARGO_PRIMARY_PACKAGE",
+    ] {
+        command.env_remove(variable);
+    }
+    let output = command
+        .output()
+        .map_err(|error| format!("could not run cargo to build the guest plugins: {error}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "building the guest plugins in {} failed:\n{}",
+            guests.display(),
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+
+    let mut source = String::new();
+    for (crate_name, constant) in GUESTS {
+        let file = guest_target
+            .join(TARGET)
+            .join("release")
+            .join(format!("{}.wasm", crate_name.replace('-', "_")));
+        if !file.is_file() {
+            return Err(format!("the guest build produced no {}", file.display()));
+        }
+        writeln!(
+            source,
+            "/// The `{crate_name}` component, built from `plugins/guests/{crate_name}`.\n\
+             pub const {constant}: &str = {:?};",
+            file.display().to_string()
+        )
+        .map_err(|error| error.to_string())?;
+    }
+    fs::write(out_dir.join("components.rs"), source)
+        .map_err(|error| format!("could not write components.rs: {error}"))
+}
+
+/// Makes sure the toolchain has the standard library for `wasm32-wasip2`.
+fn ensure_target() -> Result<(), String> {
+    if target_installed()? {
+        return Ok(());
+    }
+    println!("cargo:warning=installing the {TARGET} target with rustup (the plugins need it)");
+    let added = Command::new("rustup")
+        .args(["target", "add", TARGET])
+        .status();
+    match added {
+        Ok(status) if status.success() && target_installed()? => Ok(()),
+        _ => Err(format!(
+            "the guest plugins need the {TARGET} target, which this toolchain lacks and \
+             rustup could not add. Run `rustup target add {TARGET}` in this repository, \
+             then build again."
+        )),
+    }
+}
+
+fn target_installed() -> Result<bool, String> {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_string());
+    let output = Command::new(rustc)
+        .args(["--print", "target-libdir", "--target", TARGET])
+        .output()
+        .map_err(|error| format!("could not run rustc: {error}"))?;
+    let libdir = String::from_utf8_lossy(&output.stdout).trim().to_string();
+    Ok(output.status.success() && has_core_rlib(Path::new(&libdir)))
+}
+
+/// The standard library's file names carry a hash: `libcore-<hash>.rlib`.
+fn has_core_rlib(libdir: &Path) -> bool {
+    fs::read_dir(libdir)
+        .map(|entries| {
+            entries.flatten().any(|entry| {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                name.starts_with("libcore-") && name.ends_with(".rlib")
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn env_var(name: &str) -> Result<String, String> {
+    env::var(name).map_err(|_| format!("cargo did not set {name}"))
+}

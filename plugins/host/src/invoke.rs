@@ -1,0 +1,422 @@
+//! One invocation: a fresh store with the plugin's limits, instantiation
+//! from the pre-linked component, the call, and the classification of
+//! whatever went wrong into a [`PluginError`].
+
+use std::time::{Duration, Instant};
+
+use wasmtime::{Store, Trap};
+
+use crate::bindings::{
+    Failure as WitFailure, Money, Order, Payment, PaymentRequest, Rate, Shipment, StepContext,
+};
+use crate::engine::{EPOCH_TICK, LoadedPlugin, Prepared};
+use crate::error::{Failure, PluginError};
+use crate::manifest::PluginKind;
+use crate::state::InvocationState;
+
+/// JSON a saga step may return, at most.
+const MAX_STEP_OUTPUT_BYTES: usize = 64 * 1024;
+/// A provider reference or tracking number, at most.
+const MAX_REFERENCE_CHARS: usize = 256;
+
+/// A call into a plugin, by contract.
+enum Call {
+    Execute(StepContext),
+    Compensate(StepContext, String),
+    Authorize(PaymentRequest),
+    Charge(PaymentRequest),
+    Capture(String, String, Money),
+    Refund(String, String, Money),
+    Cancel(String, String),
+    Quote(Order),
+    CreateShipment(String, Order, String),
+    CancelShipment(String, String),
+}
+
+impl Call {
+    fn kind(&self) -> PluginKind {
+        match self {
+            Call::Execute(..) | Call::Compensate(..) => PluginKind::SagaStep,
+            Call::Authorize(..)
+            | Call::Charge(..)
+            | Call::Capture(..)
+            | Call::Refund(..)
+            | Call::Cancel(..) => PluginKind::Payment,
+            Call::Quote(..) | Call::CreateShipment(..) | Call::CancelShipment(..) => {
+                PluginKind::Shipping
+            }
+        }
+    }
+}
+
+/// What a call returned, by contract.
+enum Answer {
+    Json(String),
+    Unit,
+    Payment(Payment),
+    Rates(Vec<Rate>),
+    Shipment(Shipment),
+}
+
+impl LoadedPlugin {
+    /// Runs a saga step forward; returns its output, checked to be JSON.
+    pub async fn execute_step(&self, context: StepContext) -> Result<String, PluginError> {
+        match self.invoke(Call::Execute(context)).await? {
+            Answer::Json(output) => Ok(output),
+            _ => Err(self.mismatch()),
+        }
+    }
+
+    /// Undoes a saga step, given the output its `execute` returned.
+    pub async fn compensate_step(
+        &self,
+        context: StepContext,
+        output: String,
+    ) -> Result<(), PluginError> {
+        self.expect_unit(Call::Compensate(context, output)).await
+    }
+
+    pub async fn authorize(&self, request: PaymentRequest) -> Result<Payment, PluginError> {
+        self.expect_payment(Call::Authorize(request)).await
+    }
+
+    pub async fn charge(&self, request: PaymentRequest) -> Result<Payment, PluginError> {
+        self.expect_payment(Call::Charge(request)).await
+    }
+
+    pub async fn capture(
+        &self,
+        idempotency_key: String,
+        reference: String,
+        amount: Money,
+    ) -> Result<Payment, PluginError> {
+        self.expect_payment(Call::Capture(idempotency_key, reference, amount))
+            .await
+    }
+
+    pub async fn refund(
+        &self,
+        idempotency_key: String,
+        reference: String,
+        amount: Money,
+    ) -> Result<Payment, PluginError> {
+        self.expect_payment(Call::Refund(idempotency_key, reference, amount))
+            .await
+    }
+
+    pub async fn cancel_payment(
+        &self,
+        idempotency_key: String,
+        reference: String,
+    ) -> Result<Payment, PluginError> {
+        self.expect_payment(Call::Cancel(idempotency_key, reference))
+            .await
+    }
+
+    pub async fn quote(&self, order: Order) -> Result<Vec<Rate>, PluginError> {
+        match self.invoke(Call::Quote(order)).await? {
+            Answer::Rates(rates) => Ok(rates),
+            _ => Err(self.mismatch()),
+        }
+    }
+
+    pub async fn create_shipment(
+        &self,
+        idempotency_key: String,
+        order: Order,
+        service: String,
+    ) -> Result<Shipment, PluginError> {
+        match self
+            .invoke(Call::CreateShipment(idempotency_key, order, service))
+            .await?
+        {
+            Answer::Shipment(shipment) => Ok(shipment),
+            _ => Err(self.mismatch()),
+        }
+    }
+
+    pub async fn cancel_shipment(
+        &self,
+        idempotency_key: String,
+        reference: String,
+    ) -> Result<(), PluginError> {
+        self.expect_unit(Call::CancelShipment(idempotency_key, reference))
+            .await
+    }
+
+    async fn expect_payment(&self, call: Call) -> Result<Payment, PluginError> {
+        match self.invoke(call).await? {
+            Answer::Payment(payment) => Ok(payment),
+            _ => Err(self.mismatch()),
+        }
+    }
+
+    async fn expect_unit(&self, call: Call) -> Result<(), PluginError> {
+        match self.invoke(call).await? {
+            Answer::Unit => Ok(()),
+            _ => Err(self.mismatch()),
+        }
+    }
+
+    fn mismatch(&self) -> PluginError {
+        PluginError::Host {
+            plugin: self.grants.label.clone(),
+            message: "the call and its answer disagree (a host bug)".to_string(),
+        }
+    }
+
+    /// Runs one call in a fresh store and records it in the plugin's stats.
+    async fn invoke(&self, call: Call) -> Result<Answer, PluginError> {
+        let label = &self.grants.label;
+        if call.kind() != self.manifest.kind {
+            return Err(PluginError::WrongKind {
+                name: self.manifest.name.clone(),
+                expected: call.kind().to_string(),
+                actual: self.manifest.kind.to_string(),
+            });
+        }
+        let limits = self.manifest.limits;
+        let timeout = Duration::from_millis(limits.timeout_ms);
+        let started = Instant::now();
+
+        // Waiting for a slot counts against the deadline: a caller is never
+        // held longer than the plugin's timeout.
+        let permit = tokio::time::timeout(timeout, self.engine.permits.acquire()).await;
+        let _permit = match permit {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_closed)) => {
+                return Err(self.record(started, 0, self.host_error("the engine is shut down")));
+            }
+            Err(_elapsed) => {
+                let error = PluginError::DeadlineExceeded {
+                    plugin: label.clone(),
+                    timeout_ms: limits.timeout_ms,
+                };
+                return Err(self.record(started, 0, error));
+            }
+        };
+
+        let mut store = Store::new(
+            &self.engine.engine,
+            InvocationState::new(self.grants.clone()),
+        );
+        store.limiter(|state| state);
+        if let Err(error) = store.set_fuel(limits.fuel) {
+            return Err(self.record(started, 0, self.host_error(&format!("{error:#}"))));
+        }
+        let ticks = timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()) + 1;
+        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
+        store.epoch_deadline_trap();
+
+        // The epoch deadline stops wasm that spins; this one also stops a
+        // plugin waiting on the network inside a host call.
+        let outcome = tokio::time::timeout(timeout, self.run(&mut store, call)).await;
+        let fuel_used = limits.fuel.saturating_sub(store.get_fuel().unwrap_or(0));
+        let result = match outcome {
+            Err(_elapsed) => Err(PluginError::DeadlineExceeded {
+                plugin: label.clone(),
+                timeout_ms: limits.timeout_ms,
+            }),
+            Ok(Ok(Ok(answer))) => self.check(answer),
+            Ok(Ok(Err(failure))) => Err(PluginError::Failed {
+                plugin: label.clone(),
+                failure: Failure::from(failure),
+            }),
+            Ok(Err(error)) => Err(self.classify(&error, store.data().memory_refused)),
+        };
+        match result {
+            Ok(answer) => {
+                self.stats.record(started.elapsed(), fuel_used, None);
+                Ok(answer)
+            }
+            Err(error) => Err(self.record(started, fuel_used, error)),
+        }
+    }
+
+    /// Counts a failed invocation; returns its error for the caller.
+    fn record(&self, started: Instant, fuel_used: u64, error: PluginError) -> PluginError {
+        self.stats
+            .record(started.elapsed(), fuel_used, Some(error.kind()));
+        tracing::debug!(plugin = %self.grants.label, kind = %error.kind(), "plugin call failed: {error}");
+        error
+    }
+
+    fn host_error(&self, message: &str) -> PluginError {
+        PluginError::Host {
+            plugin: self.grants.label.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    async fn run(
+        &self,
+        store: &mut Store<InvocationState>,
+        call: Call,
+    ) -> wasmtime::Result<Result<Answer, WitFailure>> {
+        Ok(match (&self.prepared, call) {
+            (Prepared::SagaStep(pre), call) => {
+                let plugin = pre.instantiate_async(&mut *store).await?;
+                let step = plugin.commerce_plugin_saga_step();
+                match call {
+                    Call::Execute(context) => step
+                        .call_execute(&mut *store, &context)
+                        .await?
+                        .map(Answer::Json),
+                    Call::Compensate(context, output) => step
+                        .call_compensate(&mut *store, &context, &output)
+                        .await?
+                        .map(|()| Answer::Unit),
+                    _ => unreachable_call()?,
+                }
+            }
+            (Prepared::Payment(pre), call) => {
+                let plugin = pre.instantiate_async(&mut *store).await?;
+                let provider = plugin.commerce_plugin_payment_provider();
+                let payment = match call {
+                    Call::Authorize(request) => {
+                        provider.call_authorize(&mut *store, &request).await?
+                    }
+                    Call::Charge(request) => provider.call_charge(&mut *store, &request).await?,
+                    Call::Capture(key, reference, amount) => {
+                        provider
+                            .call_capture(&mut *store, &key, &reference, &amount)
+                            .await?
+                    }
+                    Call::Refund(key, reference, amount) => {
+                        provider
+                            .call_refund(&mut *store, &key, &reference, &amount)
+                            .await?
+                    }
+                    Call::Cancel(key, reference) => {
+                        provider.call_cancel(&mut *store, &key, &reference).await?
+                    }
+                    _ => unreachable_call()?,
+                };
+                payment.map(Answer::Payment)
+            }
+            (Prepared::Shipping(pre), call) => {
+                let plugin = pre.instantiate_async(&mut *store).await?;
+                let provider = plugin.commerce_plugin_shipping_provider();
+                match call {
+                    Call::Quote(order) => provider
+                        .call_quote(&mut *store, &order)
+                        .await?
+                        .map(Answer::Rates),
+                    Call::CreateShipment(key, order, service) => provider
+                        .call_create_shipment(&mut *store, &key, &order, &service)
+                        .await?
+                        .map(Answer::Shipment),
+                    Call::CancelShipment(key, reference) => provider
+                        .call_cancel_shipment(&mut *store, &key, &reference)
+                        .await?
+                        .map(|()| Answer::Unit),
+                    _ => unreachable_call()?,
+                }
+            }
+        })
+    }
+
+    /// Refuses answers the contract does not allow.
+    fn check(&self, answer: Answer) -> Result<Answer, PluginError> {
+        let invalid = |message: String| PluginError::InvalidOutput {
+            plugin: self.grants.label.clone(),
+            message,
+        };
+        match &answer {
+            Answer::Json(output) => {
+                if output.len() > MAX_STEP_OUTPUT_BYTES {
+                    return Err(invalid(format!(
+                        "the step output is {} bytes; at most {MAX_STEP_OUTPUT_BYTES} are kept",
+                        output.len()
+                    )));
+                }
+                serde_json::from_str::<serde_json::Value>(output)
+                    .map_err(|error| invalid(format!("the step output is not JSON: {error}")))?;
+            }
+            Answer::Payment(payment) => {
+                check_reference(&payment.reference).map_err(invalid)?;
+                check_amount(&payment.amount).map_err(invalid)?;
+            }
+            Answer::Rates(rates) => {
+                for rate in rates {
+                    check_amount(&rate.price).map_err(invalid)?;
+                    if rate.service.is_empty() || rate.service.chars().count() > MAX_REFERENCE_CHARS
+                    {
+                        return Err(invalid(
+                            "a rate has an empty or overlong service".to_string(),
+                        ));
+                    }
+                }
+            }
+            Answer::Shipment(shipment) => check_reference(&shipment.reference).map_err(invalid)?,
+            Answer::Unit => {}
+        }
+        Ok(answer)
+    }
+
+    /// Names what stopped the plugin. Wasmtime reports fuel and epoch
+    /// deadlines as traps of their own; a refused memory growth shows up as
+    /// whatever the guest did next (usually a trap), so the flag decides.
+    fn classify(&self, error: &wasmtime::Error, memory_refused: bool) -> PluginError {
+        let plugin = self.grants.label.clone();
+        let limits = self.manifest.limits;
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::OutOfFuel) => PluginError::FuelExhausted {
+                plugin,
+                fuel: limits.fuel,
+            },
+            Some(Trap::Interrupt) => PluginError::DeadlineExceeded {
+                plugin,
+                timeout_ms: limits.timeout_ms,
+            },
+            _ if memory_refused => PluginError::MemoryExceeded {
+                plugin,
+                memory_bytes: limits.memory_bytes,
+            },
+            Some(trap) => PluginError::Trapped {
+                plugin,
+                message: trap.to_string(),
+            },
+            None => PluginError::Host {
+                plugin,
+                message: format!("{error:#}"),
+            },
+        }
+    }
+}
+
+fn unreachable_call<T>() -> wasmtime::Result<T> {
+    // `invoke` checks the call's kind against the plugin's before running it.
+    Err(wasmtime::format_err!(
+        "a call of another plugin kind reached this plugin"
+    ))
+}
+
+fn check_reference(reference: &str) -> Result<(), String> {
+    if reference.is_empty() || reference.chars().count() > MAX_REFERENCE_CHARS {
+        return Err(format!(
+            "the reference {reference:?} is empty or longer than {MAX_REFERENCE_CHARS}"
+        ));
+    }
+    Ok(())
+}
+
+fn check_amount(money: &Money) -> Result<(), String> {
+    let (whole, fraction) = money.amount.split_once('.').unwrap_or((&money.amount, ""));
+    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    let valid_amount = !whole.is_empty()
+        && whole.len() <= 20
+        && digits(whole)
+        && fraction.len() <= 8
+        && digits(fraction)
+        && (fraction.is_empty() == !money.amount.contains('.'));
+    let valid_currency =
+        money.currency.len() == 3 && money.currency.bytes().all(|b| b.is_ascii_uppercase());
+    if !valid_amount || !valid_currency {
+        return Err(format!(
+            "{:?} {:?} is not a decimal amount with an ISO 4217 currency",
+            money.amount, money.currency
+        ));
+    }
+    Ok(())
+}
