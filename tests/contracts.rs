@@ -95,7 +95,7 @@ fn every_write_takes_an_idempotency_key() {
         let id = resolve.packages[package].interfaces[interface];
         for function in functions {
             let params = &resolve.interfaces[id].functions[*function].params;
-            assert_eq!(params[0].0, "idempotency-key", "{interface}.{function}");
+            assert_eq!(params[0].name, "idempotency-key", "{interface}.{function}");
         }
     }
 }

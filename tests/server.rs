@@ -31,6 +31,7 @@ fn main() {
         graphql_catalog_and_inventory_read_their_own_writes,
         graphql_orders_show_their_history_and_past_versions,
         graphql_carts_check_out_once_and_report_abandonment,
+        graphql_plugins_install_activate_roll_back_on_every_node,
     ]);
 }
 
@@ -38,6 +39,8 @@ fn main() {
 struct RunningKernel {
     address: SocketAddr,
     carts: TestCartStore,
+    /// The plugin directory, unless the test passed its own.
+    _plugins_dir: Option<tempfile::TempDir>,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), server::KernelError>>,
     http: reqwest::Client,
@@ -50,6 +53,13 @@ impl RunningKernel {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         vars.push((config::LISTEN_ADDR.into(), "127.0.0.1:0".into()));
+        let plugins_dir = if vars.iter().any(|(k, _)| k == config::PLUGINS_DIR) {
+            None
+        } else {
+            let dir = tempfile::tempdir()?;
+            vars.push((config::PLUGINS_DIR.into(), dir.path().display().to_string()));
+            Some(dir)
+        };
         let config = Config::from_lookup(|name| {
             vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
         })?;
@@ -67,12 +77,18 @@ impl RunningKernel {
             })
             .await
         });
-        let address = tokio::time::timeout(Duration::from_secs(10), bound_rx)
-            .await
-            .context("kernel did not start listening")??;
+        let address = match tokio::time::timeout(Duration::from_secs(10), bound_rx).await {
+            Ok(Ok(address)) => address,
+            // The server stopped before listening: its error says why.
+            Ok(Err(_closed)) => {
+                return Err(anyhow::anyhow!("kernel did not start: {:?}", task.await?));
+            }
+            Err(_elapsed) => anyhow::bail!("kernel did not start listening"),
+        };
         Ok(RunningKernel {
             address,
             carts,
+            _plugins_dir: plugins_dir,
             shutdown,
             task,
             http: reqwest::Client::new(),
@@ -301,8 +317,8 @@ async fn graphiql_is_served_on_get(db: Arc<TestDatabase>) -> anyhow::Result<()> 
     let page = kernel.http.get(kernel.url("/graphql")).send().await?;
     ensure!(page.status() == 200);
     ensure!(page.text().await?.to_lowercase().contains("graphiql"));
-    kernel.stop().await?;
 
+    // Started before the first stops: stopping a kernel closes the database pool.
     let locked = RunningKernel::start(&db, &[(config::GRAPHIQL, "false")]).await?;
     ensure!(
         locked
@@ -313,7 +329,8 @@ async fn graphiql_is_served_on_get(db: Arc<TestDatabase>) -> anyhow::Result<()> 
             .status()
             == 405
     );
-    locked.stop().await
+    locked.stop().await?;
+    kernel.stop().await
 }
 
 async fn in_flight_requests_finish_on_shutdown(db: Arc<TestDatabase>) -> anyhow::Result<()> {
@@ -832,4 +849,169 @@ async fn graphql_carts_check_out_once_and_report_abandonment(
         .await?;
     ensure!(missing["data"]["cart"].is_null(), "{missing}");
     kernel.stop().await
+}
+
+/// A manifest and base64 component for `installPlugin`.
+fn plugin_upload(name: &str, version: &str, component_path: &str) -> anyhow::Result<Value> {
+    use base64::Engine as _;
+    let bytes = std::fs::read(component_path)?;
+    let manifest = format!(
+        "name = \"{name}\"\nversion = \"{version}\"\nkind = \"saga-step\"\n\
+         component = \"{name}.wasm\"\nsha256 = \"{}\"\n",
+        commerce_plugin_host::sha256_hex(&bytes)
+    );
+    Ok(json!({
+        "manifest": manifest,
+        "component": base64::engine::general_purpose::STANDARD.encode(&bytes),
+    }))
+}
+
+async fn graphql_plugins_install_activate_roll_back_on_every_node(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    use commerce_kernel::domain::plugin::PluginHistory;
+    use commerce_kernel::event_store::StreamSelection;
+    use commerce_plugin_artifacts as artifacts;
+
+    // Two kernel processes sharing the database and the plugin directory.
+    let shared = tempfile::tempdir()?;
+    let dir = shared.path().display().to_string();
+    let node_a = RunningKernel::start(&db, &[(config::PLUGINS_DIR, &dir)]).await?;
+    let node_b = RunningKernel::start(&db, &[(config::PLUGINS_DIR, &dir)]).await?;
+
+    const PLUGIN: &str = "name activeVersion { version sha256 } \
+        versions { version kind sha256 limits { fuel timeoutMs memoryBytes } } \
+        stats { invocations fuelConsumed errors { kind count } }";
+    let install = format!(
+        "mutation ($input: InstallPluginInput!) {{ installPlugin(input: $input) \
+         {{ plugin {{ {PLUGIN} }} errors {{ field code message }} }} }}"
+    );
+    for (version, path) in [
+        ("1.0.0", artifacts::ORDER_LIMIT),
+        ("2.0.0", artifacts::MISBEHAVING),
+    ] {
+        let input = plugin_upload("check", version, path)?;
+        let installed = node_a.graphql(&install, json!({ "input": input })).await?;
+        let payload = &installed["data"]["installPlugin"];
+        ensure!(payload["errors"] == json!([]), "{installed}");
+        ensure!(
+            payload["plugin"]["activeVersion"].is_null(),
+            "installed, not active: {installed}"
+        );
+    }
+
+    // Refusals name the field and change nothing.
+    let mut tampered = plugin_upload("check", "3.0.0", artifacts::ORDER_LIMIT)?;
+    tampered["component"] = json!(plugin_upload("x", "1", artifacts::MISBEHAVING)?["component"]);
+    let refused = node_a
+        .graphql(&install, json!({ "input": tampered }))
+        .await?;
+    ensure!(
+        refused["data"]["installPlugin"]["errors"][0]["code"] == "PLUGIN_REJECTED"
+            && refused["data"]["installPlugin"]["errors"][0]["field"] == "component",
+        "{refused}"
+    );
+    let not_base64 = node_a
+        .graphql(
+            &install,
+            json!({ "input": { "manifest": "", "component": "%%%" } }),
+        )
+        .await?;
+    ensure!(
+        not_base64["errors"][0]["extensions"]["code"] == "INVALID_INPUT",
+        "{not_base64}"
+    );
+
+    let activate = format!(
+        "mutation ($name: String!, $version: String!) {{ activatePlugin(input: {{ name: $name, version: $version }}) \
+         {{ plugin {{ {PLUGIN} }} errors {{ field code message }} }} }}"
+    );
+    for version in ["1.0.0", "2.0.0"] {
+        let activated = node_a
+            .graphql(&activate, json!({ "name": "check", "version": version }))
+            .await?;
+        ensure!(
+            activated["data"]["activatePlugin"]["plugin"]["activeVersion"]["version"] == version,
+            "{activated}"
+        );
+    }
+    let missing = node_a
+        .graphql(&activate, json!({ "name": "check", "version": "9.9.9" }))
+        .await?;
+    ensure!(
+        missing["data"]["activatePlugin"]["errors"][0]["code"] == "PLUGIN_REJECTED",
+        "{missing}"
+    );
+
+    let rollback = format!(
+        "mutation {{ rollbackPlugin(input: {{ name: \"check\" }}) {{ plugin {{ {PLUGIN} }} errors {{ code }} }} }}"
+    );
+    let rolled_back = node_a.graphql(&rollback, json!({})).await?;
+    ensure!(
+        rolled_back["data"]["rollbackPlugin"]["plugin"]["activeVersion"]["version"] == "1.0.0",
+        "{rolled_back}"
+    );
+    let nothing_left = node_a.graphql(&rollback, json!({})).await?;
+    ensure!(
+        nothing_left["data"]["rollbackPlugin"]["errors"][0]["code"] == "INVALID_INPUT",
+        "{nothing_left}"
+    );
+
+    // Every change is an event naming the version, its sha256 and the actor.
+    let history = db
+        .event_store()
+        .read_stream(
+            PluginHistory::stream_id("check"),
+            StreamSelection::default(),
+        )
+        .await?;
+    let types: Vec<&str> = history.iter().map(|e| e.event_type.as_str()).collect();
+    ensure!(
+        types
+            == [
+                "PluginInstalled",
+                "PluginInstalled",
+                "PluginActivated",
+                "PluginActivated",
+                "PluginRolledBack"
+            ],
+        "{types:?}"
+    );
+    let order_limit_sha = commerce_plugin_host::sha256_hex(&std::fs::read(artifacts::ORDER_LIMIT)?);
+    ensure!(
+        history[2].data["sha256"] == order_limit_sha.as_str(),
+        "{:?}",
+        history[2].data
+    );
+    ensure!(history[4].data["version"] == "1.0.0" && history[4].data["from_version"] == "2.0.0");
+    ensure!(history.iter().all(|e| e.metadata.actor.is_some()));
+
+    // The other process follows: it ends on the version rolled back to.
+    let listing = "{ plugins { name activeVersion { version } } }";
+    let deadline = tokio::time::Instant::now() + commerce_kernel::commerce::FOLLOW_INTERVAL * 5;
+    loop {
+        let seen = node_b.graphql(listing, json!({})).await?;
+        if seen["data"]["plugins"][0]["activeVersion"]["version"] == "1.0.0" {
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "node B never followed: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = node_a
+        .http
+        .get(node_a.url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    ensure!(
+        metrics.contains("commerce_plugin_invocations_total"),
+        "{metrics}"
+    );
+
+    node_b.stop().await?;
+    node_a.stop().await
 }

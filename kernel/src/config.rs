@@ -29,6 +29,8 @@ pub const REDIS_URL: &str = "COMMERCE_REDIS_URL";
 pub const REDIS_KEY_PREFIX: &str = "COMMERCE_REDIS_KEY_PREFIX";
 pub const CART_TTL_SECS: &str = "COMMERCE_CART_TTL_SECS";
 pub const CART_MAX_LINES: &str = "COMMERCE_CART_MAX_LINES";
+pub const PLUGINS_DIR: &str = "COMMERCE_PLUGINS_DIR";
+pub const PLUGIN_CONCURRENCY: &str = "COMMERCE_PLUGIN_CONCURRENCY";
 
 /// Longest cart time to live accepted: 90 days.
 const MAX_CART_TTL_SECS: u64 = 90 * 86_400;
@@ -44,6 +46,7 @@ pub struct Config {
     /// Redis, or the embedded cart store when no Redis URL is set.
     pub carts: CartBackendConfig,
     pub cart_limits: CartLimits,
+    pub plugins: PluginsConfig,
     /// Longest a request may run before it is answered with 408.
     pub request_timeout: Duration,
     /// Longest graceful shutdown waits for in-flight requests after SIGTERM/ctrl-c.
@@ -54,6 +57,15 @@ pub struct Config {
     pub graphiql: bool,
     /// A `tracing` filter directive such as `info` or `commerce_kernel=debug`.
     pub log_filter: String,
+}
+
+/// Where plugins live and how many invocations may run at once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PluginsConfig {
+    /// `<name>/<version>/plugin.toml` and components; default `<data dir>/plugins`.
+    pub dir: PathBuf,
+    /// Plugin invocations running at once in this process; more wait.
+    pub max_concurrent_invocations: u32,
 }
 
 /// A configuration value the kernel cannot use.
@@ -87,14 +99,25 @@ impl Config {
                 "must be between 1 and 10000",
             ));
         }
+        let data_dir = get(DATA_DIR).map_or_else(|| PathBuf::from("data"), PathBuf::from);
         let database = match get(DATABASE_URL) {
             Some(url) => database_from_url(&url, max_connections)?,
-            None => {
-                let dir = get(DATA_DIR).map_or_else(|| PathBuf::from("data"), PathBuf::from);
-                DatabaseConfig::Sqlite {
-                    path: dir.join(EMBEDDED_DATABASE_FILE),
-                }
-            }
+            None => DatabaseConfig::Sqlite {
+                path: data_dir.join(EMBEDDED_DATABASE_FILE),
+            },
+        };
+        let max_concurrent_invocations: u32 = parse_or(
+            &get,
+            PLUGIN_CONCURRENCY,
+            128,
+            "a whole number of invocations",
+        )?;
+        if !(1..=4096).contains(&max_concurrent_invocations) {
+            return Err(invalid(PLUGIN_CONCURRENCY, "must be between 1 and 4096"));
+        }
+        let plugins = PluginsConfig {
+            dir: get(PLUGINS_DIR).map_or_else(|| data_dir.join("plugins"), PathBuf::from),
+            max_concurrent_invocations,
         };
 
         let carts = match get(REDIS_URL) {
@@ -168,6 +191,7 @@ impl Config {
             database,
             carts,
             cart_limits,
+            plugins,
             request_timeout,
             shutdown_timeout,
             max_request_bytes,

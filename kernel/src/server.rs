@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use commerce_plugin_host::{EngineConfig, LoadError, PluginRegistry};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tower_http::limit::RequestBodyLimitLayer;
@@ -21,7 +22,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::api::{self, KernelSchema};
 use crate::carts::{self, ActivityRecorder, CartStore, CartStoreError};
-use crate::commerce::{Carts, Commerce};
+use crate::commerce::{Carts, CommandError, Commerce, Plugins};
 use crate::config::{Config, ConfigError};
 use crate::event_store::StoreError;
 use crate::projections::Projector;
@@ -39,6 +40,8 @@ pub enum KernelError {
     Store(#[from] StoreError),
     #[error("carts: {0}")]
     Carts(#[from] CartStoreError),
+    #[error("plugins: {0}")]
+    Plugins(#[from] LoadError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -56,18 +59,25 @@ pub struct AppState {
     commerce: Commerce,
     carts: Carts,
     projector: Projector,
+    plugins: Plugins,
     /// Set once shutdown begins, so `/ready` sends load balancers elsewhere.
     draining: Arc<AtomicBool>,
     graphiql: bool,
 }
 
 impl AppState {
-    pub fn new(database: Database, cart_store: Arc<dyn CartStore>, config: &Config) -> Self {
+    pub fn new(
+        database: Database,
+        cart_store: Arc<dyn CartStore>,
+        plugin_registry: Arc<PluginRegistry>,
+        config: &Config,
+    ) -> Self {
         let store = database.event_store();
         let views = database.view_store();
         let commerce = Commerce::new(Arc::clone(&store), Arc::clone(&views));
         let carts = Carts::new(commerce.clone(), cart_store, config.cart_limits);
         let projector = Projector::new(Arc::clone(&store), views);
+        let plugins = Plugins::new(commerce.clone(), plugin_registry);
         AppState {
             schema: api::build_schema(api::Adapters {
                 event_store: store,
@@ -75,10 +85,12 @@ impl AppState {
                 carts: carts.clone(),
                 cart_activity: database.cart_activity(),
                 projector: projector.clone(),
+                plugins: plugins.clone(),
             }),
             commerce,
             carts,
             projector,
+            plugins,
             database,
             draining: Arc::new(AtomicBool::new(false)),
             graphiql: config.graphiql,
@@ -115,6 +127,21 @@ pub async fn run(
     serve(database, cart_store, &config, shutdown, on_listening).await
 }
 
+/// Opens the plugin directory and the engine that runs plugins.
+async fn open_plugins(config: &Config) -> Result<Arc<PluginRegistry>, KernelError> {
+    let dir = config.plugins.dir.clone();
+    let settings = EngineConfig {
+        max_concurrent_invocations: config.plugins.max_concurrent_invocations,
+        cache_dir: None,
+    };
+    let registry = tokio::task::spawn_blocking(move || PluginRegistry::open(dir, settings))
+        .await
+        .map_err(|join| LoadError::Engine {
+            reason: join.to_string(),
+        })??;
+    Ok(Arc::new(registry))
+}
+
 /// Serves the API on `config.listen_addr` from an open, migrated `database`
 /// and an open cart store until `shutdown` resolves.
 ///
@@ -129,7 +156,18 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), KernelError> {
-    let state = AppState::new(database.clone(), Arc::clone(&cart_store), config);
+    let registry = open_plugins(config).await?;
+    let state = AppState::new(database.clone(), Arc::clone(&cart_store), registry, config);
+    // The plugin versions recorded as active, before the first request.
+    state
+        .plugins
+        .catch_up()
+        .await
+        .map_err(|error| match error {
+            CommandError::Store(store) => KernelError::Store(store),
+            CommandError::Plugin(plugin) => KernelError::Plugins(plugin),
+            other => KernelError::Store(StoreError::Corrupt(other.to_string())),
+        })?;
     let draining = Arc::clone(&state.draining);
     // Background work of every kernel process: projections, the expiry sweep
     // and the cart activity recorder. All are safe to run in several
@@ -142,6 +180,7 @@ pub async fn serve(
             state.commerce.clone(),
             background_stopped.clone(),
         )),
+        tokio::spawn(state.plugins.clone().follow(background_stopped.clone())),
         tokio::spawn(recorder.run(background_stopped)),
     ];
     let carts_backend = state.carts.store().backend();
@@ -343,6 +382,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
          # TYPE commerce_command_conflicts_total counter\n\
          commerce_command_conflicts_total {other}\n"
     );
+    let body = body + &plugin_metrics(&state.plugins);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -351,6 +391,58 @@ async fn metrics(State(state): State<AppState>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Per-plugin counters, labelled by plugin name (all versions together).
+fn plugin_metrics(plugins: &Plugins) -> String {
+    use std::fmt::Write as _;
+    let stats = plugins.registry().all_stats();
+    let mut text = String::from(
+        "# HELP commerce_plugin_invocations_total Plugin invocations, failed ones included.\n\
+         # TYPE commerce_plugin_invocations_total counter\n",
+    );
+    for (name, snapshot) in &stats {
+        let _ = writeln!(
+            text,
+            "commerce_plugin_invocations_total{{plugin=\"{name}\"}} {}",
+            snapshot.invocations
+        );
+    }
+    text.push_str(
+        "# HELP commerce_plugin_errors_total Failed plugin invocations by kind.\n\
+         # TYPE commerce_plugin_errors_total counter\n",
+    );
+    for (name, snapshot) in &stats {
+        for (kind, count) in &snapshot.errors {
+            let _ = writeln!(
+                text,
+                "commerce_plugin_errors_total{{plugin=\"{name}\",kind=\"{kind}\"}} {count}"
+            );
+        }
+    }
+    text.push_str(
+        "# HELP commerce_plugin_duration_seconds_total Time spent in plugin invocations.\n\
+         # TYPE commerce_plugin_duration_seconds_total counter\n",
+    );
+    for (name, snapshot) in &stats {
+        let seconds = snapshot.total_duration.as_secs_f64();
+        let _ = writeln!(
+            text,
+            "commerce_plugin_duration_seconds_total{{plugin=\"{name}\"}} {seconds}"
+        );
+    }
+    text.push_str(
+        "# HELP commerce_plugin_fuel_consumed_total Wasm fuel (instructions) plugins consumed.\n\
+         # TYPE commerce_plugin_fuel_consumed_total counter\n",
+    );
+    for (name, snapshot) in &stats {
+        let _ = writeln!(
+            text,
+            "commerce_plugin_fuel_consumed_total{{plugin=\"{name}\"}} {}",
+            snapshot.fuel_consumed
+        );
+    }
+    text
 }
 
 async fn ready(State(state): State<AppState>) -> Response {

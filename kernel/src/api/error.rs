@@ -6,6 +6,8 @@ use async_graphql::{Enum, ErrorExtensions};
 
 use async_graphql::SimpleObject;
 
+use commerce_plugin_host::LoadError;
+
 use crate::carts::CartStoreError;
 use crate::commerce::CommandError;
 use crate::domain::DomainError;
@@ -40,6 +42,9 @@ pub enum ErrorCode {
     IllegalTransition,
     /// The cart is being checked out or was checked out, and cannot change.
     CartNotOpen,
+    /// A plugin version was refused (manifest, hash, component, imports,
+    /// missing version); the message says why and the active version stays.
+    PluginRejected,
     /// The change was saved, but the read model had not caught up with it
     /// before the response: read it again shortly.
     ReadModelLagging,
@@ -63,6 +68,7 @@ impl ErrorCode {
             ErrorCode::ProductInactive => "PRODUCT_INACTIVE",
             ErrorCode::IllegalTransition => "ILLEGAL_TRANSITION",
             ErrorCode::CartNotOpen => "CART_NOT_OPEN",
+            ErrorCode::PluginRejected => "PLUGIN_REJECTED",
             ErrorCode::ReadModelLagging => "READ_MODEL_LAGGING",
             ErrorCode::Internal => "INTERNAL",
         }
@@ -81,6 +87,8 @@ pub enum ApiError {
     },
     Store(StoreError),
     Carts(CartStoreError),
+    /// The plugin directory or engine failed (not a refused plugin).
+    Plugins(LoadError),
     /// A command refused where the schema has no payload to carry the refusal.
     Refused(UserError),
 }
@@ -113,7 +121,8 @@ impl ApiError {
                 | StoreError::Database(_)
                 | StoreError::Migration(_),
             )
-            | ApiError::Carts(_) => ErrorCode::Internal,
+            | ApiError::Carts(_)
+            | ApiError::Plugins(_) => ErrorCode::Internal,
             ApiError::Refused(refusal) => refusal.code,
         }
     }
@@ -137,6 +146,10 @@ impl From<ApiError> for async_graphql::Error {
             ApiError::Refused(refusal) => (refusal.message, refusal.field),
             ApiError::Carts(cart_error) => {
                 tracing::error!(error = %cart_error, "request failed");
+                ("internal error".to_string(), None)
+            }
+            ApiError::Plugins(plugin_error) => {
+                tracing::error!(error = %plugin_error, "request failed");
                 ("internal error".to_string(), None)
             }
         };
@@ -175,6 +188,21 @@ pub fn user_error(error: CommandError) -> Result<UserError, ApiError> {
     let (code, field) = match error {
         CommandError::Store(store) => return Err(ApiError::Store(store)),
         CommandError::CartStore(carts) => return Err(ApiError::Carts(carts)),
+        CommandError::Plugin(refusal) => {
+            let field = match refusal {
+                LoadError::Io { .. } | LoadError::Engine { .. } => {
+                    return Err(ApiError::Plugins(refusal));
+                }
+                LoadError::InvalidManifest { .. } | LoadError::MissingSecret { .. } => "manifest",
+                LoadError::HashMismatch { .. }
+                | LoadError::InvalidComponent { .. }
+                | LoadError::WrongWorld { .. }
+                | LoadError::UngrantedImport { .. } => "component",
+                LoadError::AlreadyInstalled { .. } | LoadError::NotInstalled { .. } => "version",
+                LoadError::NothingToRollBack { .. } => "name",
+            };
+            (ErrorCode::PluginRejected, Some(field))
+        }
         CommandError::VersionConflict { .. } => {
             (ErrorCode::VersionConflict, Some("expectedVersion"))
         }

@@ -8,6 +8,7 @@
 pub mod carts;
 pub mod commerce;
 pub mod error;
+pub mod plugins;
 
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use uuid::Uuid;
 pub use error::{ApiError, ErrorCode};
 
 use crate::carts::CartActivityLog;
-use crate::commerce::{Carts, Commerce};
+use crate::commerce::{Carts, Commerce, Plugins};
 use crate::event_store::{EventFilter, EventStore, Position, RecordedEvent, StreamSelection};
 use crate::projections::Projector;
 
@@ -29,10 +30,19 @@ pub type KernelSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
 
 /// Every query: the event log's and the commerce read models'.
 #[derive(MergedObject, Default)]
-pub struct QueryRoot(EventLogQuery, commerce::CommerceQuery, carts::CartQuery);
+pub struct QueryRoot(
+    EventLogQuery,
+    commerce::CommerceQuery,
+    carts::CartQuery,
+    plugins::PluginQuery,
+);
 
 #[derive(MergedObject, Default)]
-pub struct MutationRoot(commerce::CommerceMutation, carts::CartMutation);
+pub struct MutationRoot(
+    commerce::CommerceMutation,
+    carts::CartMutation,
+    plugins::PluginMutation,
+);
 
 /// Default and largest page of a connection.
 pub const DEFAULT_PAGE_SIZE: i32 = 50;
@@ -48,6 +58,7 @@ pub struct Adapters {
     pub carts: Carts,
     pub cart_activity: Arc<dyn CartActivityLog>,
     pub projector: Projector,
+    pub plugins: Plugins,
 }
 
 /// Builds the schema around the kernel's adapters.
@@ -58,6 +69,7 @@ pub fn build_schema(adapters: Adapters) -> KernelSchema {
         .data(adapters.carts)
         .data(adapters.cart_activity)
         .data(adapters.projector)
+        .data(adapters.plugins)
         .finish()
 }
 

@@ -16,6 +16,7 @@ mod carts;
 mod catalog;
 mod inventory;
 mod orders;
+mod plugins;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ pub use carts::{CartItem, Carts, Checkout, CheckoutInput, NewCart, PricedCart};
 pub use catalog::{CreatedProduct, NewProduct, UpdatedProduct};
 pub use inventory::{InventoryChange, ReservationMade};
 pub use orders::{OrderChange, OrderTransition, PlaceOrderInput};
+pub use plugins::{FOLLOW_INTERVAL, PluginSummary, Plugins};
 
 /// Why a command did not happen. Nothing was written in any case.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,9 @@ pub enum CommandError {
     /// The cart store failed; the command may be retried.
     #[error(transparent)]
     CartStore(#[from] CartStoreError),
+    /// A plugin version was refused (or the plugin directory failed).
+    #[error(transparent)]
+    Plugin(#[from] commerce_plugin_host::LoadError),
 }
 
 impl From<StoreError> for CommandError {

@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod inventory;
 pub mod money;
 pub mod order;
+pub mod plugin;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;

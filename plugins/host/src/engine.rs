@@ -287,9 +287,10 @@ fn check_imports(
             );
             match (known, version.starts_with("0.1.")) {
                 (true, true) => None,
-                (true, false) => Some(format!(
+                (true, false) => Some(
                     "is another version of the contract than this kernel's commerce:plugin@0.1"
-                )),
+                        .to_string(),
+                ),
                 (false, _) => Some("is not something the kernel offers plugins".to_string()),
             }
         } else if WASI_RUNTIME.contains(&interface) {

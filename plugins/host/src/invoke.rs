@@ -409,7 +409,7 @@ fn check_amount(money: &Money) -> Result<(), String> {
         && digits(whole)
         && fraction.len() <= 8
         && digits(fraction)
-        && (fraction.is_empty() == !money.amount.contains('.'));
+        && (fraction.is_empty() != money.amount.contains('.'));
     let valid_currency =
         money.currency.len() == 3 && money.currency.bytes().all(|b| b.is_ascii_uppercase());
     if !valid_amount || !valid_currency {

@@ -257,6 +257,16 @@ impl PluginRegistry {
             .map(|s| s.snapshot())
     }
 
+    /// The counters of every plugin ever loaded, by name.
+    pub fn all_stats(&self) -> Vec<(String, StatsSnapshot)> {
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(name, stats)| (name.clone(), stats.snapshot()))
+            .collect()
+    }
+
     pub fn engine(&self) -> &PluginEngine {
         &self.engine
     }
