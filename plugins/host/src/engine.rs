@@ -65,7 +65,15 @@ impl PluginEngine {
             .total_memories(slots.saturating_mul(2))
             .total_tables(slots.saturating_mul(4))
             .total_stacks(slots)
-            .max_memory_size(MAX_MEMORY_BYTES as usize);
+            .max_memory_size(MAX_MEMORY_BYTES as usize)
+            // Reusing a slot should not cost system calls and page faults:
+            // the first pages of memories, tables and stacks are reset with
+            // memset and stay resident, and decommits are batched.
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10)
+            .async_stack_keep_resident(128 << 10)
+            .decommit_batch_size(32)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut config = Config::new();
         config
             .wasm_component_model(true)

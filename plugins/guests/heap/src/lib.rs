@@ -32,10 +32,15 @@ static HEAP: BumpHeap = BumpHeap {
 unsafe impl GlobalAlloc for BumpHeap {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if self.next.get() == 0 {
-            // Everything below the current size belongs to data and stack.
-            let size = wasm32::memory_size(0) * PAGE;
-            self.next.set(size);
-            self.end.set(size);
+            // The linker places the heap after the stack and the data, and
+            // the initial memory usually has room there. Using it first
+            // spares small calls a `memory.grow`, which costs the host
+            // system calls on every instance.
+            unsafe extern "C" {
+                static __heap_base: u8;
+            }
+            self.next.set(core::ptr::addr_of!(__heap_base) as usize);
+            self.end.set(wasm32::memory_size(0) * PAGE);
         }
         let start = (self.next.get() + layout.align() - 1) & !(layout.align() - 1);
         let Some(stop) = start.checked_add(layout.size()) else {
