@@ -7,7 +7,7 @@ use base64::Engine as _;
 use commerce_plugin_host::PluginManifest;
 
 use super::commerce::{api_context, refused};
-use super::error::{ApiError, UserError};
+use super::error::{ApiError, UserError, command_failure};
 use crate::commerce::{PluginSummary, Plugins};
 
 /// Largest component accepted by `installPlugin`, decoded.
@@ -160,11 +160,8 @@ pub struct PluginQuery;
 impl PluginQuery {
     /// Every plugin with installed versions or an active one, by name.
     async fn plugins(&self, ctx: &Context<'_>) -> Result<Vec<Plugin>, ApiError> {
-        let summaries = refused(plugins(ctx).list()).await?;
-        match summaries {
-            Ok(summaries) => Ok(summaries.into_iter().map(Plugin).collect()),
-            Err(mut errors) => Err(ApiError::Refused(errors.remove(0))),
-        }
+        let summaries = plugins(ctx).list().await.map_err(command_failure)?;
+        Ok(summaries.into_iter().map(Plugin).collect())
     }
 }
 

@@ -132,10 +132,7 @@ impl Plugins {
             .retrying(ConflictCounter::Other, false, || async {
                 let loaded = self.commerce.repository::<PluginHistory>().load(id).await?;
                 let event = loaded.state.roll_back(name)?;
-                let PluginEvent::PluginRolledBack { version, .. } = &event else {
-                    unreachable!("roll_back decides a rollback");
-                };
-                let plugin = self.prepare(name, version).await?;
+                let plugin = self.prepare(name, event.version()).await?;
                 let written = self.write(id, loaded, vec![event], context).await?;
                 Ok((written, plugin))
             })

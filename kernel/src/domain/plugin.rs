@@ -53,6 +53,17 @@ pub enum PluginEvent {
 
 impl DomainEvent for PluginEvent {}
 
+impl PluginEvent {
+    /// The version the event installs, activates or rolls back to.
+    pub fn version(&self) -> &str {
+        match self {
+            PluginEvent::PluginInstalled { version, .. }
+            | PluginEvent::PluginActivated { version, .. }
+            | PluginEvent::PluginRolledBack { version, .. } => version,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PluginHistory {
     installed: Vec<InstalledVersion>,
