@@ -22,7 +22,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::api::{self, KernelSchema};
 use crate::carts::{self, ActivityRecorder, CartStore, CartStoreError};
-use crate::commerce::{Carts, CommandError, Commerce, Plugins};
+use crate::commerce::{Carts, Commerce, Plugins};
 use crate::config::{Config, ConfigError};
 use crate::event_store::StoreError;
 use crate::projections::Projector;
@@ -159,15 +159,7 @@ pub async fn serve(
     let registry = open_plugins(config).await?;
     let state = AppState::new(database.clone(), Arc::clone(&cart_store), registry, config);
     // The plugin versions recorded as active, before the first request.
-    state
-        .plugins
-        .catch_up()
-        .await
-        .map_err(|error| match error {
-            CommandError::Store(store) => KernelError::Store(store),
-            CommandError::Plugin(plugin) => KernelError::Plugins(plugin),
-            other => KernelError::Store(StoreError::Corrupt(other.to_string())),
-        })?;
+    state.plugins.catch_up().await?;
     let draining = Arc::clone(&state.draining);
     // Background work of every kernel process: projections, the expiry sweep
     // and the cart activity recorder. All are safe to run in several

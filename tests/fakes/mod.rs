@@ -54,13 +54,7 @@ struct PaymentLedger {
 pub struct FakePayments {
     pub address: SocketAddr,
     ledger: Arc<Mutex<PaymentLedger>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FakePayments {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+    _server: Loopback,
 }
 
 impl FakePayments {
@@ -74,7 +68,7 @@ impl FakePayments {
         FakePayments {
             address,
             ledger,
-            server,
+            _server: server,
         }
     }
 
@@ -114,7 +108,16 @@ impl FakePayments {
     }
 }
 
-async fn serve(app: Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+/// A server task on a loopback port, stopped when dropped.
+struct Loopback(tokio::task::JoinHandle<()>);
+
+impl Drop for Loopback {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn serve(app: Router) -> (SocketAddr, Loopback) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a loopback port");
@@ -122,7 +125,7 @@ async fn serve(app: Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
-    (address, server)
+    (address, Loopback(server))
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Answer {
@@ -289,13 +292,7 @@ fn shipping_access(l: &mut ShippingLedger) -> (&mut u64, &mut u32, &mut BTreeMap
 pub struct FakeShipping {
     pub address: SocketAddr,
     ledger: Arc<Mutex<ShippingLedger>>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FakeShipping {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
+    _server: Loopback,
 }
 
 impl FakeShipping {
@@ -310,7 +307,7 @@ impl FakeShipping {
         FakeShipping {
             address,
             ledger,
-            server,
+            _server: server,
         }
     }
 

@@ -199,7 +199,6 @@ pub fn user_error(error: CommandError) -> Result<UserError, ApiError> {
                 | LoadError::WrongWorld { .. }
                 | LoadError::UngrantedImport { .. } => "component",
                 LoadError::AlreadyInstalled { .. } | LoadError::NotInstalled { .. } => "version",
-                LoadError::NothingToRollBack { .. } => "name",
             };
             (ErrorCode::PluginRejected, Some(field))
         }

@@ -15,7 +15,7 @@ use super::{CommandContext, CommandError, Commerce, ConflictCounter, Written};
 use crate::domain::Aggregate;
 use crate::domain::plugin::{PluginEvent, PluginHistory};
 use crate::event_store::repository::decode;
-use crate::event_store::{EventFilter, Position};
+use crate::event_store::{EventFilter, Position, StoreError};
 
 /// How often a process looks for activations made by others.
 pub const FOLLOW_INTERVAL: Duration = Duration::from_secs(2);
@@ -73,13 +73,7 @@ impl Plugins {
                     manifest.kind.as_str(),
                     &manifest.sha256,
                 )?;
-                if !events.is_empty() {
-                    self.commerce
-                        .repository::<PluginHistory>()
-                        .append(id, loaded.version, &events, context.metadata(), None)
-                        .await?;
-                }
-                Ok(())
+                self.write(id, loaded, events, context).await
             })
             .await?;
         Ok(manifest)
@@ -171,28 +165,14 @@ impl Plugins {
         let registry = Arc::clone(&self.registry);
         let installed = blocking(move || registry.installed()).await?;
         let mut summaries: BTreeMap<String, PluginSummary> = BTreeMap::new();
-        let summary = |summaries: &mut BTreeMap<String, PluginSummary>, name: &str| {
-            summaries
-                .entry(name.to_string())
-                .or_insert_with(|| PluginSummary {
-                    name: name.to_string(),
-                    versions: Vec::new(),
-                    active: None,
-                    stats: self.registry.stats(name),
-                });
-        };
         for version in installed {
-            summary(&mut summaries, &version.manifest.name);
-            if let Some(entry) = summaries.get_mut(&version.manifest.name) {
-                entry.versions.push(version.manifest);
-            }
+            summary_of(&mut summaries, &self.registry, &version.manifest.name)
+                .versions
+                .push(version.manifest);
         }
         for plugin in self.registry.active_plugins() {
-            let manifest = plugin.manifest();
-            summary(&mut summaries, &manifest.name);
-            if let Some(entry) = summaries.get_mut(&manifest.name) {
-                entry.active = Some(manifest.clone());
-            }
+            summary_of(&mut summaries, &self.registry, &plugin.manifest().name).active =
+                Some(plugin.manifest().clone());
         }
         Ok(summaries.into_values().collect())
     }
@@ -201,7 +181,7 @@ impl Plugins {
     /// (by this process or another): each plugin ends on the version its
     /// latest event names. A version that does not load here is logged and
     /// the current one kept. Returns how many plugins were swapped.
-    pub async fn catch_up(&self) -> Result<usize, CommandError> {
+    pub async fn catch_up(&self) -> Result<usize, StoreError> {
         let mut followed = self.followed.lock().await;
         let filter = EventFilter {
             aggregate_type: Some(PluginHistory::AGGREGATE_TYPE.to_string()),
@@ -264,6 +244,22 @@ impl Plugins {
             }
         }
     }
+}
+
+/// The entry of `name` in a listing, created with its counters on first use.
+fn summary_of<'a>(
+    summaries: &'a mut BTreeMap<String, PluginSummary>,
+    registry: &PluginRegistry,
+    name: &str,
+) -> &'a mut PluginSummary {
+    summaries
+        .entry(name.to_string())
+        .or_insert_with(|| PluginSummary {
+            name: name.to_string(),
+            versions: Vec::new(),
+            active: None,
+            stats: registry.stats(name),
+        })
 }
 
 async fn blocking<T: Send + 'static>(

@@ -42,8 +42,6 @@ pub enum LoadError {
     AlreadyInstalled { label: String },
     #[error("no installed plugin {name} has version {version}")]
     NotInstalled { name: String, version: String },
-    #[error("plugin {name} has no earlier version to roll back to")]
-    NothingToRollBack { name: String },
     #[error("plugin directory {path}: {source}")]
     Io {
         path: String,
