@@ -31,6 +31,14 @@ pub const CART_TTL_SECS: &str = "COMMERCE_CART_TTL_SECS";
 pub const CART_MAX_LINES: &str = "COMMERCE_CART_MAX_LINES";
 pub const PLUGINS_DIR: &str = "COMMERCE_PLUGINS_DIR";
 pub const PLUGIN_CONCURRENCY: &str = "COMMERCE_PLUGIN_CONCURRENCY";
+pub const SAGA_LEASE_MS: &str = "COMMERCE_SAGA_LEASE_MS";
+pub const SAGA_POLL_MS: &str = "COMMERCE_SAGA_POLL_MS";
+pub const SAGA_CONCURRENCY: &str = "COMMERCE_SAGA_CONCURRENCY";
+/// For the crash tests only: `<when>:<step>` points (comma-separated) at
+/// which the saga runner stops for good, so a test can kill the process
+/// there. `when` is before-call, after-call, before-compensation or
+/// after-compensation.
+pub const TEST_PAUSE_AT: &str = "COMMERCE_TEST_PAUSE_AT";
 
 /// Longest cart time to live accepted: 90 days.
 const MAX_CART_TTL_SECS: u64 = 90 * 86_400;
@@ -47,6 +55,7 @@ pub struct Config {
     pub carts: CartBackendConfig,
     pub cart_limits: CartLimits,
     pub plugins: PluginsConfig,
+    pub sagas: SagasConfig,
     /// Longest a request may run before it is answered with 408.
     pub request_timeout: Duration,
     /// Longest graceful shutdown waits for in-flight requests after SIGTERM/ctrl-c.
@@ -66,6 +75,20 @@ pub struct PluginsConfig {
     pub dir: PathBuf,
     /// Plugin invocations running at once in this process; more wait.
     pub max_concurrent_invocations: u32,
+}
+
+/// How this process runs sagas.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SagasConfig {
+    /// How long a claim on a saga holds without a heartbeat; after a crash,
+    /// another process takes the crashed one's sagas over this much later.
+    pub lease: Duration,
+    /// How often to look for due sagas (this process's own are started at once).
+    pub poll_interval: Duration,
+    /// Sagas driven at once by this process.
+    pub max_concurrent: usize,
+    /// See [`TEST_PAUSE_AT`].
+    pub pause_at: Vec<String>,
 }
 
 /// A configuration value the kernel cannot use.
@@ -118,6 +141,39 @@ impl Config {
         let plugins = PluginsConfig {
             dir: get(PLUGINS_DIR).map_or_else(|| data_dir.join("plugins"), PathBuf::from),
             max_concurrent_invocations,
+        };
+
+        let lease_ms: u64 = parse_or(
+            &get,
+            SAGA_LEASE_MS,
+            15_000,
+            "a whole number of milliseconds",
+        )?;
+        if !(300..=600_000).contains(&lease_ms) {
+            return Err(invalid(SAGA_LEASE_MS, "must be between 300 and 600000"));
+        }
+        let poll_ms: u64 = parse_or(&get, SAGA_POLL_MS, 250, "a whole number of milliseconds")?;
+        if !(10..=60_000).contains(&poll_ms) {
+            return Err(invalid(SAGA_POLL_MS, "must be between 10 and 60000"));
+        }
+        let max_concurrent: usize =
+            parse_or(&get, SAGA_CONCURRENCY, 64, "a whole number of sagas")?;
+        if !(1..=4096).contains(&max_concurrent) {
+            return Err(invalid(SAGA_CONCURRENCY, "must be between 1 and 4096"));
+        }
+        let sagas = SagasConfig {
+            lease: Duration::from_millis(lease_ms),
+            poll_interval: Duration::from_millis(poll_ms),
+            max_concurrent,
+            pause_at: get(TEST_PAUSE_AT)
+                .map(|points| {
+                    points
+                        .split(',')
+                        .map(|p| p.trim().to_string())
+                        .filter(|p| !p.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default(),
         };
 
         let carts = match get(REDIS_URL) {
@@ -192,6 +248,7 @@ impl Config {
             carts,
             cart_limits,
             plugins,
+            sagas,
             request_timeout,
             shutdown_timeout,
             max_request_bytes,

@@ -7,6 +7,7 @@
 //! - [`commerce`]: command handlers: load aggregates, decide, append, retry conflicts.
 //! - [`carts`]: cart stores (Redis, embedded) and the cart lifecycle record.
 //! - [`projections`]: CQRS read models following the event log.
+//! - [`sagas`]: saga instances (work queue, leases) and the runner driving them.
 //! - [`api`]: the GraphQL schema.
 //! - [`server`]: HTTP routes, health, graceful shutdown.
 //! - [`config`]: configuration from `COMMERCE_*` environment variables.
@@ -18,5 +19,6 @@ pub mod config;
 pub mod domain;
 pub mod event_store;
 pub mod projections;
+pub mod sagas;
 pub mod server;
 pub mod storage;

@@ -22,10 +22,11 @@ use tower_http::trace::TraceLayer;
 
 use crate::api::{self, KernelSchema};
 use crate::carts::{self, ActivityRecorder, CartStore, CartStoreError};
-use crate::commerce::{Carts, Commerce, Plugins};
+use crate::commerce::{Carts, Commerce, Plugins, Sagas};
 use crate::config::{Config, ConfigError};
 use crate::event_store::StoreError;
 use crate::projections::Projector;
+use crate::sagas::runner::{RunnerSettings, SagaRunner};
 use crate::storage::Database;
 
 /// How long a health probe waits for a backing store before calling it down.
@@ -60,6 +61,7 @@ pub struct AppState {
     carts: Carts,
     projector: Projector,
     plugins: Plugins,
+    sagas: Sagas,
     /// Set once shutdown begins, so `/ready` sends load balancers elsewhere.
     draining: Arc<AtomicBool>,
     graphiql: bool,
@@ -78,6 +80,7 @@ impl AppState {
         let carts = Carts::new(commerce.clone(), cart_store, config.cart_limits);
         let projector = Projector::new(Arc::clone(&store), views);
         let plugins = Plugins::new(commerce.clone(), plugin_registry);
+        let sagas = Sagas::new(commerce.clone(), database.saga_store());
         AppState {
             schema: api::build_schema(api::Adapters {
                 event_store: store,
@@ -86,11 +89,13 @@ impl AppState {
                 cart_activity: database.cart_activity(),
                 projector: projector.clone(),
                 plugins: plugins.clone(),
+                sagas: sagas.clone(),
             }),
             commerce,
             carts,
             projector,
             plugins,
+            sagas,
             database,
             draining: Arc::new(AtomicBool::new(false)),
             graphiql: config.graphiql,
@@ -161,11 +166,25 @@ pub async fn serve(
     // The plugin versions recorded as active, before the first request.
     state.plugins.catch_up().await?;
     let draining = Arc::clone(&state.draining);
-    // Background work of every kernel process: projections, the expiry sweep
-    // and the cart activity recorder. All are safe to run in several
-    // processes at once.
+    // Background work of every kernel process: projections, the expiry sweep,
+    // the plugin follower, the cart activity recorder and the saga runner.
+    // All are safe to run in several processes at once.
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
     let recorder = ActivityRecorder::new(cart_store, database.cart_activity());
+    let runner = Arc::new(SagaRunner::new(
+        state.sagas.clone(),
+        Arc::clone(state.plugins.registry()),
+        RunnerSettings {
+            node_id: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
+            lease: config.sagas.lease,
+            poll_interval: config.sagas.poll_interval,
+            max_concurrent: config.sagas.max_concurrent,
+            pause_at: config.sagas.pause_at.iter().cloned().collect(),
+        },
+    ));
+    if !config.sagas.pause_at.is_empty() {
+        tracing::warn!(points = ?config.sagas.pause_at, "saga pause points set: for crash tests only");
+    }
     let background = [
         tokio::spawn(state.projector.clone().run(background_stopped.clone())),
         tokio::spawn(sweep_expired_reservations(
@@ -173,7 +192,8 @@ pub async fn serve(
             background_stopped.clone(),
         )),
         tokio::spawn(state.plugins.clone().follow(background_stopped.clone())),
-        tokio::spawn(recorder.run(background_stopped)),
+        tokio::spawn(recorder.run(background_stopped.clone())),
+        tokio::spawn(runner.run(background_stopped)),
     ];
     let carts_backend = state.carts.store().backend();
     let app = router(state, config);
@@ -374,7 +394,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
          # TYPE commerce_command_conflicts_total counter\n\
          commerce_command_conflicts_total {other}\n"
     );
-    let body = body + &plugin_metrics(&state.plugins);
+    let body = body + &plugin_metrics(&state.plugins) + &saga_metrics(&state.sagas).await;
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -383,6 +403,30 @@ async fn metrics(State(state): State<AppState>) -> Response {
         body,
     )
         .into_response()
+}
+
+/// Sagas per status; `commerce_sagas{status="PARKED"}` above zero needs a human.
+async fn saga_metrics(sagas: &Sagas) -> String {
+    use std::fmt::Write as _;
+    let counts = match sagas.store().count_by_status().await {
+        Ok(counts) => counts,
+        Err(error) => {
+            tracing::warn!(%error, "could not count sagas");
+            return String::new();
+        }
+    };
+    let mut text = String::from(
+        "# HELP commerce_sagas Sagas by status (PARKED ones wait for a human).\n\
+         # TYPE commerce_sagas gauge\n",
+    );
+    for status in crate::domain::saga::SagaStatus::ALL {
+        let count = counts
+            .iter()
+            .find(|(s, _)| *s == status)
+            .map_or(0, |(_, count)| *count);
+        let _ = writeln!(text, "commerce_sagas{{status=\"{status}\"}} {count}");
+    }
+    text
 }
 
 /// Per-plugin counters, labelled by plugin name (all versions together).

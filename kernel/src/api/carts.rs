@@ -460,7 +460,8 @@ impl CartMutation {
 
     /// Turns the cart into an order (PENDING), exactly once: placing it again,
     /// even concurrently, returns the same order. The cart is then CHECKED_OUT
-    /// and cannot change.
+    /// and cannot change. Starts the order's fulfilment saga and returns at
+    /// once; follow it with `order(id) { status saga { ... } }`.
     async fn place_order(
         &self,
         ctx: &Context<'_>,
@@ -482,6 +483,15 @@ impl CartMutation {
                 });
             }
         };
+        // The saga runs in the background; this returns at once. Starting it
+        // is idempotent, so a repeated placeOrder also heals an order whose
+        // saga a crash kept from starting.
+        if let Err(error) = super::sagas::sagas(ctx)
+            .start_for_order(done.order.id, &context)
+            .await
+        {
+            return Err(super::error::command_failure(error));
+        }
         let lag = read_your_writes(ctx, &[ProjectionName::Orders], done.order.position).await?;
         Ok(PlaceOrderPayload {
             order: projector(ctx)

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::error::{UserError, user_error};
 use super::{ApiError, ErrorCode, Event, page_size};
-use crate::commerce::{CommandContext, CommandError, Commerce, NewProduct, OrderTransition};
+use crate::commerce::{Cancellation, CommandContext, CommandError, Commerce, NewProduct};
 use crate::domain::Aggregate;
 use crate::domain::catalog::ProductUpdate;
 use crate::domain::money::{Currency, Money as DomainMoney};
@@ -296,6 +296,23 @@ impl Order {
     async fn updated_at(&self) -> DateTime<Utc> {
         self.0.updated_at
     }
+    /// The saga fulfilling the order, step by step; null for an order
+    /// placed without one.
+    async fn saga(&self, ctx: &Context<'_>) -> Result<Option<super::sagas::Saga>, ApiError> {
+        let found = super::sagas::sagas(ctx)
+            .for_order(self.0.order_id)
+            .await
+            .map_err(super::error::command_failure)?;
+        Ok(found.map(|loaded| {
+            super::sagas::Saga::new(
+                crate::domain::saga::Saga::id_for(
+                    crate::domain::saga::ORDER_FULFILMENT,
+                    self.0.order_id,
+                ),
+                loaded,
+            )
+        }))
+    }
     /// Every event of this order, in order, up to the version shown.
     async fn events(&self, ctx: &Context<'_>) -> Result<Vec<Event>, ApiError> {
         let selection = StreamSelection {
@@ -532,6 +549,8 @@ pub struct InventoryPayload {
 #[derive(SimpleObject, Default)]
 pub struct OrderPayload {
     pub order: Option<Order>,
+    /// The order's saga, when the mutation went through it.
+    pub saga: Option<super::sagas::Saga>,
     pub errors: Vec<UserError>,
 }
 
@@ -722,24 +741,22 @@ impl CommerceMutation {
         }
     }
 
-    /// Cancels an order that has not shipped; its reserved stock is released.
+    /// Cancels an order. An order with a saga is cancelled by its saga,
+    /// which first undoes what it did (cancels the shipment, refunds the
+    /// payment) and then cancels the order and releases its stock: the
+    /// payload shows the order as it is now and the saga compensating. An
+    /// order without a saga is cancelled at once. A confirmed, failed or
+    /// cancelled order is refused (ILLEGAL_TRANSITION).
     async fn cancel_order(
         &self,
         ctx: &Context<'_>,
         id: Uuid,
         reason: String,
-        expected_version: Option<i32>,
     ) -> Result<OrderPayload, ApiError> {
-        let expected = version_argument("expectedVersion", expected_version)?;
         let context = api_context();
-        let command = commerce(ctx).transition_order(
-            id,
-            OrderTransition::Cancel { reason },
-            expected,
-            &context,
-        );
+        let command = super::sagas::sagas(ctx).cancel_order(id, &reason, &context);
         match refused(command).await? {
-            Ok(change) => {
+            Ok(Cancellation::Cancelled(change)) => {
                 let lag = read_your_writes(
                     ctx,
                     &[ProjectionName::Orders, ProjectionName::Inventory],
@@ -748,11 +765,24 @@ impl CommerceMutation {
                 .await?;
                 Ok(OrderPayload {
                     order: projector(ctx).views().order(id).await?.map(Order),
+                    saga: None,
                     errors: lag.into_iter().collect(),
                 })
             }
+            Ok(Cancellation::Requested(saga)) => Ok(OrderPayload {
+                order: projector(ctx).views().order(id).await?.map(Order),
+                saga: Some(super::sagas::Saga::new(
+                    saga.id,
+                    crate::event_store::repository::Loaded {
+                        state: saga.state,
+                        version: saga.version,
+                    },
+                )),
+                errors: Vec::new(),
+            }),
             Err(errors) => Ok(OrderPayload {
                 order: None,
+                saga: None,
                 errors,
             }),
         }

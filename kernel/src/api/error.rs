@@ -226,6 +226,7 @@ pub fn user_error(error: CommandError) -> Result<UserError, ApiError> {
             DomainError::ProductInactive { .. } => (ErrorCode::ProductInactive, Some("productId")),
             DomainError::IllegalTransition { .. } => (ErrorCode::IllegalTransition, None),
             DomainError::CartNotOpen { .. } => (ErrorCode::CartNotOpen, Some("cartId")),
+            DomainError::SagaEnded { .. } => (ErrorCode::IllegalTransition, Some("id")),
         },
     };
     Ok(UserError::new(code, field, message))

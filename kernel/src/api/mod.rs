@@ -9,6 +9,7 @@ pub mod carts;
 pub mod commerce;
 pub mod error;
 pub mod plugins;
+pub mod sagas;
 
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ use uuid::Uuid;
 pub use error::{ApiError, ErrorCode};
 
 use crate::carts::CartActivityLog;
-use crate::commerce::{Carts, Commerce, Plugins};
+use crate::commerce::{Carts, Commerce, Plugins, Sagas};
 use crate::event_store::{EventFilter, EventStore, Position, RecordedEvent, StreamSelection};
 use crate::projections::Projector;
 
@@ -35,6 +36,7 @@ pub struct QueryRoot(
     commerce::CommerceQuery,
     carts::CartQuery,
     plugins::PluginQuery,
+    sagas::SagaQuery,
 );
 
 #[derive(MergedObject, Default)]
@@ -42,6 +44,7 @@ pub struct MutationRoot(
     commerce::CommerceMutation,
     carts::CartMutation,
     plugins::PluginMutation,
+    sagas::SagaMutation,
 );
 
 /// Default and largest page of a connection.
@@ -59,6 +62,7 @@ pub struct Adapters {
     pub cart_activity: Arc<dyn CartActivityLog>,
     pub projector: Projector,
     pub plugins: Plugins,
+    pub sagas: Sagas,
 }
 
 /// Builds the schema around the kernel's adapters.
@@ -70,6 +74,7 @@ pub fn build_schema(adapters: Adapters) -> KernelSchema {
         .data(adapters.cart_activity)
         .data(adapters.projector)
         .data(adapters.plugins)
+        .data(adapters.sagas)
         .finish()
 }
 

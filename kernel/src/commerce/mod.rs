@@ -17,6 +17,7 @@ mod catalog;
 mod inventory;
 mod orders;
 mod plugins;
+mod sagas;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ pub use catalog::{CreatedProduct, NewProduct, UpdatedProduct};
 pub use inventory::{InventoryChange, ReservationMade};
 pub use orders::{OrderChange, OrderTransition, PlaceOrderInput};
 pub use plugins::{FOLLOW_INTERVAL, PluginSummary, Plugins};
+pub use sagas::{Cancellation, Sagas};
 
 /// Why a command did not happen. Nothing was written in any case.
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +170,7 @@ impl Commerce {
         &self.store
     }
 
-    fn repository<A: Aggregate>(&self) -> AggregateRepository<A> {
+    pub(crate) fn repository<A: Aggregate>(&self) -> AggregateRepository<A> {
         AggregateRepository::new(Arc::clone(&self.store))
     }
 
@@ -224,7 +226,7 @@ impl Commerce {
 }
 
 /// One stream's part of an atomic multi-stream append.
-fn stream_append<A: Aggregate>(
+pub(crate) fn stream_append<A: Aggregate>(
     id: Uuid,
     expected_version: u32,
     events: &[A::Event],
@@ -245,7 +247,7 @@ pub struct CommandContext {
 }
 
 impl CommandContext {
-    fn metadata(&self) -> EventMetadata {
+    pub(crate) fn metadata(&self) -> EventMetadata {
         EventMetadata {
             correlation_id: self.correlation_id,
             causation_id: None,

@@ -53,6 +53,13 @@ pub enum OrderTransition {
     },
 }
 
+/// A decided order transition, not yet appended.
+pub(crate) struct PlannedTransition {
+    pub events: Vec<OrderEvent>,
+    /// The order's stream first, then the inventory streams it touches.
+    pub streams: Vec<StreamAppend>,
+}
+
 /// The owner name of an order's reservations.
 pub fn reservation_owner(order_id: Uuid) -> String {
     format!("order:{order_id}")
@@ -160,80 +167,9 @@ impl Commerce {
                 let loaded = self
                     .load_expecting::<Order>(order_id, expected_version)
                     .await?;
-                let order = &loaded.state;
-                let mut inventory_streams: Vec<StreamAppend> = Vec::new();
-                let events: Vec<OrderEvent> = match &transition {
-                    OrderTransition::ReserveInventory => {
-                        // Check the transition first: no stock is planned for an order that cannot take it.
-                        order.reserve_inventory(order_id, Vec::new())?;
-                        let plan = self
-                            .plan_reservations(
-                                &reservation_owner(order_id),
-                                &order.quantities_by_product(),
-                                None,
-                            )
-                            .await?;
-                        inventory_streams = plan.streams;
-                        order.reserve_inventory(order_id, plan.reservations)?
-                    }
-                    OrderTransition::MarkPaid {
-                        payment_reference,
-                        amount,
-                    } => order.mark_paid(order_id, payment_reference, *amount)?,
-                    OrderTransition::Ship { shipment_reference } => {
-                        order.ship(order_id, shipment_reference)?
-                    }
-                    OrderTransition::Confirm => {
-                        let events = order.confirm(order_id)?;
-                        for reserved in &order.reservations {
-                            let stock = self
-                                .repository::<Inventory>()
-                                .load(Inventory::stream_id(reserved.product_id))
-                                .await?;
-                            let sold = stock
-                                .state
-                                .commit(reserved.product_id, reserved.reservation_id)?;
-                            inventory_streams.push(stream_append::<Inventory>(
-                                Inventory::stream_id(reserved.product_id),
-                                stock.version,
-                                &sold,
-                            )?);
-                        }
-                        events
-                    }
-                    OrderTransition::Cancel { reason } | OrderTransition::Fail { reason } => {
-                        let events = if matches!(transition, OrderTransition::Cancel { .. }) {
-                            order.cancel(order_id, reason)?
-                        } else {
-                            order.fail(order_id, reason)?
-                        };
-                        for reserved in &order.reservations {
-                            let stock = self
-                                .repository::<Inventory>()
-                                .load(Inventory::stream_id(reserved.product_id))
-                                .await?;
-                            // Already gone (expired, say): nothing left to give back.
-                            match stock.state.release(
-                                reserved.product_id,
-                                reserved.reservation_id,
-                                ReleaseReason::Released,
-                            ) {
-                                Ok(released) => inventory_streams.push(stream_append::<Inventory>(
-                                    Inventory::stream_id(reserved.product_id),
-                                    stock.version,
-                                    &released,
-                                )?),
-                                Err(DomainError::ReservationNotFound { .. }) => {}
-                                Err(other) => return Err(other.into()),
-                            }
-                        }
-                        events
-                    }
-                };
-                let mut streams = vec![stream_append::<Order>(order_id, loaded.version, &events)?];
-                streams.extend(inventory_streams);
+                let planned = self.plan_transition(order_id, &loaded, &transition).await?;
                 let request = AppendRequest {
-                    streams,
+                    streams: planned.streams,
                     metadata: context.metadata(),
                     idempotency_key: None,
                 };
@@ -241,12 +177,97 @@ impl Commerce {
                 Ok(Written::after(
                     order_id,
                     loaded.clone(),
-                    &events,
+                    &planned.events,
                     outcome.last_position,
                 ))
             },
         )
         .await
+    }
+
+    /// Decides a transition of the order `loaded`: its events, and every
+    /// stream to append atomically (the order's at its loaded version, and
+    /// the inventory streams the transition touches). Appends nothing, so the
+    /// saga runner can append it together with its own record.
+    pub(crate) async fn plan_transition(
+        &self,
+        order_id: Uuid,
+        loaded: &Loaded<Order>,
+        transition: &OrderTransition,
+    ) -> Result<PlannedTransition, CommandError> {
+        let order = &loaded.state;
+        let mut inventory_streams: Vec<StreamAppend> = Vec::new();
+        let events: Vec<OrderEvent> = match transition {
+            OrderTransition::ReserveInventory => {
+                // Check the transition first: no stock is planned for an order that cannot take it.
+                order.reserve_inventory(order_id, Vec::new())?;
+                let plan = self
+                    .plan_reservations(
+                        &reservation_owner(order_id),
+                        &order.quantities_by_product(),
+                        None,
+                    )
+                    .await?;
+                inventory_streams = plan.streams;
+                order.reserve_inventory(order_id, plan.reservations)?
+            }
+            OrderTransition::MarkPaid {
+                payment_reference,
+                amount,
+            } => order.mark_paid(order_id, payment_reference, *amount)?,
+            OrderTransition::Ship { shipment_reference } => {
+                order.ship(order_id, shipment_reference)?
+            }
+            OrderTransition::Confirm => {
+                let events = order.confirm(order_id)?;
+                for reserved in &order.reservations {
+                    let stock = self
+                        .repository::<Inventory>()
+                        .load(Inventory::stream_id(reserved.product_id))
+                        .await?;
+                    let sold = stock
+                        .state
+                        .commit(reserved.product_id, reserved.reservation_id)?;
+                    inventory_streams.push(stream_append::<Inventory>(
+                        Inventory::stream_id(reserved.product_id),
+                        stock.version,
+                        &sold,
+                    )?);
+                }
+                events
+            }
+            OrderTransition::Cancel { reason } | OrderTransition::Fail { reason } => {
+                let events = if matches!(transition, OrderTransition::Cancel { .. }) {
+                    order.cancel(order_id, reason)?
+                } else {
+                    order.fail(order_id, reason)?
+                };
+                for reserved in &order.reservations {
+                    let stock = self
+                        .repository::<Inventory>()
+                        .load(Inventory::stream_id(reserved.product_id))
+                        .await?;
+                    // Already gone (expired, say): nothing left to give back.
+                    match stock.state.release(
+                        reserved.product_id,
+                        reserved.reservation_id,
+                        ReleaseReason::Released,
+                    ) {
+                        Ok(released) => inventory_streams.push(stream_append::<Inventory>(
+                            Inventory::stream_id(reserved.product_id),
+                            stock.version,
+                            &released,
+                        )?),
+                        Err(DomainError::ReservationNotFound { .. }) => {}
+                        Err(other) => return Err(other.into()),
+                    }
+                }
+                events
+            }
+        };
+        let mut streams = vec![stream_append::<Order>(order_id, loaded.version, &events)?];
+        streams.extend(inventory_streams);
+        Ok(PlannedTransition { events, streams })
     }
 
     /// The order as its stream says it is now, at `version`, or as of a time.

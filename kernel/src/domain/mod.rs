@@ -10,6 +10,8 @@
 //! - [`inventory`]: stock per product, reservations, expiry.
 //! - [`order`]: orders, their lines and their state machine.
 //! - [`cart`]: shopping carts, their limits, checkout states and pricing.
+//! - [`plugin`]: which plugin versions are installed and active.
+//! - [`saga`]: saga definitions and the order-fulfilment saga's record.
 
 pub mod cart;
 pub mod catalog;
@@ -17,6 +19,7 @@ pub mod inventory;
 pub mod money;
 pub mod order;
 pub mod plugin;
+pub mod saga;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -26,6 +29,7 @@ use uuid::Uuid;
 use cart::CartStatus;
 use money::Currency;
 use order::OrderStatus;
+use saga::SagaStatus;
 
 /// Why a command was refused. Every refusal writes nothing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +66,8 @@ pub enum DomainError {
     IllegalTransition { from: OrderStatus, to: OrderStatus },
     #[error("cart {cart_id} is {status} and can no longer change")]
     CartNotOpen { cart_id: Uuid, status: CartStatus },
+    #[error("saga {saga_id} has ended ({status})")]
+    SagaEnded { saga_id: Uuid, status: SagaStatus },
 }
 
 impl DomainError {

@@ -3,7 +3,7 @@
 //! ```text
 //! PENDING ──> INVENTORY_RESERVED ──> PAID ──> SHIPPED ──> CONFIRMED
 //!    │                │               │          │
-//!    ├──> CANCELLED <─┴───────────────┘          │
+//!    ├──> CANCELLED <─┴───────────────┴──────────┤
 //!    └──> FAILED <───────────────────────────────┘  (from any non-final state)
 //! ```
 //!
@@ -77,7 +77,9 @@ impl OrderStatus {
             | (InventoryReserved, Paid)
             | (Paid, Shipped)
             | (Shipped, Confirmed) => true,
-            (Pending | InventoryReserved | Paid, Cancelled) => true,
+            // A shipment not yet confirmed can still be called back: the
+            // saga cancels it with the carrier before the order is cancelled.
+            (Pending | InventoryReserved | Paid | Shipped, Cancelled) => true,
             (from, Failed) => !from.is_final(),
             _ => false,
         }
@@ -551,6 +553,7 @@ mod tests {
             (Pending, Cancelled),
             (InventoryReserved, Cancelled),
             (Paid, Cancelled),
+            (Shipped, Cancelled),
             (Pending, Failed),
             (InventoryReserved, Failed),
             (Paid, Failed),

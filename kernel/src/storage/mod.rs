@@ -2,12 +2,13 @@
 //!
 //! [`Database`] owns the connection pools and migrations of one backend and
 //! hands out the adapters built on it (the [`EventStore`], the read models'
-//! [`ViewStore`] and the cart lifecycle record). Which backend
+//! [`ViewStore`], the cart lifecycle record and the saga instances). Which backend
 //! runs is decided once, from configuration ([`DatabaseConfig`]).
 
 pub mod cart_activity;
 pub mod postgres;
 pub mod postgres_views;
+pub mod sagas;
 pub mod sqlite;
 pub mod sqlite_views;
 mod views;
@@ -23,6 +24,7 @@ use uuid::Uuid;
 use crate::carts::CartActivityLog;
 use crate::event_store::{Backend, EventFilter, EventStore, Position, StoreError, clamp_limit};
 use crate::projections::ViewStore;
+use crate::sagas::SagaStore;
 
 /// Where the kernel keeps its data.
 #[derive(Clone, Debug)]
@@ -99,6 +101,14 @@ impl Database {
                 Arc::new(cart_activity::PostgresCartActivity::new(db.clone()))
             }
             Database::Sqlite(db) => Arc::new(cart_activity::SqliteCartActivity::new(db.clone())),
+        }
+    }
+
+    /// Saga instances (work queue, leases, index) on this backend.
+    pub fn saga_store(&self) -> Arc<dyn SagaStore> {
+        match self {
+            Database::Postgres(db) => Arc::new(sagas::PostgresSagaStore::new(db.clone())),
+            Database::Sqlite(db) => Arc::new(sagas::SqliteSagaStore::new(db.clone())),
         }
     }
 

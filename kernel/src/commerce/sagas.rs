@@ -1,0 +1,356 @@
+//! Saga commands: starting an order's saga, defining the saga type, and the
+//! requests people make of a running saga (cancel the order, compensate,
+//! retry). The runner that drives sagas is [`crate::sagas::runner`].
+//!
+//! Requests are events on the saga's stream, appended at the version read
+//! (so they serialize with the runner's writes) together with an update of
+//! its `saga_instances` row that makes it due at once.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use super::{CommandContext, CommandError, Commerce, ConflictCounter, Written, stream_append};
+use crate::domain::order::{Order, OrderStatus};
+use crate::domain::saga::{
+    ORDER_FULFILMENT, Saga, SagaDefinition, SagaDefinitions, SagaEvent, SagaStatus,
+};
+use crate::domain::{Aggregate, DomainError};
+use crate::event_store::repository::Loaded;
+use crate::event_store::{AppendRequest, EventMetadata, StoreError, StreamAppend};
+use crate::sagas::{Claim, Committed, InstanceUpdate, SagaStore};
+
+use super::orders::OrderTransition;
+
+/// What `cancelOrder` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cancellation {
+    /// The order had no saga: it was cancelled at once.
+    Cancelled(Written<Order>),
+    /// The order's saga will undo what it did and cancel the order.
+    Requested(Written<Saga>),
+}
+
+/// Saga commands, sharing the command handlers and the saga store.
+#[derive(Clone)]
+pub struct Sagas {
+    commerce: Commerce,
+    store: Arc<dyn SagaStore>,
+    /// Wakes this process's runner when a saga becomes due.
+    wake: Arc<Notify>,
+}
+
+/// The row of a saga in the state `saga` (at stream version `version`).
+pub(crate) fn instance_update(
+    saga_id: Uuid,
+    saga: &Saga,
+    version: u32,
+    next_run_at: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> InstanceUpdate {
+    InstanceUpdate {
+        saga_id,
+        status: saga.status.unwrap_or(SagaStatus::Running),
+        current_step: saga.current_step().map(|step| step.name().to_string()),
+        version,
+        next_run_at,
+        now,
+    }
+}
+
+impl Sagas {
+    pub fn new(commerce: Commerce, store: Arc<dyn SagaStore>) -> Self {
+        Sagas {
+            commerce,
+            store,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn SagaStore> {
+        &self.store
+    }
+
+    pub fn commerce(&self) -> &Commerce {
+        &self.commerce
+    }
+
+    /// Notified whenever this process makes a saga due.
+    pub fn wake(&self) -> &Arc<Notify> {
+        &self.wake
+    }
+
+    fn known_type(saga_type: &str) -> Result<(), CommandError> {
+        if saga_type == ORDER_FULFILMENT {
+            Ok(())
+        } else {
+            Err(DomainError::invalid(
+                "sagaType",
+                format!("unknown saga type {saga_type:?}; known: {ORDER_FULFILMENT}"),
+            )
+            .into())
+        }
+    }
+
+    /// The definitions of `saga_type` (the default applies until one is set).
+    pub async fn definitions(
+        &self,
+        saga_type: &str,
+    ) -> Result<Loaded<SagaDefinitions>, CommandError> {
+        Self::known_type(saga_type)?;
+        Ok(self
+            .commerce
+            .repository::<SagaDefinitions>()
+            .load(SagaDefinitions::stream_id(saga_type))
+            .await?)
+    }
+
+    /// Sets the definition new sagas of `saga_type` follow. Running sagas
+    /// keep theirs.
+    pub async fn define(
+        &self,
+        saga_type: &str,
+        definition: SagaDefinition,
+        context: &CommandContext,
+    ) -> Result<Written<SagaDefinitions>, CommandError> {
+        Self::known_type(saga_type)?;
+        let id = SagaDefinitions::stream_id(saga_type);
+        self.commerce
+            .retrying(ConflictCounter::Other, false, || async {
+                let loaded = self
+                    .commerce
+                    .repository::<SagaDefinitions>()
+                    .load(id)
+                    .await?;
+                let events = loaded.state.define(definition.clone())?;
+                if events.is_empty() {
+                    return Ok(Written::unchanged(id, loaded));
+                }
+                let outcome = self
+                    .commerce
+                    .repository::<SagaDefinitions>()
+                    .append(id, loaded.version, &events, context.metadata(), None)
+                    .await?;
+                Ok(Written::after(id, loaded, &events, outcome.last_position))
+            })
+            .await
+    }
+
+    /// Starts the order-fulfilment saga of `order_id` with the current
+    /// definition; returns the saga's id. Idempotent: an order has one saga.
+    pub async fn start_for_order(
+        &self,
+        order_id: Uuid,
+        context: &CommandContext,
+    ) -> Result<Uuid, CommandError> {
+        let saga_id = Saga::id_for(ORDER_FULFILMENT, order_id);
+        if self.store.get(saga_id).await?.is_some() {
+            return Ok(saga_id);
+        }
+        self.commerce.load_order(order_id).await?;
+        let definition = self.definitions(ORDER_FULFILMENT).await?.state.effective();
+        let now = Utc::now();
+        let events = Saga::start(ORDER_FULFILMENT, order_id, definition, now)?;
+        let mut saga = Saga::default();
+        for event in &events {
+            saga.apply(event);
+        }
+        let request = AppendRequest {
+            streams: vec![stream_append::<Saga>(saga_id, 0, &events)?],
+            metadata: saga_metadata(context, order_id),
+            idempotency_key: None,
+        };
+        let update = instance_update(saga_id, &saga, events.len() as u32, Some(now), now);
+        match self
+            .store
+            .start(update, ORDER_FULFILMENT, order_id, request)
+            .await
+        {
+            // Started here, or concurrently elsewhere: either way it exists.
+            Ok(_) | Err(StoreError::VersionConflict { .. }) => {}
+            Err(other) => return Err(other.into()),
+        }
+        self.wake.notify_one();
+        Ok(saga_id)
+    }
+
+    /// The saga as its stream says it is now.
+    pub async fn load(&self, saga_id: Uuid) -> Result<Loaded<Saga>, CommandError> {
+        let loaded = self.commerce.repository::<Saga>().load(saga_id).await?;
+        if loaded.state.status.is_none() {
+            return Err(DomainError::NotFound {
+                kind: "saga",
+                id: saga_id,
+            }
+            .into());
+        }
+        Ok(loaded)
+    }
+
+    /// The order's saga, if it has one.
+    pub async fn for_order(&self, order_id: Uuid) -> Result<Option<Loaded<Saga>>, CommandError> {
+        let saga_id = Saga::id_for(ORDER_FULFILMENT, order_id);
+        let loaded = self.commerce.repository::<Saga>().load(saga_id).await?;
+        Ok(loaded.state.status.is_some().then_some(loaded))
+    }
+
+    /// Cancels an order: through its saga, which undoes what it did and
+    /// then cancels the order, or at once when it has none. A finished order
+    /// is refused as the state machine says.
+    pub async fn cancel_order(
+        &self,
+        order_id: Uuid,
+        reason: &str,
+        context: &CommandContext,
+    ) -> Result<Cancellation, CommandError> {
+        let Some(saga) = self.for_order(order_id).await? else {
+            return self
+                .commerce
+                .transition_order(
+                    order_id,
+                    OrderTransition::Cancel {
+                        reason: reason.to_string(),
+                    },
+                    None,
+                    context,
+                )
+                .await
+                .map(Cancellation::Cancelled);
+        };
+        if saga.state.status.is_some_and(SagaStatus::is_final) {
+            let order = self.commerce.load_order(order_id).await?;
+            let from = order.state.status.unwrap_or(OrderStatus::Pending);
+            return Err(DomainError::IllegalTransition {
+                from,
+                to: OrderStatus::Cancelled,
+            }
+            .into());
+        }
+        let saga_id = Saga::id_for(ORDER_FULFILMENT, order_id);
+        self.request(saga_id, context, |saga| {
+            saga.request_compensation(saga_id, reason, true)
+        })
+        .await
+        .map(Cancellation::Requested)
+    }
+
+    /// An admin's request to undo a saga (the order ends FAILED).
+    pub async fn compensate(
+        &self,
+        saga_id: Uuid,
+        reason: &str,
+        context: &CommandContext,
+    ) -> Result<Written<Saga>, CommandError> {
+        self.request(saga_id, context, |saga| {
+            saga.request_compensation(saga_id, reason, false)
+        })
+        .await
+    }
+
+    /// An admin's request to go on now (a parked saga resumes compensating).
+    pub async fn retry(
+        &self,
+        saga_id: Uuid,
+        context: &CommandContext,
+    ) -> Result<Written<Saga>, CommandError> {
+        self.request(saga_id, context, |saga| saga.request_retry(saga_id))
+            .await
+    }
+
+    /// Appends what `decide` makes of the saga and makes it due at once,
+    /// whoever holds its lease; retried when the saga moved meanwhile.
+    async fn request<F>(
+        &self,
+        saga_id: Uuid,
+        context: &CommandContext,
+        decide: F,
+    ) -> Result<Written<Saga>, CommandError>
+    where
+        F: Fn(&Saga) -> Result<Vec<SagaEvent>, DomainError>,
+    {
+        let written = self
+            .commerce
+            .retrying(ConflictCounter::Other, false, || async {
+                let loaded = self.load(saga_id).await?;
+                let events = decide(&loaded.state)?;
+                if events.is_empty() {
+                    return Ok(Written::unchanged(saga_id, loaded));
+                }
+                let order_id = loaded.state.order_id;
+                let (committed, written) = self
+                    .commit(
+                        None,
+                        saga_id,
+                        loaded,
+                        &events,
+                        Vec::new(),
+                        context,
+                        order_id,
+                    )
+                    .await?;
+                match committed {
+                    Committed::Written(_) => Ok(written),
+                    Committed::LeaseLost => Err(StoreError::Corrupt(
+                        "an unfenced saga write reported a lost lease".into(),
+                    )
+                    .into()),
+                }
+            })
+            .await?;
+        self.wake.notify_one();
+        Ok(written)
+    }
+
+    /// Appends `events` to the saga (with `other_streams`, atomically) and
+    /// updates its row: due now while there is work, never once it is final
+    /// or parked. With `fence`, only while that claim holds.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn commit(
+        &self,
+        fence: Option<Claim>,
+        saga_id: Uuid,
+        loaded: Loaded<Saga>,
+        events: &[SagaEvent],
+        other_streams: Vec<StreamAppend>,
+        context: &CommandContext,
+        order_id: Uuid,
+    ) -> Result<(Committed, Written<Saga>), CommandError> {
+        let now = Utc::now();
+        let mut after = loaded.state.clone();
+        for event in events {
+            after.apply(event);
+        }
+        let done = after
+            .status
+            .is_some_and(|s| s.is_final() || s == SagaStatus::Parked);
+        let version = loaded.version + events.len() as u32;
+        let update = instance_update(saga_id, &after, version, (!done).then_some(now), now);
+        let mut streams = vec![stream_append::<Saga>(saga_id, loaded.version, events)?];
+        streams.extend(other_streams);
+        let request = AppendRequest {
+            streams,
+            metadata: saga_metadata(context, order_id),
+            idempotency_key: None,
+        };
+        let committed = self.store.commit(fence, update, request).await?;
+        let written = match &committed {
+            Committed::Written(outcome) => {
+                Written::after(saga_id, loaded, events, outcome.last_position)
+            }
+            Committed::LeaseLost => Written::unchanged(saga_id, loaded),
+        };
+        Ok((committed, written))
+    }
+}
+
+/// Saga events carry the order's id as their correlation id, so the order's
+/// whole story is one `events(correlationId:)` query.
+fn saga_metadata(context: &CommandContext, order_id: Uuid) -> EventMetadata {
+    EventMetadata {
+        correlation_id: Some(context.correlation_id.unwrap_or(order_id)),
+        causation_id: None,
+        actor: context.actor.clone(),
+    }
+}

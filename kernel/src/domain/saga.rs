@@ -1,0 +1,1292 @@
+//! Sagas: the durable, step-by-step fulfilment of an order.
+//!
+//! A saga follows a [`SagaDefinition`] (its steps and their retry policies),
+//! copied into the saga when it starts, so a running saga keeps the
+//! definition it started with while new sagas use the newest one
+//! ([`SagaDefinitions`]).
+//!
+//! ```text
+//! RUNNING ──every step succeeded──> COMPLETED
+//!    │
+//!    └─ a step failed for good, the deadline passed, or a cancel ─> COMPENSATING
+//!                                                                     │
+//!          COMPENSATED <── every effect undone, order FAILED/CANCELLED ┤
+//!          PARKED <─────── a compensation kept failing (retrySaga resumes it)
+//! ```
+//!
+//! Every step's start and outcome is an event ([`SagaEvent`]). What to do
+//! next is a pure function of the events and the clock ([`Saga::next`]), so
+//! a process that takes a saga over after a crash continues exactly where
+//! the record stops. Once compensation has begun no forward step runs again.
+//!
+//! A step that was started but whose outcome was not recorded (the process
+//! died during the call, or the call timed out) may have had its effect. Its
+//! compensation therefore first repeats the call with the same idempotency
+//! key, which makes the provider answer with what the first call did, and
+//! then undoes that.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::{Aggregate, DomainError, DomainEvent, clean_text};
+
+/// The saga type every order starts.
+pub const ORDER_FULFILMENT: &str = "order-fulfilment";
+
+/// Namespace of saga ids (UUIDv5 of saga type and order id) and of
+/// definition streams (UUIDv5 of the saga type).
+const SAGA_NAMESPACE: Uuid = Uuid::from_u128(0x3e7a_90c1_5d24_4b6f_8a0e_c1d2_4f63_b8a5);
+const DEFINITION_NAMESPACE: Uuid = Uuid::from_u128(0x9c04_d6e2_71b3_4a58_b6f1_2e8d_0a47_c35e);
+
+/// Most steps a definition may have.
+pub const MAX_STEPS: usize = 20;
+/// Longest a step attempt may run, and the longest back-off.
+pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
+/// Longest a saga may run before it is compensated.
+pub const MAX_SAGA_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// What a step does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StepAction {
+    /// Reserves every line's stock (built in). Released when the saga ends compensated.
+    ReserveInventory,
+    /// Charges the order's total through a payment plugin; refunded on compensation.
+    Payment { plugin: String },
+    /// Creates a shipment through a shipping plugin; cancelled on compensation.
+    Shipment { plugin: String, service: String },
+    /// A custom step plugin (`execute`, `compensate`).
+    Custom { plugin: String },
+    /// Commits the reserved stock and confirms the order (built in): the
+    /// point of no return, so it must be the last step.
+    Confirm,
+}
+
+impl StepAction {
+    /// The plugin the step calls, if any.
+    pub fn plugin(&self) -> Option<&str> {
+        match self {
+            StepAction::Payment { plugin }
+            | StepAction::Shipment { plugin, .. }
+            | StepAction::Custom { plugin } => Some(plugin),
+            StepAction::ReserveInventory | StepAction::Confirm => None,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StepAction::ReserveInventory => "RESERVE_INVENTORY",
+            StepAction::Payment { .. } => "PAYMENT",
+            StepAction::Shipment { .. } => "SHIPMENT",
+            StepAction::Custom { .. } => "CUSTOM",
+            StepAction::Confirm => "CONFIRM",
+        }
+    }
+
+    /// Whether the step has an effect outside the kernel that compensation
+    /// must undo. Stock is given back when the order fails or is cancelled,
+    /// and confirming is final.
+    pub fn is_compensated_by_a_call(&self) -> bool {
+        self.plugin().is_some()
+    }
+
+    /// The order built-in steps must keep (custom steps may go anywhere
+    /// before confirming).
+    fn builtin_rank(&self) -> Option<u8> {
+        match self {
+            StepAction::ReserveInventory => Some(0),
+            StepAction::Payment { .. } => Some(1),
+            StepAction::Shipment { .. } => Some(2),
+            StepAction::Confirm => Some(3),
+            StepAction::Custom { .. } => None,
+        }
+    }
+}
+
+/// How a step is retried: up to `max_attempts` attempts in all, each
+/// stopped after `timeout_ms`, with exponential back-off between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRetry {
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl StepRetry {
+    /// The wait before attempt `attempt + 1` after attempt `attempt` failed:
+    /// the initial back-off doubled per attempt, capped, with "equal jitter"
+    /// (half fixed, half random) so retries of many sagas spread out but never
+    /// come back at once. `random` is any random number.
+    pub fn backoff(&self, attempt: u32, random: u64) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(30);
+        let ceiling = self
+            .initial_backoff_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.max_backoff_ms);
+        let half = ceiling / 2;
+        Duration::from_millis(half + random % (ceiling - half + 1))
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    fn validate(&self, field: &'static str) -> Result<(), DomainError> {
+        let max_ms = MAX_STEP_TIMEOUT.as_millis() as u64;
+        if !(1..=100).contains(&self.max_attempts) {
+            return Err(DomainError::invalid(field, "maxAttempts must be 1 to 100"));
+        }
+        if self.initial_backoff_ms > self.max_backoff_ms || self.max_backoff_ms > max_ms {
+            return Err(DomainError::invalid(
+                field,
+                format!("backoffs must satisfy initial <= max <= {max_ms} ms"),
+            ));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > max_ms {
+            return Err(DomainError::invalid(
+                field,
+                format!("timeoutMs must be 1 to {max_ms}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One step of a definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepDefinition {
+    /// Unique within the definition; part of the step's idempotency key.
+    pub name: String,
+    pub action: StepAction,
+    pub retry: StepRetry,
+}
+
+/// The steps of a saga type, in order, and its limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaDefinition {
+    pub steps: Vec<StepDefinition>,
+    /// A saga still running this long after it started is compensated.
+    pub timeout_ms: u64,
+    /// How compensations are retried; when `max_attempts` are used up the
+    /// saga is parked for a human.
+    pub compensation_retry: StepRetry,
+}
+
+impl SagaDefinition {
+    /// The order-fulfilment saga a kernel runs until an admin defines another:
+    /// reserve stock, charge through plugin `payment`, ship through plugin
+    /// `shipping` (service "standard"), confirm. Five minutes in all.
+    pub fn default_order_fulfilment() -> SagaDefinition {
+        let call = StepRetry {
+            max_attempts: 5,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 30_000,
+            timeout_ms: 15_000,
+        };
+        let local = StepRetry {
+            max_attempts: 5,
+            initial_backoff_ms: 200,
+            max_backoff_ms: 5_000,
+            timeout_ms: 10_000,
+        };
+        SagaDefinition {
+            steps: vec![
+                StepDefinition {
+                    name: "reserve-inventory".into(),
+                    action: StepAction::ReserveInventory,
+                    retry: local,
+                },
+                StepDefinition {
+                    name: "payment".into(),
+                    action: StepAction::Payment {
+                        plugin: "payment".into(),
+                    },
+                    retry: call,
+                },
+                StepDefinition {
+                    name: "shipment".into(),
+                    action: StepAction::Shipment {
+                        plugin: "shipping".into(),
+                        service: "standard".into(),
+                    },
+                    retry: call,
+                },
+                StepDefinition {
+                    name: "confirm".into(),
+                    action: StepAction::Confirm,
+                    retry: local,
+                },
+            ],
+            timeout_ms: 300_000,
+            compensation_retry: StepRetry {
+                max_attempts: 10,
+                initial_backoff_ms: 1_000,
+                max_backoff_ms: 60_000,
+                timeout_ms: 15_000,
+            },
+        }
+    }
+
+    /// Checks the definition: 1 to [`MAX_STEPS`] uniquely named steps; the
+    /// built-in steps each exactly once, in the order reserve inventory,
+    /// payment, shipment, confirm (the order's state machine), confirm last;
+    /// sane retry policies.
+    pub fn validate(&self) -> Result<(), DomainError> {
+        if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
+            return Err(DomainError::invalid(
+                "steps",
+                format!("a saga has 1 to {MAX_STEPS} steps"),
+            ));
+        }
+        let mut ranks = Vec::new();
+        for (index, step) in self.steps.iter().enumerate() {
+            valid_name("steps.name", &step.name)?;
+            if self.steps[..index].iter().any(|s| s.name == step.name) {
+                return Err(DomainError::invalid(
+                    "steps.name",
+                    format!("step name {:?} is used twice", step.name),
+                ));
+            }
+            if let Some(plugin) = step.action.plugin() {
+                valid_name("steps.plugin", plugin)?;
+            }
+            if let StepAction::Shipment { service, .. } = &step.action {
+                clean_text("steps.service", service, 64)?;
+            }
+            step.retry.validate("steps.retry")?;
+            ranks.extend(step.action.builtin_rank());
+        }
+        if ranks != [0, 1, 2, 3] {
+            return Err(DomainError::invalid(
+                "steps",
+                "the built-in steps RESERVE_INVENTORY, PAYMENT, SHIPMENT and CONFIRM must each \
+                 appear once, in that order",
+            ));
+        }
+        if !matches!(
+            self.steps.last().map(|s| &s.action),
+            Some(StepAction::Confirm)
+        ) {
+            return Err(DomainError::invalid(
+                "steps",
+                "CONFIRM is the point of no return and must be the last step",
+            ));
+        }
+        let max = MAX_SAGA_TIMEOUT.as_millis() as u64;
+        if !(1_000..=max).contains(&self.timeout_ms) {
+            return Err(DomainError::invalid(
+                "timeoutMs",
+                format!("must be 1000 to {max}"),
+            ));
+        }
+        self.compensation_retry.validate("compensationRetry")
+    }
+
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+/// Step and plugin names: 1 to 64 of `a-z 0-9 - _`.
+fn valid_name(field: &'static str, name: &str) -> Result<(), DomainError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(DomainError::invalid(
+            field,
+            format!("{name:?} must be 1 to 64 characters of a-z, 0-9, '-' and '_'"),
+        ))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum DefinitionEvent {
+    Defined { definition: SagaDefinition },
+}
+
+impl DomainEvent for DefinitionEvent {}
+
+/// The definitions of one saga type over time; the newest applies to new sagas.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SagaDefinitions {
+    pub current: Option<SagaDefinition>,
+    /// How many times the definition was set.
+    pub revisions: u32,
+}
+
+impl Aggregate for SagaDefinitions {
+    const AGGREGATE_TYPE: &'static str = "saga_definition";
+    type Event = DefinitionEvent;
+
+    fn apply(&mut self, event: &DefinitionEvent) {
+        let DefinitionEvent::Defined { definition } = event;
+        self.current = Some(definition.clone());
+        self.revisions += 1;
+    }
+}
+
+impl SagaDefinitions {
+    pub fn stream_id(saga_type: &str) -> Uuid {
+        Uuid::new_v5(&DEFINITION_NAMESPACE, saga_type.as_bytes())
+    }
+
+    /// The definition new sagas of this type use.
+    pub fn effective(&self) -> SagaDefinition {
+        self.current
+            .clone()
+            .unwrap_or_else(SagaDefinition::default_order_fulfilment)
+    }
+
+    /// Replaces the definition; setting the current one again writes nothing.
+    pub fn define(&self, definition: SagaDefinition) -> Result<Vec<DefinitionEvent>, DomainError> {
+        definition.validate()?;
+        if self.current.as_ref() == Some(&definition) {
+            return Ok(Vec::new());
+        }
+        Ok(vec![DefinitionEvent::Defined { definition }])
+    }
+}
+
+/// Which way a step runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Forward,
+    Compensation,
+}
+
+/// Why an attempt failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepError {
+    /// Machine-readable: the plugin's code (`card_declined`) or the
+    /// kernel's (`deadline`, `insufficient_stock`, ...).
+    pub code: String,
+    pub message: String,
+    /// Whether another attempt may succeed (a timeout, a provider error).
+    pub retryable: bool,
+    /// Whether the failed call may still have had its effect (a timeout, a
+    /// crash, a provider error), so compensation must find out.
+    pub effect_possible: bool,
+}
+
+/// Why compensation runs, and whether the order ends CANCELLED or FAILED.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompensationCause {
+    pub reason: String,
+    /// A cancellation (the order ends CANCELLED) rather than a failure (FAILED).
+    pub cancel: bool,
+}
+
+// `Started` carries the whole definition; events live briefly, so boxing buys little.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data")]
+pub enum SagaEvent {
+    Started {
+        saga_type: String,
+        order_id: Uuid,
+        definition: SagaDefinition,
+        started_at: DateTime<Utc>,
+        deadline: DateTime<Utc>,
+    },
+    /// Written before the step's action: a call, or a local transaction.
+    StepStarted {
+        step: String,
+        phase: Phase,
+        attempt: u32,
+        at: DateTime<Utc>,
+    },
+    StepSucceeded {
+        step: String,
+        output: Value,
+    },
+    /// An attempt failed; `retry_at` is when the next attempt is due, or none
+    /// when the step gives up (forward: compensation follows; compensation:
+    /// the saga is parked).
+    StepFailed {
+        step: String,
+        phase: Phase,
+        attempt: u32,
+        error: StepError,
+        retry_at: Option<DateTime<Utc>>,
+    },
+    StepCompensated {
+        step: String,
+        output: Value,
+    },
+    /// Someone asked for the saga to be undone (cancelOrder, compensateSaga).
+    CompensationRequested {
+        reason: String,
+        cancel: bool,
+    },
+    CompensationStarted {
+        reason: String,
+        cancel: bool,
+    },
+    /// An admin asked for the saga to go on now (a parked saga resumes its
+    /// compensation with fresh attempts).
+    RetryRequested,
+    Completed,
+    Compensated,
+    Parked {
+        step: String,
+        reason: String,
+    },
+}
+
+impl DomainEvent for SagaEvent {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SagaStatus {
+    Running,
+    Compensating,
+    Completed,
+    Compensated,
+    /// A compensation kept failing: a human must look (and `retrySaga`).
+    Parked,
+}
+
+impl SagaStatus {
+    pub const ALL: [SagaStatus; 5] = [
+        SagaStatus::Running,
+        SagaStatus::Compensating,
+        SagaStatus::Completed,
+        SagaStatus::Compensated,
+        SagaStatus::Parked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SagaStatus::Running => "RUNNING",
+            SagaStatus::Compensating => "COMPENSATING",
+            SagaStatus::Completed => "COMPLETED",
+            SagaStatus::Compensated => "COMPENSATED",
+            SagaStatus::Parked => "PARKED",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<SagaStatus> {
+        SagaStatus::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// COMPLETED and COMPENSATED: nothing will ever happen again.
+    pub fn is_final(self) -> bool {
+        matches!(self, SagaStatus::Completed | SagaStatus::Compensated)
+    }
+}
+
+impl fmt::Display for SagaStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StepStatus {
+    Pending,
+    /// Started; no outcome recorded yet.
+    Running,
+    Succeeded,
+    /// The last forward attempt failed (it may be retried).
+    Failed,
+    /// Being undone (its last compensation attempt may have failed).
+    Compensating,
+    Compensated,
+}
+
+/// A step of a saga as its events tell it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepState {
+    pub definition: StepDefinition,
+    pub status: StepStatus,
+    /// Forward attempts started.
+    pub attempts: u32,
+    pub compensation_attempts: u32,
+    pub error: Option<StepError>,
+    /// What the forward call returned (payment reference, shipment, ...).
+    pub output: Option<Value>,
+    /// Whether the forward action may have had an effect that is not undone.
+    pub effect_possible: bool,
+}
+
+impl StepState {
+    pub fn name(&self) -> &str {
+        &self.definition.name
+    }
+
+    /// Whether compensation has something to undo here.
+    fn needs_undo(&self) -> bool {
+        self.definition.action.is_compensated_by_a_call()
+            && match self.status {
+                StepStatus::Pending | StepStatus::Compensated => false,
+                StepStatus::Succeeded | StepStatus::Compensating => true,
+                StepStatus::Running | StepStatus::Failed => self.effect_possible,
+            }
+    }
+
+    /// Whether the forward outcome is unknown: compensation must first ask
+    /// the provider (by repeating the call with the same key).
+    pub fn outcome_unknown(&self) -> bool {
+        self.output.is_none()
+    }
+}
+
+/// What the runner should do next with a saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Final or parked: nothing until someone intervenes.
+    Idle,
+    /// Nothing until then (a retry's back-off; the deadline comes earlier).
+    Wait(DateTime<Utc>),
+    /// Run step `step` forward as attempt `attempt`.
+    Forward { step: usize, attempt: u32 },
+    /// Record that compensation begins.
+    BeginCompensation(CompensationCause),
+    /// Undo step `step`, attempt `attempt`.
+    Compensate { step: usize, attempt: u32 },
+    /// Every effect is undone: fail or cancel the order (releasing its stock)
+    /// and end the saga.
+    FinishCompensation(CompensationCause),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Saga {
+    pub saga_type: String,
+    pub order_id: Uuid,
+    pub started_at: Option<DateTime<Utc>>,
+    pub deadline: Option<DateTime<Utc>>,
+    /// `None` until started.
+    pub status: Option<SagaStatus>,
+    pub steps: Vec<StepState>,
+    pub compensation_retry: Option<StepRetry>,
+    /// When the next attempt (forward or compensation) is due.
+    pub retry_at: Option<DateTime<Utc>>,
+    /// Set once compensation has begun.
+    pub compensation: Option<CompensationCause>,
+    /// A request to compensate, not yet acted on.
+    pub requested: Option<CompensationCause>,
+    /// Why the saga is parked.
+    pub parked: Option<String>,
+}
+
+impl Aggregate for Saga {
+    const AGGREGATE_TYPE: &'static str = "saga";
+    type Event = SagaEvent;
+
+    fn apply(&mut self, event: &SagaEvent) {
+        match event {
+            SagaEvent::Started {
+                saga_type,
+                order_id,
+                definition,
+                started_at,
+                deadline,
+            } => {
+                self.saga_type = saga_type.clone();
+                self.order_id = *order_id;
+                self.started_at = Some(*started_at);
+                self.deadline = Some(*deadline);
+                self.status = Some(SagaStatus::Running);
+                self.compensation_retry = Some(definition.compensation_retry);
+                self.steps = definition
+                    .steps
+                    .iter()
+                    .map(|definition| StepState {
+                        definition: definition.clone(),
+                        status: StepStatus::Pending,
+                        attempts: 0,
+                        compensation_attempts: 0,
+                        error: None,
+                        output: None,
+                        effect_possible: false,
+                    })
+                    .collect();
+            }
+            SagaEvent::StepStarted {
+                step,
+                phase,
+                attempt,
+                ..
+            } => {
+                self.retry_at = None;
+                if let Some(state) = self.step_mut(step) {
+                    match phase {
+                        Phase::Forward => {
+                            state.status = StepStatus::Running;
+                            state.attempts = *attempt;
+                            state.effect_possible = true;
+                        }
+                        Phase::Compensation => {
+                            state.status = StepStatus::Compensating;
+                            state.compensation_attempts = *attempt;
+                        }
+                    }
+                }
+            }
+            SagaEvent::StepSucceeded { step, output } => {
+                if let Some(state) = self.step_mut(step) {
+                    state.status = StepStatus::Succeeded;
+                    state.output = Some(output.clone());
+                    state.error = None;
+                }
+            }
+            SagaEvent::StepFailed {
+                step,
+                phase,
+                error,
+                retry_at,
+                ..
+            } => {
+                self.retry_at = *retry_at;
+                if let Some(state) = self.step_mut(step) {
+                    state.error = Some(error.clone());
+                    if *phase == Phase::Forward {
+                        state.status = StepStatus::Failed;
+                        state.effect_possible = error.effect_possible;
+                    }
+                }
+            }
+            SagaEvent::StepCompensated { step, .. } => {
+                if let Some(state) = self.step_mut(step) {
+                    state.status = StepStatus::Compensated;
+                    state.effect_possible = false;
+                    state.error = None;
+                }
+            }
+            SagaEvent::CompensationRequested { reason, cancel } => {
+                self.requested = Some(CompensationCause {
+                    reason: reason.clone(),
+                    cancel: *cancel,
+                });
+            }
+            SagaEvent::CompensationStarted { reason, cancel } => {
+                self.status = Some(SagaStatus::Compensating);
+                self.compensation = Some(CompensationCause {
+                    reason: reason.clone(),
+                    cancel: *cancel,
+                });
+                self.requested = None;
+                self.retry_at = None;
+            }
+            SagaEvent::RetryRequested => {
+                self.retry_at = None;
+                if self.status == Some(SagaStatus::Parked) {
+                    self.status = Some(SagaStatus::Compensating);
+                    self.parked = None;
+                    for step in &mut self.steps {
+                        if step.status == StepStatus::Compensating {
+                            step.compensation_attempts = 0;
+                        }
+                    }
+                }
+            }
+            SagaEvent::Completed => self.status = Some(SagaStatus::Completed),
+            SagaEvent::Compensated => self.status = Some(SagaStatus::Compensated),
+            SagaEvent::Parked { reason, .. } => {
+                self.status = Some(SagaStatus::Parked);
+                self.parked = Some(reason.clone());
+            }
+        }
+    }
+}
+
+impl Saga {
+    /// The id of the saga of type `saga_type` for `order_id`: one per order.
+    pub fn id_for(saga_type: &str, order_id: Uuid) -> Uuid {
+        Uuid::new_v5(
+            &SAGA_NAMESPACE,
+            format!("{saga_type}:{order_id}").as_bytes(),
+        )
+    }
+
+    /// The idempotency key of a step's forward call, the same on every
+    /// attempt and after any restart.
+    pub fn step_key(saga_id: Uuid, step: &str) -> String {
+        format!("{saga_id}:{step}")
+    }
+
+    /// The idempotency key of a step's compensation call.
+    pub fn compensation_key(saga_id: Uuid, step: &str) -> String {
+        format!("{saga_id}:{step}:compensate")
+    }
+
+    pub fn start(
+        saga_type: &str,
+        order_id: Uuid,
+        definition: SagaDefinition,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SagaEvent>, DomainError> {
+        definition.validate()?;
+        let deadline = now
+            + chrono::Duration::from_std(definition.timeout())
+                .map_err(|_| DomainError::invalid("timeoutMs", "out of range"))?;
+        Ok(vec![SagaEvent::Started {
+            saga_type: saga_type.to_string(),
+            order_id,
+            definition,
+            started_at: now,
+            deadline,
+        }])
+    }
+
+    fn step_mut(&mut self, name: &str) -> Option<&mut StepState> {
+        self.steps.iter_mut().find(|s| s.definition.name == name)
+    }
+
+    pub fn step(&self, name: &str) -> Option<&StepState> {
+        self.steps.iter().find(|s| s.definition.name == name)
+    }
+
+    /// The step being worked on: the first unfinished one going forward, the
+    /// one being undone while compensating.
+    pub fn current_step(&self) -> Option<&StepState> {
+        match self.status? {
+            SagaStatus::Running => self
+                .steps
+                .iter()
+                .find(|s| s.status != StepStatus::Succeeded),
+            SagaStatus::Compensating | SagaStatus::Parked => {
+                self.steps.iter().rev().find(|s| s.needs_undo())
+            }
+            SagaStatus::Completed | SagaStatus::Compensated => None,
+        }
+    }
+
+    /// What to do next, given the record and the time.
+    pub fn next(&self, now: DateTime<Utc>) -> Next {
+        let Some(status) = self.status else {
+            return Next::Idle;
+        };
+        match status {
+            SagaStatus::Completed | SagaStatus::Compensated | SagaStatus::Parked => Next::Idle,
+            SagaStatus::Running => self.next_forward(now),
+            SagaStatus::Compensating => self.next_compensation(now),
+        }
+    }
+
+    fn next_forward(&self, now: DateTime<Utc>) -> Next {
+        if let Some(requested) = &self.requested {
+            return Next::BeginCompensation(requested.clone());
+        }
+        let deadline = self.deadline.unwrap_or(now);
+        if now >= deadline {
+            return Next::BeginCompensation(CompensationCause {
+                reason: "the saga did not finish before its deadline".into(),
+                cancel: false,
+            });
+        }
+        let Some(index) = self
+            .steps
+            .iter()
+            .position(|s| s.status != StepStatus::Succeeded)
+        else {
+            // Confirming completes the saga in the same write, so this is a
+            // record that lost its `Completed`; nothing is left to do forward.
+            return Next::Idle;
+        };
+        let step = &self.steps[index];
+        let max_attempts = step.definition.retry.max_attempts;
+        match step.status {
+            StepStatus::Pending => Next::Forward {
+                step: index,
+                attempt: 1,
+            },
+            // Started, outcome never recorded: the process running it stopped.
+            StepStatus::Running if step.attempts < max_attempts => Next::Forward {
+                step: index,
+                attempt: step.attempts + 1,
+            },
+            StepStatus::Running => Next::BeginCompensation(CompensationCause {
+                reason: format!(
+                    "step {} did not finish in {} attempts",
+                    step.name(),
+                    step.attempts
+                ),
+                cancel: false,
+            }),
+            StepStatus::Failed => match self.retry_at {
+                Some(at) if at > now => Next::Wait(at.min(deadline)),
+                Some(_) if step.attempts < max_attempts => Next::Forward {
+                    step: index,
+                    attempt: step.attempts + 1,
+                },
+                _ => Next::BeginCompensation(CompensationCause {
+                    reason: match &step.error {
+                        Some(error) => format!(
+                            "step {} failed: {}: {}",
+                            step.name(),
+                            error.code,
+                            error.message
+                        ),
+                        None => format!("step {} failed", step.name()),
+                    },
+                    cancel: false,
+                }),
+            },
+            // Not reachable going forward; treat like a finished step.
+            StepStatus::Succeeded | StepStatus::Compensating | StepStatus::Compensated => {
+                Next::Idle
+            }
+        }
+    }
+
+    fn next_compensation(&self, now: DateTime<Utc>) -> Next {
+        let cause = self.compensation.clone().unwrap_or(CompensationCause {
+            reason: "compensation".into(),
+            cancel: false,
+        });
+        let Some(index) = self.steps.iter().rposition(StepState::needs_undo) else {
+            return Next::FinishCompensation(cause);
+        };
+        let step = &self.steps[index];
+        if step.status == StepStatus::Compensating
+            && let Some(at) = self.retry_at
+            && at > now
+        {
+            return Next::Wait(at);
+        }
+        let attempt = if step.status == StepStatus::Compensating {
+            step.compensation_attempts + 1
+        } else {
+            1
+        };
+        Next::Compensate {
+            step: index,
+            attempt,
+        }
+    }
+
+    /// Whether a compensation attempt that failed should be the last: the
+    /// saga is then parked.
+    pub fn compensation_exhausted(&self, attempt: u32) -> bool {
+        attempt
+            >= self
+                .compensation_retry
+                .map(|retry| retry.max_attempts)
+                .unwrap_or(1)
+    }
+
+    fn require_active(&self, saga_id: Uuid) -> Result<SagaStatus, DomainError> {
+        match self.status {
+            None => Err(DomainError::NotFound {
+                kind: "saga",
+                id: saga_id,
+            }),
+            Some(status) if status.is_final() => Err(DomainError::SagaEnded { saga_id, status }),
+            Some(status) => Ok(status),
+        }
+    }
+
+    /// Asks for the saga to be undone. Already compensating (or parked): nothing to add.
+    pub fn request_compensation(
+        &self,
+        saga_id: Uuid,
+        reason: &str,
+        cancel: bool,
+    ) -> Result<Vec<SagaEvent>, DomainError> {
+        let reason = clean_text("reason", reason, 500)?;
+        match self.require_active(saga_id)? {
+            SagaStatus::Running if self.requested.is_none() => {
+                Ok(vec![SagaEvent::CompensationRequested { reason, cancel }])
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// Asks the runner to go on now: a waiting retry runs at once, a parked
+    /// saga resumes its compensation with fresh attempts.
+    pub fn request_retry(&self, saga_id: Uuid) -> Result<Vec<SagaEvent>, DomainError> {
+        self.require_active(saga_id)?;
+        Ok(vec![SagaEvent::RetryRequested])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(seconds: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + seconds, 0)
+            .single()
+            .expect("valid time")
+    }
+
+    fn started() -> Saga {
+        let mut saga = Saga::default();
+        let events = Saga::start(
+            ORDER_FULFILMENT,
+            Uuid::now_v7(),
+            SagaDefinition::default_order_fulfilment(),
+            at(0),
+        )
+        .expect("valid definition");
+        for event in &events {
+            saga.apply(event);
+        }
+        saga
+    }
+
+    fn apply(saga: &mut Saga, events: &[SagaEvent]) {
+        for event in events {
+            saga.apply(event);
+        }
+    }
+
+    fn started_step(step: &str, phase: Phase, attempt: u32) -> SagaEvent {
+        SagaEvent::StepStarted {
+            step: step.into(),
+            phase,
+            attempt,
+            at: at(1),
+        }
+    }
+
+    fn succeeded(step: &str) -> SagaEvent {
+        SagaEvent::StepSucceeded {
+            step: step.into(),
+            output: serde_json::json!({ "reference": step }),
+        }
+    }
+
+    fn failed(step: &str, attempt: u32, effect_possible: bool, retry_at: Option<i64>) -> SagaEvent {
+        SagaEvent::StepFailed {
+            step: step.into(),
+            phase: Phase::Forward,
+            attempt,
+            error: StepError {
+                code: "boom".into(),
+                message: "it broke".into(),
+                retryable: effect_possible,
+                effect_possible,
+            },
+            retry_at: retry_at.map(at),
+        }
+    }
+
+    #[test]
+    fn the_happy_path_runs_every_step_forward_once() {
+        let mut saga = started();
+        for (index, name) in ["reserve-inventory", "payment", "shipment", "confirm"]
+            .into_iter()
+            .enumerate()
+        {
+            assert_eq!(
+                saga.next(at(1)),
+                Next::Forward {
+                    step: index,
+                    attempt: 1
+                }
+            );
+            apply(
+                &mut saga,
+                &[started_step(name, Phase::Forward, 1), succeeded(name)],
+            );
+        }
+        apply(&mut saga, &[SagaEvent::Completed]);
+        assert_eq!(saga.status, Some(SagaStatus::Completed));
+        assert_eq!(saga.next(at(2)), Next::Idle);
+        assert!(
+            saga.request_compensation(Uuid::nil(), "late", true)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn transient_failures_wait_then_retry_and_give_up_into_compensation() {
+        let mut saga = started();
+        apply(
+            &mut saga,
+            &[
+                started_step("reserve-inventory", Phase::Forward, 1),
+                succeeded("reserve-inventory"),
+                started_step("payment", Phase::Forward, 1),
+                failed("payment", 1, true, Some(10)),
+            ],
+        );
+        assert_eq!(saga.next(at(5)), Next::Wait(at(10)));
+        assert_eq!(
+            saga.next(at(10)),
+            Next::Forward {
+                step: 1,
+                attempt: 2
+            }
+        );
+        // The last attempt fails: compensation, which must find out whether
+        // the uncertain payment happened.
+        apply(
+            &mut saga,
+            &[
+                started_step("payment", Phase::Forward, 5),
+                failed("payment", 5, true, None),
+            ],
+        );
+        let Next::BeginCompensation(cause) = saga.next(at(20)) else {
+            panic!("expected compensation, got {:?}", saga.next(at(20)));
+        };
+        assert!(cause.reason.contains("payment"), "{}", cause.reason);
+        apply(
+            &mut saga,
+            &[SagaEvent::CompensationStarted {
+                reason: cause.reason,
+                cancel: false,
+            }],
+        );
+        assert_eq!(
+            saga.next(at(20)),
+            Next::Compensate {
+                step: 1,
+                attempt: 1
+            }
+        );
+        assert!(saga.steps[1].outcome_unknown());
+    }
+
+    #[test]
+    fn a_declined_payment_has_nothing_to_undo_but_the_stock() {
+        let mut saga = started();
+        apply(
+            &mut saga,
+            &[
+                started_step("reserve-inventory", Phase::Forward, 1),
+                succeeded("reserve-inventory"),
+                started_step("payment", Phase::Forward, 1),
+                failed("payment", 1, false, None),
+                SagaEvent::CompensationStarted {
+                    reason: "declined".into(),
+                    cancel: false,
+                },
+            ],
+        );
+        assert_eq!(
+            saga.next(at(2)),
+            Next::FinishCompensation(CompensationCause {
+                reason: "declined".into(),
+                cancel: false
+            })
+        );
+    }
+
+    #[test]
+    fn compensation_runs_in_reverse_and_never_goes_forward_again() {
+        let mut saga = started();
+        for name in ["reserve-inventory", "payment", "shipment"] {
+            apply(
+                &mut saga,
+                &[started_step(name, Phase::Forward, 1), succeeded(name)],
+            );
+        }
+        apply(
+            &mut saga,
+            &[SagaEvent::CompensationRequested {
+                reason: "changed my mind".into(),
+                cancel: true,
+            }],
+        );
+        let Next::BeginCompensation(cause) = saga.next(at(3)) else {
+            panic!("a request begins compensation");
+        };
+        assert!(cause.cancel);
+        apply(
+            &mut saga,
+            &[SagaEvent::CompensationStarted {
+                reason: cause.reason,
+                cancel: true,
+            }],
+        );
+        // Shipment first, then payment; stock goes back when the order is cancelled.
+        assert_eq!(
+            saga.next(at(3)),
+            Next::Compensate {
+                step: 2,
+                attempt: 1
+            }
+        );
+        apply(
+            &mut saga,
+            &[
+                started_step("shipment", Phase::Compensation, 1),
+                SagaEvent::StepFailed {
+                    step: "shipment".into(),
+                    phase: Phase::Compensation,
+                    attempt: 1,
+                    error: StepError {
+                        code: "down".into(),
+                        message: "carrier down".into(),
+                        retryable: true,
+                        effect_possible: true,
+                    },
+                    retry_at: Some(at(9)),
+                },
+            ],
+        );
+        assert_eq!(saga.next(at(4)), Next::Wait(at(9)));
+        assert_eq!(
+            saga.next(at(9)),
+            Next::Compensate {
+                step: 2,
+                attempt: 2
+            }
+        );
+        apply(
+            &mut saga,
+            &[SagaEvent::StepCompensated {
+                step: "shipment".into(),
+                output: Value::Null,
+            }],
+        );
+        assert_eq!(
+            saga.next(at(9)),
+            Next::Compensate {
+                step: 1,
+                attempt: 1
+            }
+        );
+        apply(
+            &mut saga,
+            &[SagaEvent::StepCompensated {
+                step: "payment".into(),
+                output: Value::Null,
+            }],
+        );
+        assert!(matches!(
+            saga.next(at(9)),
+            Next::FinishCompensation(CompensationCause { cancel: true, .. })
+        ));
+        // A late request changes nothing.
+        assert_eq!(
+            saga.request_compensation(Uuid::nil(), "again", true),
+            Ok(Vec::new())
+        );
+    }
+
+    #[test]
+    fn a_parked_saga_resumes_with_fresh_attempts() {
+        let mut saga = started();
+        apply(
+            &mut saga,
+            &[
+                started_step("reserve-inventory", Phase::Forward, 1),
+                succeeded("reserve-inventory"),
+                started_step("payment", Phase::Forward, 1),
+                succeeded("payment"),
+                SagaEvent::CompensationStarted {
+                    reason: "x".into(),
+                    cancel: false,
+                },
+                started_step("payment", Phase::Compensation, 10),
+                SagaEvent::Parked {
+                    step: "payment".into(),
+                    reason: "refund keeps failing".into(),
+                },
+            ],
+        );
+        assert!(saga.compensation_exhausted(10));
+        assert_eq!(saga.next(at(5)), Next::Idle);
+        let retry = saga.request_retry(Uuid::nil()).expect("parked sagas retry");
+        apply(&mut saga, &retry);
+        assert_eq!(
+            saga.next(at(5)),
+            Next::Compensate {
+                step: 1,
+                attempt: 1
+            }
+        );
+    }
+
+    #[test]
+    fn a_step_whose_process_died_runs_again_and_the_deadline_compensates() {
+        let mut saga = started();
+        apply(
+            &mut saga,
+            &[
+                started_step("reserve-inventory", Phase::Forward, 1),
+                succeeded("reserve-inventory"),
+                started_step("payment", Phase::Forward, 1),
+            ],
+        );
+        assert_eq!(
+            saga.next(at(2)),
+            Next::Forward {
+                step: 1,
+                attempt: 2
+            }
+        );
+        assert!(matches!(
+            saga.next(at(301)),
+            Next::BeginCompensation(CompensationCause { cancel: false, .. })
+        ));
+    }
+
+    #[test]
+    fn definitions_keep_the_order_state_machine() {
+        let mut definition = SagaDefinition::default_order_fulfilment();
+        assert_eq!(definition.validate(), Ok(()));
+        definition.steps.insert(
+            1,
+            StepDefinition {
+                name: "order-limit".into(),
+                action: StepAction::Custom {
+                    plugin: "order-limit".into(),
+                },
+                retry: definition.steps[0].retry,
+            },
+        );
+        assert_eq!(definition.validate(), Ok(()));
+
+        let mut swapped = definition.clone();
+        swapped.steps.swap(2, 3);
+        assert!(swapped.validate().is_err(), "shipment before payment");
+        let mut twice = definition.clone();
+        twice.steps[1].name = "payment".into();
+        assert!(twice.validate().is_err(), "duplicate names");
+        let mut after_confirm = definition.clone();
+        let custom = after_confirm.steps.remove(1);
+        after_confirm.steps.push(custom);
+        assert!(after_confirm.validate().is_err(), "confirm is last");
+        let mut bad_retry = definition.clone();
+        bad_retry.steps[0].retry.max_attempts = 0;
+        assert!(bad_retry.validate().is_err());
+        let mut bad_name = definition;
+        bad_name.steps[1].name = "Order Limit".into();
+        assert!(bad_name.validate().is_err());
+
+        let history = SagaDefinitions::default();
+        assert_eq!(
+            history.effective(),
+            SagaDefinition::default_order_fulfilment()
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_is_capped() {
+        let retry = StepRetry {
+            max_attempts: 5,
+            initial_backoff_ms: 100,
+            max_backoff_ms: 1_000,
+            timeout_ms: 1_000,
+        };
+        for random in [0, 7, u64::MAX] {
+            let first = retry.backoff(1, random).as_millis();
+            assert!((50..=100).contains(&first), "{first}");
+            let third = retry.backoff(3, random).as_millis();
+            assert!((200..=400).contains(&third), "{third}");
+            let late = retry.backoff(30, random).as_millis();
+            assert!((500..=1_000).contains(&late), "{late}");
+        }
+    }
+}
