@@ -100,6 +100,20 @@ impl TestDatabase {
         }
     }
 
+    /// The URL a kernel process uses to reach this database
+    /// (`COMMERCE_DATABASE_URL`).
+    pub fn url(&self) -> String {
+        match &self.cleanup {
+            Cleanup::Sqlite(dir) => {
+                format!("sqlite://{}", dir.path().join("commerce.db").display())
+            }
+            Cleanup::Postgres { url, schema } => {
+                let separator = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{separator}options=-c%20search_path%3D{schema}")
+            }
+        }
+    }
+
     pub fn event_store(&self) -> Arc<dyn EventStore> {
         self.database.event_store()
     }
@@ -189,12 +203,21 @@ pub type SuiteCase =
 /// Runs every case against every backend, as `<backend>::<case>`. Cases on a
 /// backend that is not configured are reported as ignored.
 pub fn run_suite(cases: &[(&'static str, SuiteCase)]) -> ! {
+    run_suite_except(cases, &[])
+}
+
+/// [`run_suite`], with the cases named in `postgres_only` reported as
+/// ignored on SQLite (several kernel processes, say).
+pub fn run_suite_except(cases: &[(&'static str, SuiteCase)], postgres_only: &[&str]) -> ! {
     let args = Arguments::from_args();
     let postgres_configured = postgres_url().is_some();
     let mut trials = Vec::new();
     for kind in [BackendKind::Sqlite, BackendKind::Postgres] {
         for &(name, case) in cases {
-            let available = kind == BackendKind::Sqlite || postgres_configured;
+            let available = match kind {
+                BackendKind::Sqlite => !postgres_only.contains(&name),
+                BackendKind::Postgres => postgres_configured,
+            };
             trials.push(
                 Trial::test(format!("{}::{name}", kind.name()), move || {
                     run_case(kind, case)

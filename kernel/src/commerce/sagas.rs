@@ -345,12 +345,14 @@ impl Sagas {
     }
 }
 
-/// Saga events carry the order's id as their correlation id, so the order's
-/// whole story is one `events(correlationId:)` query.
+/// Saga events (and the order and stock events the saga writes) carry the
+/// order's id as their correlation id, so the saga's whole story is one
+/// `events(correlationId:)` query; the request that caused a write, if any,
+/// is its causation id.
 fn saga_metadata(context: &CommandContext, order_id: Uuid) -> EventMetadata {
     EventMetadata {
-        correlation_id: Some(context.correlation_id.unwrap_or(order_id)),
-        causation_id: None,
+        correlation_id: Some(order_id),
+        causation_id: context.correlation_id,
         actor: context.actor.clone(),
     }
 }

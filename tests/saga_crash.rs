@@ -1,0 +1,547 @@
+//! The saga across real kernel processes: an order placed through GraphQL
+//! reaches CONFIRMED through the plugins; a kernel killed with SIGKILL at
+//! each step boundary is restarted and every saga still ends CONFIRMED or
+//! fully compensated, with exactly one charge (or a charge and its refund)
+//! per order in the fake provider's ledger and the stock consistent; and two
+//! kernels sharing Postgres, one killed mid-payment, finish every saga.
+//!
+//! Kernels stop at a step boundary through `COMMERCE_TEST_PAUSE_AT`: the
+//! runner announces the point on stdout and waits there forever, and the
+//! test kills the process at that moment.
+
+#[macro_use]
+mod support;
+mod fakes;
+
+use std::io::{BufRead as _, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use commerce_kernel::domain::inventory::Inventory;
+use commerce_kernel::event_store::repository::AggregateRepository;
+use commerce_plugin_artifacts as artifacts;
+use fakes::{FakePayments, FakeShipping};
+use serde_json::{Value, json};
+use support::{TestDatabase, run_suite_except};
+use uuid::Uuid;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_commerce-kernel");
+/// Longest a kernel may take to start, and a saga to settle.
+const START: Duration = Duration::from_secs(60);
+const SETTLE: Duration = Duration::from_secs(40);
+
+fn main() {
+    // SQLite is one process's embedded store: several kernels need Postgres.
+    run_suite_except(
+        &cases![
+            an_order_placed_through_graphql_reaches_confirmed_through_the_plugins,
+            a_kernel_killed_at_each_step_boundary_finishes_every_saga_after_restart,
+            two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies,
+        ],
+        &["two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies"],
+    );
+}
+
+/// A kernel process. Killed (SIGKILL) when dropped.
+struct Kernel {
+    child: Child,
+    address: String,
+    lines: std::sync::Mutex<Receiver<String>>,
+    http: reqwest::Client,
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What every kernel of a test shares: the database, the plugin directory.
+struct Cluster {
+    database_url: String,
+    plugins: tempfile::TempDir,
+    data: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn new(db: &TestDatabase) -> anyhow::Result<Self> {
+        Ok(Cluster {
+            database_url: db.url(),
+            plugins: tempfile::tempdir()?,
+            data: tempfile::tempdir()?,
+        })
+    }
+
+    /// Starts a kernel; `pause_at` stops its saga runner at that point.
+    async fn start(&self, pause_at: Option<&str>) -> anyhow::Result<Kernel> {
+        let mut command = Command::new(BINARY);
+        command
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("COMMERCE_DATABASE_URL", &self.database_url)
+            .env("COMMERCE_DATA_DIR", self.data.path())
+            .env("COMMERCE_PLUGINS_DIR", self.plugins.path())
+            .env("COMMERCE_LISTEN_ADDR", "127.0.0.1:0")
+            .env("COMMERCE_SAGA_LEASE_MS", "1000")
+            .env("COMMERCE_SAGA_POLL_MS", "50")
+            .env("COMMERCE_MAX_REQUEST_BYTES", "33554432")
+            .env("COMMERCE_LOG", "info,sqlx=warn")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(point) = pause_at {
+            command.env("COMMERCE_TEST_PAUSE_AT", point);
+        }
+        let mut child = command.spawn().context("start the kernel")?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let (lines_tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        let mut kernel = Kernel {
+            child,
+            address: String::new(),
+            lines: std::sync::Mutex::new(lines),
+            http: reqwest::Client::new(),
+        };
+        let line = kernel.wait_for_line("listening on http://", START).await?;
+        kernel.address = line
+            .split("listening on http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .context("address")?
+            .to_string();
+        Ok(kernel)
+    }
+}
+
+impl Kernel {
+    /// Waits (without blocking the runtime) for a stdout line containing `text`.
+    async fn wait_for_line(&mut self, text: &str, limit: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let next = self
+                .lines
+                .lock()
+                .map_err(|_| anyhow::anyhow!("line reader poisoned"))?
+                .try_recv();
+            match next {
+                Ok(line) if line.contains(text) => return Ok(line),
+                Ok(_) => continue,
+                Err(TryRecvError::Disconnected) => {
+                    bail!(
+                        "the kernel exited before printing {text:?}: {:?}",
+                        self.child.try_wait()
+                    )
+                }
+                Err(TryRecvError::Empty) if Instant::now() > deadline => {
+                    bail!("the kernel never printed {text:?}")
+                }
+                Err(TryRecvError::Empty) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    /// SIGKILL: no shutdown, no lease given back.
+    fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    async fn graphql(&self, query: &str, variables: Value) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!("http://{}/graphql", self.address))
+            .json(&json!({ "query": query, "variables": variables }))
+            .send()
+            .await?;
+        ensure!(
+            response.status() == 200,
+            "GraphQL answered {}",
+            response.status()
+        );
+        let body: Value = response.json().await?;
+        ensure!(body.get("errors").is_none(), "GraphQL errors: {body}");
+        Ok(body)
+    }
+
+    /// Runs a mutation and checks its payload has no errors.
+    async fn mutate(&self, field: &str, query: &str, variables: Value) -> anyhow::Result<Value> {
+        let body = self.graphql(query, variables).await?;
+        let payload = body["data"][field].clone();
+        ensure!(payload["errors"] == json!([]), "{field}: {body}");
+        Ok(payload)
+    }
+}
+
+fn upload(name: &str, kind: &str, path: &str, extra: &str) -> anyhow::Result<Value> {
+    use base64::Engine as _;
+    let bytes = std::fs::read(path)?;
+    let manifest = format!(
+        "name = \"{name}\"\nversion = \"1.0.0\"\nkind = \"{kind}\"\n\
+         component = \"{name}.wasm\"\nsha256 = \"{}\"\n{extra}\n",
+        commerce_plugin_host::sha256_hex(&bytes)
+    );
+    Ok(json!({
+        "manifest": manifest,
+        "component": base64::engine::general_purpose::STANDARD.encode(&bytes),
+    }))
+}
+
+/// The providers, the plugins installed and active, a definition with
+/// test-sized retries, and a product with `stock` units.
+struct Shop {
+    payments: FakePayments,
+    shipping: FakeShipping,
+    product: Uuid,
+}
+
+const RETRY: &str = "{ maxAttempts: 4, initialBackoffMs: 50, maxBackoffMs: 200, timeoutMs: 2000 }";
+
+async fn set_up(kernel: &Kernel, stock: i64) -> anyhow::Result<Shop> {
+    let payments = FakePayments::start().await;
+    let shipping = FakeShipping::start().await;
+    let grant = |url: String, address: std::net::SocketAddr| {
+        format!("allowed_hosts = [\"{address}\"]\n[config]\nbase_url = \"{url}\"")
+    };
+    for (name, kind, path, extra) in [
+        (
+            "payment",
+            "payment",
+            artifacts::PAYMENT_HTTP,
+            grant(payments.base_url(), payments.address),
+        ),
+        (
+            "shipping",
+            "shipping",
+            artifacts::SHIPPING_HTTP,
+            grant(shipping.base_url(), shipping.address),
+        ),
+    ] {
+        kernel
+            .mutate(
+                "installPlugin",
+                "mutation ($input: InstallPluginInput!) { installPlugin(input: $input) { errors { field code message } } }",
+                json!({ "input": upload(name, kind, path, &extra)? }),
+            )
+            .await?;
+        kernel
+            .mutate(
+                "activatePlugin",
+                "mutation ($name: String!) { activatePlugin(input: { name: $name, version: \"1.0.0\" }) { errors { code message } } }",
+                json!({ "name": name }),
+            )
+            .await?;
+    }
+    let define = format!(
+        "mutation {{ defineSaga(input: {{ timeoutMs: 60000, compensationRetry: {RETRY}, steps: [
+            {{ name: \"reserve-inventory\", kind: RESERVE_INVENTORY, retry: {RETRY} }},
+            {{ name: \"payment\", kind: PAYMENT, plugin: \"payment\", retry: {RETRY} }},
+            {{ name: \"shipment\", kind: SHIPMENT, plugin: \"shipping\", retry: {RETRY} }},
+            {{ name: \"confirm\", kind: CONFIRM, retry: {RETRY} }} ] }})
+          {{ definition {{ revision }} errors {{ field code message }} }} }}"
+    );
+    kernel.mutate("defineSaga", &define, json!({})).await?;
+    let created = kernel
+        .mutate(
+            "createProduct",
+            "mutation ($sku: String!) { createProduct(input: { sku: $sku, name: \"Teapot\", price: { amount: \"19.90\", currency: \"EUR\" } }) { product { id } errors { code message } } }",
+            json!({ "sku": format!("SKU-{}", Uuid::now_v7().simple()) }),
+        )
+        .await?;
+    let product: Uuid = serde_json::from_value(created["product"]["id"].clone())?;
+    kernel
+        .mutate(
+            "adjustInventory",
+            "mutation ($id: UUID!, $delta: Int!) { adjustInventory(input: { productId: $id, delta: $delta, reason: \"stock\" }) { errors { code message } } }",
+            json!({ "id": product, "delta": stock }),
+        )
+        .await?;
+    Ok(Shop {
+        payments,
+        shipping,
+        product,
+    })
+}
+
+/// A cart with one unit, checked out through `placeOrder`; the order's id.
+async fn place_order(
+    kernel: &Kernel,
+    shop: &Shop,
+    payment_method: &str,
+    country: &str,
+) -> anyhow::Result<Uuid> {
+    let cart = kernel
+        .mutate(
+            "createCart",
+            "mutation ($product: UUID!) { createCart(input: { sessionId: \"s\", items: [{ productId: $product, quantity: 1 }] }) { cart { id } errors { code message } } }",
+            json!({ "product": shop.product }),
+        )
+        .await?;
+    let placed = kernel
+        .mutate(
+            "placeOrder",
+            "mutation ($cart: UUID!, $method: String!, $country: String!) { placeOrder(input: { cartId: $cart, paymentMethod: $method, idempotencyKey: \"k\",
+               shippingAddress: { name: \"Ada\", line1: \"1 Main St\", city: \"Berlin\", postalCode: \"10115\", country: $country } })
+               { order { id } errors { field code message } } }",
+            json!({ "cart": cart["cart"]["id"], "method": payment_method, "country": country }),
+        )
+        .await?;
+    Ok(serde_json::from_value(placed["order"]["id"].clone())?)
+}
+
+const ORDER: &str = "query ($id: UUID!) { order(id: $id) { status reason
+    saga { id status currentStep steps { name status attempts compensationAttempts error } } } }";
+
+/// Waits until the order's saga has ended; the order as GraphQL shows it then.
+async fn settled(kernel: &Kernel, order_id: Uuid) -> anyhow::Result<Value> {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let body = kernel.graphql(ORDER, json!({ "id": order_id })).await?;
+        let order = body["data"]["order"].clone();
+        let saga = order["saga"]["status"].as_str().unwrap_or_default();
+        let status = order["status"].as_str().unwrap_or_default();
+        // The saga ends in the same write as the order's last event; the
+        // order view follows the log shortly after.
+        if matches!(saga, "COMPLETED" | "COMPENSATED" | "PARKED")
+            && matches!(status, "CONFIRMED" | "FAILED" | "CANCELLED")
+        {
+            return Ok(order);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("order {order_id} did not settle: {order}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The provider's payments for the order, as (status, refunded).
+fn payments(shop: &Shop, order_id: Uuid) -> Vec<(String, bool)> {
+    shop.payments
+        .payments_for(&order_id.to_string())
+        .into_iter()
+        .map(|p| (p.status, p.refunded))
+        .collect()
+}
+
+/// Stock holds exactly the live reservations, and on hand dropped by the
+/// confirmed units only.
+async fn check_stock(
+    db: &TestDatabase,
+    shop: &Shop,
+    initial: u32,
+    confirmed: u32,
+) -> anyhow::Result<()> {
+    let stock = AggregateRepository::<Inventory>::new(db.event_store())
+        .load(Inventory::stream_id(shop.product))
+        .await?
+        .state;
+    let live: u32 = stock.reservations.values().map(|r| r.quantity).sum();
+    ensure!(
+        stock.reserved == live && live == 0,
+        "reserved {} vs live reservations {live}",
+        stock.reserved
+    );
+    ensure!(
+        stock.on_hand == initial - confirmed,
+        "on hand {} after {confirmed} of {initial} sold",
+        stock.on_hand
+    );
+    Ok(())
+}
+
+async fn an_order_placed_through_graphql_reaches_confirmed_through_the_plugins(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let cluster = Cluster::new(&db)?;
+    let kernel = cluster.start(None).await?;
+    let shop = set_up(&kernel, 3).await?;
+    let order_id = place_order(&kernel, &shop, "tok_visa", "DE").await?;
+
+    let order = settled(&kernel, order_id).await?;
+    ensure!(order["status"] == "CONFIRMED", "{order}");
+    let saga = &order["saga"];
+    ensure!(
+        saga["status"] == "COMPLETED" && saga["currentStep"].is_null(),
+        "{saga}"
+    );
+    let steps: Vec<(String, String, u64)> = saga["steps"]
+        .as_array()
+        .context("steps")?
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or_default().to_string(),
+                s["status"].as_str().unwrap_or_default().to_string(),
+                s["attempts"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, String, u64)> =
+        ["reserve-inventory", "payment", "shipment", "confirm"]
+            .iter()
+            .map(|name| (name.to_string(), "SUCCEEDED".to_string(), 1))
+            .collect();
+    ensure!(steps == expected, "{steps:?}");
+    ensure!(payments(&shop, order_id) == [("captured".to_string(), false)]);
+    ensure!(shop.shipping.shipments().len() == 1);
+
+    // The admin views: the list by order, the saga by id, its events.
+    let listed = kernel
+        .graphql(
+            "query ($id: UUID!) { sagas(correlationId: $id) { edges { node { id status currentStep } } } }",
+            json!({ "id": order_id }),
+        )
+        .await?;
+    let nodes = listed["data"]["sagas"]["edges"]
+        .as_array()
+        .context("edges")?;
+    ensure!(
+        nodes.len() == 1
+            && nodes[0]["node"]["id"] == saga["id"]
+            && nodes[0]["node"]["status"] == "COMPLETED",
+        "{listed}"
+    );
+    let events = kernel
+        .graphql(
+            "query ($id: UUID!) { events(correlationId: $id, first: 100) { edges { node { aggregateType eventType actor } } } }",
+            json!({ "id": order_id }),
+        )
+        .await?;
+    let saga_events: Vec<&str> = events["data"]["events"]["edges"]
+        .as_array()
+        .context("edges")?
+        .iter()
+        .filter(|e| e["node"]["aggregateType"] == "saga")
+        .filter_map(|e| e["node"]["eventType"].as_str())
+        .collect();
+    ensure!(
+        saga_events.first() == Some(&"Started")
+            && saga_events.last() == Some(&"Completed")
+            && saga_events.iter().filter(|e| **e == "StepStarted").count() == 4,
+        "{saga_events:?}"
+    );
+
+    // Finished: neither cancelled nor compensated any more.
+    let cancel = kernel
+        .graphql(
+            "mutation ($id: UUID!) { cancelOrder(id: $id, reason: \"late\") { errors { code } } }",
+            json!({ "id": order_id }),
+        )
+        .await?;
+    ensure!(
+        cancel["data"]["cancelOrder"]["errors"][0]["code"] == "ILLEGAL_TRANSITION",
+        "{cancel}"
+    );
+    let compensate = kernel
+        .graphql(
+            "mutation ($id: UUID!) { compensateSaga(id: $id, reason: \"late\") { errors { code } } }",
+            json!({ "id": saga["id"] }),
+        )
+        .await?;
+    ensure!(
+        compensate["data"]["compensateSaga"]["errors"][0]["code"] == "ILLEGAL_TRANSITION",
+        "{compensate}"
+    );
+    check_stock(&db, &shop, 3, 1).await?;
+    kernel.kill()
+}
+
+/// A pause point, the payment method and country that lead through it, and
+/// how the order must end.
+const BOUNDARIES: [(&str, &str, &str, &str); 5] = [
+    ("before-call:payment", "tok_visa", "DE", "CONFIRMED"),
+    ("after-call:payment", "tok_visa", "DE", "CONFIRMED"),
+    ("after-call:shipment", "tok_visa", "DE", "CONFIRMED"),
+    // The carrier refuses country XX, so the payment is refunded.
+    ("before-compensation:payment", "tok_visa", "XX", "FAILED"),
+    ("after-compensation:payment", "tok_visa", "XX", "FAILED"),
+];
+
+async fn a_kernel_killed_at_each_step_boundary_finishes_every_saga_after_restart(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let cluster = Cluster::new(&db)?;
+    let first = cluster.start(None).await?;
+    let shop = set_up(&first, 10).await?;
+    first.kill()?;
+
+    let mut confirmed: u32 = 0;
+    for (point, method, country, outcome) in BOUNDARIES {
+        let mut doomed = cluster.start(Some(point)).await?;
+        let order_id = place_order(&doomed, &shop, method, country).await?;
+        doomed
+            .wait_for_line(&format!("saga paused at {point}"), SETTLE)
+            .await
+            .with_context(|| format!("reaching {point}"))?;
+        doomed.kill()?;
+
+        let restarted = cluster.start(None).await?;
+        let order = settled(&restarted, order_id)
+            .await
+            .with_context(|| format!("after a kill at {point}"))?;
+        ensure!(order["status"] == outcome, "{point}: {order}");
+        let ledger = payments(&shop, order_id);
+        if outcome == "CONFIRMED" {
+            confirmed += 1;
+            ensure!(
+                ledger == [("captured".to_string(), false)],
+                "{point}: exactly one charge: {ledger:?}"
+            );
+        } else {
+            ensure!(order["saga"]["status"] == "COMPENSATED", "{point}: {order}");
+            ensure!(
+                ledger == [("refunded".to_string(), true)],
+                "{point}: one charge, refunded once: {ledger:?}"
+            );
+        }
+        restarted.kill()?;
+    }
+    let shipped = shop.shipping.shipments().len();
+    ensure!(
+        shipped == confirmed as usize,
+        "one shipment per confirmed order: {shipped}"
+    );
+    check_stock(&db, &shop, 10, confirmed).await
+}
+
+async fn two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    const ORDERS: usize = 6;
+    let cluster = Cluster::new(&db)?;
+    let mut doomed = cluster.start(Some("after-call:payment")).await?;
+    let survivor = cluster.start(None).await?;
+    let shop = set_up(&survivor, 20).await?;
+
+    // Orders arrive at both; the doomed kernel stops mid-payment on any it takes.
+    let mut orders = Vec::new();
+    for index in 0..ORDERS {
+        let kernel = if index % 2 == 0 { &doomed } else { &survivor };
+        orders.push(place_order(kernel, &shop, "tok_visa", "DE").await?);
+    }
+    doomed
+        .wait_for_line("saga paused at after-call:payment", SETTLE)
+        .await?;
+    doomed.kill()?;
+
+    for order_id in &orders {
+        let order = settled(&survivor, *order_id).await?;
+        ensure!(order["status"] == "CONFIRMED", "{order}");
+        let ledger = payments(&shop, *order_id);
+        ensure!(
+            ledger == [("captured".to_string(), false)],
+            "one charge for {order_id}: {ledger:?}"
+        );
+    }
+    ensure!(shop.shipping.shipments().len() == ORDERS);
+    check_stock(&db, &shop, 20, ORDERS as u32).await?;
+    survivor.kill()
+}
