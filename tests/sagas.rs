@@ -46,6 +46,7 @@ fn main() {
         cancelling_runs_the_compensations_that_apply,
         a_plugin_step_inserted_by_an_admin_applies_to_new_sagas_only,
         a_compensation_that_keeps_failing_parks_the_saga_until_retried,
+        a_saga_past_its_deadline_is_compensated,
         a_paused_former_owner_cannot_write_after_losing_its_lease,
     ]);
 }
@@ -739,6 +740,60 @@ async fn a_compensation_that_keeps_failing_parks_the_saga_until_retried(
         ),
         "retry recorded with its actor"
     );
+    Ok(())
+}
+
+async fn a_saga_past_its_deadline_is_compensated(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let shop = shop(&db).await?;
+    let mut short = definition(None);
+    short.timeout_ms = 1_000;
+    // Payment keeps failing transiently (HTTP 500) with attempts to spare.
+    short.steps[1].retry = quick(100, 500);
+    shop.sagas
+        .define(ORDER_FULFILMENT, short, &context())
+        .await?;
+    shop.payments.fail_next(u32::MAX);
+    let product = shop.product("3", 2).await?;
+    let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
+
+    // The deadline begins compensation. Whether the provider charged is
+    // unknown, so compensation asks it again (still failing): parked.
+    let parked = shop.settled(order_id).await?;
+    ensure!(
+        parked.state.status == Some(SagaStatus::Parked),
+        "{parked:#?}"
+    );
+    let cause = parked.state.compensation.clone().context("compensating")?;
+    ensure!(
+        cause.reason.contains("deadline") && !cause.cancel,
+        "{cause:?}"
+    );
+    let attempts = parked.state.step("payment").map_or(0, |s| s.attempts);
+    ensure!(
+        attempts < 100,
+        "no forward attempt after the deadline: {attempts}"
+    );
+
+    // The provider recovers; the retried compensation learns the outcome
+    // (asking charges now) and refunds it: a charge and its refund.
+    shop.payments.fail_next(0);
+    shop.sagas
+        .retry(Saga::id_for(ORDER_FULFILMENT, order_id), &context())
+        .await?;
+    let saga = shop
+        .wait_for(order_id, |saga| {
+            saga.status == Some(SagaStatus::Compensated)
+        })
+        .await?;
+    ensure!(step_status(&saga.state, "payment") == Some(StepStatus::Compensated));
+    ensure!(
+        shop.payments(order_id) == [("refunded".to_string(), true)],
+        "{:?}",
+        shop.payments(order_id)
+    );
+    ensure!(shop.order_state(order_id).await?.status == Some(OrderStatus::Failed));
+    let stock = shop.stock(product).await?;
+    ensure!(stock.on_hand == 2 && stock.reserved == 0, "{stock:?}");
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use commerce_plugin_host::{self as host, PluginError, PluginRegistry};
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
@@ -347,10 +347,7 @@ impl SagaRunner {
         if let Flow::Stop = flow {
             return Ok(flow);
         }
-        for event in &events {
-            crate::domain::Aggregate::apply(&mut loaded.state, event);
-        }
-        loaded.version += 1;
+        advance(&mut loaded, &events);
 
         let order = self.load_order(order_id).await?;
         self.pause_point("before-call", step.name()).await;
@@ -377,23 +374,11 @@ impl SagaRunner {
                         retryable: false,
                         effect_possible: true,
                     };
-                    (
-                        self.failure(&step, Phase::Forward, attempt, error, None),
-                        Vec::new(),
-                    )
+                    (vec![forward_failure(&step, attempt, error)], Vec::new())
                 }
                 Err(other) => return Err(other),
             },
-            Err(error) => {
-                let retry = &step.definition.retry;
-                let retryable = error.retryable;
-                let retry_at = (retryable && attempt < retry.max_attempts)
-                    .then(|| Utc::now() + backoff(retry.backoff(attempt, random())));
-                (
-                    self.failure(&step, Phase::Forward, attempt, error, retry_at),
-                    Vec::new(),
-                )
-            }
+            Err(error) => (vec![forward_failure(&step, attempt, error)], Vec::new()),
         };
         self.record(claim, loaded, &events, streams).await
     }
@@ -448,23 +433,22 @@ impl SagaRunner {
                     retryable: false,
                     effect_possible: false,
                 };
-                let mut events = vec![started];
-                events.extend(self.failure(step, Phase::Forward, attempt, error, None));
-                (events, Vec::new())
+                (
+                    vec![started, forward_failure(step, attempt, error)],
+                    Vec::new(),
+                )
             }
             Err(CommandError::Store(store_error)) => {
-                let retry = &step.definition.retry;
-                let retry_at = (attempt < retry.max_attempts)
-                    .then(|| Utc::now() + backoff(retry.backoff(attempt, random())));
                 let error = StepError {
                     code: "store".into(),
                     message: store_error.to_string(),
                     retryable: true,
                     effect_possible: false,
                 };
-                let mut events = vec![started];
-                events.extend(self.failure(step, Phase::Forward, attempt, error, retry_at));
-                (events, Vec::new())
+                (
+                    vec![started, forward_failure(step, attempt, error)],
+                    Vec::new(),
+                )
             }
             Err(other) => return Err(other),
         };
@@ -494,23 +478,6 @@ impl SagaRunner {
             .plan_transition(order_id, order, &transition)
             .await?
             .streams)
-    }
-
-    fn failure(
-        &self,
-        step: &StepState,
-        phase: Phase,
-        attempt: u32,
-        error: StepError,
-        retry_at: Option<DateTime<Utc>>,
-    ) -> Vec<SagaEvent> {
-        vec![SagaEvent::StepFailed {
-            step: step.name().to_string(),
-            phase,
-            attempt,
-            error,
-            retry_at,
-        }]
     }
 
     /// Calls a plugin step forward, within the step's timeout.
@@ -624,10 +591,7 @@ impl SagaRunner {
         {
             return Ok(Flow::Stop);
         }
-        for event in &started {
-            crate::domain::Aggregate::apply(&mut loaded.state, event);
-        }
-        loaded.version += 1;
+        advance(&mut loaded, &started);
 
         let order = self.load_order(loaded.state.order_id).await?;
         let retry = loaded
@@ -666,7 +630,13 @@ impl SagaRunner {
                     error.code,
                     error.message
                 );
-                let mut events = self.failure(&step, Phase::Compensation, attempt, error, retry_at);
+                let mut events = vec![SagaEvent::StepFailed {
+                    step: step.name().to_string(),
+                    phase: Phase::Compensation,
+                    attempt,
+                    error,
+                    retry_at,
+                }];
                 if exhausted {
                     tracing::error!(saga_id = %claim.saga_id, %reason, "saga parked: needs manual intervention");
                     events.push(SagaEvent::Parked {
@@ -781,6 +751,29 @@ impl SagaRunner {
             std::future::pending::<()>().await;
         }
     }
+}
+
+/// A failed forward attempt, due again after the step's back-off if the
+/// error may pass and attempts are left; otherwise compensation follows.
+fn forward_failure(step: &StepState, attempt: u32, error: StepError) -> SagaEvent {
+    let retry = &step.definition.retry;
+    let retry_at = (error.retryable && attempt < retry.max_attempts)
+        .then(|| Utc::now() + backoff(retry.backoff(attempt, random())));
+    SagaEvent::StepFailed {
+        step: step.name().to_string(),
+        phase: Phase::Forward,
+        attempt,
+        error,
+        retry_at,
+    }
+}
+
+/// `loaded` after `events` were appended to it.
+fn advance(loaded: &mut Loaded<Saga>, events: &[SagaEvent]) {
+    for event in events {
+        crate::domain::Aggregate::apply(&mut loaded.state, event);
+    }
+    loaded.version += events.len() as u32;
 }
 
 fn random() -> u64 {
