@@ -756,13 +756,15 @@ async fn filters_narrow_the_log(db: Arc<TestDatabase>) -> anyhow::Result<()> {
                 }),
         )
         .await?;
-    store
+    let last = store
         .append(single(
             Uuid::now_v7(),
             0,
             vec![event("Deposited", json!({}))],
         ))
         .await?;
+    // Another case may hold a transaction open, which pauses log readers.
+    wait_until_readable(store.as_ref(), last.last_position).await?;
 
     let count = |filter: EventFilter| {
         let store = Arc::clone(&store);

@@ -278,17 +278,8 @@ impl Sagas {
                 if events.is_empty() {
                     return Ok(Written::unchanged(saga_id, loaded));
                 }
-                let order_id = loaded.state.order_id;
                 let (committed, written) = self
-                    .commit(
-                        None,
-                        saga_id,
-                        loaded,
-                        &events,
-                        Vec::new(),
-                        context,
-                        order_id,
-                    )
+                    .commit(None, saga_id, loaded, &events, Vec::new(), context)
                     .await?;
                 match committed {
                     Committed::Written(_) => Ok(written),
@@ -306,7 +297,6 @@ impl Sagas {
     /// Appends `events` to the saga (with `other_streams`, atomically) and
     /// updates its row: due now while there is work, never once it is final
     /// or parked. With `fence`, only while that claim holds.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn commit(
         &self,
         fence: Option<Claim>,
@@ -315,9 +305,9 @@ impl Sagas {
         events: &[SagaEvent],
         other_streams: Vec<StreamAppend>,
         context: &CommandContext,
-        order_id: Uuid,
     ) -> Result<(Committed, Written<Saga>), CommandError> {
         let now = Utc::now();
+        let order_id = loaded.state.order_id;
         let mut after = loaded.state.clone();
         for event in events {
             after.apply(event);

@@ -281,7 +281,6 @@ impl SagaRunner {
         events: &[SagaEvent],
         other_streams: Vec<crate::event_store::StreamAppend>,
     ) -> Result<Flow, CommandError> {
-        let order_id = loaded.state.order_id;
         let (committed, _) = self
             .sagas
             .commit(
@@ -291,7 +290,6 @@ impl SagaRunner {
                 events,
                 other_streams,
                 &self.context,
-                order_id,
             )
             .await?;
         match committed {

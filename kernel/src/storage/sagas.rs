@@ -277,16 +277,17 @@ macro_rules! saga_store {
                     Some(_) => format!("{UPDATE}{FENCED}"),
                     None => UPDATE.to_string(),
                 };
-                let updated = sqlx::query(&statement)
+                let mut query = sqlx::query(&statement)
                     .bind(update.saga_id)
                     .bind(update.status.as_str())
                     .bind(update.current_step)
                     .bind(i64::from(update.version))
                     .bind(update.next_run_at.map(micros))
-                    .bind(micros(update.now))
-                    .bind(fence.map(|claim| claim.fencing_token).unwrap_or(0))
-                    .execute(&mut *$tx)
-                    .await?;
+                    .bind(micros(update.now));
+                if let Some(claim) = fence {
+                    query = query.bind(claim.fencing_token);
+                }
+                let updated = query.execute(&mut *$tx).await?;
                 if updated.rows_affected() == 0 {
                     return match fence {
                         Some(_) => Ok(Committed::LeaseLost),
