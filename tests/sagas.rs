@@ -312,13 +312,17 @@ impl Shop {
         Ok(self.commerce.load_order(order_id).await?.state)
     }
 
-    async fn stock(&self, product: Uuid) -> anyhow::Result<Inventory> {
-        Ok(
-            AggregateRepository::<Inventory>::new(Arc::clone(self.commerce.store()))
-                .load(Inventory::stream_id(product))
-                .await?
-                .state,
-        )
+    /// Checks the product's stock: `on_hand` units and nothing held.
+    async fn expect_stock(&self, product: Uuid, on_hand: u32) -> anyhow::Result<()> {
+        let stock = AggregateRepository::<Inventory>::new(Arc::clone(self.commerce.store()))
+            .load(Inventory::stream_id(product))
+            .await?
+            .state;
+        ensure!(
+            stock.on_hand == on_hand && stock.reserved == 0,
+            "expected {on_hand} on hand and none reserved: {stock:?}"
+        );
+        Ok(())
     }
 
     /// The fake provider's payments for the order, as (status, refunded).
@@ -367,11 +371,7 @@ async fn an_order_is_confirmed_through_the_plugins(db: Arc<TestDatabase>) -> any
         shop.payments(order_id)
     );
     ensure!(shop.shipping.shipments().len() == 1);
-    let stock = shop.stock(product).await?;
-    ensure!(
-        stock.on_hand == 3 && stock.reserved == 0,
-        "sold two: {stock:?}"
-    );
+    shop.expect_stock(product, 3).await?;
     // The saga row is an index of the record.
     let row = shop
         .sagas
@@ -412,11 +412,7 @@ async fn a_declined_payment_releases_the_stock_and_fails_the_order(
         reason.contains("payment"),
         "reason names the step: {reason}"
     );
-    let stock = shop.stock(product).await?;
-    ensure!(
-        stock.on_hand == 3 && stock.reserved == 0,
-        "released: {stock:?}"
-    );
+    shop.expect_stock(product, 3).await?;
     ensure!(shop.shipping.shipments().is_empty());
     ensure!(
         shop.payments(order_id)
@@ -455,8 +451,7 @@ async fn an_order_out_of_stock_fails_before_any_payment(
         "the payment provider was never called"
     );
     ensure!(step_status(&saga.state, "payment") == Some(StepStatus::Pending));
-    let stock = shop.stock(product).await?;
-    ensure!(stock.on_hand == 1 && stock.reserved == 0, "{stock:?}");
+    shop.expect_stock(product, 1).await?;
     Ok(())
 }
 
@@ -480,8 +475,7 @@ async fn two_buyers_for_the_last_item_one_confirmed_one_failed(
         statuses == [Some(OrderStatus::Confirmed), Some(OrderStatus::Failed)],
         "{statuses:?}"
     );
-    let stock = shop.stock(product).await?;
-    ensure!(stock.on_hand == 0 && stock.reserved == 0, "{stock:?}");
+    shop.expect_stock(product, 0).await?;
     let charged: usize = orders.iter().map(|o| shop.payments(*o).len()).sum();
     ensure!(charged == 1, "only the winner paid: {charged}");
     Ok(())
@@ -509,8 +503,7 @@ async fn a_failed_shipment_refunds_the_payment_and_releases_the_stock(
     );
     let order = shop.order_state(order_id).await?;
     ensure!(order.status == Some(OrderStatus::Failed), "{order:?}");
-    let stock = shop.stock(product).await?;
-    ensure!(stock.on_hand == 2 && stock.reserved == 0, "{stock:?}");
+    shop.expect_stock(product, 2).await?;
     Ok(())
 }
 
@@ -589,8 +582,7 @@ async fn cancelling_runs_the_compensations_that_apply(db: Arc<TestDatabase>) -> 
         other => bail!("a confirmed order was cancelled: {other:?}"),
     }
     ensure!(shop.saga(confirmed).await?.version == before);
-    let stock = shop.stock(product).await?;
-    ensure!(stock.on_hand == 3 && stock.reserved == 0, "{stock:?}");
+    shop.expect_stock(product, 3).await?;
     Ok(())
 }
 
@@ -726,8 +718,7 @@ async fn a_compensation_that_keeps_failing_parks_the_saga_until_retried(
         shop.payments(order_id)
     );
     ensure!(shop.order_state(order_id).await?.status == Some(OrderStatus::Failed));
-    let stock = shop.stock(product).await?;
-    ensure!(stock.on_hand == 2 && stock.reserved == 0, "{stock:?}");
+    shop.expect_stock(product, 2).await?;
     // The retry is on record with its actor.
     let events = shop
         .commerce
@@ -792,8 +783,7 @@ async fn a_saga_past_its_deadline_is_compensated(db: Arc<TestDatabase>) -> anyho
         shop.payments(order_id)
     );
     ensure!(shop.order_state(order_id).await?.status == Some(OrderStatus::Failed));
-    let stock = shop.stock(product).await?;
-    ensure!(stock.on_hand == 2 && stock.reserved == 0, "{stock:?}");
+    shop.expect_stock(product, 2).await?;
     Ok(())
 }
 
