@@ -1,5 +1,6 @@
 //! The `commerce-kernel` binary as an operator runs it: start-up on the embedded
-//! default, SIGTERM, configuration errors, and the committed GraphQL schema.
+//! default, development tokens, SIGTERM, configuration errors, and the
+//! committed GraphQL schema.
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -31,19 +32,50 @@ fn kernel(data_dir: &std::path::Path) -> Command {
 
 /// A minimal HTTP/1.1 GET, so the test needs no client tool on the machine.
 fn http_get(address: &str, path: &str) -> String {
+    http(
+        address,
+        &format!("GET {path} HTTP/1.1\r\nHost: kernel\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// A GraphQL POST with an optional bearer token.
+fn graphql_post(address: &str, token: Option<&str>, query: &str) -> String {
+    let body = format!("{{\"query\":\"{query}\"}}");
+    let authorization = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    http(
+        address,
+        &format!(
+            "POST /graphql HTTP/1.1\r\nHost: kernel\r\nConnection: close\r\n{authorization}\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn http(address: &str, request: &str) -> String {
     use std::io::{Read as _, Write as _};
     let mut stream = std::net::TcpStream::connect(address).expect("connect to the kernel");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("read timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: kernel\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
+    stream.write_all(request.as_bytes()).expect("send request");
     let mut response = String::new();
     stream.read_to_string(&mut response).expect("read response");
     response
+}
+
+/// Runs `commerce-kernel token ...` on the data dir; its stdout, or its stderr as the error.
+fn mint(data_dir: &std::path::Path, args: &[&str]) -> Result<String, String> {
+    let output = kernel(data_dir)
+        .arg("token")
+        .args(args)
+        .output()
+        .expect("run the kernel");
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
 }
 
 fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
@@ -96,6 +128,23 @@ fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
         "health: {health}"
     );
 
+    // The kernel made a development secret on first start; `token` signs
+    // with it, and the running kernel accepts what it signs.
+    let secret = data.path().join("jwt-secret");
+    assert!(secret.exists(), "no development secret in the data dir");
+    let admin = mint(data.path(), &["--sub", "ops", "--role", "admin"]).expect("admin token");
+    let answer = graphql_post(&address, Some(&admin), "{ eventLogHead }");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"eventLogHead\""), "{answer}");
+    let anonymous = graphql_post(&address, None, "{ eventLogHead }");
+    assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
+    assert!(anonymous.contains("UNAUTHENTICATED"), "{anonymous}");
+    let customer = uuid::Uuid::now_v7().to_string();
+    let customer =
+        mint(data.path(), &["--sub", &customer, "--role", "customer"]).expect("customer token");
+    let refused = graphql_post(&address, Some(&customer), "{ eventLogHead }");
+    assert!(refused.contains("FORBIDDEN"), "{refused}");
+
     let status = Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])
         .status()
@@ -128,6 +177,23 @@ fn bad_configuration_stops_start_up_naming_the_variable() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
     }
+}
+
+#[test]
+fn token_refuses_what_it_cannot_sign() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let not_a_customer_id = mint(data.path(), &["--sub", "bob", "--role", "customer"]);
+    assert!(not_a_customer_id.unwrap_err().contains("UUID"));
+    let unknown_role = mint(data.path(), &["--sub", "ops", "--role", "root"]);
+    assert!(unknown_role.unwrap_err().contains("unknown role"));
+    assert!(mint(data.path(), &["--sub", "ops"]).is_err());
+    let output = kernel(data.path())
+        .env("COMMERCE_JWKS_URL", "https://idp.example/jwks.json")
+        .args(["token", "--sub", "ops", "--role", "admin"])
+        .output()
+        .expect("run the kernel");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("identity provider"));
 }
 
 #[test]

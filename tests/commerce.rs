@@ -17,7 +17,7 @@ use commerce_kernel::domain::inventory::Inventory;
 use commerce_kernel::domain::money::{Currency, Money};
 use commerce_kernel::domain::order::{Address, OrderStatus};
 use commerce_kernel::event_store::StreamSelection;
-use commerce_kernel::projections::{ProjectionName, Projector};
+use commerce_kernel::projections::{OrderFilter, ProjectionName, Projector};
 use support::{TestDatabase, run_suite};
 use uuid::Uuid;
 
@@ -688,7 +688,7 @@ async fn projections_rebuild_to_the_same_views(db: Arc<TestDatabase>) -> anyhow:
         for product in &products {
             inventory.push(views.inventory(product.product_id).await?);
         }
-        let orders = views.orders(None, None, 100).await?;
+        let orders = views.orders(&OrderFilter::default(), None, 100).await?;
         anyhow::Ok((products, inventory, orders))
     };
     let before = snapshot().await?;
@@ -704,15 +704,34 @@ async fn projections_rebuild_to_the_same_views(db: Arc<TestDatabase>) -> anyhow:
         before == after,
         "rebuilt views differ:\n{before:#?}\n{after:#?}"
     );
+    let of_status = |status| OrderFilter {
+        status: Some(status),
+        customer_id: None,
+    };
     let reserved = views
-        .orders(Some(OrderStatus::InventoryReserved), None, 100)
+        .orders(&of_status(OrderStatus::InventoryReserved), None, 100)
         .await?;
     ensure!(reserved.len() == 3);
     ensure!(
         views
-            .orders(Some(OrderStatus::Paid), None, 100)
+            .count_orders(&of_status(OrderStatus::InventoryReserved))
+            .await?
+            == 3
+    );
+    ensure!(views.count_products().await? == 3);
+    ensure!(
+        views
+            .orders(&of_status(OrderStatus::Paid), None, 100)
             .await?
             .is_empty()
     );
+    let customer = reserved[0].customer_id;
+    let mine = OrderFilter {
+        status: None,
+        customer_id: Some(customer),
+    };
+    let theirs = views.orders(&mine, None, 100).await?;
+    ensure!(!theirs.is_empty() && theirs.iter().all(|o| o.customer_id == customer));
+    ensure!(views.count_orders(&mine).await? == theirs.len() as u64);
     Ok(())
 }

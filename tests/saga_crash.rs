@@ -20,11 +20,13 @@ use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
+use commerce_kernel::auth::{AuthConfig, Authenticator, KeySource, Role};
 use commerce_kernel::domain::inventory::Inventory;
 use commerce_kernel::event_store::repository::AggregateRepository;
 use commerce_plugin_artifacts as artifacts;
 use fakes::{FakePayments, FakeShipping};
 use serde_json::{Value, json};
+use support::kernel::TEST_JWT_SECRET;
 use support::{TestDatabase, run_suite_except};
 use uuid::Uuid;
 
@@ -83,6 +85,7 @@ impl Cluster {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("COMMERCE_DATABASE_URL", &self.database_url)
+            .env("COMMERCE_JWT_SECRET", TEST_JWT_SECRET)
             .env("COMMERCE_DATA_DIR", self.data.path())
             .env("COMMERCE_PLUGINS_DIR", self.plugins.path())
             .env("COMMERCE_LISTEN_ADDR", "127.0.0.1:0")
@@ -156,9 +159,17 @@ impl Kernel {
     }
 
     async fn graphql(&self, query: &str, variables: Value) -> anyhow::Result<Value> {
+        let auth = Authenticator::open(&AuthConfig {
+            keys: KeySource::Secret(TEST_JWT_SECRET.into()),
+            issuer: "commerce-kernel".into(),
+            audience: "commerce-kernel".into(),
+        })
+        .await?;
+        let admin = auth.mint("crash-test", Role::Admin, Duration::from_secs(600))?;
         let response = self
             .http
             .post(format!("http://{}/graphql", self.address))
+            .bearer_auth(admin)
             .json(&json!({ "query": query, "variables": variables }))
             .send()
             .await?;

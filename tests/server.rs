@@ -4,19 +4,16 @@
 #[macro_use]
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, ensure};
-use commerce_kernel::config::{self, Config};
+use commerce_kernel::config;
 use commerce_kernel::event_store::{AppendOutcome, AppendRequest, NewEvent};
-use commerce_kernel::server;
 use serde_json::{Value, json};
-use support::{CartBackendKind, TestCartStore, TestDatabase, run_suite, wait_until_readable};
+use support::kernel::RunningKernel;
+use support::{TestDatabase, run_suite, wait_until_readable};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 fn main() {
@@ -33,94 +30,6 @@ fn main() {
         graphql_carts_check_out_once_and_report_abandonment,
         graphql_plugins_install_activate_roll_back_on_every_node,
     ]);
-}
-
-/// A kernel serving a test database on a loopback port.
-struct RunningKernel {
-    address: SocketAddr,
-    carts: TestCartStore,
-    /// The plugin directory, unless the test passed its own.
-    _plugins_dir: Option<tempfile::TempDir>,
-    shutdown: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), server::KernelError>>,
-    http: reqwest::Client,
-}
-
-impl RunningKernel {
-    async fn start(db: &TestDatabase, vars: &[(&str, &str)]) -> anyhow::Result<Self> {
-        let mut vars: Vec<(String, String)> = vars
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        vars.push((config::LISTEN_ADDR.into(), "127.0.0.1:0".into()));
-        let plugins_dir = if vars.iter().any(|(k, _)| k == config::PLUGINS_DIR) {
-            None
-        } else {
-            let dir = tempfile::tempdir()?;
-            vars.push((config::PLUGINS_DIR.into(), dir.path().display().to_string()));
-            Some(dir)
-        };
-        let config = Config::from_lookup(|name| {
-            vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
-        })?;
-        let (shutdown, shutdown_rx) = oneshot::channel::<()>();
-        let (bound_tx, bound_rx) = oneshot::channel();
-        let database = db.database.clone();
-        let carts = TestCartStore::create(CartBackendKind::paired_with(db.kind)).await?;
-        let cart_store = Arc::clone(&carts.store);
-        let task = tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = shutdown_rx.await;
-            };
-            server::serve(database, cart_store, &config, shutdown, |address| {
-                let _ = bound_tx.send(address);
-            })
-            .await
-        });
-        let address = match tokio::time::timeout(Duration::from_secs(10), bound_rx).await {
-            Ok(Ok(address)) => address,
-            // The server stopped before listening: its error says why.
-            Ok(Err(_closed)) => {
-                return Err(anyhow::anyhow!("kernel did not start: {:?}", task.await?));
-            }
-            Err(_elapsed) => anyhow::bail!("kernel did not start listening"),
-        };
-        Ok(RunningKernel {
-            address,
-            carts,
-            _plugins_dir: plugins_dir,
-            shutdown,
-            task,
-            http: reqwest::Client::new(),
-        })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.address)
-    }
-
-    async fn graphql(&self, query: &str, variables: Value) -> anyhow::Result<Value> {
-        let response = self
-            .http
-            .post(self.url("/graphql"))
-            .json(&json!({ "query": query, "variables": variables }))
-            .send()
-            .await?;
-        ensure!(
-            response.status() == 200,
-            "GraphQL answered {}",
-            response.status()
-        );
-        Ok(response.json().await?)
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.shutdown.send(());
-        tokio::time::timeout(Duration::from_secs(10), self.task)
-            .await
-            .context("kernel did not stop")???;
-        self.carts.remove().await
-    }
 }
 
 /// Appends `count` events to a new stream and waits until log readers see them.
@@ -286,6 +195,7 @@ async fn limits_reject_oversized_requests(db: Arc<TestDatabase>) -> anyhow::Resu
     let response = kernel
         .http
         .post(kernel.url("/graphql"))
+        .bearer_auth(&kernel.admin)
         .json(&huge)
         .send()
         .await?;
@@ -342,7 +252,9 @@ async fn in_flight_requests_finish_on_shutdown(db: Arc<TestDatabase>) -> anyhow:
     // A request whose body is still arriving when shutdown begins.
     let mut stream = tokio::net::TcpStream::connect(kernel.address).await?;
     let request = format!(
-        "POST /graphql HTTP/1.1\r\nHost: kernel\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{head}",
+        "POST /graphql HTTP/1.1\r\nHost: kernel\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{head}",
+        kernel.admin,
         body.len()
     );
     stream.write_all(request.as_bytes()).await?;
@@ -815,7 +727,7 @@ async fn graphql_carts_check_out_once_and_report_abandonment(
         .await?;
     let left_id = left["data"]["createCart"]["cart"]["id"].clone();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    const REPORT: &str = r#"query { abandonedCarts(hours: 0.00005) { carts { cartId sessionId expired } abandonedCount checkedOutCount abandonmentRate } }"#;
+    const REPORT: &str = r#"query { abandonedCarts(hours: 0.00005) { edges { cursor node { cartId sessionId expired } } pageInfo { hasNextPage } totalCount abandonedCount checkedOutCount abandonmentRate } }"#;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let report = loop {
         let report = kernel.graphql(REPORT, json!({})).await?;
@@ -833,8 +745,13 @@ async fn graphql_carts_check_out_once_and_report_abandonment(
         "{report}"
     );
     ensure!(view["abandonmentRate"] == 0.5, "{report}");
+    let first = &view["edges"][0]["node"];
     ensure!(
-        view["carts"][0]["cartId"] == left_id && view["carts"][0]["expired"] == false,
+        first["cartId"] == left_id && first["expired"] == false,
+        "{report}"
+    );
+    ensure!(
+        view["totalCount"] == 1 && view["pageInfo"]["hasNextPage"] == false,
         "{report}"
     );
     let bad = kernel
@@ -1001,11 +918,15 @@ async fn graphql_plugins_install_activate_roll_back_on_every_node(
     ensure!(history.iter().all(|e| e.metadata.actor.is_some()));
 
     // The other process follows: it ends on the version rolled back to.
-    let listing = "{ plugins { name activeVersion { version } } }";
+    let listing =
+        "{ plugins { totalCount edges { cursor node { name activeVersion { version } } } } }";
     let deadline = tokio::time::Instant::now() + commerce_kernel::commerce::FOLLOW_INTERVAL * 5;
     loop {
         let seen = node_b.graphql(listing, json!({})).await?;
-        if seen["data"]["plugins"][0]["activeVersion"]["version"] == "1.0.0" {
+        let plugins = &seen["data"]["plugins"];
+        if plugins["edges"][0]["node"]["activeVersion"]["version"] == "1.0.0" {
+            ensure!(plugins["totalCount"] == 1, "{seen}");
+            ensure!(plugins["edges"][0]["cursor"] == plugins["edges"][0]["node"]["name"]);
             break;
         }
         ensure!(

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use sqlx::postgres::PgConnectOptions;
 
+use crate::auth::{AuthConfig, KeySource, MIN_SECRET_BYTES, SECRET_FILE};
 use crate::carts::CartBackendConfig;
 use crate::domain::cart::CartLimits;
 use crate::domain::order::MAX_LINES;
@@ -31,6 +32,17 @@ pub const CART_TTL_SECS: &str = "COMMERCE_CART_TTL_SECS";
 pub const CART_MAX_LINES: &str = "COMMERCE_CART_MAX_LINES";
 pub const PLUGINS_DIR: &str = "COMMERCE_PLUGINS_DIR";
 pub const PLUGIN_CONCURRENCY: &str = "COMMERCE_PLUGIN_CONCURRENCY";
+pub const JWT_SECRET: &str = "COMMERCE_JWT_SECRET";
+pub const JWKS_URL: &str = "COMMERCE_JWKS_URL";
+pub const JWT_ISSUER: &str = "COMMERCE_JWT_ISSUER";
+pub const JWT_AUDIENCE: &str = "COMMERCE_JWT_AUDIENCE";
+pub const GRAPHQL_MAX_DEPTH: &str = "COMMERCE_GRAPHQL_MAX_DEPTH";
+pub const GRAPHQL_MAX_COMPLEXITY: &str = "COMMERCE_GRAPHQL_MAX_COMPLEXITY";
+pub const GRAPHQL_MAX_PAGE_SIZE: &str = "COMMERCE_GRAPHQL_MAX_PAGE_SIZE";
+pub const GRAPHQL_MAX_ALIASES: &str = "COMMERCE_GRAPHQL_MAX_ALIASES";
+pub const GRAPHQL_MAX_BATCH: &str = "COMMERCE_GRAPHQL_MAX_BATCH";
+pub const GRAPHQL_INTROSPECTION: &str = "COMMERCE_GRAPHQL_INTROSPECTION";
+pub const LIVE_POLL_MS: &str = "COMMERCE_LIVE_POLL_MS";
 pub const SAGA_LEASE_MS: &str = "COMMERCE_SAGA_LEASE_MS";
 pub const SAGA_POLL_MS: &str = "COMMERCE_SAGA_POLL_MS";
 pub const SAGA_CONCURRENCY: &str = "COMMERCE_SAGA_CONCURRENCY";
@@ -64,6 +76,13 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Serve the GraphiQL IDE on `GET /graphql`.
     pub graphiql: bool,
+    /// How bearer tokens are checked.
+    pub auth: AuthConfig,
+    /// Bounds on what one GraphQL request may ask for.
+    pub graphql: GraphqlLimits,
+    /// How often subscriptions look at the log tail for changes made by
+    /// other processes whose wake-up was lost (Redis down, say).
+    pub live_poll_interval: Duration,
     /// A `tracing` filter directive such as `info` or `commerce_kernel=debug`.
     pub log_filter: String,
 }
@@ -75,6 +94,37 @@ pub struct PluginsConfig {
     pub dir: PathBuf,
     /// Plugin invocations running at once in this process; more wait.
     pub max_concurrent_invocations: u32,
+}
+
+/// Bounds on GraphQL requests. Each is configurable; each refusal names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GraphqlLimits {
+    /// Deepest selection nesting accepted.
+    pub max_depth: usize,
+    /// Most expensive query accepted (every field counts 1, lists count
+    /// their page size times their selection).
+    pub max_complexity: usize,
+    /// Largest `first` of a connection.
+    pub max_page_size: u32,
+    /// Most aliased fields in one document.
+    pub max_aliases: usize,
+    /// Most operations in one batched HTTP request.
+    pub max_batch: usize,
+    /// Whether `__schema` and `__type` are answered.
+    pub introspection: bool,
+}
+
+impl Default for GraphqlLimits {
+    fn default() -> Self {
+        GraphqlLimits {
+            max_depth: 16,
+            max_complexity: 50_000,
+            max_page_size: 500,
+            max_aliases: 50,
+            max_batch: 10,
+            introspection: true,
+        }
+    }
 }
 
 /// How this process runs sagas.
@@ -227,17 +277,14 @@ impl Config {
         if max_request_bytes < 1024 {
             return Err(invalid(MAX_REQUEST_BYTES, "must be at least 1024"));
         }
-        let graphiql = match get(GRAPHIQL)
-            .as_deref()
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            None | Some("true" | "1" | "yes" | "on") => true,
-            Some("false" | "0" | "no" | "off") => false,
-            Some(other) => {
-                return Err(invalid(GRAPHIQL, format!("`{other}` is not true or false")));
-            }
-        };
+        let graphiql = flag(&get, GRAPHIQL, true)?;
+        let graphql = graphql_limits(&get)?;
+        let auth = auth_config(&get, &database, &data_dir)?;
+        let live_poll_ms: u64 =
+            parse_or(&get, LIVE_POLL_MS, 1_000, "a whole number of milliseconds")?;
+        if !(50..=60_000).contains(&live_poll_ms) {
+            return Err(invalid(LIVE_POLL_MS, "must be between 50 and 60000"));
+        }
         let log_filter = get(LOG)
             .or_else(|| get("RUST_LOG"))
             .unwrap_or_else(|| "info,sqlx=warn".to_string());
@@ -253,8 +300,97 @@ impl Config {
             shutdown_timeout,
             max_request_bytes,
             graphiql,
+            auth,
+            graphql,
+            live_poll_interval: Duration::from_millis(live_poll_ms),
             log_filter,
         })
+    }
+}
+
+/// The key source: a secret, a JWKS URL, or (on SQLite only) the generated
+/// development secret. Postgres means several processes may share the
+/// database, and each would invent its own secret, so one must be configured.
+fn auth_config(
+    get: &impl Fn(&str) -> Option<String>,
+    database: &DatabaseConfig,
+    data_dir: &std::path::Path,
+) -> Result<AuthConfig, ConfigError> {
+    let keys = match (get(JWT_SECRET), get(JWKS_URL)) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                JWKS_URL,
+                format!("set either {JWT_SECRET} (HS256) or {JWKS_URL} (RS256), not both"),
+            ));
+        }
+        (Some(secret), None) => {
+            if secret.len() < MIN_SECRET_BYTES {
+                return Err(invalid(
+                    JWT_SECRET,
+                    format!("must be at least {MIN_SECRET_BYTES} bytes"),
+                ));
+            }
+            KeySource::Secret(secret)
+        }
+        (None, Some(url)) => {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                return Err(invalid(JWKS_URL, "must be an http:// or https:// URL"));
+            }
+            KeySource::Jwks(url)
+        }
+        (None, None) => match database {
+            DatabaseConfig::Sqlite { .. } => KeySource::SecretFile(data_dir.join(SECRET_FILE)),
+            DatabaseConfig::Postgres { .. } => {
+                return Err(invalid(
+                    JWT_SECRET,
+                    format!(
+                        "with Postgres, set {JWT_SECRET} (shared by every kernel process) or {JWKS_URL}"
+                    ),
+                ));
+            }
+        },
+    };
+    Ok(AuthConfig {
+        keys,
+        issuer: get(JWT_ISSUER).unwrap_or_else(|| "commerce-kernel".to_string()),
+        audience: get(JWT_AUDIENCE).unwrap_or_else(|| "commerce-kernel".to_string()),
+    })
+}
+
+fn graphql_limits(get: &impl Fn(&str) -> Option<String>) -> Result<GraphqlLimits, ConfigError> {
+    let defaults = GraphqlLimits::default();
+    let bounded = |name: &'static str, default: usize, max: usize| {
+        let value: usize = parse_or(get, name, default, "a whole number")?;
+        if (1..=max).contains(&value) {
+            Ok(value)
+        } else {
+            Err(invalid(name, format!("must be between 1 and {max}")))
+        }
+    };
+    Ok(GraphqlLimits {
+        max_depth: bounded(GRAPHQL_MAX_DEPTH, defaults.max_depth, 256)?,
+        max_complexity: bounded(GRAPHQL_MAX_COMPLEXITY, defaults.max_complexity, 10_000_000)?,
+        max_page_size: bounded(
+            GRAPHQL_MAX_PAGE_SIZE,
+            defaults.max_page_size as usize,
+            10_000,
+        )? as u32,
+        max_aliases: bounded(GRAPHQL_MAX_ALIASES, defaults.max_aliases, 10_000)?,
+        max_batch: bounded(GRAPHQL_MAX_BATCH, defaults.max_batch, 1_000)?,
+        introspection: flag(get, GRAPHQL_INTROSPECTION, defaults.introspection)?,
+    })
+}
+
+fn flag(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match get(name).as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => Ok(default),
+        Some("true" | "1" | "yes" | "on") => Ok(true),
+        Some("false" | "0" | "no" | "off") => Ok(false),
+        Some(other) => Err(invalid(name, format!("`{other}` is not true or false"))),
     }
 }
 
@@ -362,6 +498,66 @@ mod tests {
     }
 
     #[test]
+    fn token_keys_come_from_a_secret_a_jwks_or_the_data_directory() {
+        let embedded = config(&[(DATA_DIR, "/srv/k")]).expect("valid");
+        assert_eq!(
+            embedded.auth.keys,
+            KeySource::SecretFile(PathBuf::from("/srv/k/jwt-secret"))
+        );
+        assert_eq!(embedded.auth.issuer, "commerce-kernel");
+        let jwks = config(&[
+            (JWKS_URL, "https://idp.example/.well-known/jwks.json"),
+            (JWT_ISSUER, "https://idp.example/"),
+            (JWT_AUDIENCE, "shop"),
+        ])
+        .expect("valid");
+        assert_eq!(
+            jwks.auth.keys,
+            KeySource::Jwks("https://idp.example/.well-known/jwks.json".into())
+        );
+        assert_eq!(jwks.auth.audience, "shop");
+        // Several processes share Postgres: each inventing a secret would
+        // make tokens work on one node only.
+        let error = config(&[(DATABASE_URL, "postgres://db/commerce")]).unwrap_err();
+        assert_eq!(error.variable, JWT_SECRET);
+        let both = config(&[
+            (JWT_SECRET, "0123456789abcdef0123456789abcdef"),
+            (JWKS_URL, "https://idp/keys"),
+        ]);
+        assert_eq!(both.unwrap_err().variable, JWKS_URL);
+        // The secret never shows in debug output.
+        let secret = config(&[(JWT_SECRET, "0123456789abcdef0123456789abcdef-x")]).expect("valid");
+        assert!(!format!("{secret:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn graphql_limits_are_configurable() {
+        let defaults = config(&[]).expect("valid").graphql;
+        assert_eq!(defaults, GraphqlLimits::default());
+        let tight = config(&[
+            (GRAPHQL_MAX_DEPTH, "5"),
+            (GRAPHQL_MAX_COMPLEXITY, "100"),
+            (GRAPHQL_MAX_PAGE_SIZE, "20"),
+            (GRAPHQL_MAX_ALIASES, "3"),
+            (GRAPHQL_MAX_BATCH, "2"),
+            (GRAPHQL_INTROSPECTION, "off"),
+        ])
+        .expect("valid")
+        .graphql;
+        assert_eq!(
+            tight,
+            GraphqlLimits {
+                max_depth: 5,
+                max_complexity: 100,
+                max_page_size: 20,
+                max_aliases: 3,
+                max_batch: 2,
+                introspection: false,
+            }
+        );
+    }
+
+    #[test]
     fn a_redis_url_selects_the_redis_cart_store() {
         let config = config(&[
             (REDIS_URL, "redis://:secret@cache:6379/2"),
@@ -382,7 +578,11 @@ mod tests {
 
     #[test]
     fn selects_backend_by_url() {
-        let pg = config(&[(DATABASE_URL, "postgres://u:secret@db:5432/commerce")]).expect("valid");
+        let pg = config(&[
+            (DATABASE_URL, "postgres://u:secret@db:5432/commerce"),
+            (JWT_SECRET, "0123456789abcdef0123456789abcdef"),
+        ])
+        .expect("valid");
         assert!(matches!(
             pg.database,
             DatabaseConfig::Postgres {
@@ -415,6 +615,12 @@ mod tests {
             (CART_TTL_SECS, "0"),
             (CART_TTL_SECS, "99999999"),
             (CART_MAX_LINES, "101"),
+            (JWT_SECRET, "too-short"),
+            (JWKS_URL, "ftp://idp/keys"),
+            (GRAPHQL_MAX_DEPTH, "0"),
+            (GRAPHQL_MAX_PAGE_SIZE, "100000"),
+            (GRAPHQL_INTROSPECTION, "maybe"),
+            (LIVE_POLL_MS, "1"),
         ];
         for (variable, value) in cases {
             let error = config(&[(variable, value)]).expect_err(value);

@@ -13,11 +13,13 @@
 //! - [`config`]: configuration from `COMMERCE_*` environment variables.
 
 pub mod api;
+pub mod auth;
 pub mod carts;
 pub mod commerce;
 pub mod config;
 pub mod domain;
 pub mod event_store;
+pub mod live;
 pub mod projections;
 pub mod sagas;
 pub mod server;

@@ -1,8 +1,12 @@
 //! `commerce-kernel`: runs the kernel (`serve`, the default), applies migrations
-//! (`migrate`), or prints the GraphQL schema (`schema`).
+//! (`migrate`), prints the GraphQL schema (`schema`), or mints a development
+//! token (`token`).
 
 use std::process::ExitCode;
 
+use std::time::Duration;
+
+use commerce_kernel::auth::{Authenticator, Role};
 use commerce_kernel::config::{self, Config};
 use commerce_kernel::server::{self, KernelError};
 use commerce_kernel::storage::Database;
@@ -14,6 +18,9 @@ commands:
   serve     run the kernel (default)
   migrate   bring the database schema up to date, then exit
   schema    print the GraphQL schema (SDL) to stdout
+  token --sub <id> --role <customer|admin> [--ttl <seconds>]
+            print a bearer token signed with the configured HS256 secret
+            (a customer's id is a UUID; default lifetime 86400 seconds)
   help      print this message
 
 Configuration comes from COMMERCE_* environment variables; see README.md.
@@ -23,6 +30,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = match args.as_slice() {
         [] => "serve",
+        [first, ..] if first == "token" => return token(&args[1..]),
         [one] => one.as_str(),
         _ => {
             eprintln!("commerce-kernel: expected at most one command\n\n{USAGE}");
@@ -82,6 +90,66 @@ fn main() -> ExitCode {
         Err(error) => {
             tracing::error!(%error, "commerce-kernel stopped");
             eprintln!("commerce-kernel: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `token --sub <id> --role <role> [--ttl <seconds>]`: prints a token.
+fn token(args: &[String]) -> ExitCode {
+    let usage = |problem: &str| {
+        eprintln!("commerce-kernel token: {problem}\n\n{USAGE}");
+        ExitCode::from(2)
+    };
+    let (mut subject, mut role, mut ttl) = (None, None, 86_400u64);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let Some(value) = rest.next() else {
+            return usage(&format!("{flag} needs a value"));
+        };
+        match flag.as_str() {
+            "--sub" => subject = Some(value.clone()),
+            "--role" => match Role::parse(value) {
+                Some(parsed) => role = Some(parsed),
+                None => return usage(&format!("unknown role `{value}`")),
+            },
+            "--ttl" => match value.parse::<u64>() {
+                Ok(seconds) if (1..=31_536_000).contains(&seconds) => ttl = seconds,
+                _ => return usage("--ttl is a number of seconds, 1 to 31536000"),
+            },
+            other => return usage(&format!("unknown option `{other}`")),
+        }
+    }
+    let (Some(subject), Some(role)) = (subject, role) else {
+        return usage("--sub and --role are required");
+    };
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("commerce-kernel: invalid configuration: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let minted = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(async {
+            let auth = Authenticator::open(&config.auth).await?;
+            auth.mint(&subject, role, Duration::from_secs(ttl))
+        }),
+        Err(error) => {
+            eprintln!("commerce-kernel: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match minted {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("commerce-kernel token: {error}");
             ExitCode::FAILURE
         }
     }

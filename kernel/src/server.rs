@@ -1,4 +1,6 @@
-//! The HTTP server: `/graphql`, `/health`, `/ready`, and graceful shutdown.
+//! The HTTP server: `/graphql` (queries and mutations over POST,
+//! subscriptions over WebSocket, GraphiQL on a plain GET), `/health`,
+//! `/ready`, `/metrics`, and graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -6,10 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use async_graphql::http::GraphiQLSource;
-use async_graphql_axum::{GraphQLRequest, GraphQLResponse};
+use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
+use async_graphql::{BatchRequest, BatchResponse, Data, ServerError};
+use async_graphql_axum::{GraphQLBatchRequest, GraphQLProtocol, GraphQLWebSocket};
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -20,11 +24,13 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::api::{self, KernelSchema};
+use crate::api::{self, ErrorCode, KernelSchema};
+use crate::auth::{AuthError, AuthSetupError, Authenticator};
 use crate::carts::{self, ActivityRecorder, CartStore, CartStoreError};
 use crate::commerce::{Carts, Commerce, Plugins, Sagas};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, GraphqlLimits};
 use crate::event_store::StoreError;
+use crate::live::{LiveUpdates, NotifyingEventStore, NotifyingSagaStore};
 use crate::projections::Projector;
 use crate::sagas::runner::{RunnerSettings, SagaRunner};
 use crate::storage::Database;
@@ -43,6 +49,8 @@ pub enum KernelError {
     Carts(#[from] CartStoreError),
     #[error("plugins: {0}")]
     Plugins(#[from] LoadError),
+    #[error("authentication: {0}")]
+    Auth(#[from] AuthSetupError),
     #[error("cannot listen on {address}: {source}")]
     Bind {
         address: SocketAddr,
@@ -62,6 +70,9 @@ pub struct AppState {
     projector: Projector,
     plugins: Plugins,
     sagas: Sagas,
+    live: LiveUpdates,
+    auth: Authenticator,
+    limits: GraphqlLimits,
     /// Set once shutdown begins, so `/ready` sends load balancers elsewhere.
     draining: Arc<AtomicBool>,
     graphiql: bool,
@@ -72,30 +83,39 @@ impl AppState {
         database: Database,
         cart_store: Arc<dyn CartStore>,
         plugin_registry: Arc<PluginRegistry>,
+        auth: Authenticator,
         config: &Config,
     ) -> Self {
-        let store = database.event_store();
+        // Every append of this process wakes its live subscriptions.
+        let live = LiveUpdates::new(config.live_poll_interval);
+        let store = NotifyingEventStore::wrap(database.event_store(), live.clone());
+        let saga_store = NotifyingSagaStore::wrap(database.saga_store(), live.clone());
         let views = database.view_store();
         let commerce = Commerce::new(Arc::clone(&store), Arc::clone(&views));
         let carts = Carts::new(commerce.clone(), cart_store, config.cart_limits);
         let projector = Projector::new(Arc::clone(&store), views);
         let plugins = Plugins::new(commerce.clone(), plugin_registry);
-        let sagas = Sagas::new(commerce.clone(), database.saga_store());
+        let sagas = Sagas::new(commerce.clone(), saga_store);
+        let adapters = api::Adapters {
+            event_store: store,
+            commerce: commerce.clone(),
+            carts: carts.clone(),
+            cart_activity: database.cart_activity(),
+            projector: projector.clone(),
+            plugins: plugins.clone(),
+            sagas: sagas.clone(),
+            live: live.clone(),
+        };
         AppState {
-            schema: api::build_schema(api::Adapters {
-                event_store: store,
-                commerce: commerce.clone(),
-                carts: carts.clone(),
-                cart_activity: database.cart_activity(),
-                projector: projector.clone(),
-                plugins: plugins.clone(),
-                sagas: sagas.clone(),
-            }),
+            schema: api::build_schema(adapters, config.graphql),
             commerce,
             carts,
             projector,
             plugins,
             sagas,
+            live,
+            auth,
+            limits: config.graphql,
             database,
             draining: Arc::new(AtomicBool::new(false)),
             graphiql: config.graphiql,
@@ -106,7 +126,7 @@ impl AppState {
 /// The kernel's routes with their limits.
 pub fn router(state: AppState, config: &Config) -> Router {
     Router::new()
-        .route("/graphql", get(graphiql).post(graphql))
+        .route("/graphql", get(graphql_get).post(graphql))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -162,7 +182,14 @@ pub async fn serve(
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<(), KernelError> {
     let registry = open_plugins(config).await?;
-    let state = AppState::new(database.clone(), Arc::clone(&cart_store), registry, config);
+    let auth = Authenticator::open(&config.auth).await?;
+    let state = AppState::new(
+        database.clone(),
+        Arc::clone(&cart_store),
+        registry,
+        auth,
+        config,
+    );
     // The plugin versions recorded as active, before the first request.
     state.plugins.catch_up().await?;
     let draining = Arc::clone(&state.draining);
@@ -185,7 +212,27 @@ pub async fn serve(
     if !config.sagas.pause_at.is_empty() {
         tracing::warn!(points = ?config.sagas.pause_at, "saga pause points set: for crash tests only");
     }
+    let redis = match &config.carts {
+        carts::CartBackendConfig::Redis { url, key_prefix } => {
+            Some((url.clone(), key_prefix.clone()))
+        }
+        carts::CartBackendConfig::Embedded => None,
+    };
+    let live_bridge = redis.map(|(url, key_prefix)| {
+        tokio::spawn(
+            state
+                .live
+                .clone()
+                .bridge_redis(url, key_prefix, background_stopped.clone()),
+        )
+    });
     let background = [
+        tokio::spawn(
+            state
+                .live
+                .clone()
+                .follow_log(state.commerce.store().clone(), background_stopped.clone()),
+        ),
         tokio::spawn(state.projector.clone().run(background_stopped.clone())),
         tokio::spawn(sweep_expired_reservations(
             state.commerce.clone(),
@@ -236,7 +283,7 @@ pub async fn serve(
         ),
     }
     let _ = stop_background.send(true);
-    for task in background {
+    for task in background.into_iter().chain(live_bridge) {
         // A batch in progress finishes (or rolls back) within the grace period.
         if tokio::time::timeout(grace, task).await.is_err() {
             tracing::warn!("a background task did not stop in time");
@@ -301,13 +348,186 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn graphql(State(state): State<AppState>, request: GraphQLRequest) -> GraphQLResponse {
-    state.schema.execute(request.into_inner()).await.into()
+/// Queries and mutations: authenticated, within the batch bound, and with
+/// every error carrying a code.
+async fn graphql(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    request: Result<GraphQLBatchRequest<BadRequest>, BadRequest>,
+) -> Response {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok());
+    let principal = match state.auth.authenticate_header(authorization).await {
+        Ok(principal) => principal,
+        Err(error) => return auth_refusal(&error),
+    };
+    let request = match request {
+        Ok(request) => request.0,
+        Err(refusal) => return refusal.into_response(),
+    };
+    if let BatchRequest::Batch(requests) = &request
+        && requests.len() > state.limits.max_batch
+    {
+        return graphql_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::InvalidQuery,
+            &format!(
+                "the batch holds {} operations; at most {} are accepted",
+                requests.len(),
+                state.limits.max_batch
+            ),
+        );
+    }
+    let mut response = state.schema.execute_batch(request.data(principal)).await;
+    match &mut response {
+        BatchResponse::Single(single) => with_codes(&mut single.errors),
+        BatchResponse::Batch(all) => all.iter_mut().for_each(|r| with_codes(&mut r.errors)),
+    }
+    async_graphql_axum::GraphQLResponse::from(response).into_response()
 }
 
-async fn graphiql(State(state): State<AppState>) -> Response {
-    if state.graphiql {
-        Html(GraphiQLSource::build().endpoint("/graphql").finish()).into_response()
+/// Gives errors raised by the GraphQL engine itself (parse, validation,
+/// limits, input coercion) the code INVALID_QUERY; resolvers set their own.
+fn with_codes(errors: &mut [ServerError]) {
+    for error in errors {
+        let has_code = error
+            .extensions
+            .as_ref()
+            .is_some_and(|extensions| extensions.get("code").is_some());
+        if !has_code {
+            error
+                .extensions
+                .get_or_insert_with(Default::default)
+                .set("code", ErrorCode::InvalidQuery.as_str());
+        }
+    }
+}
+
+/// A body that is not a GraphQL request: 400 (413 when too large) with a
+/// GraphQL error body, never the parser's debug output.
+struct BadRequest(async_graphql::ParseRequestError);
+
+impl From<async_graphql::ParseRequestError> for BadRequest {
+    fn from(error: async_graphql::ParseRequestError) -> Self {
+        BadRequest(error)
+    }
+}
+
+impl IntoResponse for BadRequest {
+    fn into_response(self) -> Response {
+        use async_graphql::ParseRequestError;
+        match self.0 {
+            ParseRequestError::PayloadTooLarge => graphql_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorCode::InvalidQuery,
+                "the request body is too large",
+            ),
+            other => graphql_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidQuery,
+                &format!("not a GraphQL request: {}", short_reason(&other)),
+            ),
+        }
+    }
+}
+
+/// The parse error's message, kept short (it may quote the body).
+fn short_reason(error: &async_graphql::ParseRequestError) -> String {
+    let text = error.to_string();
+    match text.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
+}
+
+/// A response shaped like GraphQL's, for refusals before execution.
+fn graphql_error(status: StatusCode, code: ErrorCode, message: &str) -> Response {
+    let body =
+        json!({ "errors": [{ "message": message, "extensions": { "code": code.as_str() } }] });
+    (status, Json(body)).into_response()
+}
+
+/// 401 (with `WWW-Authenticate`), 403 or 503 for a request that may not run.
+fn auth_refusal(error: &AuthError) -> Response {
+    let (status, code) = match error.status() {
+        403 => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+        503 => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal),
+        _ => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthenticated),
+    };
+    let mut response = graphql_error(status, code, &error.to_string());
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"commerce-kernel\""),
+        );
+    }
+    response
+}
+
+/// `GET /graphql`: a WebSocket upgrade starts a subscription connection;
+/// anything else gets GraphiQL (when enabled).
+async fn graphql_get(
+    State(state): State<AppState>,
+    protocol: Result<GraphQLProtocol, StatusCode>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match (upgrade, protocol) {
+        (Ok(upgrade), Ok(protocol)) => {
+            let (schema, auth) = (state.schema.clone(), state.auth.clone());
+            upgrade
+                .protocols(ALL_WEBSOCKET_PROTOCOLS)
+                .on_upgrade(move |socket| {
+                    GraphQLWebSocket::new(socket, schema, protocol)
+                        .on_connection_init(move |payload| authenticate_socket(auth, payload))
+                        .serve()
+                })
+        }
+        (Ok(_), Err(status)) => (
+            status,
+            "WebSocket subprotocol must be graphql-transport-ws or graphql-ws",
+        )
+            .into_response(),
+        (Err(_), _) => graphiql(state.graphiql),
+    }
+}
+
+/// The token of a WebSocket connection comes in its `connection_init`
+/// payload (browsers cannot set headers on WebSockets): `{"authorization":
+/// "Bearer <token>"}` (any case) or `{"token": "<token>"}`. Without a valid
+/// one the server closes the connection (4403).
+async fn authenticate_socket(
+    auth: Authenticator,
+    payload: serde_json::Value,
+) -> async_graphql::Result<Data> {
+    let field = |name: &str| {
+        payload.as_object().and_then(|object| {
+            object
+                .iter()
+                .find(|(key, _)| key.eq_ignore_ascii_case(name))
+                .and_then(|(_, value)| value.as_str())
+        })
+    };
+    let principal = match (field("authorization"), field("token")) {
+        (Some(header), _) => auth.authenticate_header(Some(header)).await,
+        (None, Some(token)) => auth.verify(token).await,
+        (None, None) => Err(AuthError::Missing),
+    }
+    .map_err(|error| async_graphql::Error::new(error.to_string()))?;
+    let mut data = Data::default();
+    data.insert(principal);
+    Ok(data)
+}
+
+fn graphiql(enabled: bool) -> Response {
+    if enabled {
+        Html(
+            GraphiQLSource::build()
+                .endpoint("/graphql")
+                .subscription_endpoint("/graphql")
+                .finish(),
+        )
+        .into_response()
     } else {
         (
             StatusCode::METHOD_NOT_ALLOWED,

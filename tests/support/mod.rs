@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of the fixtures.
 
+pub mod kernel;
+
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -315,7 +317,7 @@ pub struct TestCartStore {
 
 impl TestCartStore {
     pub async fn create(kind: CartBackendKind) -> anyhow::Result<Self> {
-        use commerce_kernel::carts::{self, CartBackendConfig};
+        use commerce_kernel::carts::CartBackendConfig;
         let config = match kind {
             CartBackendKind::Embedded => CartBackendConfig::Embedded,
             CartBackendKind::Redis => CartBackendConfig::Redis {
@@ -323,7 +325,15 @@ impl TestCartStore {
                 key_prefix: format!("test:{}:", uuid::Uuid::new_v4().simple()),
             },
         };
-        let store = carts::open(&config)
+        Self::open(kind, config).await
+    }
+
+    /// Opens the store `config` describes (again, as another process would).
+    pub async fn open(
+        kind: CartBackendKind,
+        config: commerce_kernel::carts::CartBackendConfig,
+    ) -> anyhow::Result<Self> {
+        let store = commerce_kernel::carts::open(&config)
             .await
             .with_context(|| format!("opening the {} cart store", kind.name()))?;
         Ok(TestCartStore {

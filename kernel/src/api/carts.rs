@@ -7,15 +7,15 @@
 
 use std::sync::Arc;
 
+use async_graphql::connection::{Connection, Edge, EmptyFields};
 use async_graphql::{Context, Enum, InputObject, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use super::commerce::{
-    Money, Order, api_context, projector, read_your_writes, refused, version_argument,
-};
+use super::access::{self, AdminOnly, command_context};
+use super::commerce::{Money, Order, projector, read_your_writes, refused, version_argument};
 use super::error::UserError;
-use super::{ApiError, page_size};
+use super::{ApiError, ErrorCode, page_size};
 use crate::carts::{AbandonedCart as AbandonedCartRecord, AbandonedCursor, CartActivityLog};
 use crate::commerce::{CartItem, Carts, CheckoutInput, CommandError, NewCart, PricedCart};
 use crate::domain::DomainError;
@@ -168,7 +168,9 @@ fn items(inputs: &[CartItemInput]) -> Result<Vec<CartItem>, CommandError> {
     inputs.iter().map(CartItemInput::to_item).collect()
 }
 
-/// A new cart for a customer or for an anonymous session (exactly one of the two).
+/// A new cart. A customer's cart is always their own: `customerId` may be
+/// left out (or must be theirs) and `sessionId` is for admins, who create
+/// carts for a customer or for an anonymous session (exactly one of the two).
 #[derive(InputObject)]
 pub struct CreateCartInput {
     pub customer_id: Option<Uuid>,
@@ -259,16 +261,15 @@ impl AbandonedCart {
     }
 }
 
-/// Abandoned carts and the abandonment rate. The record is filled in the
-/// background, within about a second of each cart change.
+/// Abandoned carts (oldest activity first, one page at a time) and the
+/// abandonment rate. The record is filled in the background, within about
+/// a second of each cart change.
 #[derive(SimpleObject)]
-pub struct AbandonedCartReport {
+pub struct AbandonedCartStats {
     /// Carts idle since this time and not checked out are abandoned.
     pub cutoff: DateTime<Utc>,
-    /// Oldest activity first.
-    pub carts: Vec<AbandonedCart>,
-    /// Pass as `after` for the next page; null on the last page.
-    pub next_cursor: Option<String>,
+    /// Abandoned carts in the whole list, on every page together.
+    pub total_count: u64,
     pub abandoned_count: u64,
     pub checked_out_count: u64,
     /// Carts touched since the cutoff and not checked out: undecided, so
@@ -325,61 +326,70 @@ pub struct CartQuery;
 
 #[Object]
 impl CartQuery {
-    /// A cart; null when it does not exist or has expired.
+    /// A cart; null when it does not exist, has expired, or is another
+    /// customer's.
     async fn cart(&self, ctx: &Context<'_>, id: Uuid) -> Result<Option<Cart>, ApiError> {
         let found = carts(ctx)
             .cart(id)
             .await
             .map_err(super::error::command_failure)?;
         match found {
-            Some(cart) => Ok(Some(priced(ctx, cart).await?)),
-            None => Ok(None),
+            Some(cart) if access::may_access(ctx, cart.owner.order_customer_id())? => {
+                Ok(Some(priced(ctx, cart).await?))
+            }
+            _ => Ok(None),
         }
     }
 
     /// Carts untouched for `hours` (fractions allowed) and never checked
-    /// out, expired ones included, with the abandonment rate. For admins.
+    /// out, expired ones included, oldest activity first, with the
+    /// abandonment rate. For admins.
+    #[graphql(
+        guard = "AdminOnly",
+        complexity = "super::page_cost(first, child_complexity)"
+    )]
     async fn abandoned_carts(
         &self,
         ctx: &Context<'_>,
         hours: f64,
-        #[graphql(desc = "Page size, 1 to 500 (default 50).")] first: Option<i32>,
-        #[graphql(desc = "`nextCursor` of the previous page.")] after: Option<String>,
-    ) -> Result<AbandonedCartReport, ApiError> {
+        #[graphql(desc = "Page size (default 50, at most the server's maximum page size).")]
+        first: Option<i32>,
+        #[graphql(desc = "Cursor of the last cart already seen.")] after: Option<String>,
+    ) -> Result<Connection<String, AbandonedCart, AbandonedCartStats, EmptyFields>, ApiError> {
         if !(hours > 0.0 && hours <= MAX_ABANDONED_HOURS) {
             return Err(ApiError::invalid(
                 "hours",
                 format!("must be more than 0 and at most {MAX_ABANDONED_HOURS}"),
             ));
         }
-        let first = page_size(first)?;
-        let after = after.as_deref().map(parse_cursor).transpose()?;
+        let first = page_size(ctx, first)?;
+        let after_cart = after.as_deref().map(parse_cursor).transpose()?;
         let now = Utc::now();
         let idle = chrono::Duration::milliseconds((hours * 3_600_000.0) as i64);
         let cutoff = now - idle;
-        let report = ctx
+        // One more than asked for tells whether another page follows.
+        let mut report = ctx
             .data_unchecked::<Arc<dyn CartActivityLog>>()
-            .abandoned(cutoff, after, first)
+            .abandoned(cutoff, after_cart, first + 1)
             .await?;
-        let next_cursor = if report.carts.len() == first as usize {
-            report.carts.last().map(cursor_text)
-        } else {
-            None
-        };
-        let abandonment_rate = report.abandonment_rate();
-        Ok(AbandonedCartReport {
+        let has_next = report.carts.len() > first as usize;
+        report.carts.truncate(first as usize);
+        let stats = AbandonedCartStats {
             cutoff,
-            carts: report
-                .carts
-                .into_iter()
-                .map(|cart| AbandonedCart::new(cart, now))
-                .collect(),
-            next_cursor,
+            total_count: report.abandoned,
             abandoned_count: report.abandoned,
             checked_out_count: report.checked_out,
             active_count: report.active,
-            abandonment_rate,
-        })
+            abandonment_rate: report.abandonment_rate(),
+        };
+        let mut connection = Connection::with_additional_fields(after.is_some(), has_next, stats);
+        connection.edges.extend(
+            report
+                .carts
+                .into_iter()
+                .map(|cart| Edge::new(cursor_text(&cart), AbandonedCart::new(cart, now))),
+        );
+        Ok(connection)
     }
 }
 
@@ -394,8 +404,36 @@ impl CartMutation {
         ctx: &Context<'_>,
         input: CreateCartInput,
     ) -> Result<CartPayload, ApiError> {
+        let principal = access::principal(ctx)?;
+        let customer_id = match principal.customer_id() {
+            None => input.customer_id,
+            // A customer's cart is theirs, whatever the input says otherwise.
+            Some(me) => {
+                let refusal = if input.session_id.is_some() {
+                    Some((
+                        "sessionId",
+                        "a customer's cart belongs to the customer; leave sessionId out",
+                    ))
+                } else if input.customer_id.is_some_and(|named| named != me) {
+                    Some(("customerId", "a customer creates carts for themselves only"))
+                } else {
+                    None
+                };
+                if let Some((field, message)) = refusal {
+                    return Ok(CartPayload {
+                        cart: None,
+                        errors: vec![UserError::new(
+                            ErrorCode::InvalidInput,
+                            Some(field),
+                            message,
+                        )],
+                    });
+                }
+                Some(me)
+            }
+        };
         let command = async {
-            let owner = match (input.customer_id, input.session_id.as_deref()) {
+            let owner = match (customer_id, input.session_id.as_deref()) {
                 (Some(customer), None) => CartOwner::Customer(customer),
                 (None, Some(session)) => CartOwner::session(session)?,
                 _ => {
@@ -427,6 +465,12 @@ impl CartMutation {
         #[graphql(desc = "Refuse with VERSION_CONFLICT unless the cart is at this version.")]
         expected_version: Option<i32>,
     ) -> Result<CartPayload, ApiError> {
+        if let Some(refusal) = access::cart_refusal(ctx, cart_id).await? {
+            return Ok(CartPayload {
+                cart: None,
+                errors: vec![refusal],
+            });
+        }
         let expected = version_argument("expectedVersion", expected_version)?;
         let command = async {
             let items = self::items(&items)?;
@@ -442,6 +486,12 @@ impl CartMutation {
         product_id: Uuid,
         expected_version: Option<i32>,
     ) -> Result<CartPayload, ApiError> {
+        if let Some(refusal) = access::cart_refusal(ctx, cart_id).await? {
+            return Ok(CartPayload {
+                cart: None,
+                errors: vec![refusal],
+            });
+        }
         let expected = version_argument("expectedVersion", expected_version)?;
         let command = carts(ctx).remove_item(cart_id, product_id, expected);
         cart_payload(ctx, refused(command).await?).await
@@ -453,6 +503,12 @@ impl CartMutation {
         cart_id: Uuid,
         expected_version: Option<i32>,
     ) -> Result<CartPayload, ApiError> {
+        if let Some(refusal) = access::cart_refusal(ctx, cart_id).await? {
+            return Ok(CartPayload {
+                cart: None,
+                errors: vec![refusal],
+            });
+        }
         let expected = version_argument("expectedVersion", expected_version)?;
         let command = carts(ctx).clear(cart_id, expected);
         cart_payload(ctx, refused(command).await?).await
@@ -467,13 +523,19 @@ impl CartMutation {
         ctx: &Context<'_>,
         input: PlaceOrderInput,
     ) -> Result<PlaceOrderPayload, ApiError> {
+        if let Some(refusal) = access::cart_refusal(ctx, input.cart_id).await? {
+            return Ok(PlaceOrderPayload {
+                errors: vec![refusal],
+                ..PlaceOrderPayload::default()
+            });
+        }
         let checkout = CheckoutInput {
             cart_id: input.cart_id,
             payment_method: input.payment_method,
             shipping_address: input.shipping_address.into(),
             idempotency_key: input.idempotency_key,
         };
-        let context = api_context();
+        let context = command_context(ctx)?;
         let done = match refused(carts(ctx).checkout(&checkout, &context)).await? {
             Ok(done) => done,
             Err(errors) => {

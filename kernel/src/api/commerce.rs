@@ -9,15 +9,16 @@
 
 use std::time::Duration;
 
-use async_graphql::connection::{Connection, Edge, EmptyFields};
+use async_graphql::connection::{Connection, Edge};
 use async_graphql::{Context, Enum, InputObject, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use uuid::Uuid;
 
+use super::access::{self, AdminOnly, command_context};
 use super::error::{UserError, user_error};
-use super::{ApiError, ErrorCode, Event, page_size};
-use crate::commerce::{Cancellation, CommandContext, CommandError, Commerce, NewProduct};
+use super::{ApiError, ErrorCode, Event, Page, TotalCount, page_size};
+use crate::commerce::{Cancellation, CommandError, Commerce, NewProduct};
 use crate::domain::Aggregate;
 use crate::domain::catalog::ProductUpdate;
 use crate::domain::money::{Currency, Money as DomainMoney};
@@ -25,7 +26,7 @@ use crate::domain::order::Order as OrderAggregate;
 use crate::event_store::repository::decode;
 use crate::event_store::{Position, RecordedEvent, StreamSelection};
 use crate::projections::{
-    InventoryView, OrderView, ProductView, ProjectionName, Projector, ReservationView,
+    InventoryView, OrderFilter, OrderView, ProductView, ProjectionName, Projector, ReservationView,
 };
 
 /// Longest a mutation waits for the read models to show its change.
@@ -39,15 +40,6 @@ pub(super) fn commerce<'a>(ctx: &Context<'a>) -> &'a Commerce {
 
 pub(super) fn projector<'a>(ctx: &Context<'a>) -> &'a Projector {
     ctx.data_unchecked::<Projector>()
-}
-
-/// Until authentication arrives (issue 7), every API command is recorded as
-/// coming from the API.
-pub(super) fn api_context() -> CommandContext {
-    CommandContext {
-        actor: Some("api".into()),
-        correlation_id: Some(Uuid::now_v7()),
-    }
 }
 
 pub(super) fn version_argument(field: &str, version: Option<i32>) -> Result<Option<u32>, ApiError> {
@@ -392,18 +384,25 @@ impl CommerceQuery {
     }
 
     /// Products in creation order.
+    #[graphql(complexity = "super::page_cost(first, child_complexity)")]
     async fn products(
         &self,
         ctx: &Context<'_>,
-        #[graphql(desc = "Page size, 1 to 500 (default 50).")] first: Option<i32>,
+        #[graphql(desc = "Page size (default 50, at most the server's maximum page size).")]
+        first: Option<i32>,
         after: Option<String>,
-    ) -> Result<Connection<String, Product, EmptyFields, EmptyFields>, ApiError> {
-        let first = page_size(first)?;
+    ) -> Result<Page<Product>, ApiError> {
+        let first = page_size(ctx, first)?;
         let after_id = cursor_id("after", after.as_deref())?;
         let mut page = projector(ctx).views().products(after_id, first + 1).await?;
         let has_next = page.len() > first as usize;
         page.truncate(first as usize);
-        let mut connection = Connection::new(after.is_some(), has_next);
+        let views = projector(ctx).views().clone();
+        let total = TotalCount::new(move || {
+            let views = views.clone();
+            Box::pin(async move { views.count_products().await })
+        });
+        let mut connection = Connection::with_additional_fields(after.is_some(), has_next, total);
         connection.edges.extend(
             page.into_iter()
                 .map(|p| Edge::new(p.product_id.to_string(), Product(p))),
@@ -423,6 +422,8 @@ impl CommerceQuery {
             .map(Inventory))
     }
 
+    /// A stock reservation. For admins.
+    #[graphql(guard = "AdminOnly")]
     async fn reservation(
         &self,
         ctx: &Context<'_>,
@@ -436,7 +437,8 @@ impl CommerceQuery {
     }
 
     /// An order as it is now (from the read model), or as it was at
-    /// `asOfVersion` or at time `asOf` (rebuilt from its events).
+    /// `asOfVersion` or at time `asOf` (rebuilt from its events). Null when
+    /// there is none, or when it is another customer's.
     async fn order(
         &self,
         ctx: &Context<'_>,
@@ -444,9 +446,77 @@ impl CommerceQuery {
         as_of_version: Option<i32>,
         as_of: Option<DateTime<Utc>>,
     ) -> Result<Option<Order>, ApiError> {
+        let order = self.order_as_of(ctx, id, as_of_version, as_of).await?;
+        match order {
+            Some(view) if access::may_access(ctx, view.customer_id)? => Ok(Some(Order(view))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Orders, newest first, optionally of one status. A customer sees their
+    /// own orders only; an admin sees everyone's, or one customer's with
+    /// `customerId`.
+    #[graphql(complexity = "super::page_cost(first, child_complexity)")]
+    async fn orders(
+        &self,
+        ctx: &Context<'_>,
+        status: Option<OrderStatus>,
+        #[graphql(desc = "For admins: only this customer's orders.")] customer_id: Option<Uuid>,
+        #[graphql(desc = "Page size (default 50, at most the server's maximum page size).")]
+        first: Option<i32>,
+        after: Option<String>,
+    ) -> Result<Page<Order>, ApiError> {
+        let first = page_size(ctx, first)?;
+        let before = cursor_id("after", after.as_deref())?;
+        let principal = access::principal(ctx)?;
+        let filter = OrderFilter {
+            status: status.map(Into::into),
+            customer_id: if principal.is_admin() {
+                customer_id
+            } else {
+                // A customer asking for someone else's orders gets their own:
+                // the same answer as for a customer without orders.
+                principal.customer_id()
+            },
+        };
+        if !principal.is_admin() && filter.customer_id.is_none() {
+            return Err(ApiError::Forbidden);
+        }
+        let views = projector(ctx).views().clone();
+        let mut page = views.orders(&filter, before, first + 1).await?;
+        let has_next = page.len() > first as usize;
+        page.truncate(first as usize);
+        let total = TotalCount::new(move || {
+            let views = views.clone();
+            Box::pin(async move { views.count_orders(&filter).await })
+        });
+        let mut connection = Connection::with_additional_fields(after.is_some(), has_next, total);
+        connection.edges.extend(
+            page.into_iter()
+                .map(|o| Edge::new(o.order_id.to_string(), Order(o))),
+        );
+        Ok(connection)
+    }
+
+    /// Each read model's position against the head of the log. For admins.
+    #[graphql(guard = "AdminOnly")]
+    async fn projections(&self, ctx: &Context<'_>) -> Result<Vec<ProjectionStatus>, ApiError> {
+        projection_statuses(ctx).await
+    }
+}
+
+impl CommerceQuery {
+    /// The order's view now, or rebuilt from its events as of a version or time.
+    async fn order_as_of(
+        &self,
+        ctx: &Context<'_>,
+        id: Uuid,
+        as_of_version: Option<i32>,
+        as_of: Option<DateTime<Utc>>,
+    ) -> Result<Option<OrderView>, ApiError> {
         let to_version = version_argument("asOfVersion", as_of_version)?;
         if to_version.is_none() && as_of.is_none() {
-            return Ok(projector(ctx).views().order(id).await?.map(Order));
+            return Ok(projector(ctx).views().order(id).await?);
         }
         let events = commerce(ctx)
             .store()
@@ -464,36 +534,7 @@ impl CommerceQuery {
         {
             return Ok(None);
         }
-        Ok(order_from_history(id, &events)?.map(Order))
-    }
-
-    /// Orders, newest first, optionally of one status.
-    async fn orders(
-        &self,
-        ctx: &Context<'_>,
-        status: Option<OrderStatus>,
-        #[graphql(desc = "Page size, 1 to 500 (default 50).")] first: Option<i32>,
-        after: Option<String>,
-    ) -> Result<Connection<String, Order, EmptyFields, EmptyFields>, ApiError> {
-        let first = page_size(first)?;
-        let before = cursor_id("after", after.as_deref())?;
-        let mut page = projector(ctx)
-            .views()
-            .orders(status.map(Into::into), before, first + 1)
-            .await?;
-        let has_next = page.len() > first as usize;
-        page.truncate(first as usize);
-        let mut connection = Connection::new(after.is_some(), has_next);
-        connection.edges.extend(
-            page.into_iter()
-                .map(|o| Edge::new(o.order_id.to_string(), Order(o))),
-        );
-        Ok(connection)
-    }
-
-    /// Each read model's position against the head of the log.
-    async fn projections(&self, ctx: &Context<'_>) -> Result<Vec<ProjectionStatus>, ApiError> {
-        projection_statuses(ctx).await
+        order_from_history(id, &events)
     }
 }
 
@@ -611,11 +652,13 @@ pub struct CommerceMutation;
 #[Object]
 impl CommerceMutation {
     /// Creates a product. SKUs are unique regardless of case (DUPLICATE_SKU).
+    #[graphql(guard = "AdminOnly")]
     async fn create_product(
         &self,
         ctx: &Context<'_>,
         input: CreateProductInput,
     ) -> Result<ProductPayload, ApiError> {
+        let context = command_context(ctx)?;
         let command = async {
             let product = NewProduct {
                 sku: input.sku,
@@ -623,7 +666,7 @@ impl CommerceMutation {
                 price: input.price.to_money()?,
                 active: input.active,
             };
-            commerce(ctx).create_product(product, &api_context()).await
+            commerce(ctx).create_product(product, &context).await
         };
         match refused(command).await? {
             Ok(created) => product_payload(ctx, created.id, created.position).await,
@@ -636,12 +679,14 @@ impl CommerceMutation {
 
     /// Renames, reprices or (de)activates a product. Every price change is
     /// kept in the product's event history.
+    #[graphql(guard = "AdminOnly")]
     async fn update_product(
         &self,
         ctx: &Context<'_>,
         input: UpdateProductInput,
     ) -> Result<ProductPayload, ApiError> {
         let expected = version_argument("expectedVersion", input.expected_version)?;
+        let context = command_context(ctx)?;
         let command = async {
             let update = ProductUpdate {
                 name: input.name,
@@ -649,7 +694,7 @@ impl CommerceMutation {
                 active: input.active,
             };
             commerce(ctx)
-                .update_product(input.id, update, expected, &api_context())
+                .update_product(input.id, update, expected, &context)
                 .await
         };
         match refused(command).await? {
@@ -662,13 +707,14 @@ impl CommerceMutation {
     }
 
     /// Restocks (positive delta) or writes off (negative delta) stock.
+    #[graphql(guard = "AdminOnly")]
     async fn adjust_inventory(
         &self,
         ctx: &Context<'_>,
         input: AdjustInventoryInput,
     ) -> Result<InventoryPayload, ApiError> {
         let expected = version_argument("expectedVersion", input.expected_version)?;
-        let context = api_context();
+        let context = command_context(ctx)?;
         let command = commerce(ctx).adjust_inventory(
             input.product_id,
             input.delta,
@@ -688,6 +734,7 @@ impl CommerceMutation {
     /// Holds stock for an owner (an order, a cart). Repeating it with the same
     /// owner returns the same reservation. With `ttlSeconds`, the kernel
     /// releases the reservation when it expires.
+    #[graphql(guard = "AdminOnly")]
     async fn reserve_inventory(
         &self,
         ctx: &Context<'_>,
@@ -703,7 +750,7 @@ impl CommerceMutation {
             .map_err(|_| ApiError::invalid("quantity", "must be positive"))?;
         let ttl = ttl_seconds.map(|s| chrono::Duration::seconds(i64::from(s)));
         let owner = owner.unwrap_or_else(|| format!("api:{}", Uuid::now_v7()));
-        let context = api_context();
+        let context = command_context(ctx)?;
         let command =
             commerce(ctx).reserve_inventory(product_id, &owner, quantity, ttl, expected, &context);
         match refused(command).await? {
@@ -724,12 +771,13 @@ impl CommerceMutation {
     }
 
     /// Gives a reservation's stock back.
+    #[graphql(guard = "AdminOnly")]
     async fn release_inventory(
         &self,
         ctx: &Context<'_>,
         reservation_id: Uuid,
     ) -> Result<InventoryPayload, ApiError> {
-        let context = api_context();
+        let context = command_context(ctx)?;
         let command = commerce(ctx).release_reservation(reservation_id, &context);
         match refused(command).await? {
             // The command reports the reservation's product as its id.
@@ -753,7 +801,13 @@ impl CommerceMutation {
         id: Uuid,
         reason: String,
     ) -> Result<OrderPayload, ApiError> {
-        let context = api_context();
+        if let Some(refusal) = access::order_refusal(ctx, id).await? {
+            return Ok(OrderPayload {
+                errors: vec![refusal],
+                ..OrderPayload::default()
+            });
+        }
+        let context = command_context(ctx)?;
         let command = super::sagas::sagas(ctx).cancel_order(id, &reason, &context);
         match refused(command).await? {
             Ok(Cancellation::Cancelled(change)) => {
@@ -790,6 +844,7 @@ impl CommerceMutation {
 
     /// Empties a read model (or all, without `name`) and replays it from the
     /// event log while the service keeps running. Returns once caught up.
+    #[graphql(guard = "AdminOnly")]
     async fn rebuild_projections(
         &self,
         ctx: &Context<'_>,

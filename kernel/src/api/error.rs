@@ -48,6 +48,13 @@ pub enum ErrorCode {
     /// The change was saved, but the read model had not caught up with it
     /// before the response: read it again shortly.
     ReadModelLagging,
+    /// No valid bearer token came with the request (HTTP 401).
+    Unauthenticated,
+    /// The token's role may not do this (admin only).
+    Forbidden,
+    /// The document is malformed, fails validation against the schema, or
+    /// exceeds a limit (depth, complexity, aliases, batch size).
+    InvalidQuery,
     /// The service failed; the request may be retried.
     Internal,
 }
@@ -70,6 +77,9 @@ impl ErrorCode {
             ErrorCode::CartNotOpen => "CART_NOT_OPEN",
             ErrorCode::PluginRejected => "PLUGIN_REJECTED",
             ErrorCode::ReadModelLagging => "READ_MODEL_LAGGING",
+            ErrorCode::Unauthenticated => "UNAUTHENTICATED",
+            ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::InvalidQuery => "INVALID_QUERY",
             ErrorCode::Internal => "INTERNAL",
         }
     }
@@ -91,6 +101,10 @@ pub enum ApiError {
     Plugins(LoadError),
     /// A command refused where the schema has no payload to carry the refusal.
     Refused(UserError),
+    /// The request carries no principal (see [`crate::api::access`]).
+    Unauthenticated,
+    /// The principal's role may not use this field.
+    Forbidden,
 }
 
 impl From<StoreError> for ApiError {
@@ -124,6 +138,8 @@ impl ApiError {
             | ApiError::Carts(_)
             | ApiError::Plugins(_) => ErrorCode::Internal,
             ApiError::Refused(refusal) => refusal.code,
+            ApiError::Unauthenticated => ErrorCode::Unauthenticated,
+            ApiError::Forbidden => ErrorCode::Forbidden,
         }
     }
 }
@@ -144,6 +160,8 @@ impl From<ApiError> for async_graphql::Error {
                 _ => (store_error.to_string(), None),
             },
             ApiError::Refused(refusal) => (refusal.message, refusal.field),
+            ApiError::Unauthenticated => ("authentication required".to_string(), None),
+            ApiError::Forbidden => ("this needs the admin role".to_string(), None),
             ApiError::Carts(cart_error) => {
                 tracing::error!(error = %cart_error, "request failed");
                 ("internal error".to_string(), None)

@@ -5,17 +5,21 @@
 //! repository root is this schema printed as SDL (`commerce-kernel schema`), and
 //! a test fails when the two differ.
 
+pub mod access;
 pub mod carts;
 pub mod commerce;
 pub mod error;
+pub mod limits;
 pub mod plugins;
 pub mod sagas;
+pub mod subscriptions;
 
 use std::sync::Arc;
 
 use async_graphql::connection::{Connection, Edge, EmptyFields};
-use async_graphql::{Context, EmptySubscription, Json, MergedObject, Object, Schema};
+use async_graphql::{Context, Json, MergedObject, Object, Schema};
 use chrono::{DateTime, Utc};
+use futures_util::future::BoxFuture;
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -23,11 +27,16 @@ pub use error::{ApiError, ErrorCode};
 
 use crate::carts::CartActivityLog;
 use crate::commerce::{Carts, Commerce, Plugins, Sagas};
-use crate::event_store::{EventFilter, EventStore, Position, RecordedEvent, StreamSelection};
+use crate::config::GraphqlLimits;
+use crate::event_store::{
+    EventFilter, EventStore, Position, RecordedEvent, StoreError, StreamSelection,
+};
+use crate::live::LiveUpdates;
 use crate::projections::Projector;
+use access::AdminOnly;
 
 /// The kernel's GraphQL schema.
-pub type KernelSchema = Schema<QueryRoot, MutationRoot, EmptySubscription>;
+pub type KernelSchema = Schema<QueryRoot, MutationRoot, subscriptions::SubscriptionRoot>;
 
 /// Every query: the event log's and the commerce read models'.
 #[derive(MergedObject, Default)]
@@ -47,12 +56,8 @@ pub struct MutationRoot(
     sagas::SagaMutation,
 );
 
-/// Default and largest page of a connection.
-pub const DEFAULT_PAGE_SIZE: i32 = 50;
-pub const MAX_PAGE_SIZE: i32 = 500;
-/// Deepest query accepted and most expensive query accepted (in field count).
-pub const MAX_QUERY_DEPTH: usize = 16;
-pub const MAX_QUERY_COMPLEXITY: usize = 10_000;
+/// Page size of a connection when `first` is not given.
+pub const DEFAULT_PAGE_SIZE: u32 = 50;
 
 /// What the resolvers reach through the schema's data.
 pub struct Adapters {
@@ -63,11 +68,12 @@ pub struct Adapters {
     pub projector: Projector,
     pub plugins: Plugins,
     pub sagas: Sagas,
+    pub live: LiveUpdates,
 }
 
-/// Builds the schema around the kernel's adapters.
-pub fn build_schema(adapters: Adapters) -> KernelSchema {
-    schema_builder()
+/// Builds the schema around the kernel's adapters, within `limits`.
+pub fn build_schema(adapters: Adapters, limits: GraphqlLimits) -> KernelSchema {
+    schema_builder(limits)
         .data(adapters.event_store)
         .data(adapters.commerce)
         .data(adapters.carts)
@@ -75,22 +81,35 @@ pub fn build_schema(adapters: Adapters) -> KernelSchema {
         .data(adapters.projector)
         .data(adapters.plugins)
         .data(adapters.sagas)
+        .data(adapters.live)
+        .data(limits)
         .finish()
 }
 
 /// The schema as SDL, the content of `schema.graphql`.
 pub fn sdl() -> String {
-    schema_builder().finish().sdl()
+    schema_builder(GraphqlLimits::default()).finish().sdl()
 }
 
-fn schema_builder() -> async_graphql::SchemaBuilder<QueryRoot, MutationRoot, EmptySubscription> {
-    Schema::build(
+fn schema_builder(
+    limits: GraphqlLimits,
+) -> async_graphql::SchemaBuilder<QueryRoot, MutationRoot, subscriptions::SubscriptionRoot> {
+    let builder = Schema::build(
         QueryRoot::default(),
         MutationRoot::default(),
-        EmptySubscription,
+        subscriptions::SubscriptionRoot,
     )
-    .limit_depth(MAX_QUERY_DEPTH)
-    .limit_complexity(MAX_QUERY_COMPLEXITY)
+    .limit_depth(limits.max_depth)
+    .limit_complexity(limits.max_complexity)
+    // Fragment spreads and nested input values have their own recursion
+    // bound, kept at the depth limit so neither is the weaker one.
+    .limit_recursive_depth(limits.max_depth.max(32))
+    .extension(limits::AliasLimit(limits.max_aliases));
+    if limits.introspection {
+        builder
+    } else {
+        builder.disable_introspection()
+    }
 }
 
 fn event_store<'a>(ctx: &Context<'a>) -> &'a Arc<dyn EventStore> {
@@ -105,19 +124,23 @@ pub struct EventLogQuery;
 impl EventLogQuery {
     /// The global event log, oldest first, optionally narrowed by the filters
     /// given. Cursors are log positions: passing the last one seen as `after`
-    /// never skips an event.
+    /// never skips an event. For admins.
     #[allow(clippy::too_many_arguments)]
+    #[graphql(guard = "AdminOnly", complexity = "page_cost(first, child_complexity)")]
     async fn events(
         &self,
         ctx: &Context<'_>,
-        #[graphql(desc = "Page size, 1 to 500 (default 50).")] first: Option<i32>,
+        #[graphql(
+            desc = "Page size (default 50, at most the server's maximum page size, 500 unless configured)."
+        )]
+        first: Option<i32>,
         #[graphql(desc = "Cursor of the last event already seen.")] after: Option<String>,
         aggregate_id: Option<Uuid>,
         aggregate_type: Option<String>,
         event_type: Option<String>,
         correlation_id: Option<Uuid>,
-    ) -> Result<Connection<String, Event, EmptyFields, EmptyFields>, ApiError> {
-        let first = page_size(first)?;
+    ) -> Result<Page<Event>, ApiError> {
+        let first = page_size(ctx, first)?;
         let after_position = match &after {
             None => Position::START,
             Some(cursor) => cursor
@@ -137,7 +160,13 @@ impl EventLogQuery {
         let has_next_page = events.len() > first as usize;
         events.truncate(first as usize);
 
-        let mut connection = Connection::new(after.is_some(), has_next_page);
+        let store = Arc::clone(event_store(ctx));
+        let total = TotalCount::new(move || {
+            let (store, filter) = (Arc::clone(&store), filter.clone());
+            Box::pin(async move { store.count_matching(&filter).await })
+        });
+        let mut connection =
+            Connection::with_additional_fields(after.is_some(), has_next_page, total);
         connection.edges.extend(
             events
                 .into_iter()
@@ -147,7 +176,8 @@ impl EventLogQuery {
     }
 
     /// One aggregate's events in version order: the whole stream, or the
-    /// stream as it was at `untilVersion` or at time `until`.
+    /// stream as it was at `untilVersion` or at time `until`. For admins.
+    #[graphql(guard = "AdminOnly")]
     async fn aggregate_events(
         &self,
         ctx: &Context<'_>,
@@ -168,21 +198,65 @@ impl EventLogQuery {
     }
 
     /// Cursor of the newest event readers can see now; compare with a
-    /// consumer's cursor to measure its lag.
+    /// consumer's cursor to measure its lag. For admins.
+    #[graphql(guard = "AdminOnly")]
     async fn event_log_head(&self, ctx: &Context<'_>) -> Result<String, ApiError> {
         Ok(event_store(ctx).head().await?.to_string())
     }
 }
 
-fn page_size(first: Option<i32>) -> Result<u32, ApiError> {
-    let first = first.unwrap_or(DEFAULT_PAGE_SIZE);
-    if !(1..=MAX_PAGE_SIZE).contains(&first) {
-        return Err(ApiError::invalid(
-            "first",
-            format!("must be between 1 and {MAX_PAGE_SIZE}"),
-        ));
+/// A page of a list: Relay's `edges { cursor node }` and `pageInfo`, plus
+/// `totalCount`.
+pub type Page<Node> = Connection<String, Node, TotalCount, EmptyFields>;
+
+type Counter = Box<dyn Fn() -> BoxFuture<'static, Result<u64, StoreError>> + Send + Sync>;
+
+/// A connection's `totalCount`, counted only when a client selects it.
+pub struct TotalCount(Counter);
+
+impl TotalCount {
+    pub fn new(
+        count: impl Fn() -> BoxFuture<'static, Result<u64, StoreError>> + Send + Sync + 'static,
+    ) -> Self {
+        TotalCount(Box::new(count))
     }
-    Ok(first as u32)
+
+    /// A count already known.
+    pub fn known(count: u64) -> Self {
+        TotalCount::new(move || Box::pin(async move { Ok(count) }))
+    }
+}
+
+#[Object]
+impl TotalCount {
+    /// Items in the whole list, on every page together (filters applied).
+    async fn total_count(&self) -> Result<u64, ApiError> {
+        Ok((self.0)().await?)
+    }
+}
+
+/// `first` checked against the configured maximum page size.
+fn page_size(ctx: &Context<'_>, first: Option<i32>) -> Result<u32, ApiError> {
+    let max = ctx
+        .data_opt::<GraphqlLimits>()
+        .map_or(GraphqlLimits::default().max_page_size, |l| l.max_page_size);
+    let Some(first) = first else {
+        return Ok(DEFAULT_PAGE_SIZE.min(max));
+    };
+    match u32::try_from(first) {
+        Ok(first) if (1..=max).contains(&first) => Ok(first),
+        _ => Err(ApiError::invalid(
+            "first",
+            format!("must be between 1 and {max}"),
+        )),
+    }
+}
+
+/// What a page of a connection costs against the complexity limit: its
+/// selection once per node asked for.
+fn page_cost(first: Option<i32>, child_complexity: usize) -> usize {
+    let nodes = first.map_or(DEFAULT_PAGE_SIZE as usize, |n| n.clamp(1, 10_000) as usize);
+    nodes.saturating_mul(child_complexity.max(1))
 }
 
 /// A stored domain event.

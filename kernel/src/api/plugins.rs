@@ -6,8 +6,12 @@ use async_graphql::{Context, Enum, InputObject, Object, SimpleObject};
 use base64::Engine as _;
 use commerce_plugin_host::PluginManifest;
 
-use super::commerce::{api_context, refused};
+use async_graphql::connection::{Connection, Edge};
+
+use super::access::{AdminOnly, command_context};
+use super::commerce::refused;
 use super::error::{ApiError, UserError, command_failure};
+use super::{Page, TotalCount, page_size};
 use crate::commerce::{PluginSummary, Plugins};
 
 /// Largest component accepted by `installPlugin`, decoded.
@@ -158,10 +162,42 @@ pub struct PluginQuery;
 
 #[Object]
 impl PluginQuery {
-    /// Every plugin with installed versions or an active one, by name.
-    async fn plugins(&self, ctx: &Context<'_>) -> Result<Vec<Plugin>, ApiError> {
-        let summaries = plugins(ctx).list().await.map_err(command_failure)?;
-        Ok(summaries.into_iter().map(Plugin).collect())
+    /// Every plugin with installed versions or an active one, by name. For
+    /// admins.
+    #[graphql(
+        guard = "AdminOnly",
+        complexity = "super::page_cost(first, child_complexity)"
+    )]
+    async fn plugins(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Page size (default 50, at most the server's maximum page size).")]
+        first: Option<i32>,
+        #[graphql(desc = "Cursor (the name) of the last plugin already seen.")] after: Option<
+            String,
+        >,
+    ) -> Result<Page<Plugin>, ApiError> {
+        let first = page_size(ctx, first)? as usize;
+        let mut summaries = plugins(ctx).list().await.map_err(command_failure)?;
+        summaries.sort_by(|a, b| a.name.cmp(&b.name));
+        let total = summaries.len() as u64;
+        let rest: Vec<_> = summaries
+            .into_iter()
+            .filter(|plugin| {
+                after
+                    .as_deref()
+                    .is_none_or(|seen| plugin.name.as_str() > seen)
+            })
+            .collect();
+        let has_next = rest.len() > first;
+        let mut connection =
+            Connection::with_additional_fields(after.is_some(), has_next, TotalCount::known(total));
+        connection.edges.extend(
+            rest.into_iter()
+                .take(first)
+                .map(|plugin| Edge::new(plugin.name.clone(), Plugin(plugin))),
+        );
+        Ok(connection)
     }
 }
 
@@ -172,6 +208,7 @@ pub struct PluginMutation;
 impl PluginMutation {
     /// Checks a plugin version (manifest, sha256 pin, component, imports
     /// against grants) and installs it. It does not run until activated.
+    #[graphql(guard = "AdminOnly")]
     async fn install_plugin(
         &self,
         ctx: &Context<'_>,
@@ -183,7 +220,7 @@ impl PluginMutation {
         if component.len() > MAX_COMPONENT_BYTES {
             return Err(ApiError::invalid("component", "larger than 16 MiB"));
         }
-        let context = api_context();
+        let context = command_context(ctx)?;
         let installed = plugins(ctx).install(input.manifest, component, &context);
         match refused(installed).await? {
             Ok(manifest) => plugin_payload(ctx, &manifest.name).await,
@@ -197,12 +234,13 @@ impl PluginMutation {
     /// Makes an installed version the active one. Calls already running
     /// finish on the version they started with; new calls use this one.
     /// Recorded as an event with the acting admin and the sha256.
+    #[graphql(guard = "AdminOnly")]
     async fn activate_plugin(
         &self,
         ctx: &Context<'_>,
         input: ActivatePluginInput,
     ) -> Result<PluginPayload, ApiError> {
-        let context = api_context();
+        let context = command_context(ctx)?;
         let activated = plugins(ctx).activate(&input.name, &input.version, &context);
         match refused(activated).await? {
             Ok(_) => plugin_payload(ctx, &input.name).await,
@@ -214,12 +252,13 @@ impl PluginMutation {
     }
 
     /// Goes back to the version that was active before the current one.
+    #[graphql(guard = "AdminOnly")]
     async fn rollback_plugin(
         &self,
         ctx: &Context<'_>,
         input: RollbackPluginInput,
     ) -> Result<PluginPayload, ApiError> {
-        let context = api_context();
+        let context = command_context(ctx)?;
         let rolled_back = plugins(ctx).roll_back(&input.name, &context);
         match refused(rolled_back).await? {
             Ok(_) => plugin_payload(ctx, &input.name).await,

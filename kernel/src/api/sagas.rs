@@ -1,24 +1,26 @@
 //! Sagas in GraphQL: an order's saga step by step, the admin's list of
 //! sagas, the saga definition, and the requests an admin makes (retry,
-//! compensate, define). Each request is an event with the acting admin
-//! (authentication arrives with issue 7; until then the actor is "api").
+//! compensate, define). Each request is an event with the acting admin as
+//! its actor. Everything here but an order's own saga is for admins.
 
-use async_graphql::connection::{Connection, Edge, EmptyFields};
+use async_graphql::connection::{Connection, Edge};
 use async_graphql::{Context, Enum, InputObject, Json, Object, SimpleObject};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::commerce::{api_context, refused};
+use super::access::{AdminOnly, command_context};
+use super::commerce::refused;
 use super::error::{ApiError, UserError};
-use super::page_size;
+use super::{Page, TotalCount, page_size};
 use crate::commerce::Sagas;
 use crate::domain::saga::{
     ORDER_FULFILMENT, Saga as SagaRecord, SagaDefinition, SagaStatus as DomainSagaStatus,
     StepAction, StepDefinition, StepRetry, StepState, StepStatus as DomainStepStatus,
 };
+use crate::event_store::StoreError;
 use crate::event_store::repository::Loaded;
-use crate::sagas::{SagaCursor, SagaFilter, SagaInstance};
+use crate::sagas::{SagaCursor, SagaFilter, SagaInstance, SagaStore};
 
 pub(super) fn sagas<'a>(ctx: &Context<'a>) -> &'a Sagas {
     ctx.data_unchecked::<Sagas>()
@@ -125,7 +127,7 @@ impl Saga {
     }
 }
 
-pub struct SagaStep(StepState);
+pub struct SagaStep(pub(super) StepState);
 
 #[Object]
 impl SagaStep {
@@ -155,7 +157,8 @@ impl SagaStep {
             .as_ref()
             .map(|e| format!("{}: {}", e.code, e.message))
     }
-    /// What the step returned (payment reference, shipment, ...).
+    /// What the step returned (payment reference, shipment, ...). For admins.
+    #[graphql(guard = "super::access::AdminOnly")]
     async fn output(&self) -> Option<Json<Value>> {
         self.0.output.clone().map(Json)
     }
@@ -375,6 +378,21 @@ fn cursor(instance: &SagaInstance) -> String {
     )
 }
 
+/// Sagas matching `filter`. An order has one saga per type, so a filter by
+/// order counts a handful of rows.
+async fn count_sagas(store: &dyn SagaStore, filter: &SagaFilter) -> Result<u64, StoreError> {
+    if filter.correlation_id.is_some() {
+        return Ok(store.list(filter, None, 1_000).await?.len() as u64);
+    }
+    Ok(store
+        .count_by_status()
+        .await?
+        .into_iter()
+        .filter(|(status, _)| filter.status.is_none_or(|wanted| wanted == *status))
+        .map(|(_, count)| count)
+        .sum())
+}
+
 #[derive(Default)]
 pub struct SagaQuery;
 
@@ -382,15 +400,20 @@ pub struct SagaQuery;
 impl SagaQuery {
     /// Sagas, oldest first, optionally of one order (`correlationId`) or in
     /// one status (PARKED ones need a human). For admins.
+    #[graphql(
+        guard = "AdminOnly",
+        complexity = "super::page_cost(first, child_complexity)"
+    )]
     async fn sagas(
         &self,
         ctx: &Context<'_>,
         correlation_id: Option<Uuid>,
         status: Option<SagaStatus>,
-        #[graphql(desc = "Page size, 1 to 500 (default 50).")] first: Option<i32>,
+        #[graphql(desc = "Page size (default 50, at most the server's maximum page size).")]
+        first: Option<i32>,
         #[graphql(desc = "Cursor of the last saga already seen.")] after: Option<String>,
-    ) -> Result<Connection<String, SagaSummary, EmptyFields, EmptyFields>, ApiError> {
-        let first = page_size(first)?;
+    ) -> Result<Page<SagaSummary>, ApiError> {
+        let first = page_size(ctx, first)?;
         let after_cursor = after.as_deref().map(parse_cursor).transpose()?;
         let filter = SagaFilter {
             correlation_id,
@@ -402,7 +425,13 @@ impl SagaQuery {
             .await?;
         let has_next_page = rows.len() > first as usize;
         rows.truncate(first as usize);
-        let mut connection = Connection::new(after.is_some(), has_next_page);
+        let store = sagas(ctx).store().clone();
+        let total = TotalCount::new(move || {
+            let (store, filter) = (store.clone(), filter.clone());
+            Box::pin(async move { count_sagas(store.as_ref(), &filter).await })
+        });
+        let mut connection =
+            Connection::with_additional_fields(after.is_some(), has_next_page, total);
         connection.edges.extend(
             rows.into_iter()
                 .map(|row| Edge::new(cursor(&row), SagaSummary(row))),
@@ -410,7 +439,8 @@ impl SagaQuery {
         Ok(connection)
     }
 
-    /// One saga, step by step; null when there is none.
+    /// One saga, step by step; null when there is none. For admins.
+    #[graphql(guard = "AdminOnly")]
     async fn saga(&self, ctx: &Context<'_>, id: Uuid) -> Result<Option<Saga>, ApiError> {
         match sagas(ctx).load(id).await {
             Ok(loaded) => Ok(Some(Saga::new(id, loaded))),
@@ -422,6 +452,7 @@ impl SagaQuery {
     }
 
     /// The definition new sagas of `sagaType` follow.
+    #[graphql(guard = "AdminOnly")]
     async fn saga_definition(
         &self,
         ctx: &Context<'_>,
@@ -446,6 +477,7 @@ pub struct SagaMutation;
 impl SagaMutation {
     /// Sets the steps new sagas follow (insert a plugin step, swap the
     /// payment plugin, tune retries). Running sagas keep their definition.
+    #[graphql(guard = "AdminOnly")]
     async fn define_saga(
         &self,
         ctx: &Context<'_>,
@@ -469,7 +501,7 @@ impl SagaMutation {
                 .map(Into::into)
                 .unwrap_or(defaults.compensation_retry),
         };
-        let context = api_context();
+        let context = command_context(ctx)?;
         match refused(sagas(ctx).define(&saga_type, definition, &context)).await? {
             Ok(written) => Ok(SagaDefinitionPayload {
                 definition: Some(definition_view(
@@ -488,20 +520,22 @@ impl SagaMutation {
 
     /// Goes on with a saga now: a waiting retry runs at once, a PARKED saga
     /// resumes compensating with fresh attempts.
+    #[graphql(guard = "AdminOnly")]
     async fn retry_saga(&self, ctx: &Context<'_>, id: Uuid) -> Result<SagaPayload, ApiError> {
-        let context = api_context();
+        let context = command_context(ctx)?;
         saga_payload(refused(sagas(ctx).retry(id, &context)).await?)
     }
 
     /// Undoes a running saga: its effects are compensated and the order
     /// ends FAILED with `reason`.
+    #[graphql(guard = "AdminOnly")]
     async fn compensate_saga(
         &self,
         ctx: &Context<'_>,
         id: Uuid,
         reason: String,
     ) -> Result<SagaPayload, ApiError> {
-        let context = api_context();
+        let context = command_context(ctx)?;
         saga_payload(refused(sagas(ctx).compensate(id, &reason, &context)).await?)
     }
 }

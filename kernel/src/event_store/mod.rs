@@ -341,6 +341,10 @@ pub trait EventStore: Send + Sync {
             .await
     }
 
+    /// How many readable events match `filter`. Counts the whole log when
+    /// unfiltered: meant for dashboards and `totalCount`, not hot paths.
+    async fn count_matching(&self, filter: &EventFilter) -> Result<u64, StoreError>;
+
     /// Position of the newest event a reader of the global log can see now,
     /// or [`Position::START`] for an empty log. Projection lag is measured against it.
     async fn head(&self) -> Result<Position, StoreError>;

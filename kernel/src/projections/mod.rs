@@ -341,13 +341,26 @@ pub trait ViewStore: Send + Sync {
 
     async fn order(&self, order_id: Uuid) -> Result<Option<OrderView>, StoreError>;
 
-    /// Orders newest first, optionally of one status, older than the order `before`.
+    /// How many products there are.
+    async fn count_products(&self) -> Result<u64, StoreError>;
+
+    /// Orders newest first, matching `filter`, older than the order `before`.
     async fn orders(
         &self,
-        status: Option<OrderStatus>,
+        filter: &OrderFilter,
         before: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<OrderView>, StoreError>;
+
+    /// How many orders match `filter`.
+    async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError>;
+}
+
+/// Which orders a listing shows; `None` fields match every order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OrderFilter {
+    pub status: Option<OrderStatus>,
+    pub customer_id: Option<Uuid>,
 }
 
 /// How far a projection is behind the log.

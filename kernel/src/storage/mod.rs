@@ -150,8 +150,41 @@ where
     Uuid: Encode<'args, DB> + Type<DB>,
     String: Encode<'args, DB> + Type<DB>,
 {
+    let mut query = filtered_log::<DB>(EVENT_COLUMNS, filter, after, visible);
+    query
+        .push(" ORDER BY transaction_id, sequence LIMIT ")
+        .push_bind(clamp_limit(limit));
+    query
+}
+
+/// `SELECT count(*)` of the readable events matching `filter`.
+pub(crate) fn log_count_query<'args, DB>(
+    filter: &EventFilter,
+    visible: &str,
+) -> QueryBuilder<'args, DB>
+where
+    DB: sqlx::Database,
+    i64: Encode<'args, DB> + Type<DB>,
+    Uuid: Encode<'args, DB> + Type<DB>,
+    String: Encode<'args, DB> + Type<DB>,
+{
+    filtered_log::<DB>("count(*)", filter, Position::START, visible)
+}
+
+fn filtered_log<'args, DB>(
+    columns: &str,
+    filter: &EventFilter,
+    after: Position,
+    visible: &str,
+) -> QueryBuilder<'args, DB>
+where
+    DB: sqlx::Database,
+    i64: Encode<'args, DB> + Type<DB>,
+    Uuid: Encode<'args, DB> + Type<DB>,
+    String: Encode<'args, DB> + Type<DB>,
+{
     let mut query = QueryBuilder::new(format!(
-        "SELECT {EVENT_COLUMNS} FROM events WHERE {visible} AND (transaction_id, sequence) > ("
+        "SELECT {columns} FROM events WHERE {visible} AND (transaction_id, sequence) > ("
     ));
     query
         .push_bind(after.transaction_id)
@@ -176,8 +209,5 @@ where
             .push(" AND correlation_id = ")
             .push_bind(correlation_id);
     }
-    query
-        .push(" ORDER BY transaction_id, sequence LIMIT ")
-        .push_bind(clamp_limit(limit));
     query
 }

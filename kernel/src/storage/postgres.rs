@@ -25,7 +25,7 @@ use crate::event_store::{
     AppendOutcome, AppendRequest, Backend, EventFilter, EventMetadata, EventStore, NewEvent,
     Position, RecordedEvent, StoreError, StreamSelection, StreamVersion, validate,
 };
-use crate::storage::{EVENT_COLUMNS, log_query};
+use crate::storage::{EVENT_COLUMNS, log_count_query, log_query};
 
 /// How long a session may sit idle inside a transaction before Postgres ends it.
 /// An open transaction holds back the read horizon of the global log.
@@ -503,6 +503,14 @@ impl EventStore for PostgresEventStore {
         let mut query = log_query::<Postgres>(filter, after, limit, READABLE);
         let rows: Vec<EventRow> = query.build_query_as().fetch_all(&self.pool).await?;
         to_recorded(rows)
+    }
+
+    async fn count_matching(&self, filter: &EventFilter) -> Result<u64, StoreError> {
+        let count: i64 = log_count_query::<Postgres>(filter, READABLE)
+            .build_query_scalar()
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count.max(0) as u64)
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

@@ -24,7 +24,7 @@ use crate::event_store::{
     AppendOutcome, AppendRequest, Backend, EventFilter, EventMetadata, EventStore, Position,
     RecordedEvent, StoreError, StreamSelection, StreamVersion, validate,
 };
-use crate::storage::{EVENT_COLUMNS, log_query};
+use crate::storage::{EVENT_COLUMNS, log_count_query, log_query};
 
 const READ_CONNECTIONS: u32 = 4;
 /// How long a writer waits for another process's write lock on the same file.
@@ -382,6 +382,14 @@ impl EventStore for SqliteEventStore {
             .fetch_all(&self.database.reader)
             .await?;
         to_recorded(rows)
+    }
+
+    async fn count_matching(&self, filter: &EventFilter) -> Result<u64, StoreError> {
+        let count: i64 = log_count_query::<Sqlite>(filter, "TRUE")
+            .build_query_scalar()
+            .fetch_one(&self.database.reader)
+            .await?;
+        Ok(count.max(0) as u64)
     }
 
     async fn head(&self) -> Result<Position, StoreError> {

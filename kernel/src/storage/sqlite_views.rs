@@ -12,7 +12,8 @@ use super::views::{count, from_json, money, status, tables, to_json};
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError};
 use crate::projections::{
-    InventoryView, OrderView, ProductView, ProjectionName, ReservationView, ViewChange, ViewStore,
+    InventoryView, OrderFilter, OrderView, ProductView, ProjectionName, ReservationView,
+    ViewChange, ViewStore,
 };
 
 use super::sqlite::SqliteDatabase;
@@ -405,20 +406,41 @@ impl ViewStore for SqliteViewStore {
 
     async fn orders(
         &self,
-        status: Option<OrderStatus>,
+        filter: &OrderFilter,
         before: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<OrderView>, StoreError> {
         let rows: Vec<OrderRow> = sqlx::query_as(&format!(
             "SELECT {ORDER_COLUMNS} FROM order_views \
-             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR order_id < ?2) \
-             ORDER BY order_id DESC LIMIT ?3"
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR customer_id = ?2) \
+               AND (?3 IS NULL OR order_id < ?3) \
+             ORDER BY order_id DESC LIMIT ?4"
         ))
-        .bind(status.map(OrderStatus::as_str))
+        .bind(filter.status.map(OrderStatus::as_str))
+        .bind(filter.customer_id)
         .bind(before)
         .bind(i64::from(limit))
         .fetch_all(self.database.reader())
         .await?;
         rows.into_iter().map(order_view).collect()
+    }
+
+    async fn count_products(&self) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM product_views")
+            .fetch_one(self.database.reader())
+            .await?;
+        Ok(count.max(0) as u64)
+    }
+
+    async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM order_views \
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR customer_id = ?2)",
+        )
+        .bind(filter.status.map(OrderStatus::as_str))
+        .bind(filter.customer_id)
+        .fetch_one(self.database.reader())
+        .await?;
+        Ok(count.max(0) as u64)
     }
 }

@@ -1,0 +1,99 @@
+//! Who may do what through the API.
+//!
+//! Every request carries the [`Principal`] its bearer token names (put into
+//! the request data by [`crate::server`]). Admin-only fields use the
+//! [`AdminOnly`] guard. Customer-facing fields check ownership themselves and
+//! answer another customer's cart or order exactly as they answer an id that
+//! does not exist, so ids cannot be probed.
+
+use async_graphql::{Context, Guard};
+use uuid::Uuid;
+
+use super::ApiError;
+use super::error::{UserError, user_error};
+use crate::auth::Principal;
+use crate::commerce::{Carts, CommandContext, CommandError, Commerce};
+use crate::domain::DomainError;
+
+/// The caller of this request; a schema executed without one refuses.
+pub(crate) fn principal<'a>(ctx: &Context<'a>) -> Result<&'a Principal, ApiError> {
+    ctx.data_opt::<Principal>().ok_or(ApiError::Unauthenticated)
+}
+
+/// The caller, who must be an admin.
+pub(crate) fn admin<'a>(ctx: &Context<'a>) -> Result<&'a Principal, ApiError> {
+    let principal = principal(ctx)?;
+    if principal.is_admin() {
+        Ok(principal)
+    } else {
+        Err(ApiError::Forbidden)
+    }
+}
+
+/// Restricts a field to admins (FORBIDDEN for customers).
+pub struct AdminOnly;
+
+impl Guard for AdminOnly {
+    async fn check(&self, ctx: &Context<'_>) -> async_graphql::Result<()> {
+        admin(ctx).map(|_| ()).map_err(Into::into)
+    }
+}
+
+/// How commands record this request: the caller as actor, a fresh
+/// correlation id.
+pub(crate) fn command_context(ctx: &Context<'_>) -> Result<CommandContext, ApiError> {
+    Ok(CommandContext {
+        actor: Some(principal(ctx)?.actor()),
+        correlation_id: Some(Uuid::now_v7()),
+    })
+}
+
+/// Whether the caller may see the order with `customer_id` as its customer.
+pub(crate) fn may_access(ctx: &Context<'_>, customer_id: Uuid) -> Result<bool, ApiError> {
+    Ok(principal(ctx)?.may_access(customer_id))
+}
+
+/// `None` when the caller may act on the order; otherwise the refusal an
+/// order that does not exist gets. Reads the order's events, not the read
+/// model, which may lag behind an order just placed.
+pub(crate) async fn order_refusal(
+    ctx: &Context<'_>,
+    order_id: Uuid,
+) -> Result<Option<UserError>, ApiError> {
+    if principal(ctx)?.is_admin() {
+        return Ok(None);
+    }
+    let owner = match ctx.data_unchecked::<Commerce>().load_order(order_id).await {
+        Ok(order) => order.state.placed.map(|placed| placed.customer_id),
+        Err(CommandError::Domain(DomainError::NotFound { .. })) => None,
+        Err(other) => return Err(super::error::command_failure(other)),
+    };
+    match owner {
+        Some(customer) if may_access(ctx, customer)? => Ok(None),
+        _ => Ok(Some(not_found("order", order_id)?)),
+    }
+}
+
+/// `None` when the caller may act on the cart; otherwise the refusal a cart
+/// that does not exist gets.
+pub(crate) async fn cart_refusal(
+    ctx: &Context<'_>,
+    cart_id: Uuid,
+) -> Result<Option<UserError>, ApiError> {
+    if principal(ctx)?.is_admin() {
+        return Ok(None);
+    }
+    let cart = ctx
+        .data_unchecked::<Carts>()
+        .cart(cart_id)
+        .await
+        .map_err(super::error::command_failure)?;
+    match cart {
+        Some(cart) if may_access(ctx, cart.owner.order_customer_id())? => Ok(None),
+        _ => Ok(Some(not_found("cart", cart_id)?)),
+    }
+}
+
+fn not_found(kind: &'static str, id: Uuid) -> Result<UserError, ApiError> {
+    user_error(DomainError::NotFound { kind, id }.into())
+}

@@ -1,0 +1,179 @@
+//! Store decorators that report every successful append to [`LiveUpdates`].
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::LiveUpdates;
+use crate::domain::saga::SagaStatus;
+use crate::event_store::{
+    AppendOutcome, AppendRequest, Backend, EventFilter, EventStore, Position, RecordedEvent,
+    StoreError, StreamSelection,
+};
+use crate::sagas::{
+    Claim, Committed, InstanceUpdate, SagaCursor, SagaFilter, SagaInstance, SagaStore,
+};
+
+/// An event store that reports every successful append to a [`LiveUpdates`].
+pub struct NotifyingEventStore {
+    inner: Arc<dyn EventStore>,
+    live: LiveUpdates,
+}
+
+impl NotifyingEventStore {
+    pub fn wrap(inner: Arc<dyn EventStore>, live: LiveUpdates) -> Arc<dyn EventStore> {
+        Arc::new(NotifyingEventStore { inner, live })
+    }
+}
+
+fn appended_ids(request: &AppendRequest) -> Vec<Uuid> {
+    request.streams.iter().map(|s| s.aggregate_id).collect()
+}
+
+#[async_trait]
+impl EventStore for NotifyingEventStore {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        let ids = appended_ids(&request);
+        let outcome = self.inner.append(request).await?;
+        self.live.changed(ids);
+        Ok(outcome)
+    }
+
+    async fn read_stream(
+        &self,
+        aggregate_id: Uuid,
+        selection: StreamSelection,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_stream(aggregate_id, selection).await
+    }
+
+    async fn read_all_matching(
+        &self,
+        filter: &EventFilter,
+        after: Position,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all_matching(filter, after, limit).await
+    }
+
+    async fn count_matching(&self, filter: &EventFilter) -> Result<u64, StoreError> {
+        self.inner.count_matching(filter).await
+    }
+
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.head().await
+    }
+
+    async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
+        self.inner.stream_version(aggregate_id).await
+    }
+}
+
+/// A saga store that reports the events of every successful write to a
+/// [`LiveUpdates`] (saga writes append in the store's own transaction).
+pub struct NotifyingSagaStore {
+    inner: Arc<dyn SagaStore>,
+    live: LiveUpdates,
+}
+
+impl NotifyingSagaStore {
+    pub fn wrap(inner: Arc<dyn SagaStore>, live: LiveUpdates) -> Arc<dyn SagaStore> {
+        Arc::new(NotifyingSagaStore { inner, live })
+    }
+}
+
+#[async_trait]
+impl SagaStore for NotifyingSagaStore {
+    async fn start(
+        &self,
+        instance: InstanceUpdate,
+        saga_type: &str,
+        correlation_id: Uuid,
+        request: AppendRequest,
+    ) -> Result<Option<AppendOutcome>, StoreError> {
+        let ids = appended_ids(&request);
+        let started = self
+            .inner
+            .start(instance, saga_type, correlation_id, request)
+            .await?;
+        if started.is_some() {
+            self.live.changed(ids);
+        }
+        Ok(started)
+    }
+
+    async fn claim(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Claim>, StoreError> {
+        self.inner.claim(owner, now, lease_until, limit).await
+    }
+
+    async fn heartbeat(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<u64, StoreError> {
+        self.inner.heartbeat(owner, lease_until).await
+    }
+
+    async fn commit(
+        &self,
+        fence: Option<Claim>,
+        update: InstanceUpdate,
+        request: AppendRequest,
+    ) -> Result<Committed, StoreError> {
+        let ids = appended_ids(&request);
+        let committed = self.inner.commit(fence, update, request).await?;
+        if matches!(committed, Committed::Written(_)) {
+            self.live.changed(ids);
+        }
+        Ok(committed)
+    }
+
+    async fn release(
+        &self,
+        claim: Claim,
+        seen_version: u32,
+        next_run_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.inner
+            .release(claim, seen_version, next_run_at, now)
+            .await
+    }
+
+    async fn release_all(&self, owner: &str) -> Result<u64, StoreError> {
+        self.inner.release_all(owner).await
+    }
+
+    async fn get(&self, saga_id: Uuid) -> Result<Option<SagaInstance>, StoreError> {
+        self.inner.get(saga_id).await
+    }
+
+    async fn list(
+        &self,
+        filter: &SagaFilter,
+        after: Option<SagaCursor>,
+        limit: u32,
+    ) -> Result<Vec<SagaInstance>, StoreError> {
+        self.inner.list(filter, after, limit).await
+    }
+
+    async fn count_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
+        self.inner.count_by_status().await
+    }
+
+    async fn orders_without_saga(
+        &self,
+        placed_before: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        self.inner.orders_without_saga(placed_before, limit).await
+    }
+}
