@@ -23,10 +23,10 @@ use anyhow::{Context as _, bail, ensure};
 use commerce_kernel::auth::{AuthConfig, Authenticator, KeySource, Role};
 use commerce_kernel::domain::inventory::Inventory;
 use commerce_kernel::event_store::repository::AggregateRepository;
-use commerce_plugin_artifacts as artifacts;
 use fakes::{FakePayments, FakeShipping};
 use serde_json::{Value, json};
 use support::kernel::TEST_JWT_SECRET;
+use support::shop::{self, AdminClient, Provider};
 use support::{TestDatabase, run_suite_except};
 use uuid::Uuid;
 
@@ -182,28 +182,12 @@ impl Kernel {
         ensure!(body.get("errors").is_none(), "GraphQL errors: {body}");
         Ok(body)
     }
-
-    /// Runs a mutation and checks its payload has no errors.
-    async fn mutate(&self, field: &str, query: &str, variables: Value) -> anyhow::Result<Value> {
-        let body = self.graphql(query, variables).await?;
-        let payload = body["data"][field].clone();
-        ensure!(payload["errors"] == json!([]), "{field}: {body}");
-        Ok(payload)
-    }
 }
 
-fn upload(name: &str, kind: &str, path: &str, extra: &str) -> anyhow::Result<Value> {
-    use base64::Engine as _;
-    let bytes = std::fs::read(path)?;
-    let manifest = format!(
-        "name = \"{name}\"\nversion = \"1.0.0\"\nkind = \"{kind}\"\n\
-         component = \"{name}.wasm\"\nsha256 = \"{}\"\n{extra}\n",
-        commerce_plugin_host::sha256_hex(&bytes)
-    );
-    Ok(json!({
-        "manifest": manifest,
-        "component": base64::engine::general_purpose::STANDARD.encode(&bytes),
-    }))
+impl AdminClient for Kernel {
+    async fn admin_graphql(&self, query: &str, variables: Value) -> anyhow::Result<Value> {
+        self.graphql(query, variables).await
+    }
 }
 
 /// The providers, the plugins installed and active, a definition with
@@ -214,67 +198,22 @@ struct Shop {
     product: Uuid,
 }
 
-const RETRY: &str = "{ maxAttempts: 4, initialBackoffMs: 50, maxBackoffMs: 200, timeoutMs: 2000 }";
-
 async fn set_up(kernel: &Kernel, stock: i64) -> anyhow::Result<Shop> {
     let payments = FakePayments::start().await;
     let shipping = FakeShipping::start().await;
-    let grant = |url: String, address: std::net::SocketAddr| {
-        format!("allowed_hosts = [\"{address}\"]\n[config]\nbase_url = \"{url}\"")
-    };
-    for (name, kind, path, extra) in [
-        (
-            "payment",
-            "payment",
-            artifacts::PAYMENT_HTTP,
-            grant(payments.base_url(), payments.address),
-        ),
-        (
-            "shipping",
-            "shipping",
-            artifacts::SHIPPING_HTTP,
-            grant(shipping.base_url(), shipping.address),
-        ),
-    ] {
-        kernel
-            .mutate(
-                "installPlugin",
-                "mutation ($input: InstallPluginInput!) { installPlugin(input: $input) { errors { field code message } } }",
-                json!({ "input": upload(name, kind, path, &extra)? }),
-            )
-            .await?;
-        kernel
-            .mutate(
-                "activatePlugin",
-                "mutation ($name: String!) { activatePlugin(input: { name: $name, version: \"1.0.0\" }) { errors { code message } } }",
-                json!({ "name": name }),
-            )
-            .await?;
-    }
-    let define = format!(
-        "mutation {{ defineSaga(input: {{ timeoutMs: 60000, compensationRetry: {RETRY}, steps: [
-            {{ name: \"reserve-inventory\", kind: RESERVE_INVENTORY, retry: {RETRY} }},
-            {{ name: \"payment\", kind: PAYMENT, plugin: \"payment\", retry: {RETRY} }},
-            {{ name: \"shipment\", kind: SHIPMENT, plugin: \"shipping\", retry: {RETRY} }},
-            {{ name: \"confirm\", kind: CONFIRM, retry: {RETRY} }} ] }})
-          {{ definition {{ revision }} errors {{ field code message }} }} }}"
-    );
-    kernel.mutate("defineSaga", &define, json!({})).await?;
-    let created = kernel
-        .mutate(
-            "createProduct",
-            "mutation ($sku: String!) { createProduct(input: { sku: $sku, name: \"Teapot\", price: { amount: \"19.90\", currency: \"EUR\" } }) { product { id } errors { code message } } }",
-            json!({ "sku": format!("SKU-{}", Uuid::now_v7().simple()) }),
-        )
-        .await?;
-    let product: Uuid = serde_json::from_value(created["product"]["id"].clone())?;
-    kernel
-        .mutate(
-            "adjustInventory",
-            "mutation ($id: UUID!, $delta: Int!) { adjustInventory(input: { productId: $id, delta: $delta, reason: \"stock\" }) { errors { code message } } }",
-            json!({ "id": product, "delta": stock }),
-        )
-        .await?;
+    let product = shop::set_up(
+        kernel,
+        Provider {
+            base_url: payments.base_url(),
+            address: payments.address,
+        },
+        Provider {
+            base_url: shipping.base_url(),
+            address: shipping.address,
+        },
+        stock,
+    )
+    .await?;
     Ok(Shop {
         payments,
         shipping,

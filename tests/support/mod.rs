@@ -8,6 +8,7 @@
 #![allow(dead_code)] // Each test binary uses its own part of the fixtures.
 
 pub mod kernel;
+pub mod shop;
 
 use std::future::Future;
 use std::str::FromStr;

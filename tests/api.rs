@@ -1,0 +1,1394 @@
+//! The GraphQL API as frontends meet it: authentication (HS256 and RS256
+//! through a JWKS), what each role may reach, live order updates over both
+//! WebSocket protocols (resumed, and across kernel processes), the request
+//! limits, and hostile input. Runs on every backend (see support/mod.rs).
+
+#[macro_use]
+mod support;
+mod fakes;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail, ensure};
+use commerce_kernel::config;
+use fakes::{FakePayments, FakeShipping};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use support::kernel::{RunningKernel, TEST_JWT_SECRET};
+use support::shop::{self, AdminClient as _, Provider};
+use support::{TestDatabase, run_suite};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use uuid::Uuid;
+
+fn main() {
+    run_suite(&cases![
+        requests_without_a_valid_token_are_refused,
+        rs256_tokens_are_checked_against_the_jwks,
+        customers_reach_only_their_own_carts_and_orders,
+        an_order_is_watched_live_to_confirmed_and_resumed_without_gaps,
+        subscribers_see_orders_placed_on_another_kernel,
+        every_limit_is_configurable_and_enforced,
+        hostile_documents_and_bodies_never_break_the_server,
+    ]);
+}
+
+/// The `extensions.code` of a response's first error.
+fn error_code(response: &Value) -> Option<&str> {
+    response["errors"][0]["extensions"]["code"].as_str()
+}
+
+/// A mutation payload's typed error codes, in order.
+fn payload_codes(payload: &Value) -> Vec<String> {
+    payload["errors"]
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .filter_map(|e| e["code"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// An HS256 token with exactly these claims, signed with `secret`.
+fn signed(secret: &str, claims: Value) -> anyhow::Result<String> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+async fn requests_without_a_valid_token_are_refused(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let query = "{ products { totalCount } }";
+    let claims = |sub: &str, roles: Value, exp: i64| json!({ "sub": sub, "roles": roles, "iss": "commerce-kernel", "aud": "commerce-kernel", "exp": exp });
+    let customer = Uuid::now_v7().to_string();
+    let refused = [
+        ("no token", None),
+        (
+            "another secret",
+            Some(signed(
+                "another-secret-another-secret-xx",
+                claims("ops", json!(["admin"]), now() + 60),
+            )?),
+        ),
+        (
+            "expired",
+            Some(signed(
+                TEST_JWT_SECRET,
+                claims("ops", json!(["admin"]), now() - 600),
+            )?),
+        ),
+        (
+            "wrong audience",
+            Some(signed(
+                TEST_JWT_SECRET,
+                json!({ "sub": "ops", "roles": ["admin"], "iss": "commerce-kernel", "aud": "elsewhere", "exp": now() + 60 }),
+            )?),
+        ),
+        (
+            "no issuer",
+            Some(signed(
+                TEST_JWT_SECRET,
+                json!({ "sub": "ops", "roles": ["admin"], "aud": "commerce-kernel", "exp": now() + 60 }),
+            )?),
+        ),
+        (
+            "customer without a customer id",
+            Some(signed(
+                TEST_JWT_SECRET,
+                claims("bob", json!(["customer"]), now() + 60),
+            )?),
+        ),
+        ("garbage", Some("not.a.token".to_string())),
+    ];
+    for (what, token) in refused {
+        let response = kernel
+            .http
+            .post(kernel.url("/graphql"))
+            .json(&json!({ "query": query }));
+        let response = match &token {
+            Some(token) => response.bearer_auth(token),
+            None => response,
+        }
+        .send()
+        .await?;
+        ensure!(response.status() == 401, "{what}: {}", response.status());
+        ensure!(
+            response
+                .headers()
+                .get("www-authenticate")
+                .is_some_and(|v| v.to_str().unwrap_or_default().starts_with("Bearer")),
+            "{what}: no WWW-Authenticate"
+        );
+        let body: Value = response.json().await?;
+        ensure!(
+            error_code(&body) == Some("UNAUTHENTICATED"),
+            "{what}: {body}"
+        );
+    }
+    // Signed and valid, but granting no role the kernel knows.
+    let no_role = signed(
+        TEST_JWT_SECRET,
+        claims(&customer, json!(["viewer"]), now() + 60),
+    )?;
+    let (status, body) = kernel.graphql_as(Some(&no_role), query, json!({})).await?;
+    ensure!(
+        status == 403 && error_code(&body) == Some("FORBIDDEN"),
+        "{status} {body}"
+    );
+    // The same request with a good token goes through.
+    let good = signed(
+        TEST_JWT_SECRET,
+        claims(&customer, json!(["customer"]), now() + 60),
+    )?;
+    let (status, body) = kernel.graphql_as(Some(&good), query, json!({})).await?;
+    ensure!(
+        status == 200 && body["data"]["products"]["totalCount"] == 0,
+        "{body}"
+    );
+
+    // A WebSocket without a token in connection_init is closed.
+    for protocol in [Protocol::TransportWs, Protocol::LegacyWs] {
+        let refused = Socket::connect(&kernel, protocol, json!({})).await?;
+        ensure!(
+            refused.is_err(),
+            "{protocol:?}: a socket without a token was accepted"
+        );
+        let refused = Socket::connect(&kernel, protocol, json!({ "token": "not.a.token" })).await?;
+        ensure!(
+            refused.is_err(),
+            "{protocol:?}: a socket with a bad token was accepted"
+        );
+    }
+    kernel.stop().await
+}
+
+/// A JWKS served on a loopback port, as an identity provider would.
+async fn serve_jwks() -> anyhow::Result<(String, tokio::task::JoinHandle<()>)> {
+    let jwks: Value = serde_json::from_str(include_str!("fixtures/jwks.json"))?;
+    let app = axum::Router::new().route(
+        "/.well-known/jwks.json",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { axum::Json(jwks) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/.well-known/jwks.json", listener.local_addr()?);
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok((url, server))
+}
+
+async fn rs256_tokens_are_checked_against_the_jwks(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let (url, idp) = serve_jwks().await?;
+    let kernel = RunningKernel::start(
+        &db,
+        &[
+            (config::JWKS_URL, &url),
+            (config::JWT_SECRET, ""),
+            (config::JWT_ISSUER, "https://idp.test/"),
+            (config::JWT_AUDIENCE, "shop"),
+        ],
+    )
+    .await?;
+    let key = EncodingKey::from_rsa_pem(include_bytes!("fixtures/jwt-rs256-private.pem"))?;
+    let claims = json!({ "sub": "ops", "roles": ["admin"], "iss": "https://idp.test/", "aud": ["shop"], "exp": now() + 60 });
+    let sign = |kid: Option<&str>| {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = kid.map(str::to_string);
+        jsonwebtoken::encode(&header, &claims, &key)
+    };
+    let query = "{ eventLogHead }";
+    let (status, body) = kernel
+        .graphql_as(Some(&sign(Some("test-key-1"))?), query, json!({}))
+        .await?;
+    ensure!(
+        status == 200 && body["data"]["eventLogHead"].is_string(),
+        "{status} {body}"
+    );
+    // One key in the set: a token without kid uses it.
+    let (status, _) = kernel
+        .graphql_as(Some(&sign(None)?), query, json!({}))
+        .await?;
+    ensure!(status == 200, "no kid: {status}");
+    let (status, body) = kernel
+        .graphql_as(Some(&sign(Some("rotated-away"))?), query, json!({}))
+        .await?;
+    ensure!(status == 401, "unknown kid: {status} {body}");
+    // HS256 is not accepted once keys come from a JWKS, whatever it is signed with.
+    let hs256 = signed(TEST_JWT_SECRET, claims.clone())?;
+    let (status, body) = kernel.graphql_as(Some(&hs256), query, json!({})).await?;
+    ensure!(status == 401, "HS256 with a JWKS: {status} {body}");
+    kernel.stop().await?;
+    idp.abort();
+    Ok(())
+}
+
+/// What a customer may call, by root field; every root field must be listed.
+const OWN_DATA_FIELDS: &[&str] = &[
+    "order",
+    "orders",
+    "cart",
+    "cancelOrder",
+    "createCart",
+    "upsertCartItems",
+    "removeCartItem",
+    "clearCart",
+    "placeOrder",
+    "orderStatusChanged",
+];
+const CATALOG_FIELDS: &[&str] = &["product", "products", "inventory"];
+
+/// Admin-only root fields, each with a document a customer sends.
+fn admin_only_documents(id: Uuid) -> Vec<(&'static str, String)> {
+    [
+        ("events", "{ events { totalCount } }".to_string()),
+        ("aggregateEvents", format!("{{ aggregateEvents(aggregateId: \"{id}\") {{ id }} }}")),
+        ("eventLogHead", "{ eventLogHead }".to_string()),
+        ("reservation", format!("{{ reservation(id: \"{id}\") {{ id }} }}")),
+        ("projections", "{ projections { name } }".to_string()),
+        ("abandonedCarts", "{ abandonedCarts(hours: 1) { totalCount } }".to_string()),
+        ("plugins", "{ plugins { totalCount } }".to_string()),
+        ("sagas", "{ sagas { totalCount } }".to_string()),
+        ("saga", format!("{{ saga(id: \"{id}\") {{ id }} }}")),
+        ("sagaDefinition", "{ sagaDefinition { revision } }".to_string()),
+        (
+            "createProduct",
+            "mutation { createProduct(input: { sku: \"HACK\", name: \"x\", price: { amount: \"1\", currency: \"EUR\" } }) { errors { code } } }".to_string(),
+        ),
+        (
+            "updateProduct",
+            format!("mutation {{ updateProduct(input: {{ id: \"{id}\", name: \"x\" }}) {{ errors {{ code }} }} }}"),
+        ),
+        (
+            "adjustInventory",
+            format!("mutation {{ adjustInventory(input: {{ productId: \"{id}\", delta: 5, reason: \"x\" }}) {{ errors {{ code }} }} }}"),
+        ),
+        (
+            "reserveInventory",
+            format!("mutation {{ reserveInventory(productId: \"{id}\", quantity: 1) {{ errors {{ code }} }} }}"),
+        ),
+        (
+            "releaseInventory",
+            format!("mutation {{ releaseInventory(reservationId: \"{id}\") {{ errors {{ code }} }} }}"),
+        ),
+        ("rebuildProjections", "mutation { rebuildProjections { errors { code } } }".to_string()),
+        (
+            "installPlugin",
+            "mutation { installPlugin(input: { manifest: \"x\", component: \"eA==\" }) { errors { code } } }".to_string(),
+        ),
+        (
+            "activatePlugin",
+            "mutation { activatePlugin(input: { name: \"payment\", version: \"1.0.0\" }) { errors { code } } }".to_string(),
+        ),
+        (
+            "rollbackPlugin",
+            "mutation { rollbackPlugin(input: { name: \"payment\" }) { errors { code } } }".to_string(),
+        ),
+        (
+            "defineSaga",
+            "mutation { defineSaga(input: { steps: [] }) { errors { code } } }".to_string(),
+        ),
+        ("retrySaga", format!("mutation {{ retrySaga(id: \"{id}\") {{ errors {{ code }} }} }}")),
+        (
+            "compensateSaga",
+            format!("mutation {{ compensateSaga(id: \"{id}\", reason: \"x\") {{ errors {{ code }} }} }}"),
+        ),
+    ]
+    .into_iter()
+    .collect()
+}
+
+/// The root fields of the schema's query, mutation and subscription types.
+fn root_fields() -> BTreeSet<String> {
+    let sdl = commerce_kernel::api::sdl();
+    let mut fields = BTreeSet::new();
+    for root in [
+        "type QueryRoot {",
+        "type MutationRoot {",
+        "type SubscriptionRoot {",
+    ] {
+        let Some(start) = sdl.find(root) else {
+            continue;
+        };
+        let body = &sdl[start + root.len()..];
+        let body = &body[..body.find("\n}").unwrap_or(body.len())];
+        let mut depth = 0usize;
+        let mut in_docs = false;
+        for line in body.lines() {
+            let trimmed = line.trim();
+            if trimmed == "\"\"\""
+                || (trimmed.starts_with("\"\"\"") && !trimmed.ends_with("\"\"\""))
+            {
+                in_docs = !in_docs;
+                continue;
+            }
+            if in_docs || trimmed.starts_with("\"\"\"") {
+                continue;
+            }
+            if depth == 0 && line.starts_with('\t') && !line.starts_with("\t\t") {
+                let name: String = trimmed
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() {
+                    fields.insert(name);
+                }
+            }
+            depth =
+                (depth + trimmed.matches('(').count()).saturating_sub(trimmed.matches(')').count());
+        }
+    }
+    fields
+}
+
+const CREATE_CART: &str = "mutation ($input: CreateCartInput!) { createCart(input: $input) { cart { id customerId } errors { field code message } } }";
+const PLACE_ORDER: &str = "mutation ($cart: UUID!, $address: AddressInput!) { placeOrder(input: { cartId: $cart, paymentMethod: \"tok_visa\", shippingAddress: $address }) { order { id customerId status } errors { field code message } } }";
+
+async fn customers_reach_only_their_own_carts_and_orders(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    // Every root field is classified, so a new one cannot skip this test.
+    let classified: BTreeSet<String> = OWN_DATA_FIELDS
+        .iter()
+        .chain(CATALOG_FIELDS)
+        .map(|s| s.to_string())
+        .chain(
+            admin_only_documents(Uuid::nil())
+                .into_iter()
+                .map(|(f, _)| f.to_string()),
+        )
+        .collect();
+    let fields = root_fields();
+    ensure!(
+        fields.len() > 30,
+        "root fields not found in the SDL: {fields:?}"
+    );
+    ensure!(
+        fields == classified,
+        "unclassified root fields: {:?}; classified but gone: {:?}",
+        fields.difference(&classified).collect::<Vec<_>>(),
+        classified.difference(&fields).collect::<Vec<_>>()
+    );
+
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let product = shop::stocked_product(&kernel, 10).await?;
+    let (alice, bob) = (Uuid::now_v7(), Uuid::now_v7());
+    let (alice_token, bob_token) = (kernel.customer_token(alice)?, kernel.customer_token(bob)?);
+    let as_alice = |query: &str, variables: Value| {
+        let token = alice_token.clone();
+        let query = query.to_string();
+        let kernel = &kernel;
+        async move { kernel.graphql_as(Some(&token), &query, variables).await }
+    };
+    let as_bob = |query: &str, variables: Value| {
+        let token = bob_token.clone();
+        let query = query.to_string();
+        let kernel = &kernel;
+        async move { kernel.graphql_as(Some(&token), &query, variables).await }
+    };
+
+    // Alice's cart is hers without naming herself; naming Bob is refused.
+    let (_, made) = as_alice(
+        CREATE_CART,
+        json!({ "input": { "items": [{ "productId": product, "quantity": 1 }] } }),
+    )
+    .await?;
+    let cart = made["data"]["createCart"]["cart"].clone();
+    ensure!(cart["customerId"] == json!(alice), "{made}");
+    let cart_id = cart["id"].clone();
+    let (_, for_bob) = as_alice(CREATE_CART, json!({ "input": { "customerId": bob } })).await?;
+    ensure!(
+        payload_codes(&for_bob["data"]["createCart"]) == ["INVALID_INPUT"],
+        "{for_bob}"
+    );
+    let (_, session) = as_alice(CREATE_CART, json!({ "input": { "sessionId": "s-1" } })).await?;
+    ensure!(
+        payload_codes(&session["data"]["createCart"]) == ["INVALID_INPUT"],
+        "{session}"
+    );
+    // A second cart Alice keeps open, for Bob to try to change.
+    let (_, open) = as_alice(
+        CREATE_CART,
+        json!({ "input": { "items": [{ "productId": product, "quantity": 2 }] } }),
+    )
+    .await?;
+    let open_cart = open["data"]["createCart"]["cart"]["id"].clone();
+
+    let (_, placed) = as_alice(
+        PLACE_ORDER,
+        json!({ "cart": cart_id, "address": shop::address("DE") }),
+    )
+    .await?;
+    let order = placed["data"]["placeOrder"]["order"].clone();
+    ensure!(order["customerId"] == json!(alice), "{placed}");
+    let order_id = order["id"].clone();
+
+    // Alice sees hers; the admin sees everyone's.
+    let read_order = "query ($id: UUID!) { order(id: $id) { id status } }";
+    let (_, mine) = as_alice(read_order, json!({ "id": order_id })).await?;
+    ensure!(mine["data"]["order"]["id"] == order_id, "{mine}");
+    let admin_view = kernel
+        .graphql(read_order, json!({ "id": order_id }))
+        .await?;
+    ensure!(
+        admin_view["data"]["order"]["id"] == order_id,
+        "{admin_view}"
+    );
+    let list = "query ($customer: UUID) { orders(customerId: $customer) { totalCount edges { node { id customerId } } } }";
+    let (_, alices) = as_alice(list, json!({})).await?;
+    ensure!(alices["data"]["orders"]["totalCount"] == 1, "{alices}");
+    let everyone = kernel.graphql(list, json!({ "customer": alice })).await?;
+    ensure!(everyone["data"]["orders"]["totalCount"] == 1, "{everyone}");
+
+    // Bob: Alice's ids read exactly like ids that do not exist.
+    let nobody = Uuid::now_v7();
+    for id in [order_id.clone(), json!(nobody)] {
+        let (_, seen) = as_bob(read_order, json!({ "id": id })).await?;
+        ensure!(
+            seen["data"]["order"].is_null() && seen.get("errors").is_none(),
+            "{seen}"
+        );
+        let as_of = "query ($id: UUID!) { order(id: $id, asOfVersion: 1) { id } }";
+        let (_, seen) = as_bob(as_of, json!({ "id": id })).await?;
+        ensure!(seen["data"]["order"].is_null(), "{seen}");
+        let (_, cancelled) = as_bob(
+            "mutation ($id: UUID!) { cancelOrder(id: $id, reason: \"mine now\") { order { id } errors { code } } }",
+            json!({ "id": id }),
+        )
+        .await?;
+        ensure!(
+            payload_codes(&cancelled["data"]["cancelOrder"]) == ["NOT_FOUND"],
+            "{cancelled}"
+        );
+    }
+    let (_, bobs) = as_bob(list, json!({ "customer": alice })).await?;
+    ensure!(bobs["data"]["orders"]["totalCount"] == 0, "{bobs}");
+    ensure!(bobs["data"]["orders"]["edges"] == json!([]), "{bobs}");
+    let cart_mutations = [
+        (
+            "upsertCartItems",
+            "mutation ($cart: UUID!, $product: UUID!) { upsertCartItems(cartId: $cart, items: [{ productId: $product, quantity: 5 }]) { cart { id } errors { code } } }",
+        ),
+        (
+            "removeCartItem",
+            "mutation ($cart: UUID!, $product: UUID!) { removeCartItem(cartId: $cart, productId: $product) { cart { id } errors { code } } }",
+        ),
+        (
+            "clearCart",
+            "mutation ($cart: UUID!) { clearCart(cartId: $cart) { cart { id } errors { code } } }",
+        ),
+        (
+            "placeOrder",
+            "mutation ($cart: UUID!) { placeOrder(input: { cartId: $cart, paymentMethod: \"tok_visa\", shippingAddress: { name: \"B\", line1: \"x\", city: \"x\", postalCode: \"1\", country: \"DE\" } }) { order { id } errors { code } } }",
+        ),
+    ];
+    for id in [open_cart.clone(), json!(nobody)] {
+        let (_, seen) = as_bob(
+            "query ($id: UUID!) { cart(id: $id) { id } }",
+            json!({ "id": id }),
+        )
+        .await?;
+        ensure!(
+            seen["data"]["cart"].is_null() && seen.get("errors").is_none(),
+            "{seen}"
+        );
+        for (field, mutation) in cart_mutations {
+            let (_, answer) = as_bob(mutation, json!({ "cart": id, "product": product })).await?;
+            ensure!(
+                payload_codes(&answer["data"][field]) == ["NOT_FOUND"],
+                "{field}: {answer}"
+            );
+        }
+    }
+    // Nothing of Alice's changed.
+    let (_, still) = as_alice(
+        "query ($id: UUID!) { cart(id: $id) { status itemCount } }",
+        json!({ "id": open_cart }),
+    )
+    .await?;
+    ensure!(
+        still["data"]["cart"] == json!({ "status": "OPEN", "itemCount": 2 }),
+        "{still}"
+    );
+    let (_, still) = as_alice(read_order, json!({ "id": order_id })).await?;
+    ensure!(still["data"]["order"]["status"] != "CANCELLED", "{still}");
+
+    // Subscriptions: Bob cannot follow Alice's order.
+    let mut socket = Socket::connect(
+        &kernel,
+        Protocol::TransportWs,
+        json!({ "authorization": format!("Bearer {bob_token}") }),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("Bob's socket refused: {e}"))?;
+    socket
+        .subscribe("1", ORDER_UPDATES, json!({ "id": order_id }))
+        .await?;
+    match socket.next_frame().await? {
+        Frame::Error(errors) => ensure!(errors[0]["extensions"]["code"] == "NOT_FOUND", "{errors}"),
+        other => bail!("Bob followed Alice's order: {other:?}"),
+    }
+
+    // The catalog is everyone's; everything else is the admin's.
+    let (status, catalog) = as_bob(
+        "query ($id: UUID!) { product(id: $id) { id } products { totalCount } inventory(productId: $id) { available } }",
+        json!({ "id": product }),
+    )
+    .await?;
+    ensure!(
+        status == 200 && catalog["data"]["product"]["id"] == json!(product),
+        "{catalog}"
+    );
+    let events_before = kernel
+        .graphql("{ events { totalCount } }", json!({}))
+        .await?;
+    for (field, document) in admin_only_documents(product) {
+        let (status, answer) = as_bob(&document, json!({})).await?;
+        ensure!(
+            status == 200 && error_code(&answer) == Some("FORBIDDEN"),
+            "{field}: {answer}"
+        );
+    }
+    // A saga step's raw output is for admins, even on the customer's own order.
+    let (_, output) = as_alice(
+        "query ($id: UUID!) { order(id: $id) { saga { steps { name output } } } }",
+        json!({ "id": order_id }),
+    )
+    .await?;
+    ensure!(error_code(&output) == Some("FORBIDDEN"), "{output}");
+    // None of the refused mutations wrote anything (the saga may still be
+    // writing Alice's order, so compare what the customer could have
+    // touched: products and stock).
+    let products = kernel.graphql("{ products { totalCount } inventory: products { edges { node { inventory { onHand } } } } }", json!({})).await?;
+    ensure!(
+        products["data"]["products"]["totalCount"] == 1,
+        "{products}"
+    );
+    ensure!(
+        products["data"]["inventory"]["edges"][0]["node"]["inventory"]["onHand"] == 10,
+        "{products}"
+    );
+    ensure!(
+        events_before["data"]["events"]["totalCount"]
+            .as_u64()
+            .is_some()
+    );
+    kernel.stop().await
+}
+
+const ORDER_UPDATES: &str = "subscription ($id: UUID!, $after: String) {
+  orderStatusChanged(orderId: $id, after: $after) {
+    cursor orderId eventType status step { name status } saga { status }
+  }
+}";
+
+/// A shop with the plugins against fake providers, on `kernel`.
+struct Shop {
+    payments: FakePayments,
+    _shipping: FakeShipping,
+    product: Uuid,
+}
+
+async fn open_shop(kernel: &RunningKernel, stock: i64) -> anyhow::Result<Shop> {
+    let payments = FakePayments::start().await;
+    let shipping = FakeShipping::start().await;
+    let product = shop::set_up(
+        kernel,
+        Provider {
+            base_url: payments.base_url(),
+            address: payments.address,
+        },
+        Provider {
+            base_url: shipping.base_url(),
+            address: shipping.address,
+        },
+        stock,
+    )
+    .await?;
+    Ok(Shop {
+        payments,
+        _shipping: shipping,
+        product,
+    })
+}
+
+/// A customer's one-item order placed on `kernel`; its id.
+async fn customer_order(
+    kernel: &RunningKernel,
+    token: &str,
+    product: Uuid,
+) -> anyhow::Result<Uuid> {
+    let (_, made) = kernel
+        .graphql_as(
+            Some(token),
+            CREATE_CART,
+            json!({ "input": { "items": [{ "productId": product, "quantity": 1 }] } }),
+        )
+        .await?;
+    let cart = made["data"]["createCart"]["cart"]["id"].clone();
+    ensure!(cart.is_string(), "{made}");
+    let (_, placed) = kernel
+        .graphql_as(
+            Some(token),
+            PLACE_ORDER,
+            json!({ "cart": cart, "address": shop::address("DE") }),
+        )
+        .await?;
+    let id = placed["data"]["placeOrder"]["order"]["id"].clone();
+    serde_json::from_value(id).with_context(|| format!("{placed}"))
+}
+
+/// Reads updates until the subscription completes; `limit` stops earlier.
+async fn collect_updates(socket: &mut Socket, limit: usize) -> anyhow::Result<(Vec<Value>, bool)> {
+    let mut updates = Vec::new();
+    while updates.len() < limit {
+        match socket.next_frame().await? {
+            Frame::Next(payload) => {
+                ensure!(payload.get("errors").is_none(), "{payload}");
+                updates.push(payload["data"]["orderStatusChanged"].clone());
+            }
+            Frame::Complete => return Ok((updates, true)),
+            other => bail!(
+                "unexpected frame after {} updates: {other:?}",
+                updates.len()
+            ),
+        }
+    }
+    Ok((updates, false))
+}
+
+fn cursors(updates: &[Value]) -> Vec<String> {
+    updates
+        .iter()
+        .map(|u| u["cursor"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Checks one order's updates: PENDING first, CONFIRMED last, log order.
+fn check_story(updates: &[Value]) -> anyhow::Result<()> {
+    let statuses: Vec<&str> = updates
+        .iter()
+        .filter_map(|u| u["status"].as_str())
+        .collect();
+    ensure!(statuses.first() == Some(&"PENDING"), "{statuses:?}");
+    ensure!(statuses.last() == Some(&"CONFIRMED"), "{statuses:?}");
+    for status in ["INVENTORY_RESERVED", "PAID", "SHIPPED"] {
+        ensure!(statuses.contains(&status), "{status} missing: {statuses:?}");
+    }
+    let positions: Vec<commerce_kernel::event_store::Position> = cursors(updates)
+        .iter()
+        .map(|c| c.parse())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    ensure!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "cursors out of order"
+    );
+    let payment_done = updates
+        .iter()
+        .any(|u| u["step"]["name"] == "payment" && u["step"]["status"] == "SUCCEEDED");
+    ensure!(payment_done, "no payment step update: {updates:?}");
+    ensure!(
+        updates
+            .last()
+            .is_some_and(|u| u["saga"]["status"] == "COMPLETED"),
+        "the last update does not show the saga completed"
+    );
+    Ok(())
+}
+
+async fn an_order_is_watched_live_to_confirmed_and_resumed_without_gaps(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let shop = open_shop(&kernel, 5).await?;
+    let customer = Uuid::now_v7();
+    let token = kernel.customer_token(customer)?;
+    let order = customer_order(&kernel, &token, shop.product).await?;
+
+    // graphql-transport-ws, token in connection_init: the first two
+    // updates, then the connection drops.
+    let mut socket = Socket::connect(
+        &kernel,
+        Protocol::TransportWs,
+        json!({ "Authorization": format!("Bearer {token}") }),
+    )
+    .await?
+    .map_err(|e| anyhow::anyhow!("socket refused: {e}"))?;
+    socket
+        .subscribe("live", ORDER_UPDATES, json!({ "id": order }))
+        .await?;
+    let (first, _) = collect_updates(&mut socket, 2).await?;
+    ensure!(
+        first[0]["status"] == "PENDING" && first[0]["orderId"] == json!(order),
+        "{first:?}"
+    );
+    drop(socket);
+
+    // The legacy graphql-ws protocol, resuming after the last cursor seen.
+    let mut socket = Socket::connect(&kernel, Protocol::LegacyWs, json!({ "token": token }))
+        .await?
+        .map_err(|e| anyhow::anyhow!("legacy socket refused: {e}"))?;
+    socket
+        .subscribe(
+            "resume",
+            ORDER_UPDATES,
+            json!({ "id": order, "after": first[1]["cursor"] }),
+        )
+        .await?;
+    let (rest, completed) = collect_updates(&mut socket, 1_000).await?;
+    ensure!(completed, "the subscription did not end after CONFIRMED");
+    let mut resumed = first.clone();
+    resumed.extend(rest);
+    check_story(&resumed)?;
+
+    // The whole story again from the start: the same updates, none skipped,
+    // none twice; and as many as the order and its saga have events.
+    let mut socket = Socket::connect(&kernel, Protocol::TransportWs, json!({ "token": token }))
+        .await?
+        .map_err(|e| anyhow::anyhow!("socket refused: {e}"))?;
+    socket
+        .subscribe("again", ORDER_UPDATES, json!({ "id": order }))
+        .await?;
+    let (whole, completed) = collect_updates(&mut socket, 1_000).await?;
+    ensure!(completed);
+    ensure!(
+        cursors(&whole) == cursors(&resumed),
+        "resumed story differs:\n{whole:?}\n{resumed:?}"
+    );
+    ensure!(whole == resumed, "updates differ between runs");
+    let saga = kernel
+        .graphql(
+            "query ($id: UUID!) { order(id: $id) { events { id } saga { id } } }",
+            json!({ "id": order }),
+        )
+        .await?;
+    let saga_id = saga["data"]["order"]["saga"]["id"].clone();
+    let saga_events = kernel
+        .graphql(
+            "query ($id: UUID!) { aggregateEvents(aggregateId: $id) { id } }",
+            json!({ "id": saga_id }),
+        )
+        .await?;
+    let expected = saga["data"]["order"]["events"]
+        .as_array()
+        .map_or(0, Vec::len)
+        + saga_events["data"]["aggregateEvents"]
+            .as_array()
+            .map_or(0, Vec::len);
+    ensure!(
+        whole.len() == expected,
+        "{} updates for {expected} events",
+        whole.len()
+    );
+    ensure!(shop.payments.payments_for(&order.to_string()).len() == 1);
+
+    // A cursor that is not one is refused clearly.
+    let mut socket = Socket::connect(&kernel, Protocol::TransportWs, json!({ "token": token }))
+        .await?
+        .map_err(|e| anyhow::anyhow!("socket refused: {e}"))?;
+    socket
+        .subscribe(
+            "bad",
+            ORDER_UPDATES,
+            json!({ "id": order, "after": "yesterday" }),
+        )
+        .await?;
+    match socket.next_frame().await? {
+        Frame::Error(errors) => ensure!(
+            errors[0]["extensions"]["code"] == "INVALID_INPUT",
+            "{errors}"
+        ),
+        other => bail!("a bad cursor was accepted: {other:?}"),
+    }
+    kernel.stop().await
+}
+
+async fn subscribers_see_orders_placed_on_another_kernel(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    // Node B takes the orders and runs their sagas; node A only serves the
+    // subscriber. A looks for due sagas and at the log tail rarely: with
+    // Redis, B's changes reach A's subscriber only through pub/sub. Without
+    // Redis they arrive through A's log follower alone, as they would after
+    // a lost message.
+    let node_b = RunningKernel::start(&db, &[]).await?;
+    let with_redis = matches!(
+        node_b.carts.config,
+        commerce_kernel::carts::CartBackendConfig::Redis { .. }
+    );
+    let live_poll = if with_redis { "60000" } else { "200" };
+    let node_a = RunningKernel::join(
+        &node_b,
+        &db,
+        &[
+            (config::SAGA_POLL_MS, "60000"),
+            (config::LIVE_POLL_MS, live_poll),
+        ],
+    )
+    .await?;
+    let shop = open_shop(&node_b, 5).await?;
+    // The first payment attempt fails and is retried a second later, so
+    // the subscription is open before the order moves on.
+    let slow_payment = format!(
+        "mutation {{ defineSaga(input: {{ timeoutMs: 60000, steps: [
+            {{ name: \"reserve-inventory\", kind: RESERVE_INVENTORY, retry: {retry} }},
+            {{ name: \"payment\", kind: PAYMENT, plugin: \"payment\", retry: {{ maxAttempts: 3, initialBackoffMs: 2000, maxBackoffMs: 2000, timeoutMs: 2000 }} }},
+            {{ name: \"shipment\", kind: SHIPMENT, plugin: \"shipping\", retry: {retry} }},
+            {{ name: \"confirm\", kind: CONFIRM, retry: {retry} }} ] }}) {{ errors {{ code message }} }} }}",
+        retry = shop::RETRY
+    );
+    node_b
+        .mutate("defineSaga", &slow_payment, json!({}))
+        .await?;
+    shop.payments.fail_next(1);
+    let token = node_b.customer_token(Uuid::now_v7())?;
+    let order = customer_order(&node_b, &token, shop.product).await?;
+
+    let mut socket = Socket::connect(&node_a, Protocol::TransportWs, json!({ "token": token }))
+        .await?
+        .map_err(|e| anyhow::anyhow!("socket refused: {e}"))?;
+    socket
+        .subscribe("x", ORDER_UPDATES, json!({ "id": order }))
+        .await?;
+    let (updates, completed) = collect_updates(&mut socket, 1_000).await?;
+    ensure!(completed);
+    check_story(&updates)?;
+    let failed_once = updates
+        .iter()
+        .any(|u| u["eventType"] == "StepFailed" && u["step"]["name"] == "payment");
+    ensure!(failed_once, "the payment never failed first: {updates:?}");
+    node_a.stop().await?;
+    node_b.stop().await
+}
+
+async fn every_limit_is_configurable_and_enforced(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(
+        &db,
+        &[
+            (config::GRAPHQL_MAX_DEPTH, "4"),
+            (config::GRAPHQL_MAX_COMPLEXITY, "120"),
+            (config::GRAPHQL_MAX_PAGE_SIZE, "20"),
+            (config::GRAPHQL_MAX_ALIASES, "3"),
+            (config::GRAPHQL_MAX_BATCH, "2"),
+            (config::GRAPHQL_INTROSPECTION, "false"),
+            (config::GRAPHIQL, "false"),
+            (config::MAX_REQUEST_BYTES, "4096"),
+        ],
+    )
+    .await?;
+    // Started now: stopping a kernel closes the test database's pool.
+    let open = RunningKernel::start(&db, &[]).await?;
+    let refused = |body: &Value, code: &str| error_code(body) == Some(code);
+
+    // Depth: 4 levels pass, 5 do not.
+    let ok = kernel
+        .graphql(
+            "{ products(first: 2) { edges { node { id } } } }",
+            json!({}),
+        )
+        .await?;
+    ensure!(ok.get("errors").is_none(), "{ok}");
+    let deep = kernel
+        .graphql(
+            "{ products(first: 2) { edges { node { price { amount } } } } }",
+            json!({}),
+        )
+        .await?;
+    ensure!(refused(&deep, "INVALID_QUERY"), "{deep}");
+    ensure!(
+        deep["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("nested too deep"),
+        "{deep}"
+    );
+
+    // Complexity counts each node of a page: 20 nodes of 6 fields is too much.
+    let cheap = kernel
+        .graphql(
+            "{ products(first: 2) { edges { node { id sku name } } } }",
+            json!({}),
+        )
+        .await?;
+    ensure!(cheap.get("errors").is_none(), "{cheap}");
+    let costly = kernel
+        .graphql(
+            "{ products(first: 20) { edges { node { id sku name active version createdAt } } } }",
+            json!({}),
+        )
+        .await?;
+    ensure!(refused(&costly, "INVALID_QUERY"), "{costly}");
+    ensure!(
+        costly["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("complex"),
+        "{costly}"
+    );
+
+    // Page size.
+    let page = kernel
+        .graphql("{ products(first: 21) { totalCount } }", json!({}))
+        .await?;
+    ensure!(
+        refused(&page, "INVALID_INPUT") && page["errors"][0]["extensions"]["field"] == "first",
+        "{page}"
+    );
+    ensure!(
+        kernel
+            .graphql("{ products(first: 20) { totalCount } }", json!({}))
+            .await?
+            .get("errors")
+            .is_none()
+    );
+
+    // Aliases: three pass, four do not.
+    let three = kernel
+        .graphql(
+            "{ a: eventLogHead b: eventLogHead c: eventLogHead }",
+            json!({}),
+        )
+        .await?;
+    ensure!(three.get("errors").is_none(), "{three}");
+    let four = kernel
+        .graphql(
+            "{ a: eventLogHead b: eventLogHead c: eventLogHead d: eventLogHead }",
+            json!({}),
+        )
+        .await?;
+    ensure!(refused(&four, "INVALID_QUERY"), "{four}");
+
+    // Batches: two operations pass, three do not.
+    let batch = |n: usize| {
+        json!(
+            (0..n)
+                .map(|_| json!({ "query": "{ eventLogHead }" }))
+                .collect::<Vec<_>>()
+        )
+    };
+    let two = kernel
+        .http
+        .post(kernel.url("/graphql"))
+        .bearer_auth(&kernel.admin)
+        .json(&batch(2))
+        .send()
+        .await?;
+    ensure!(two.status() == 200);
+    ensure!(
+        two.json::<Value>()
+            .await?
+            .as_array()
+            .is_some_and(|a| a.len() == 2)
+    );
+    let three = kernel
+        .http
+        .post(kernel.url("/graphql"))
+        .bearer_auth(&kernel.admin)
+        .json(&batch(3))
+        .send()
+        .await?;
+    ensure!(three.status() == 400);
+    ensure!(refused(&three.json::<Value>().await?, "INVALID_QUERY"));
+
+    // Introspection off: __schema and __type answer nothing.
+    let schema = kernel
+        .graphql("{ __schema { queryType { name } } }", json!({}))
+        .await?;
+    ensure!(schema["data"]["__schema"].is_null(), "{schema}");
+    let named = kernel
+        .graphql("{ __type(name: \"Order\") { name } }", json!({}))
+        .await?;
+    ensure!(named["data"]["__type"].is_null(), "{named}");
+
+    // Body size, and GraphiQL off.
+    let huge = json!({ "query": format!("{{ eventLogHead }} # {}", "x".repeat(8192)) });
+    let answer = kernel
+        .http
+        .post(kernel.url("/graphql"))
+        .bearer_auth(&kernel.admin)
+        .json(&huge)
+        .send()
+        .await?;
+    ensure!(
+        answer.status() == 413,
+        "oversized body: {}",
+        answer.status()
+    );
+    let ide = kernel.http.get(kernel.url("/graphql")).send().await?;
+    ensure!(ide.status() == 405, "GraphiQL: {}", ide.status());
+    kernel.stop().await?;
+
+    // The defaults: introspection and GraphiQL on.
+    let schema = open
+        .graphql("{ __schema { queryType { name } } }", json!({}))
+        .await?;
+    ensure!(
+        schema["data"]["__schema"]["queryType"]["name"] == "QueryRoot",
+        "{schema}"
+    );
+    ensure!(open.http.get(open.url("/graphql")).send().await?.status() == 200);
+    open.stop().await
+}
+
+/// A small deterministic generator (xorshift), so a failure replays.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// Documents of every shape the API has, to mutate.
+const SEEDS: &[&str] = &[
+    "{ products(first: 5) { totalCount edges { cursor node { id sku price { amount currency } inventory { available } } } pageInfo { hasNextPage endCursor } } }",
+    "query ($id: UUID!) { order(id: $id) { id status lines { sku quantity } saga { status steps { name status } } events { eventType } } }",
+    "query ($after: String) { events(first: 3, after: $after) { edges { cursor node { eventType data } } } }",
+    "mutation ($input: CreateProductInput!) { createProduct(input: $input) { product { id } errors { field code message } } }",
+    "mutation ($input: CreateCartInput!) { createCart(input: $input) { cart { id lines { quantity } } errors { code } } }",
+    "mutation ($id: UUID!, $delta: Int!) { adjustInventory(input: { productId: $id, delta: $delta, reason: \"fuzz\" }) { errors { code } } }",
+    "query { abandonedCarts(hours: 1.5) { totalCount abandonmentRate edges { node { cartId } } } }",
+    "fragment P on Product { id name } query { products { edges { node { ...P } } } }",
+];
+
+/// Hostile values for variables.
+fn hostile_value(rng: &mut Rng) -> Value {
+    match rng.below(14) {
+        0 => json!(null),
+        1 => json!("x".repeat(rng.below(100_000))),
+        2 => json!(i64::MAX),
+        3 => json!(-1),
+        4 => json!(1e308),
+        5 => json!("1e400"),
+        6 => json!("NaN"),
+        7 => json!([[[[[[[[[[1]]]]]]]]]]),
+        8 => {
+            json!({ "sku": "\u{0000}\u{202e}", "name": "", "price": { "amount": "-0.001", "currency": "XXXX" } })
+        }
+        9 => json!({ "amount": "99999999999999999999999999999.99", "currency": "EUR" }),
+        10 => json!(Uuid::now_v7()),
+        11 => json!("00000000-0000-0000-0000-00000000000g"),
+        12 => {
+            json!({ "items": (0..500).map(|i| json!({ "productId": Uuid::nil(), "quantity": i })).collect::<Vec<_>>() })
+        }
+        _ => json!(true),
+    }
+}
+
+/// A seed document, damaged.
+fn hostile_document(rng: &mut Rng) -> String {
+    let mut text: Vec<char> = rng.pick(SEEDS).chars().collect();
+    for _ in 0..=rng.below(4) {
+        let at = rng.below(text.len() + 1);
+        match rng.below(7) {
+            0 => {
+                text.truncate(at);
+            }
+            1 => {
+                let junk = *rng.pick(&[
+                    '{', '}', '(', ')', '$', '"', '\\', '#', '@', ':', '!', '\u{fffd}',
+                ]);
+                text.insert(at.min(text.len()), junk);
+            }
+            2 if at < text.len() => {
+                text.remove(at);
+            }
+            3 => {
+                let alias: Vec<char> = " a: eventLogHead b: eventLogHead".chars().collect();
+                text.splice(at.min(text.len())..at.min(text.len()), alias);
+            }
+            4 => {
+                let start = rng.below(text.len());
+                let end = (start + rng.below(40)).min(text.len());
+                let copy: Vec<char> = text[start..end].to_vec();
+                text.splice(at.min(text.len())..at.min(text.len()), copy);
+            }
+            5 => {
+                let directive: Vec<char> = " @include(if: $nope) @skip(if: true)".chars().collect();
+                text.splice(at.min(text.len())..at.min(text.len()), directive);
+            }
+            _ => {}
+        }
+    }
+    text.into_iter().collect()
+}
+
+async fn hostile_documents_and_bodies_never_break_the_server(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let send = |body: reqwest::Body, content_type: &'static str| {
+        kernel
+            .http
+            .post(kernel.url("/graphql"))
+            .bearer_auth(&kernel.admin)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let acceptable = [200u16, 400, 413, 415];
+    let mut fixed: Vec<(String, &'static str)> = vec![
+        (String::new(), "application/json"),
+        ("{".into(), "application/json"),
+        ("null".into(), "application/json"),
+        ("[]".into(), "application/json"),
+        ("{\"query\": 42}".into(), "application/json"),
+        ("{\"query\": \"{ eventLogHead }\", \"variables\": [1, 2]}".into(), "application/json"),
+        ("{\"query\": \"{ eventLogHead }\", \"operationName\": \"nope\"}".into(), "application/json"),
+        ("\u{feff}{\"query\": \"{ eventLogHead }\"}".into(), "application/json"),
+        ("query=%7B%7D".into(), "application/x-www-form-urlencoded"),
+        ("{ eventLogHead }".into(), "text/plain"),
+        (format!("{{\"query\": \"{}\"}}", "{ a ".repeat(3_000)), "application/json"),
+        (format!("{{\"query\": \"{}{}\"}}", "{".repeat(10_000), "}".repeat(10_000)), "application/json"),
+        (format!("{{\"query\": \"{{ eventLogHead }}\", \"variables\": {}{}}}", "[".repeat(5_000), "]".repeat(5_000)), "application/json"),
+        (format!("{{\"query\": \"query {} {{ eventLogHead }}\"}}", "($a: Int)".repeat(500)), "application/json"),
+        (format!("{{\"query\": \"{{ eventLogHead {} }}\"}}", "@skip(if: false) ".repeat(2_000)), "application/json"),
+        ("{\"query\": \"fragment A on QueryRoot { ...B } fragment B on QueryRoot { ...A } { ...A }\"}".into(), "application/json"),
+        ("{\"query\": \"subscription { orderStatusChanged(orderId: \\\"00000000-0000-0000-0000-000000000000\\\") { cursor } }\"}".into(), "application/json"),
+    ];
+    fixed.push((
+        String::from_utf8_lossy(&[0xff, 0xfe, 0x00, 0x7b]).into_owned(),
+        "application/json",
+    ));
+    for (body, content_type) in fixed {
+        let preview: String = body.chars().take(60).collect();
+        let response = send(body.into(), content_type).await?;
+        let status = response.status().as_u16();
+        ensure!(
+            acceptable.contains(&status),
+            "{preview:?} answered {status}"
+        );
+    }
+    // Bytes that are not UTF-8 at all.
+    let response = send(
+        vec![0xc3, 0x28, 0xa0, 0xa1, 0xff].into(),
+        "application/json",
+    )
+    .await?;
+    ensure!(acceptable.contains(&response.status().as_u16()));
+
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for round in 0..300 {
+        let document = hostile_document(&mut rng);
+        let mut variables = serde_json::Map::new();
+        for name in ["id", "input", "after", "delta", "nope"] {
+            if rng.below(3) > 0 {
+                variables.insert(name.into(), hostile_value(&mut rng));
+            }
+        }
+        let body = json!({ "query": document, "variables": variables }).to_string();
+        let response = send(body.into(), "application/json").await?;
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        ensure!(
+            acceptable.contains(&status),
+            "round {round}: {status} for {document:?} {variables:?}: {text}"
+        );
+        if status == 200 {
+            let answer: Value = serde_json::from_str(&text)
+                .with_context(|| format!("round {round}: not JSON: {text}"))?;
+            ensure!(
+                answer.get("data").is_some() || answer.get("errors").is_some(),
+                "{answer}"
+            );
+            if let Some(errors) = answer["errors"].as_array() {
+                for error in errors {
+                    ensure!(
+                        error["extensions"]["code"].is_string(),
+                        "round {round}: an error without a code: {error}"
+                    );
+                    ensure!(
+                        error["extensions"]["code"] != "INTERNAL",
+                        "round {round}: {error}"
+                    );
+                }
+            }
+        }
+    }
+    // Hostile WebSocket traffic: garbage frames and unknown messages close
+    // or are refused; the server keeps serving.
+    for protocol in [Protocol::TransportWs, Protocol::LegacyWs] {
+        if let Ok(mut socket) =
+            Socket::connect(&kernel, protocol, json!({ "token": kernel.admin })).await?
+        {
+            for frame in [
+                "not json",
+                "{\"type\": \"nope\"}",
+                "{\"type\": \"subscribe\", \"id\": 1}",
+                "[]",
+            ] {
+                let _ = socket.stream.send(Message::Text(frame.into())).await;
+            }
+            let _ = socket
+                .stream
+                .send(Message::Binary(vec![0u8; 64].into()))
+                .await;
+        }
+    }
+    let health = kernel.http.get(kernel.url("/health")).send().await?;
+    ensure!(
+        health.status() == 200,
+        "the server is unwell after the fuzzing"
+    );
+    let still = kernel.graphql("{ eventLogHead }", json!({})).await?;
+    ensure!(still["data"]["eventLogHead"].is_string(), "{still}");
+    kernel.stop().await
+}
+
+/// The two WebSocket subprotocols the server speaks.
+#[derive(Clone, Copy, Debug)]
+enum Protocol {
+    /// `graphql-transport-ws` (the graphql-ws library).
+    TransportWs,
+    /// `graphql-ws` (the older subscriptions-transport-ws).
+    LegacyWs,
+}
+
+/// What the server sent for a subscription.
+#[derive(Debug)]
+enum Frame {
+    Next(Value),
+    Error(Value),
+    Complete,
+}
+
+/// A client of `/graphql` over WebSocket.
+struct Socket {
+    stream: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    protocol: Protocol,
+}
+
+/// Longest a test waits for one frame.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Socket {
+    /// Connects and sends `connection_init` with `payload`: the socket once
+    /// acknowledged, or why the server refused it.
+    async fn connect(
+        kernel: &RunningKernel,
+        protocol: Protocol,
+        payload: Value,
+    ) -> anyhow::Result<Result<Socket, String>> {
+        let mut request = format!("ws://{}/graphql", kernel.address).into_client_request()?;
+        let name = match protocol {
+            Protocol::TransportWs => "graphql-transport-ws",
+            Protocol::LegacyWs => "graphql-ws",
+        };
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", name.parse()?);
+        let (stream, _) = tokio_tungstenite::connect_async(request).await?;
+        let mut socket = Socket { stream, protocol };
+        socket
+            .send(json!({ "type": "connection_init", "payload": payload }))
+            .await?;
+        loop {
+            match socket.receive().await? {
+                Err(reason) => return Ok(Err(reason)),
+                Ok(message) => match message["type"].as_str() {
+                    Some("connection_ack") => return Ok(Ok(socket)),
+                    Some("ka" | "ping") => continue,
+                    _ => return Ok(Err(message.to_string())),
+                },
+            }
+        }
+    }
+
+    async fn send(&mut self, message: Value) -> anyhow::Result<()> {
+        self.stream
+            .send(Message::Text(message.to_string().into()))
+            .await?;
+        Ok(())
+    }
+
+    /// The next JSON message, or the close reason.
+    async fn receive(&mut self) -> anyhow::Result<Result<Value, String>> {
+        loop {
+            let message = tokio::time::timeout(FRAME_TIMEOUT, self.stream.next())
+                .await
+                .context("no frame from the server")?;
+            match message {
+                None => return Ok(Err("closed".into())),
+                Some(Err(error)) => return Ok(Err(error.to_string())),
+                Some(Ok(Message::Text(text))) => return Ok(Ok(serde_json::from_str(&text)?)),
+                Some(Ok(Message::Close(frame))) => {
+                    return Ok(Err(
+                        frame.map_or("closed".into(), |f| format!("{} {}", f.code, f.reason))
+                    ));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, id: &str, query: &str, variables: Value) -> anyhow::Result<()> {
+        let kind = match self.protocol {
+            Protocol::TransportWs => "subscribe",
+            Protocol::LegacyWs => "start",
+        };
+        self.send(json!({ "id": id, "type": kind, "payload": { "query": query, "variables": variables } }))
+            .await
+    }
+
+    async fn next_frame(&mut self) -> anyhow::Result<Frame> {
+        loop {
+            let message = match self.receive().await? {
+                Ok(message) => message,
+                Err(reason) => bail!("the socket closed: {reason}"),
+            };
+            match message["type"].as_str() {
+                // async-graphql sends a resolver's refusal as a result with errors.
+                Some("next" | "data") => {
+                    let payload = message["payload"].clone();
+                    return Ok(match payload.get("errors") {
+                        Some(errors) if errors.as_array().is_some_and(|e| !e.is_empty()) => {
+                            Frame::Error(errors.clone())
+                        }
+                        _ => Frame::Next(payload),
+                    });
+                }
+                Some("error") => {
+                    let payload = &message["payload"];
+                    let errors = if payload.is_array() {
+                        payload.clone()
+                    } else {
+                        payload
+                            .get("errors")
+                            .cloned()
+                            .unwrap_or_else(|| json!([payload]))
+                    };
+                    return Ok(Frame::Error(errors));
+                }
+                Some("complete") => return Ok(Frame::Complete),
+                Some("ka" | "ping" | "pong") => continue,
+                other => bail!("unexpected message {other:?}: {message}"),
+            }
+        }
+    }
+}
