@@ -31,6 +31,7 @@ fn main() {
         an_order_is_watched_live_to_confirmed_and_resumed_without_gaps,
         subscribers_see_orders_placed_on_another_kernel,
         every_limit_is_configurable_and_enforced,
+        bad_input_is_refused_with_its_field_named,
         hostile_documents_and_bodies_never_break_the_server,
     ]);
 }
@@ -1043,6 +1044,159 @@ async fn every_limit_is_configurable_and_enforced(db: Arc<TestDatabase>) -> anyh
     );
     ensure!(open.http.get(open.url("/graphql")).send().await?.status() == 200);
     open.stop().await
+}
+
+async fn bad_input_is_refused_with_its_field_named(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let product = shop::stocked_product(&kernel, 5).await?;
+    let (_, made) = kernel
+        .graphql_as(
+            Some(&kernel.customer_token(Uuid::now_v7())?),
+            CREATE_CART,
+            json!({ "input": { "items": [{ "productId": product, "quantity": 1 }] } }),
+        )
+        .await?;
+    let cart = made["data"]["createCart"]["cart"]["id"].clone();
+    let long = "x".repeat(1_000);
+    let create_product = "mutation ($sku: String!, $name: String!, $amount: Decimal!, $currency: String!) { createProduct(input: { sku: $sku, name: $name, price: { amount: $amount, currency: $currency } }) { errors { field code message } } }";
+    let product_input = |sku: &str, name: &str, amount: &str, currency: &str| json!({ "sku": sku, "name": name, "amount": amount, "currency": currency });
+    let place = |address: Value, method: &str| json!({ "cart": cart, "address": address, "method": method });
+    let place_order = "mutation ($cart: UUID!, $address: AddressInput!, $method: String!) { placeOrder(input: { cartId: $cart, paymentMethod: $method, shippingAddress: $address }) { errors { field code message } } }";
+    // (what, document, variables, payload field or None for a top-level error, the field blamed)
+    let cases: Vec<(&str, &str, Value, Option<&str>, &str)> = vec![
+        (
+            "more decimals than EUR has",
+            create_product,
+            product_input("A-1", "Pot", "1.001", "EUR"),
+            Some("createProduct"),
+            "amount",
+        ),
+        (
+            "negative price",
+            create_product,
+            product_input("A-2", "Pot", "-1", "EUR"),
+            Some("createProduct"),
+            "amount",
+        ),
+        (
+            "unknown currency",
+            create_product,
+            product_input("A-3", "Pot", "1", "EURO"),
+            Some("createProduct"),
+            "currency",
+        ),
+        (
+            "empty name",
+            create_product,
+            product_input("A-4", " ", "1", "EUR"),
+            Some("createProduct"),
+            "name",
+        ),
+        (
+            "oversized name",
+            create_product,
+            product_input("A-5", &long, "1", "EUR"),
+            Some("createProduct"),
+            "name",
+        ),
+        (
+            "empty SKU",
+            create_product,
+            product_input("", "Pot", "1", "EUR"),
+            Some("createProduct"),
+            "sku",
+        ),
+        (
+            "country not ISO 3166",
+            place_order,
+            place(
+                json!({ "name": "A", "line1": "x", "city": "x", "postalCode": "1", "country": "Germany" }),
+                "tok_visa",
+            ),
+            Some("placeOrder"),
+            "shippingAddress.country",
+        ),
+        (
+            "oversized payment method",
+            place_order,
+            place(shop::address("DE"), &long),
+            Some("placeOrder"),
+            "paymentMethod",
+        ),
+        (
+            "quantity past a line's bound",
+            "mutation ($cart: UUID!, $product: UUID!) { upsertCartItems(cartId: $cart, items: [{ productId: $product, quantity: 1000 }]) { errors { field code message } } }",
+            json!({ "cart": cart, "product": product }),
+            Some("upsertCartItems"),
+            "items.quantity",
+        ),
+        (
+            "session id too long",
+            CREATE_CART,
+            json!({ "input": { "sessionId": long } }),
+            Some("createCart"),
+            "sessionId",
+        ),
+        (
+            "reservation already expired",
+            "mutation ($id: UUID!) { reserveInventory(productId: $id, quantity: 1, ttlSeconds: -5) { errors { field code message } } }",
+            json!({ "id": product }),
+            Some("reserveInventory"),
+            "ttlSeconds",
+        ),
+        (
+            "page size 0",
+            "{ events(first: 0) { totalCount } }",
+            json!({}),
+            None,
+            "first",
+        ),
+        (
+            "not a cursor",
+            "{ orders(after: \"junk\") { totalCount } }",
+            json!({}),
+            None,
+            "after",
+        ),
+        (
+            "hours not positive",
+            "{ abandonedCarts(hours: 0) { totalCount } }",
+            json!({}),
+            None,
+            "hours",
+        ),
+    ];
+    for (what, document, variables, payload, field) in cases {
+        let answer = kernel.graphql(document, variables).await?;
+        let (code, blamed) = match payload {
+            Some(payload) => {
+                let error = &answer["data"][payload]["errors"][0];
+                (error["code"].clone(), error["field"].clone())
+            }
+            None => {
+                let error = &answer["errors"][0]["extensions"];
+                (error["code"].clone(), error["field"].clone())
+            }
+        };
+        ensure!(code == "INVALID_INPUT", "{what}: {answer}");
+        ensure!(
+            blamed.as_str().is_some_and(|f| f.starts_with(field)),
+            "{what}: blamed {blamed}, expected {field}: {answer}"
+        );
+    }
+    // A value of the wrong type never reaches a resolver.
+    let typed = kernel
+        .graphql("{ order(id: \"nope\") { id } }", json!({}))
+        .await?;
+    ensure!(error_code(&typed) == Some("INVALID_QUERY"), "{typed}");
+    let typed = kernel
+        .graphql(
+            "query ($s: OrderStatus) { orders(status: $s) { totalCount } }",
+            json!({ "s": "LOST" }),
+        )
+        .await?;
+    ensure!(error_code(&typed) == Some("INVALID_QUERY"), "{typed}");
+    kernel.stop().await
 }
 
 /// A small deterministic generator (xorshift), so a failure replays.

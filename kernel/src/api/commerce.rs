@@ -651,7 +651,7 @@ pub struct CommerceMutation;
 
 #[Object]
 impl CommerceMutation {
-    /// Creates a product. SKUs are unique regardless of case (DUPLICATE_SKU).
+    /// Creates a product. SKUs are unique regardless of case (DUPLICATE_SKU). For admins.
     #[graphql(guard = "AdminOnly")]
     async fn create_product(
         &self,
@@ -678,7 +678,7 @@ impl CommerceMutation {
     }
 
     /// Renames, reprices or (de)activates a product. Every price change is
-    /// kept in the product's event history.
+    /// kept in the product's event history. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn update_product(
         &self,
@@ -706,7 +706,7 @@ impl CommerceMutation {
         }
     }
 
-    /// Restocks (positive delta) or writes off (negative delta) stock.
+    /// Restocks (positive delta) or writes off (negative delta) stock. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn adjust_inventory(
         &self,
@@ -733,7 +733,7 @@ impl CommerceMutation {
 
     /// Holds stock for an owner (an order, a cart). Repeating it with the same
     /// owner returns the same reservation. With `ttlSeconds`, the kernel
-    /// releases the reservation when it expires.
+    /// releases the reservation when it expires. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn reserve_inventory(
         &self,
@@ -770,7 +770,7 @@ impl CommerceMutation {
         }
     }
 
-    /// Gives a reservation's stock back.
+    /// Gives a reservation's stock back. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn release_inventory(
         &self,
@@ -843,7 +843,7 @@ impl CommerceMutation {
     }
 
     /// Empties a read model (or all, without `name`) and replays it from the
-    /// event log while the service keeps running. Returns once caught up.
+    /// event log while the service keeps running. Returns once caught up. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn rebuild_projections(
         &self,

@@ -207,7 +207,7 @@ pub struct PluginMutation;
 #[Object]
 impl PluginMutation {
     /// Checks a plugin version (manifest, sha256 pin, component, imports
-    /// against grants) and installs it. It does not run until activated.
+    /// against grants) and installs it. It does not run until activated. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn install_plugin(
         &self,
@@ -251,7 +251,7 @@ impl PluginMutation {
         }
     }
 
-    /// Goes back to the version that was active before the current one.
+    /// Goes back to the version that was active before the current one. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn rollback_plugin(
         &self,

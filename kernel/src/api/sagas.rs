@@ -451,7 +451,7 @@ impl SagaQuery {
         }
     }
 
-    /// The definition new sagas of `sagaType` follow.
+    /// The definition new sagas of `sagaType` follow. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn saga_definition(
         &self,
@@ -476,7 +476,7 @@ pub struct SagaMutation;
 #[Object]
 impl SagaMutation {
     /// Sets the steps new sagas follow (insert a plugin step, swap the
-    /// payment plugin, tune retries). Running sagas keep their definition.
+    /// payment plugin, tune retries). Running sagas keep their definition. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn define_saga(
         &self,
@@ -519,7 +519,7 @@ impl SagaMutation {
     }
 
     /// Goes on with a saga now: a waiting retry runs at once, a PARKED saga
-    /// resumes compensating with fresh attempts.
+    /// resumes compensating with fresh attempts. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn retry_saga(&self, ctx: &Context<'_>, id: Uuid) -> Result<SagaPayload, ApiError> {
         let context = command_context(ctx)?;
@@ -527,7 +527,7 @@ impl SagaMutation {
     }
 
     /// Undoes a running saga: its effects are compensated and the order
-    /// ends FAILED with `reason`.
+    /// ends FAILED with `reason`. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn compensate_saga(
         &self,
