@@ -1337,6 +1337,18 @@ async fn hostile_documents_and_bodies_never_break_the_server(
             "{preview:?} answered {status}"
         );
     }
+    // Errors never echo a huge document back.
+    let long = json!({ "query": format!("{{ eventLogHead }} {}", "x".repeat(100_000)) });
+    let answer: Value = send(long.to_string().into(), "application/json")
+        .await?
+        .json()
+        .await?;
+    let message = answer["errors"][0]["message"].as_str().unwrap_or_default();
+    ensure!(
+        !message.is_empty() && message.len() < 1_000,
+        "{} characters",
+        message.len()
+    );
     // Bytes that are not UTF-8 at all.
     let response = send(
         vec![0xc3, 0x28, 0xa0, 0xa1, 0xff].into(),
@@ -1384,25 +1396,35 @@ async fn hostile_documents_and_bodies_never_break_the_server(
         }
     }
     // Hostile WebSocket traffic: garbage frames and unknown messages close
-    // or are refused; the server keeps serving.
+    // that socket or are ignored; the server keeps serving.
+    let admin_socket =
+        |protocol| Socket::connect(&kernel, protocol, json!({ "token": kernel.admin }));
     for protocol in [Protocol::TransportWs, Protocol::LegacyWs] {
-        if let Ok(mut socket) =
-            Socket::connect(&kernel, protocol, json!({ "token": kernel.admin })).await?
-        {
-            for frame in [
-                "not json",
-                "{\"type\": \"nope\"}",
-                "{\"type\": \"subscribe\", \"id\": 1}",
-                "[]",
-            ] {
-                let _ = socket.stream.send(Message::Text(frame.into())).await;
-            }
-            let _ = socket
-                .stream
-                .send(Message::Binary(vec![0u8; 64].into()))
-                .await;
+        let mut socket = admin_socket(protocol)
+            .await?
+            .map_err(|e| anyhow::anyhow!("{protocol:?}: admin socket refused: {e}"))?;
+        for frame in [
+            "not json",
+            "{\"type\": \"nope\"}",
+            "{\"type\": \"subscribe\", \"id\": 1}",
+            "[]",
+        ] {
+            let _ = socket.stream.send(Message::Text(frame.into())).await;
         }
+        let _ = socket
+            .stream
+            .send(Message::Binary(vec![0u8; 64].into()))
+            .await;
     }
+    // A message past the request size limit closes its socket.
+    let mut socket = admin_socket(Protocol::TransportWs)
+        .await?
+        .map_err(|e| anyhow::anyhow!("admin socket refused: {e}"))?;
+    let oversized =
+        json!({ "id": "big", "type": "subscribe", "payload": { "query": "x".repeat(2 << 20) } });
+    let _ = socket.send(oversized).await;
+    let answer = socket.receive().await?;
+    ensure!(answer.is_err(), "an oversized message was read");
     let health = kernel.http.get(kernel.url("/health")).send().await?;
     ensure!(
         health.status() == 200,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
-use async_graphql::{BatchRequest, BatchResponse, Data, ServerError};
+use async_graphql::{BatchRequest, Data};
 use async_graphql_axum::{GraphQLBatchRequest, GraphQLProtocol, GraphQLWebSocket};
 use axum::extract::State;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
@@ -73,6 +73,7 @@ pub struct AppState {
     live: LiveUpdates,
     auth: Authenticator,
     limits: GraphqlLimits,
+    max_request_bytes: usize,
     /// Set once shutdown begins, so `/ready` sends load balancers elsewhere.
     draining: Arc<AtomicBool>,
     graphiql: bool,
@@ -116,6 +117,7 @@ impl AppState {
             live,
             auth,
             limits: config.graphql,
+            max_request_bytes: config.max_request_bytes,
             database,
             draining: Arc::new(AtomicBool::new(false)),
             graphiql: config.graphiql,
@@ -379,29 +381,8 @@ async fn graphql(
             ),
         );
     }
-    let mut response = state.schema.execute_batch(request.data(principal)).await;
-    match &mut response {
-        BatchResponse::Single(single) => with_codes(&mut single.errors),
-        BatchResponse::Batch(all) => all.iter_mut().for_each(|r| with_codes(&mut r.errors)),
-    }
+    let response = state.schema.execute_batch(request.data(principal)).await;
     async_graphql_axum::GraphQLResponse::from(response).into_response()
-}
-
-/// Gives errors raised by the GraphQL engine itself (parse, validation,
-/// limits, input coercion) the code INVALID_QUERY; resolvers set their own.
-fn with_codes(errors: &mut [ServerError]) {
-    for error in errors {
-        let has_code = error
-            .extensions
-            .as_ref()
-            .is_some_and(|extensions| extensions.get("code").is_some());
-        if !has_code {
-            error
-                .extensions
-                .get_or_insert_with(Default::default)
-                .set("code", ErrorCode::InvalidQuery.as_str());
-        }
-    }
 }
 
 /// A body that is not a GraphQL request: 400 (413 when too large) with a
@@ -475,7 +456,11 @@ async fn graphql_get(
     match (upgrade, protocol) {
         (Ok(upgrade), Ok(protocol)) => {
             let (schema, auth) = (state.schema.clone(), state.auth.clone());
+            // The body limit does not reach inside a WebSocket: bound its
+            // messages the same way.
             upgrade
+                .max_message_size(state.max_request_bytes)
+                .max_frame_size(state.max_request_bytes)
                 .protocols(ALL_WEBSOCKET_PROTOCOLS)
                 .on_upgrade(move |socket| {
                     GraphQLWebSocket::new(socket, schema, protocol)

@@ -2,7 +2,14 @@
 //! readable `extensions.code` (and `extensions.field` where one input is at
 //! fault). Internal failures are logged in full and reported without detail.
 
-use async_graphql::{Enum, ErrorExtensions};
+use std::sync::Arc;
+
+use async_graphql::extensions::{
+    Extension, ExtensionContext, ExtensionFactory, NextRequest, NextSubscribe,
+};
+use async_graphql::{Enum, ErrorExtensions, Response, ServerError};
+use futures_util::StreamExt as _;
+use futures_util::stream::BoxStream;
 
 use async_graphql::SimpleObject;
 
@@ -255,5 +262,62 @@ pub fn command_failure(error: CommandError) -> ApiError {
     match user_error(error) {
         Ok(refusal) => ApiError::Refused(refusal),
         Err(failure) => failure,
+    }
+}
+
+/// Longest error message sent; parse errors quote the document, which may
+/// be as large as the body limit allows.
+const MAX_MESSAGE_CHARS: usize = 300;
+
+/// Gives every error a code (errors raised by the GraphQL engine itself:
+/// parse, validation, limits, input coercion, get INVALID_QUERY; resolvers
+/// set their own) and cuts long messages, over HTTP and WebSocket alike.
+pub struct ErrorShape;
+
+impl ExtensionFactory for ErrorShape {
+    fn create(&self) -> Arc<dyn Extension> {
+        Arc::new(ErrorShape)
+    }
+}
+
+#[async_trait::async_trait]
+impl Extension for ErrorShape {
+    async fn request(&self, ctx: &ExtensionContext<'_>, next: NextRequest<'_>) -> Response {
+        let mut response = next.run(ctx).await;
+        shape(&mut response.errors);
+        response
+    }
+
+    fn subscribe<'s>(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        stream: BoxStream<'s, Response>,
+        next: NextSubscribe<'_>,
+    ) -> BoxStream<'s, Response> {
+        next.run(ctx, stream)
+            .map(|mut response| {
+                shape(&mut response.errors);
+                response
+            })
+            .boxed()
+    }
+}
+
+fn shape(errors: &mut [ServerError]) {
+    for error in errors {
+        let has_code = error
+            .extensions
+            .as_ref()
+            .is_some_and(|extensions| extensions.get("code").is_some());
+        if !has_code {
+            error
+                .extensions
+                .get_or_insert_with(Default::default)
+                .set("code", ErrorCode::InvalidQuery.as_str());
+        }
+        if let Some((cut, _)) = error.message.char_indices().nth(MAX_MESSAGE_CHARS) {
+            error.message.truncate(cut);
+            error.message.push_str("...");
+        }
     }
 }

@@ -104,7 +104,8 @@ fn schema_builder(
     // Fragment spreads and nested input values have their own recursion
     // bound, kept at the depth limit so neither is the weaker one.
     .limit_recursive_depth(limits.max_depth.max(32))
-    .extension(limits::AliasLimit(limits.max_aliases));
+    .extension(limits::AliasLimit(limits.max_aliases))
+    .extension(error::ErrorShape);
     if limits.introspection {
         builder
     } else {
