@@ -5,7 +5,6 @@
 
 #[macro_use]
 mod support;
-mod fakes;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -13,11 +12,10 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use commerce_kernel::config;
-use fakes::{FakePayments, FakeShipping};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use support::kernel::{RunningKernel, TEST_JWT_SECRET};
-use support::shop::{self, AdminClient as _, Provider};
+use support::shop::{self, AdminClient as _};
 use support::{TestDatabase, run_suite};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
@@ -597,36 +595,6 @@ const ORDER_UPDATES: &str = "subscription ($id: UUID!, $after: String) {
   }
 }";
 
-/// A shop with the plugins against fake providers, on `kernel`.
-struct Shop {
-    payments: FakePayments,
-    _shipping: FakeShipping,
-    product: Uuid,
-}
-
-async fn open_shop(kernel: &RunningKernel, stock: i64) -> anyhow::Result<Shop> {
-    let payments = FakePayments::start().await;
-    let shipping = FakeShipping::start().await;
-    let product = shop::set_up(
-        kernel,
-        Provider {
-            base_url: payments.base_url(),
-            address: payments.address,
-        },
-        Provider {
-            base_url: shipping.base_url(),
-            address: shipping.address,
-        },
-        stock,
-    )
-    .await?;
-    Ok(Shop {
-        payments,
-        _shipping: shipping,
-        product,
-    })
-}
-
 /// A customer's one-item order placed on `kernel`; its id.
 async fn customer_order(
     kernel: &RunningKernel,
@@ -716,7 +684,7 @@ async fn an_order_is_watched_live_to_confirmed_and_resumed_without_gaps(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
     let kernel = RunningKernel::start(&db, &[]).await?;
-    let shop = open_shop(&kernel, 5).await?;
+    let shop = shop::open(&kernel, 5).await?;
     let customer = Uuid::now_v7();
     let token = kernel.customer_token(customer)?;
     let order = customer_order(&kernel, &token, shop.product).await?;
@@ -842,7 +810,7 @@ async fn subscribers_see_orders_placed_on_another_kernel(
         ],
     )
     .await?;
-    let shop = open_shop(&node_b, 5).await?;
+    let shop = shop::open(&node_b, 5).await?;
     // The first payment attempt fails and is retried a second later, so
     // the subscription is open before the order moves on.
     let slow_payment = format!(

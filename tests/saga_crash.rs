@@ -11,7 +11,6 @@
 
 #[macro_use]
 mod support;
-mod fakes;
 
 use std::io::{BufRead as _, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -23,10 +22,9 @@ use anyhow::{Context as _, bail, ensure};
 use commerce_kernel::auth::{AuthConfig, Authenticator, KeySource, Role};
 use commerce_kernel::domain::inventory::Inventory;
 use commerce_kernel::event_store::repository::AggregateRepository;
-use fakes::{FakePayments, FakeShipping};
 use serde_json::{Value, json};
 use support::kernel::TEST_JWT_SECRET;
-use support::shop::{self, AdminClient, Provider};
+use support::shop::{self, AdminClient, Shop};
 use support::{TestDatabase, run_suite_except};
 use uuid::Uuid;
 
@@ -190,37 +188,6 @@ impl AdminClient for Kernel {
     }
 }
 
-/// The providers, the plugins installed and active, a definition with
-/// test-sized retries, and a product with `stock` units.
-struct Shop {
-    payments: FakePayments,
-    shipping: FakeShipping,
-    product: Uuid,
-}
-
-async fn set_up(kernel: &Kernel, stock: i64) -> anyhow::Result<Shop> {
-    let payments = FakePayments::start().await;
-    let shipping = FakeShipping::start().await;
-    let product = shop::set_up(
-        kernel,
-        Provider {
-            base_url: payments.base_url(),
-            address: payments.address,
-        },
-        Provider {
-            base_url: shipping.base_url(),
-            address: shipping.address,
-        },
-        stock,
-    )
-    .await?;
-    Ok(Shop {
-        payments,
-        shipping,
-        product,
-    })
-}
-
 /// A cart with one unit, checked out through `placeOrder`; the order's id.
 async fn place_order(
     kernel: &Kernel,
@@ -312,7 +279,7 @@ async fn an_order_placed_through_graphql_reaches_confirmed_through_the_plugins(
 ) -> anyhow::Result<()> {
     let cluster = Cluster::new(&db)?;
     let kernel = cluster.start(None).await?;
-    let shop = set_up(&kernel, 3).await?;
+    let shop = shop::open(&kernel, 3).await?;
     let order_id = place_order(&kernel, &shop, "tok_visa", "DE").await?;
 
     let order = settled(&kernel, order_id).await?;
@@ -420,7 +387,7 @@ async fn a_kernel_killed_at_each_step_boundary_finishes_every_saga_after_restart
 ) -> anyhow::Result<()> {
     let cluster = Cluster::new(&db)?;
     let first = cluster.start(None).await?;
-    let shop = set_up(&first, 10).await?;
+    let shop = shop::open(&first, 10).await?;
     first.kill()?;
 
     let mut confirmed: u32 = 0;
@@ -469,7 +436,7 @@ async fn two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies(
     let cluster = Cluster::new(&db)?;
     let mut doomed = cluster.start(Some("after-call:payment")).await?;
     let survivor = cluster.start(None).await?;
-    let shop = set_up(&survivor, 20).await?;
+    let shop = shop::open(&survivor, 20).await?;
 
     // Orders arrive at both; the doomed kernel stops mid-payment on any it takes.
     let mut orders = Vec::new();

@@ -6,7 +6,6 @@
 
 #[macro_use]
 mod support;
-mod fakes;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -31,7 +30,7 @@ use commerce_kernel::sagas::runner::{RunnerSettings, SagaRunner};
 use commerce_kernel::sagas::{Committed, InstanceUpdate};
 use commerce_plugin_artifacts as artifacts;
 use commerce_plugin_host::{EngineConfig, PluginRegistry, sha256_hex};
-use fakes::{FakePayments, FakeShipping};
+use support::fakes::{FakePayments, FakeShipping};
 use support::{TestDatabase, run_suite};
 use uuid::Uuid;
 

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of the fixtures.
 
+#[path = "../fakes/mod.rs"]
+pub mod fakes;
 pub mod kernel;
 pub mod shop;
 

@@ -6,6 +6,8 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use anyhow::ensure;
+
+use super::fakes::{FakePayments, FakeShipping};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -142,4 +144,35 @@ pub async fn stocked_product(
 /// `placeOrder`'s shipping address, to a country.
 pub fn address(country: &str) -> Value {
     json!({ "name": "Ada", "line1": "1 Main St", "city": "Berlin", "postalCode": "10115", "country": country })
+}
+
+/// Fake providers, the plugins installed against them, and a product.
+pub struct Shop {
+    pub payments: FakePayments,
+    pub shipping: FakeShipping,
+    pub product: Uuid,
+}
+
+/// Starts the fake providers and [`set_up`]s the shop against them.
+pub async fn open(admin: &(impl AdminClient + Sync), stock: i64) -> anyhow::Result<Shop> {
+    let payments = FakePayments::start().await;
+    let shipping = FakeShipping::start().await;
+    let product = set_up(
+        admin,
+        Provider {
+            base_url: payments.base_url(),
+            address: payments.address,
+        },
+        Provider {
+            base_url: shipping.base_url(),
+            address: shipping.address,
+        },
+        stock,
+    )
+    .await?;
+    Ok(Shop {
+        payments,
+        shipping,
+        product,
+    })
 }
