@@ -726,11 +726,22 @@ async fn streams_read_as_of_version_and_time(db: Arc<TestDatabase>) -> anyhow::R
             id,
             StreamSelection {
                 to_version: Some(1),
-                until: None,
+                ..StreamSelection::default()
             },
         )
         .await?;
     ensure!(by_version.len() == 1 && by_version[0].event_type == "Opened");
+    let after_first = store
+        .read_stream(
+            id,
+            StreamSelection {
+                after_version: Some(1),
+                to_version: Some(2),
+                ..StreamSelection::default()
+            },
+        )
+        .await?;
+    ensure!(after_first.len() == 1 && after_first[0].version == 2);
     // Asking past the end gives the whole stream.
     ensure!(repository.load_at_version(id, 99).await?.version == 3);
     Ok(())

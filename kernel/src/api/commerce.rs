@@ -309,7 +309,7 @@ impl Order {
     async fn events(&self, ctx: &Context<'_>) -> Result<Vec<Event>, ApiError> {
         let selection = StreamSelection {
             to_version: Some(self.0.version),
-            until: None,
+            ..StreamSelection::default()
         };
         let events = commerce(ctx)
             .store()
@@ -525,6 +525,7 @@ impl CommerceQuery {
                 StreamSelection {
                     to_version,
                     until: as_of,
+                    ..StreamSelection::default()
                 },
             )
             .await?;

@@ -177,25 +177,71 @@ impl EventLogQuery {
     }
 
     /// One aggregate's events in version order: the whole stream, or the
-    /// stream as it was at `untilVersion` or at time `until`. For admins.
-    #[graphql(guard = "AdminOnly")]
+    /// stream as it was at `untilVersion` or at time `until`. Cursors are
+    /// versions. For admins.
+    #[graphql(guard = "AdminOnly", complexity = "page_cost(first, child_complexity)")]
+    #[allow(clippy::too_many_arguments)]
     async fn aggregate_events(
         &self,
         ctx: &Context<'_>,
         aggregate_id: Uuid,
         until_version: Option<i32>,
         until: Option<DateTime<Utc>>,
-    ) -> Result<Vec<Event>, ApiError> {
-        let to_version = until_version
+        #[graphql(desc = "Page size (default 50, at most the server's maximum page size).")]
+        first: Option<i32>,
+        #[graphql(desc = "Cursor (the version) of the last event already seen.")] after: Option<
+            String,
+        >,
+    ) -> Result<Page<Event>, ApiError> {
+        let first = page_size(ctx, first)?;
+        let until_version = until_version
             .map(|v| {
                 u32::try_from(v)
                     .map_err(|_| ApiError::invalid("untilVersion", "must not be negative"))
             })
             .transpose()?;
-        let events = event_store(ctx)
-            .read_stream(aggregate_id, StreamSelection { to_version, until })
-            .await?;
-        Ok(events.into_iter().map(Event).collect())
+        let after_version = after
+            .as_deref()
+            .map(|cursor| {
+                cursor
+                    .parse::<u32>()
+                    .map_err(|_| ApiError::invalid("after", "not a cursor of this list"))
+            })
+            .transpose()?;
+        // One more than asked for tells whether another page follows.
+        let page_end = after_version.unwrap_or(0).saturating_add(first + 1);
+        let selection = StreamSelection {
+            after_version,
+            to_version: Some(until_version.map_or(page_end, |v| v.min(page_end))),
+            until,
+        };
+        let store = Arc::clone(event_store(ctx));
+        let mut events = store.read_stream(aggregate_id, selection).await?;
+        let has_next_page = events.len() > first as usize;
+        events.truncate(first as usize);
+        let total = TotalCount::new(move || {
+            let store = Arc::clone(&store);
+            Box::pin(async move {
+                let whole = StreamSelection {
+                    to_version: until_version,
+                    until,
+                    ..StreamSelection::default()
+                };
+                if until.is_none() {
+                    let version = store.stream_version(aggregate_id).await?;
+                    return Ok(u64::from(until_version.map_or(version, |v| v.min(version))));
+                }
+                Ok(store.read_stream(aggregate_id, whole).await?.len() as u64)
+            })
+        });
+        let mut connection =
+            Connection::with_additional_fields(after.is_some(), has_next_page, total);
+        connection.edges.extend(
+            events
+                .into_iter()
+                .map(|event| Edge::new(event.version.to_string(), Event(event))),
+        );
+        Ok(connection)
     }
 
     /// Cursor of the newest event readers can see now; compare with a

@@ -225,6 +225,8 @@ pub struct RecordedEvent {
 /// Which part of one stream to read. The default is the whole stream.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamSelection {
+    /// Include only versions above this one (to page through a stream).
+    pub after_version: Option<u32>,
     /// Highest version to include (the stream as it was at that version).
     pub to_version: Option<u32>,
     /// Include only events written at or before this time (the stream as it was then).

@@ -54,7 +54,7 @@ impl<A: Aggregate> AggregateRepository<A> {
     pub async fn load_at_version(&self, id: Uuid, version: u32) -> Result<Loaded<A>, StoreError> {
         let selection = StreamSelection {
             to_version: Some(version),
-            until: None,
+            ..StreamSelection::default()
         };
         self.load_selected(id, selection).await
     }
@@ -62,8 +62,8 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// The aggregate as it was at `time`.
     pub async fn load_as_of(&self, id: Uuid, time: DateTime<Utc>) -> Result<Loaded<A>, StoreError> {
         let selection = StreamSelection {
-            to_version: None,
             until: Some(time),
+            ..StreamSelection::default()
         };
         self.load_selected(id, selection).await
     }

@@ -484,11 +484,17 @@ impl EventStore for PostgresEventStore {
              WHERE aggregate_id = $1 \
                AND ($2::integer IS NULL OR version <= $2) \
                AND ($3::timestamptz IS NULL OR created_at <= $3) \
+               AND ($4::integer IS NULL OR version > $4) \
              ORDER BY version"
         ))
         .bind(aggregate_id)
         .bind(to_version)
         .bind(selection.until)
+        .bind(
+            selection
+                .after_version
+                .map(|v| i32::try_from(v).unwrap_or(i32::MAX)),
+        )
         .fetch_all(&self.pool)
         .await?;
         to_recorded(rows)

@@ -360,11 +360,13 @@ impl EventStore for SqliteEventStore {
              WHERE aggregate_id = ?1 \
                AND (?2 IS NULL OR version <= ?2) \
                AND (?3 IS NULL OR created_at <= ?3) \
+               AND (?4 IS NULL OR version > ?4) \
              ORDER BY version"
         ))
         .bind(aggregate_id)
         .bind(selection.to_version.map(i64::from))
         .bind(selection.until.map(|t| t.timestamp_micros()))
+        .bind(selection.after_version.map(i64::from))
         .fetch_all(&self.database.reader)
         .await?;
         to_recorded(rows)
