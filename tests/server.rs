@@ -11,7 +11,7 @@ use anyhow::{Context as _, ensure};
 use commerce_kernel::config;
 use commerce_kernel::event_store::{AppendOutcome, AppendRequest, NewEvent};
 use serde_json::{Value, json};
-use support::kernel::RunningKernel;
+use support::kernel::{RunningKernel, error_code, payload_codes};
 use support::{TestDatabase, run_suite, wait_until_readable};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use uuid::Uuid;
@@ -178,11 +178,6 @@ async fn graphql_reads_a_stream_as_of_a_version(db: Arc<TestDatabase>) -> anyhow
     kernel.stop().await
 }
 
-/// The `extensions.code` of a response's first error.
-fn error_code(response: &Value) -> Option<&str> {
-    response["errors"][0]["extensions"]["code"].as_str()
-}
-
 async fn graphql_errors_carry_codes(db: Arc<TestDatabase>) -> anyhow::Result<()> {
     let kernel = RunningKernel::start(&db, &[]).await?;
     let bad_cursor = kernel
@@ -300,19 +295,6 @@ mutation ($sku: String!, $amount: Decimal!) {
   }
 }"#;
 
-/// A mutation's typed error codes, in order.
-fn codes(payload: &Value) -> Vec<String> {
-    payload["errors"]
-        .as_array()
-        .map(|errors| {
-            errors
-                .iter()
-                .filter_map(|e| e["code"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 async fn graphql_catalog_and_inventory_read_their_own_writes(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
@@ -321,7 +303,7 @@ async fn graphql_catalog_and_inventory_read_their_own_writes(
         .graphql(CREATE_PRODUCT, json!({ "sku": "TEA-1", "amount": "24.90" }))
         .await?;
     let payload = &created["data"]["createProduct"];
-    ensure!(codes(payload).is_empty(), "{created}");
+    ensure!(payload_codes(payload).is_empty(), "{created}");
     ensure!(
         payload["product"]["price"] == json!({ "amount": "24.90", "currency": "EUR" }),
         "{created}"
@@ -336,14 +318,14 @@ async fn graphql_catalog_and_inventory_read_their_own_writes(
         .graphql(CREATE_PRODUCT, json!({ "sku": "tea-1", "amount": "1" }))
         .await?;
     ensure!(
-        codes(&duplicate["data"]["createProduct"]) == ["DUPLICATE_SKU"],
+        payload_codes(&duplicate["data"]["createProduct"]) == ["DUPLICATE_SKU"],
         "{duplicate}"
     );
     let bad_price = kernel
         .graphql(CREATE_PRODUCT, json!({ "sku": "TEA-2", "amount": "1.999" }))
         .await?;
     ensure!(
-        codes(&bad_price["data"]["createProduct"]) == ["INVALID_INPUT"],
+        payload_codes(&bad_price["data"]["createProduct"]) == ["INVALID_INPUT"],
         "{bad_price}"
     );
 
@@ -376,7 +358,7 @@ async fn graphql_catalog_and_inventory_read_their_own_writes(
         )
         .await?;
     ensure!(
-        codes(&stale["data"]["reserveInventory"]) == ["VERSION_CONFLICT"],
+        payload_codes(&stale["data"]["reserveInventory"]) == ["VERSION_CONFLICT"],
         "{stale}"
     );
     let reserved = kernel
@@ -401,7 +383,7 @@ async fn graphql_catalog_and_inventory_read_their_own_writes(
         )
         .await?;
     ensure!(
-        codes(&sold_out["data"]["reserveInventory"]) == ["INSUFFICIENT_STOCK"],
+        payload_codes(&sold_out["data"]["reserveInventory"]) == ["INSUFFICIENT_STOCK"],
         "{sold_out}"
     );
 
@@ -436,7 +418,7 @@ async fn graphql_catalog_and_inventory_read_their_own_writes(
         )
         .await?;
     ensure!(
-        codes(&rebuilt["data"]["rebuildProjections"]).is_empty(),
+        payload_codes(&rebuilt["data"]["rebuildProjections"]).is_empty(),
         "{rebuilt}"
     );
     let again = kernel
@@ -574,7 +556,7 @@ async fn graphql_orders_show_their_history_and_past_versions(
         )
         .await?;
     ensure!(
-        codes(&again["data"]["cancelOrder"]) == ["ILLEGAL_TRANSITION"],
+        payload_codes(&again["data"]["cancelOrder"]) == ["ILLEGAL_TRANSITION"],
         "{again}"
     );
     let metrics = kernel

@@ -404,21 +404,13 @@ impl IntoResponse for BadRequest {
                 ErrorCode::InvalidQuery,
                 "the request body is too large",
             ),
-            other => graphql_error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::InvalidQuery,
-                &format!("not a GraphQL request: {}", short_reason(&other)),
-            ),
+            other => graphql_error(StatusCode::BAD_REQUEST, ErrorCode::InvalidQuery, &{
+                // The parse error may quote the body.
+                let mut reason = format!("not a GraphQL request: {other}");
+                api::error::shorten(&mut reason);
+                reason
+            }),
         }
-    }
-}
-
-/// The parse error's message, kept short (it may quote the body).
-fn short_reason(error: &async_graphql::ParseRequestError) -> String {
-    let text = error.to_string();
-    match text.char_indices().nth(200) {
-        Some((cut, _)) => format!("{}...", &text[..cut]),
-        None => text,
     }
 }
 

@@ -174,3 +174,21 @@ impl super::shop::AdminClient for RunningKernel {
         self.graphql(query, variables).await
     }
 }
+
+/// The `extensions.code` of a response's first error.
+pub fn error_code(response: &Value) -> Option<&str> {
+    response["errors"][0]["extensions"]["code"].as_str()
+}
+
+/// A mutation payload's typed error codes (`errors { code }`), in order.
+pub fn payload_codes(payload: &Value) -> Vec<String> {
+    payload["errors"]
+        .as_array()
+        .map(|errors| {
+            errors
+                .iter()
+                .filter_map(|e| e["code"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}

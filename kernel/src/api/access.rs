@@ -48,7 +48,8 @@ pub(crate) fn command_context(ctx: &Context<'_>) -> Result<CommandContext, ApiEr
     })
 }
 
-/// Whether the caller may see the order with `customer_id` as its customer.
+/// Whether the caller may see what belongs to the customer `customer_id`
+/// (a cart or an order).
 pub(crate) fn may_access(ctx: &Context<'_>, customer_id: Uuid) -> Result<bool, ApiError> {
     Ok(principal(ctx)?.may_access(customer_id))
 }

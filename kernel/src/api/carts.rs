@@ -321,6 +321,26 @@ async fn cart_payload(
     }
 }
 
+/// Runs the cart command `command` builds, once the caller is known to own
+/// the cart; a stranger's cart is refused like a missing one, before its
+/// arguments are even looked at.
+async fn change_own_cart<F>(
+    ctx: &Context<'_>,
+    cart_id: Uuid,
+    command: impl FnOnce() -> Result<F, ApiError>,
+) -> Result<CartPayload, ApiError>
+where
+    F: std::future::Future<Output = Result<crate::domain::cart::Cart, CommandError>>,
+{
+    if let Some(refusal) = access::cart_refusal(ctx, cart_id).await? {
+        return Ok(CartPayload {
+            cart: None,
+            errors: vec![refusal],
+        });
+    }
+    cart_payload(ctx, refused(command()?).await?).await
+}
+
 #[derive(Default)]
 pub struct CartQuery;
 
@@ -465,18 +485,14 @@ impl CartMutation {
         #[graphql(desc = "Refuse with VERSION_CONFLICT unless the cart is at this version.")]
         expected_version: Option<i32>,
     ) -> Result<CartPayload, ApiError> {
-        if let Some(refusal) = access::cart_refusal(ctx, cart_id).await? {
-            return Ok(CartPayload {
-                cart: None,
-                errors: vec![refusal],
-            });
-        }
-        let expected = version_argument("expectedVersion", expected_version)?;
-        let command = async {
-            let items = self::items(&items)?;
-            carts(ctx).change_items(cart_id, &items, expected).await
-        };
-        cart_payload(ctx, refused(command).await?).await
+        change_own_cart(ctx, cart_id, || {
+            let expected = version_argument("expectedVersion", expected_version)?;
+            Ok(async move {
+                let items = self::items(&items)?;
+                carts(ctx).change_items(cart_id, &items, expected).await
+            })
+        })
+        .await
     }
 
     async fn remove_cart_item(
@@ -486,15 +502,11 @@ impl CartMutation {
         product_id: Uuid,
         expected_version: Option<i32>,
     ) -> Result<CartPayload, ApiError> {
-        if let Some(refusal) = access::cart_refusal(ctx, cart_id).await? {
-            return Ok(CartPayload {
-                cart: None,
-                errors: vec![refusal],
-            });
-        }
-        let expected = version_argument("expectedVersion", expected_version)?;
-        let command = carts(ctx).remove_item(cart_id, product_id, expected);
-        cart_payload(ctx, refused(command).await?).await
+        change_own_cart(ctx, cart_id, || {
+            let expected = version_argument("expectedVersion", expected_version)?;
+            Ok(carts(ctx).remove_item(cart_id, product_id, expected))
+        })
+        .await
     }
 
     async fn clear_cart(
@@ -503,15 +515,11 @@ impl CartMutation {
         cart_id: Uuid,
         expected_version: Option<i32>,
     ) -> Result<CartPayload, ApiError> {
-        if let Some(refusal) = access::cart_refusal(ctx, cart_id).await? {
-            return Ok(CartPayload {
-                cart: None,
-                errors: vec![refusal],
-            });
-        }
-        let expected = version_argument("expectedVersion", expected_version)?;
-        let command = carts(ctx).clear(cart_id, expected);
-        cart_payload(ctx, refused(command).await?).await
+        change_own_cart(ctx, cart_id, || {
+            let expected = version_argument("expectedVersion", expected_version)?;
+            Ok(carts(ctx).clear(cart_id, expected))
+        })
+        .await
     }
 
     /// Turns the cart into an order (PENDING), exactly once: placing it again,

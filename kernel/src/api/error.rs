@@ -315,9 +315,14 @@ fn shape(errors: &mut [ServerError]) {
                 .get_or_insert_with(Default::default)
                 .set("code", ErrorCode::InvalidQuery.as_str());
         }
-        if let Some((cut, _)) = error.message.char_indices().nth(MAX_MESSAGE_CHARS) {
-            error.message.truncate(cut);
-            error.message.push_str("...");
-        }
+        shorten(&mut error.message);
+    }
+}
+
+/// Cuts `message` to [`MAX_MESSAGE_CHARS`], marking the cut.
+pub(crate) fn shorten(message: &mut String) {
+    if let Some((cut, _)) = message.char_indices().nth(MAX_MESSAGE_CHARS) {
+        message.truncate(cut);
+        message.push_str("...");
     }
 }

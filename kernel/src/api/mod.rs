@@ -102,7 +102,8 @@ fn schema_builder(
     .limit_depth(limits.max_depth)
     .limit_complexity(limits.max_complexity)
     // Fragment spreads and nested input values have their own recursion
-    // bound, kept at the depth limit so neither is the weaker one.
+    // bound: async-graphql's default (32), or the depth limit if higher, so
+    // it never refuses what the depth limit allows.
     .limit_recursive_depth(limits.max_depth.max(32))
     .extension(limits::AliasLimit(limits.max_aliases))
     .extension(error::ErrorShape);
@@ -222,16 +223,17 @@ impl EventLogQuery {
         let total = TotalCount::new(move || {
             let store = Arc::clone(&store);
             Box::pin(async move {
-                let whole = StreamSelection {
+                if until.is_none() {
+                    // Versions run 1..=n without gaps.
+                    let version = store.stream_version(aggregate_id).await?;
+                    return Ok(u64::from(until_version.map_or(version, |v| v.min(version))));
+                }
+                let as_of = StreamSelection {
                     to_version: until_version,
                     until,
                     ..StreamSelection::default()
                 };
-                if until.is_none() {
-                    let version = store.stream_version(aggregate_id).await?;
-                    return Ok(u64::from(until_version.map_or(version, |v| v.min(version))));
-                }
-                Ok(store.read_stream(aggregate_id, whole).await?.len() as u64)
+                Ok(store.read_stream(aggregate_id, as_of).await?.len() as u64)
             })
         });
         let mut connection =
