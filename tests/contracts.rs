@@ -47,7 +47,7 @@ fn the_package_is_versioned() {
     let (resolve, package) = package();
     assert_eq!(
         resolve.packages[package].name.to_string(),
-        "commerce:plugin@0.1.0"
+        "commerce:plugin@0.2.0"
     );
 }
 

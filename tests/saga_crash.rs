@@ -5,9 +5,12 @@
 //! per order in the fake provider's ledger and the stock consistent; and two
 //! kernels sharing Postgres, one killed mid-payment, finish every saga.
 //!
-//! Kernels stop at a step boundary through `COMMERCE_TEST_PAUSE_AT`: the
-//! runner announces the point on stdout and waits there forever, and the
-//! test kills the process at that moment.
+//! Kernels stop at a step boundary through `COMMERCE_TEST_PAUSE_AT` (a
+//! fault hook of test builds): the runner announces the point on stdout and
+//! waits there forever, and the test kills the process at that moment.
+//!
+//! Also here, because it needs a kernel process of its own: plugins that
+//! spin until their limits do not hold up the kernel's other requests.
 
 #[macro_use]
 mod support;
@@ -40,6 +43,7 @@ fn main() {
             an_order_placed_through_graphql_reaches_confirmed_through_the_plugins,
             a_kernel_killed_at_each_step_boundary_finishes_every_saga_after_restart,
             two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies,
+            spinning_plugins_do_not_hold_up_other_requests,
         ],
         &["two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies"],
     );
@@ -150,6 +154,18 @@ impl Kernel {
     }
 
     /// SIGKILL: no shutdown, no lease given back.
+    /// How long `/health` takes to answer.
+    async fn time_health(&self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        let response = self
+            .http
+            .get(format!("http://{}/health", self.address))
+            .send()
+            .await?;
+        ensure!(response.status() == 200, "health: {}", response.status());
+        Ok(started.elapsed())
+    }
+
     fn kill(mut self) -> anyhow::Result<()> {
         self.child.kill()?;
         self.child.wait()?;
@@ -461,4 +477,125 @@ async fn two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies(
     ensure!(shop.shipping.shipments().len() == ORDERS);
     check_stock(&db, &shop, 20, ORDERS as u32).await?;
     survivor.kill()
+}
+
+async fn spinning_plugins_do_not_hold_up_other_requests(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    /// The slowest answer allowed while the plugins spin.
+    const ANSWER_WITHIN: Duration = Duration::from_millis(100);
+    const SPINNING: usize = 4;
+    let cluster = Cluster::new(&db)?;
+    let kernel = cluster.start(None).await?;
+    let shop = shop::open(&kernel, 10).await?;
+    // A pure step that spins until its limits: 10^10 fuel, 5 s.
+    kernel
+        .mutate(
+            "installPlugin",
+            "mutation ($input: InstallPluginInput!) { installPlugin(input: $input) { errors { field code message } } }",
+            json!({ "input": shop::upload(
+                "spinner",
+                "saga-step",
+                commerce_plugin_artifacts::MISBEHAVING,
+                "[limits]\nfuel = 10000000000\ntimeout_ms = 5000",
+            )? }),
+        )
+        .await?;
+    kernel
+        .mutate(
+            "activatePlugin",
+            "mutation { activatePlugin(input: { name: \"spinner\", version: \"1.0.0\" }) { errors { code message } } }",
+            json!({}),
+        )
+        .await?;
+    let retry = shop::RETRY;
+    let spin = "{ maxAttempts: 1, initialBackoffMs: 50, maxBackoffMs: 200, timeoutMs: 6000 }";
+    let define = format!(
+        "mutation {{ defineSaga(input: {{ timeoutMs: 60000, compensationRetry: {retry}, steps: [
+            {{ name: \"reserve-inventory\", kind: RESERVE_INVENTORY, retry: {retry} }},
+            {{ name: \"loop\", kind: CUSTOM, plugin: \"spinner\", retry: {spin} }},
+            {{ name: \"payment\", kind: PAYMENT, plugin: \"payment\", retry: {retry} }},
+            {{ name: \"shipment\", kind: SHIPMENT, plugin: \"shipping\", retry: {retry} }},
+            {{ name: \"confirm\", kind: CONFIRM, retry: {retry} }} ] }})
+          {{ definition {{ revision }} errors {{ field code message }} }} }}"
+    );
+    kernel.mutate("defineSaga", &define, json!({})).await?;
+    let mut orders = Vec::new();
+    for _ in 0..SPINNING {
+        orders.push(place_order(&kernel, &shop, "tok_visa", "DE").await?);
+    }
+    let spinning = async |kernel: &Kernel, order_id: Uuid| -> anyhow::Result<bool> {
+        let body = kernel.graphql(ORDER, json!({ "id": order_id })).await?;
+        let steps = body["data"]["order"]["saga"]["steps"].clone();
+        Ok(steps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["name"] == "loop" && s["status"] == "RUNNING"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut all = true;
+        for order_id in &orders {
+            all &= spinning(&kernel, *order_id).await?;
+        }
+        if all {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the steps never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The calls are in their wasm now (the step was recorded first). While
+    // they spin, the kernel answers.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut slowest = Duration::ZERO;
+    for _ in 0..20 {
+        slowest = slowest.max(kernel.time_health().await?);
+        let started = Instant::now();
+        kernel
+            .graphql(
+                "{ products(first: 5) { edges { node { id } } } }",
+                json!({}),
+            )
+            .await?;
+        slowest = slowest.max(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for order_id in &orders {
+        ensure!(
+            spinning(&kernel, *order_id).await?,
+            "still spinning after the measurements, so they overlapped"
+        );
+    }
+    ensure!(
+        slowest < ANSWER_WITHIN,
+        "/health and a query answered within {ANSWER_WITHIN:?} while {SPINNING} plugins spun: slowest {slowest:?}"
+    );
+
+    // Each step ran out of time once and was undone by its `compensate`,
+    // never executed again to find out what it did: it cannot reach out.
+    for order_id in &orders {
+        let order = settled(&kernel, *order_id).await?;
+        ensure!(
+            order["status"] == "FAILED" && order["saga"]["status"] == "COMPENSATED",
+            "{order}"
+        );
+    }
+    let metrics = kernel
+        .http
+        .get(format!("http://{}/metrics", kernel.address))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let calls = metrics
+        .lines()
+        .find(|line| line.starts_with("commerce_plugin_invocations_total{plugin=\"spinner\"}"))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|count| count.parse::<u64>().ok());
+    ensure!(
+        calls == Some(2 * SPINNING as u64),
+        "one execute and one compensate each: {calls:?}"
+    );
+    kernel.kill()
 }

@@ -538,17 +538,48 @@ async fn graphql_orders_show_their_history_and_past_versions(
         listed["data"]["orders"]["edges"][0]["node"]["id"] == json!(order.id),
         "{listed}"
     );
+    // The order has no saga yet: cancelling starts one, which cancels the
+    // order before any step.
     let cancelled = kernel
         .graphql(
-            r#"mutation ($id: UUID!) { cancelOrder(id: $id, reason: "out of time") { order { status reason } errors { code } } }"#,
+            r#"mutation ($id: UUID!) { cancelOrder(id: $id, reason: "out of time") { saga { status reason } errors { code } } }"#,
             json!({ "id": order.id }),
         )
         .await?;
     ensure!(
-        cancelled["data"]["cancelOrder"]["order"]
-            == json!({ "status": "CANCELLED", "reason": "out of time" }),
+        cancelled["data"]["cancelOrder"]["saga"]["reason"] == "out of time",
         "{cancelled}"
     );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = kernel
+            .graphql(
+                r#"query ($id: UUID!) { order(id: $id) { status reason saga { status steps { name status } } } }"#,
+                json!({ "id": order.id }),
+            )
+            .await?;
+        let view = &now["data"]["order"];
+        if view["status"] == "CANCELLED" {
+            ensure!(
+                view["reason"] == "out of time" && view["saga"]["status"] == "COMPENSATED",
+                "{now}"
+            );
+            ensure!(
+                view["saga"]["steps"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .all(|step| step["status"] == "PENDING"),
+                "cancelled before any step: {now}"
+            );
+            break;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "never cancelled: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let again = kernel
         .graphql(
             r#"mutation ($id: UUID!) { cancelOrder(id: $id, reason: "twice") { order { status } errors { code } } }"#,

@@ -46,10 +46,11 @@ pub const LIVE_POLL_MS: &str = "COMMERCE_LIVE_POLL_MS";
 pub const SAGA_LEASE_MS: &str = "COMMERCE_SAGA_LEASE_MS";
 pub const SAGA_POLL_MS: &str = "COMMERCE_SAGA_POLL_MS";
 pub const SAGA_CONCURRENCY: &str = "COMMERCE_SAGA_CONCURRENCY";
-/// For the crash tests only: `<when>:<step>` points (comma-separated) at
-/// which the saga runner stops for good, so a test can kill the process
-/// there. `when` is before-call, after-call, before-compensation or
-/// after-compensation.
+/// For the crash tests only, and only in builds with the `test-hooks`
+/// feature (a release build refuses to start with it): `<when>:<step>`
+/// points (comma-separated) at which the saga runner stops for good, waits
+/// (`=<ms>`) or panics (`=panic`); see [`crate::sagas::hooks`]. `when` is
+/// before-call, after-call, before-compensation or after-compensation.
 pub const TEST_PAUSE_AT: &str = "COMMERCE_TEST_PAUSE_AT";
 
 /// Longest cart time to live accepted: 90 days.
@@ -137,8 +138,8 @@ pub struct SagasConfig {
     pub poll_interval: Duration,
     /// Sagas driven at once by this process.
     pub max_concurrent: usize,
-    /// See [`TEST_PAUSE_AT`].
-    pub pause_at: Vec<String>,
+    /// The fault hooks of [`TEST_PAUSE_AT`], as set (checked).
+    pub fault_hooks: Option<String>,
 }
 
 /// A configuration value the kernel cannot use.
@@ -211,19 +212,14 @@ impl Config {
         if !(1..=4096).contains(&max_concurrent) {
             return Err(invalid(SAGA_CONCURRENCY, "must be between 1 and 4096"));
         }
+        let fault_hooks = get(TEST_PAUSE_AT);
+        crate::sagas::hooks::FaultHooks::from_setting(fault_hooks.as_deref())
+            .map_err(|reason| invalid(TEST_PAUSE_AT, &reason))?;
         let sagas = SagasConfig {
             lease: Duration::from_millis(lease_ms),
             poll_interval: Duration::from_millis(poll_ms),
             max_concurrent,
-            pause_at: get(TEST_PAUSE_AT)
-                .map(|points| {
-                    points
-                        .split(',')
-                        .map(|p| p.trim().to_string())
-                        .filter(|p| !p.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default(),
+            fault_hooks,
         };
 
         let carts = match get(REDIS_URL) {

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
@@ -28,11 +28,12 @@ use crate::api::{self, ErrorCode, KernelSchema};
 use crate::auth::{AuthError, AuthSetupError, Authenticator};
 use crate::carts::{self, ActivityRecorder, CartStore, CartStoreError};
 use crate::commerce::{Carts, Commerce, Plugins, Sagas};
-use crate::config::{Config, ConfigError, GraphqlLimits};
+use crate::config::{Config, ConfigError, GraphqlLimits, TEST_PAUSE_AT};
 use crate::event_store::StoreError;
 use crate::live::{LiveUpdates, NotifyingEventStore, NotifyingSagaStore};
 use crate::projections::Projector;
-use crate::sagas::runner::{RunnerSettings, SagaRunner};
+use crate::sagas::hooks::FaultHooks;
+use crate::sagas::runner::{RunnerMetrics, RunnerSettings, SagaRunner};
 use crate::storage::Database;
 
 /// How long a health probe waits for a backing store before calling it down.
@@ -70,6 +71,8 @@ pub struct AppState {
     projector: Projector,
     plugins: Plugins,
     sagas: Sagas,
+    /// The counters of this process's saga runner.
+    saga_runner: Arc<RunnerMetrics>,
     live: LiveUpdates,
     auth: Authenticator,
     limits: GraphqlLimits,
@@ -114,6 +117,7 @@ impl AppState {
             projector,
             plugins,
             sagas,
+            saga_runner: Arc::default(),
             live,
             auth,
             limits: config.graphql,
@@ -185,7 +189,7 @@ pub async fn serve(
 ) -> Result<(), KernelError> {
     let registry = open_plugins(config).await?;
     let auth = Authenticator::open(&config.auth).await?;
-    let state = AppState::new(
+    let mut state = AppState::new(
         database.clone(),
         Arc::clone(&cart_store),
         registry,
@@ -208,11 +212,17 @@ pub async fn serve(
             lease: config.sagas.lease,
             poll_interval: config.sagas.poll_interval,
             max_concurrent: config.sagas.max_concurrent,
-            pause_at: config.sagas.pause_at.iter().cloned().collect(),
+            hooks: FaultHooks::from_setting(config.sagas.fault_hooks.as_deref()).map_err(
+                |reason| ConfigError {
+                    variable: TEST_PAUSE_AT,
+                    reason,
+                },
+            )?,
         },
     ));
-    if !config.sagas.pause_at.is_empty() {
-        tracing::warn!(points = ?config.sagas.pause_at, "saga pause points set: for crash tests only");
+    state.saga_runner = runner.metrics();
+    if let Some(points) = &config.sagas.fault_hooks {
+        tracing::warn!(%points, "saga fault hooks set: for the test suites only");
     }
     let redis = match &config.carts {
         carts::CartBackendConfig::Redis { url, key_prefix } => {
@@ -591,7 +601,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
          # TYPE commerce_command_conflicts_total counter\n\
          commerce_command_conflicts_total {other}\n"
     );
-    let body = body + &plugin_metrics(&state.plugins) + &saga_metrics(&state.sagas).await;
+    let body = body
+        + &plugin_metrics(&state.plugins)
+        + &saga_metrics(&state.sagas).await
+        + &runner_metrics(&state.saga_runner);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -622,6 +635,45 @@ async fn saga_metrics(sagas: &Sagas) -> String {
             .find(|(s, _)| *s == status)
             .map_or(0, |(_, count)| *count);
         let _ = writeln!(text, "commerce_sagas{{status=\"{status}\"}} {count}");
+    }
+    text
+}
+
+/// What this process's saga runner counted.
+fn runner_metrics(runner: &RunnerMetrics) -> String {
+    use std::fmt::Write as _;
+    let counter = |name: &str, help: &str, value: &AtomicU64| {
+        format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+            value.load(Ordering::Relaxed)
+        )
+    };
+    let mut text = counter(
+        "commerce_saga_write_retries_total",
+        "Saga writes retried after the store failed (each retry backs off).",
+        &runner.write_retries,
+    ) + &counter(
+        "commerce_saga_deferrals_total",
+        "Sagas given back because a step's plugin was not active on this process.",
+        &runner.deferrals,
+    ) + &counter(
+        "commerce_saga_leases_lost_total",
+        "Saga drives stopped because another process holds the saga now.",
+        &runner.leases_lost,
+    ) + &counter(
+        "commerce_saga_drive_panics_total",
+        "Saga drive tasks that panicked (the saga was given back).",
+        &runner.panics,
+    );
+    text.push_str(
+        "# HELP commerce_sagas_parked_total Sagas this process parked for a person, by cause.\n\
+         # TYPE commerce_sagas_parked_total counter\n",
+    );
+    for (cause, count) in runner.parked() {
+        let _ = writeln!(
+            text,
+            "commerce_sagas_parked_total{{cause=\"{cause}\"}} {count}"
+        );
     }
     text
 }

@@ -2,13 +2,21 @@
 //! speaking the APIs the `payment-http` and `shipping-http` plugins expect,
 //! each keeping a ledger keyed by idempotency key.
 //!
+//! Both answer `GET /payments?idempotency_key=` (`/shipments?…`) with what
+//! a key created, for the plugins' `lookup`.
+//!
 //! Failure injection:
 //! - payment method `tok_decline`: 402 `card_declined` (recorded, replayed);
+//!   the `tok_decline_*` methods of [`HOSTILE_DECLINES`] decline with hostile
+//!   text (two lines, 20 KB, control characters, HTML, bytes that are not
+//!   UTF-8);
+//! - payment method `tok_auth_only`: every payment is only authorized, even
+//!   a charge that asked for capture, as some providers answer;
 //! - payment method `tok_slow`: the charge is recorded, then the answer is
 //!   held for [`SLOW_RESPONSE`], past any test plugin's deadline; a retry
 //!   with the same key gets the recorded answer at once;
 //! - [`FakePayments::fail_next`] / [`FakeShipping::fail_next`]: the next
-//!   requests get HTTP 500 and are not recorded;
+//!   requests (lookups included) get HTTP 500 and are not recorded;
 //! - a shipping address in country `XX`: 422 `address_refused`.
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
@@ -19,15 +27,85 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::{Value, json};
 
 /// How long a `tok_slow` answer is held.
 pub const SLOW_RESPONSE: Duration = Duration::from_secs(3);
 
-type Answer = (StatusCode, Json<Value>);
+/// Payment methods the fake declines with hostile text, and what it sends.
+pub const HOSTILE_DECLINES: [&str; 5] = [
+    "tok_decline_multiline",
+    "tok_decline_huge",
+    "tok_decline_control",
+    "tok_decline_html",
+    "tok_decline_binary",
+];
+
+/// A recorded answer: status and body, replayed byte for byte.
+#[derive(Clone, Debug)]
+struct Answer {
+    status: StatusCode,
+    body: Vec<u8>,
+    content_type: &'static str,
+}
+
+impl Answer {
+    fn json(status: StatusCode, body: Value) -> Answer {
+        Answer {
+            status,
+            body: body.to_string().into_bytes(),
+            content_type: "application/json",
+        }
+    }
+}
+
+impl IntoResponse for Answer {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            [(header::CONTENT_TYPE, self.content_type)],
+            self.body,
+        )
+            .into_response()
+    }
+}
+
+/// The decline a `tok_decline*` payment method asks for, if it is one.
+fn decline(method: &str) -> Option<Answer> {
+    let declined = |code: &str, message: &str| {
+        Answer::json(
+            StatusCode::PAYMENT_REQUIRED,
+            json!({ "error": { "code": code, "message": message } }),
+        )
+    };
+    let raw = |content_type: &'static str, body: Vec<u8>| Answer {
+        status: StatusCode::PAYMENT_REQUIRED,
+        body,
+        content_type,
+    };
+    Some(match method {
+        "tok_decline" => declined("card_declined", "the card was declined"),
+        "tok_decline_multiline" => declined(
+            "card_declined",
+            "Your card was declined.\nPlease try another card.",
+        ),
+        "tok_decline_huge" => declined("card_declined", &"declined ".repeat(20 * 1024 / 9)),
+        "tok_decline_control" => declined(
+            "card\ndeclined <b>\u{0}",
+            "no\u{0}\u{7}\u{1b}[31m\r\n\u{202e}gnirts\tmore",
+        ),
+        "tok_decline_html" => raw(
+            "text/html",
+            b"<!DOCTYPE html>\n<html><body><h1>402</h1>\n<p>Declined</p></body></html>".to_vec(),
+        ),
+        "tok_decline_binary" => raw("application/json", vec![0xff, 0xfe, b'{', 0x80, 0x00]),
+        _ => return None,
+    })
+}
 
 /// One payment as the fake provider keeps it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,8 +123,14 @@ struct PaymentLedger {
     /// Every answer given, by idempotency key, replayed on a repeat.
     answers: BTreeMap<String, Answer>,
     payments: BTreeMap<String, FakePayment>,
+    /// The payment each creating key made.
+    created_by: BTreeMap<String, String>,
     /// Requests that reached the service, including repeats and failures.
     requests: u64,
+    /// Writing requests per idempotency key, repeats included.
+    requests_by_key: BTreeMap<String, u64>,
+    /// `lookup` requests answered.
+    lookups: u64,
     fail_next: u32,
 }
 
@@ -61,7 +145,7 @@ impl FakePayments {
     pub async fn start() -> FakePayments {
         let ledger = Arc::new(Mutex::new(PaymentLedger::default()));
         let app = Router::new()
-            .route("/payments", post(create_payment))
+            .route("/payments", post(create_payment).get(find_payments))
             .route("/payments/{id}/{action}", post(payment_action))
             .with_state(Arc::clone(&ledger));
         let (address, server) = serve(app).await;
@@ -106,6 +190,17 @@ impl FakePayments {
     pub fn requests(&self) -> u64 {
         self.ledger.lock().expect("ledger").requests
     }
+
+    /// Writing requests that carried `key`, repeats included.
+    pub fn requests_with_key(&self, key: &str) -> u64 {
+        let ledger = self.ledger.lock().expect("ledger");
+        ledger.requests_by_key.get(key).copied().unwrap_or(0)
+    }
+
+    /// `lookup` requests the service answered.
+    pub fn lookups(&self) -> u64 {
+        self.ledger.lock().expect("ledger").lookups
+    }
 }
 
 /// A server task on a loopback port, stopped when dropped.
@@ -129,10 +224,32 @@ async fn serve(app: Router) -> (SocketAddr, Loopback) {
 }
 
 fn error(status: StatusCode, code: &str, message: &str) -> Answer {
-    (
+    Answer::json(
         status,
-        Json(json!({ "error": { "code": code, "message": message } })),
+        json!({ "error": { "code": code, "message": message } }),
     )
+}
+
+/// The parts of a ledger every request touches.
+struct Admission<'a> {
+    requests: &'a mut u64,
+    requests_by_key: &'a mut BTreeMap<String, u64>,
+    fail_next: &'a mut u32,
+    answers: &'a mut BTreeMap<String, Answer>,
+}
+
+/// Counts a request and applies an injected failure.
+fn injected_failure(requests: &mut u64, fail_next: &mut u32) -> Option<Answer> {
+    *requests += 1;
+    if *fail_next > 0 {
+        *fail_next -= 1;
+        return Some(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "injected failure",
+        ));
+    }
+    None
 }
 
 /// The idempotency key, the recorded answer if the key was seen, or an
@@ -140,18 +257,22 @@ fn error(status: StatusCode, code: &str, message: &str) -> Answer {
 fn admit<L>(
     ledger: &Mutex<L>,
     headers: &HeaderMap,
-    access: impl Fn(&mut L) -> (&mut u64, &mut u32, &mut BTreeMap<String, Answer>),
+    access: impl Fn(&mut L) -> Admission<'_>,
 ) -> Result<String, Answer> {
     let mut ledger = ledger.lock().expect("ledger");
-    let (requests, fail_next, answers) = access(&mut ledger);
-    *requests += 1;
-    if *fail_next > 0 {
-        *fail_next -= 1;
-        return Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "injected failure",
-        ));
+    let Admission {
+        requests,
+        requests_by_key,
+        fail_next,
+        answers,
+    } = access(&mut ledger);
+    let header_key = headers
+        .get("idempotency-key")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    *requests_by_key.entry(header_key.to_string()).or_default() += 1;
+    if let Some(failure) = injected_failure(requests, fail_next) {
+        return Err(failure);
     }
     let key = headers
         .get("idempotency-key")
@@ -170,8 +291,19 @@ fn admit<L>(
     }
 }
 
-fn payment_access(l: &mut PaymentLedger) -> (&mut u64, &mut u32, &mut BTreeMap<String, Answer>) {
-    (&mut l.requests, &mut l.fail_next, &mut l.answers)
+fn payment_access(l: &mut PaymentLedger) -> Admission<'_> {
+    Admission {
+        requests: &mut l.requests,
+        requests_by_key: &mut l.requests_by_key,
+        fail_next: &mut l.fail_next,
+        answers: &mut l.answers,
+    }
+}
+
+/// `?idempotency_key=` of a lookup.
+#[derive(serde::Deserialize)]
+struct KeyQuery {
+    idempotency_key: String,
 }
 
 fn payment_json(payment: &FakePayment) -> Value {
@@ -201,17 +333,14 @@ async fn create_payment(
     let method = text("payment_method");
     let (answer, slow) = {
         let mut ledger = ledger.lock().expect("ledger");
-        let answer = if method == "tok_decline" {
-            error(
-                StatusCode::PAYMENT_REQUIRED,
-                "card_declined",
-                "the card was declined",
-            )
+        let answer = if let Some(declined) = decline(&method) {
+            declined
         } else {
             let capture = body
                 .get("capture")
                 .and_then(Value::as_bool)
-                .unwrap_or(false);
+                .unwrap_or(false)
+                && method != "tok_auth_only";
             let payment = FakePayment {
                 id: format!("pay_{}", ledger.payments.len() + 1),
                 order_id: text("order_id"),
@@ -220,7 +349,8 @@ async fn create_payment(
                 status: if capture { "captured" } else { "authorized" }.to_string(),
                 refunded: false,
             };
-            let answer = (StatusCode::CREATED, Json(payment_json(&payment)));
+            let answer = Answer::json(StatusCode::CREATED, payment_json(&payment));
+            ledger.created_by.insert(key.clone(), payment.id.clone());
             ledger.payments.insert(payment.id.clone(), payment);
             answer
         };
@@ -231,6 +361,27 @@ async fn create_payment(
         tokio::time::sleep(SLOW_RESPONSE).await;
     }
     answer
+}
+
+/// `lookup`: the payment a key created, as it stands now.
+async fn find_payments(
+    State(ledger): State<Arc<Mutex<PaymentLedger>>>,
+    Query(query): Query<KeyQuery>,
+) -> Answer {
+    let mut ledger = ledger.lock().expect("ledger");
+    let ledger = &mut *ledger;
+    if let Some(failure) = injected_failure(&mut ledger.requests, &mut ledger.fail_next) {
+        return failure;
+    }
+    ledger.lookups += 1;
+    let found: Vec<Value> = ledger
+        .created_by
+        .get(&query.idempotency_key)
+        .and_then(|id| ledger.payments.get(id))
+        .map(payment_json)
+        .into_iter()
+        .collect();
+    Answer::json(StatusCode::OK, json!({ "data": found }))
 }
 
 async fn payment_action(
@@ -262,7 +413,7 @@ async fn payment_action(
     };
     payment.status = next.to_string();
     payment.refunded = next == "refunded";
-    let answer = (StatusCode::OK, Json(payment_json(payment)));
+    let answer = Answer::json(StatusCode::OK, payment_json(payment));
     ledger.answers.insert(key, answer.clone());
     answer
 }
@@ -273,6 +424,7 @@ pub struct FakeShipment {
     pub id: String,
     pub order_id: String,
     pub service: String,
+    pub tracking_number: String,
     pub cancelled: bool,
 }
 
@@ -280,12 +432,20 @@ pub struct FakeShipment {
 struct ShippingLedger {
     answers: BTreeMap<String, Answer>,
     shipments: BTreeMap<String, FakeShipment>,
+    created_by: BTreeMap<String, String>,
     requests: u64,
+    requests_by_key: BTreeMap<String, u64>,
+    lookups: u64,
     fail_next: u32,
 }
 
-fn shipping_access(l: &mut ShippingLedger) -> (&mut u64, &mut u32, &mut BTreeMap<String, Answer>) {
-    (&mut l.requests, &mut l.fail_next, &mut l.answers)
+fn shipping_access(l: &mut ShippingLedger) -> Admission<'_> {
+    Admission {
+        requests: &mut l.requests,
+        requests_by_key: &mut l.requests_by_key,
+        fail_next: &mut l.fail_next,
+        answers: &mut l.answers,
+    }
 }
 
 /// The fake carrier. Dropping it stops the server.
@@ -300,7 +460,7 @@ impl FakeShipping {
         let ledger = Arc::new(Mutex::new(ShippingLedger::default()));
         let app = Router::new()
             .route("/rates", post(rates))
-            .route("/shipments", post(create_shipment))
+            .route("/shipments", post(create_shipment).get(find_shipments))
             .route("/shipments/{id}/cancel", post(cancel_shipment))
             .with_state(Arc::clone(&ledger));
         let (address, server) = serve(app).await;
@@ -328,6 +488,41 @@ impl FakeShipping {
             .cloned()
             .collect()
     }
+
+    /// Writing requests that carried `key`, repeats included.
+    pub fn requests_with_key(&self, key: &str) -> u64 {
+        let ledger = self.ledger.lock().expect("ledger");
+        ledger.requests_by_key.get(key).copied().unwrap_or(0)
+    }
+}
+
+fn shipment_json(shipment: &FakeShipment) -> Value {
+    json!({
+        "id": shipment.id,
+        "tracking_number": shipment.tracking_number,
+        "label_url": format!("https://labels.invalid/{}", shipment.id),
+    })
+}
+
+/// `lookup`: the shipment a key created.
+async fn find_shipments(
+    State(ledger): State<Arc<Mutex<ShippingLedger>>>,
+    Query(query): Query<KeyQuery>,
+) -> Answer {
+    let mut ledger = ledger.lock().expect("ledger");
+    let ledger = &mut *ledger;
+    if let Some(failure) = injected_failure(&mut ledger.requests, &mut ledger.fail_next) {
+        return failure;
+    }
+    ledger.lookups += 1;
+    let found: Vec<Value> = ledger
+        .created_by
+        .get(&query.idempotency_key)
+        .and_then(|id| ledger.shipments.get(id))
+        .map(shipment_json)
+        .into_iter()
+        .collect();
+    Answer::json(StatusCode::OK, json!({ "data": found }))
 }
 
 async fn rates(
@@ -336,26 +531,21 @@ async fn rates(
 ) -> Answer {
     {
         let mut ledger = ledger.lock().expect("ledger");
-        ledger.requests += 1;
-        if ledger.fail_next > 0 {
-            ledger.fail_next -= 1;
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "injected failure",
-            );
+        let ledger = &mut *ledger;
+        if let Some(failure) = injected_failure(&mut ledger.requests, &mut ledger.fail_next) {
+            return failure;
         }
     }
     let currency = body
         .get("currency")
         .and_then(Value::as_str)
         .unwrap_or("EUR");
-    (
+    Answer::json(
         StatusCode::OK,
-        Json(json!({ "rates": [
+        json!({ "rates": [
             { "service": "standard", "amount": "4.90", "currency": currency, "estimated_days": 3 },
             { "service": "express", "amount": "12.50", "currency": currency, "estimated_days": 1 },
-        ]})),
+        ]}),
     )
 }
 
@@ -381,28 +571,21 @@ async fn create_shipment(
         )
     } else {
         let number = ledger.shipments.len() + 1;
+        let text = |field: &str| {
+            body.get(field)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string()
+        };
         let shipment = FakeShipment {
             id: format!("shp_{number}"),
-            order_id: body
-                .get("order_id")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
-            service: body
-                .get("service")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
+            order_id: text("order_id"),
+            service: text("service"),
+            tracking_number: format!("TRK{number:06}"),
             cancelled: false,
         };
-        let answer = (
-            StatusCode::CREATED,
-            Json(json!({
-                "id": shipment.id,
-                "tracking_number": format!("TRK{number:06}"),
-                "label_url": format!("https://labels.invalid/{}", shipment.id),
-            })),
-        );
+        let answer = Answer::json(StatusCode::CREATED, shipment_json(&shipment));
+        ledger.created_by.insert(key.clone(), shipment.id.clone());
         ledger.shipments.insert(shipment.id.clone(), shipment);
         answer
     };
@@ -429,10 +612,7 @@ async fn cancel_shipment(
         );
     };
     shipment.cancelled = true;
-    let answer = (
-        StatusCode::OK,
-        Json(json!({ "id": id, "status": "cancelled" })),
-    );
+    let answer = Answer::json(StatusCode::OK, json!({ "id": id, "status": "cancelled" }));
     ledger.answers.insert(key, answer.clone());
     answer
 }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::access::{self, AdminOnly, command_context};
 use super::error::{UserError, user_error};
 use super::{ApiError, ErrorCode, Event, Page, TotalCount, page_size};
-use crate::commerce::{Cancellation, CommandError, Commerce, NewProduct};
+use crate::commerce::{CommandError, Commerce, NewProduct};
 use crate::domain::Aggregate;
 use crate::domain::catalog::ProductUpdate;
 use crate::domain::money::{Currency, Money as DomainMoney};
@@ -242,9 +242,13 @@ impl Order {
     async fn status(&self) -> OrderStatus {
         self.0.status.into()
     }
-    /// Why the order was cancelled or failed.
-    async fn reason(&self) -> Option<&str> {
-        self.0.reason.as_deref()
+    /// Why the order was cancelled or failed, in words fit for its
+    /// customer (the saga's `reason` has the details, for admins).
+    async fn reason(&self) -> Option<String> {
+        self.0
+            .reason
+            .as_deref()
+            .map(super::customer_view::reason_text)
     }
     async fn total(&self) -> Money {
         self.0.total.into()
@@ -794,8 +798,9 @@ impl CommerceMutation {
     /// which first undoes what it did (cancels the shipment, refunds the
     /// payment) and then cancels the order and releases its stock: the
     /// payload shows the order as it is now and the saga compensating. An
-    /// order without a saga is cancelled at once. A confirmed, failed or
-    /// cancelled order is refused (ILLEGAL_TRANSITION).
+    /// order whose saga has not started yet gets it now, asked to cancel
+    /// before any step. A confirmed, failed or cancelled order is refused
+    /// (ILLEGAL_TRANSITION).
     async fn cancel_order(
         &self,
         ctx: &Context<'_>,
@@ -811,20 +816,7 @@ impl CommerceMutation {
         let context = command_context(ctx)?;
         let command = super::sagas::sagas(ctx).cancel_order(id, &reason, &context);
         match refused(command).await? {
-            Ok(Cancellation::Cancelled(change)) => {
-                let lag = read_your_writes(
-                    ctx,
-                    &[ProjectionName::Orders, ProjectionName::Inventory],
-                    change.position,
-                )
-                .await?;
-                Ok(OrderPayload {
-                    order: projector(ctx).views().order(id).await?.map(Order),
-                    saga: None,
-                    errors: lag.into_iter().collect(),
-                })
-            }
-            Ok(Cancellation::Requested(saga)) => Ok(OrderPayload {
+            Ok(saga) => Ok(OrderPayload {
                 order: projector(ctx).views().order(id).await?.map(Order),
                 saga: Some(super::sagas::Saga::new(
                     saga.id,

@@ -8,6 +8,7 @@
 pub mod access;
 pub mod carts;
 pub mod commerce;
+mod customer_view;
 pub mod error;
 pub mod limits;
 pub mod plugins;
@@ -338,17 +339,39 @@ impl Event {
     async fn schema_version(&self) -> i32 {
         i32::try_from(self.0.schema_version).unwrap_or(i32::MAX)
     }
-    async fn data(&self) -> Json<&Value> {
-        Json(&self.0.data)
+    /// The payload. A customer (who sees only their own orders' events)
+    /// gets the part meant for them: no references, reservation ids or
+    /// providers' words.
+    async fn data(&self, ctx: &Context<'_>) -> Result<Json<Value>, ApiError> {
+        if access::principal(ctx)?.is_admin() {
+            return Ok(Json(self.0.data.clone()));
+        }
+        Ok(Json(customer_view::order_event_data(
+            &self.0.event_type,
+            &self.0.data,
+        )))
     }
-    async fn correlation_id(&self) -> Option<Uuid> {
-        self.0.metadata.correlation_id
+    /// For admins; null for customers.
+    async fn correlation_id(&self, ctx: &Context<'_>) -> Result<Option<Uuid>, ApiError> {
+        Ok(access::principal(ctx)?
+            .is_admin()
+            .then_some(self.0.metadata.correlation_id)
+            .flatten())
     }
-    async fn causation_id(&self) -> Option<Uuid> {
-        self.0.metadata.causation_id
+    /// For admins; null for customers.
+    async fn causation_id(&self, ctx: &Context<'_>) -> Result<Option<Uuid>, ApiError> {
+        Ok(access::principal(ctx)?
+            .is_admin()
+            .then_some(self.0.metadata.causation_id)
+            .flatten())
     }
-    async fn actor(&self) -> Option<&str> {
-        self.0.metadata.actor.as_deref()
+    /// Who or what wrote the event (`admin:<sub>`, `customer:<id>`,
+    /// `saga-runner:<node>`). For admins; null for customers.
+    async fn actor(&self, ctx: &Context<'_>) -> Result<Option<&str>, ApiError> {
+        Ok(access::principal(ctx)?
+            .is_admin()
+            .then_some(self.0.metadata.actor.as_deref())
+            .flatten())
     }
     async fn created_at(&self) -> DateTime<Utc> {
         self.0.created_at

@@ -15,8 +15,9 @@ use super::error::{ApiError, UserError};
 use super::{Page, TotalCount, page_size};
 use crate::commerce::Sagas;
 use crate::domain::saga::{
-    ORDER_FULFILMENT, Saga as SagaRecord, SagaDefinition, SagaStatus as DomainSagaStatus,
-    StepAction, StepDefinition, StepRetry, StepState, StepStatus as DomainStepStatus,
+    MAX_REASON_CHARS, ORDER_FULFILMENT, ParkCause, Saga as SagaRecord, SagaDefinition,
+    SagaStatus as DomainSagaStatus, StepAction, StepDefinition, StepRetry, StepState,
+    StepStatus as DomainStepStatus,
 };
 use crate::event_store::StoreError;
 use crate::event_store::repository::Loaded;
@@ -46,6 +47,20 @@ pub enum SagaStepStatus {
     Failed,
     Compensating,
     Compensated,
+}
+
+/// Why a saga waits for a person; see the README's "Parked sagas".
+#[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
+#[graphql(remote = "ParkCause")]
+pub enum SagaParkCause {
+    /// A compensation failed on every attempt.
+    CompensationFailed,
+    /// Whether a call had its effect could not be learned.
+    OutcomeUnknown,
+    /// The saga's own write was refused for a reason retrying cannot fix.
+    WriteRefused,
+    /// The step's plugin was not active on any process that took the saga.
+    PluginUnavailable,
 }
 
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]
@@ -92,14 +107,25 @@ impl Saga {
     async fn current_step(&self) -> Option<&str> {
         self.loaded.state.current_step().map(StepState::name)
     }
-    /// Why it compensates (or was asked to), or why it is parked.
-    async fn reason(&self) -> Option<&str> {
+    /// Why it compensates (or was asked to), or why it is parked. Admins
+    /// get the details (the provider's words, the failing step); the
+    /// order's customer a short reason.
+    async fn reason(&self, ctx: &Context<'_>) -> Result<Option<String>, ApiError> {
         let state = &self.loaded.state;
-        state
+        if !super::access::principal(ctx)?.is_admin() {
+            return Ok(super::customer_view::saga_reason(state));
+        }
+        Ok(state
             .parked
             .as_deref()
             .or(state.compensation.as_ref().map(|c| c.reason.as_str()))
             .or(state.requested.as_ref().map(|c| c.reason.as_str()))
+            .map(|reason| crate::domain::summarize(reason, MAX_REASON_CHARS)))
+    }
+    /// Why it is parked, as a kind an operator can act on; null unless parked.
+    #[graphql(guard = "super::access::AdminOnly")]
+    async fn park_cause(&self) -> Option<SagaParkCause> {
+        self.loaded.state.park_cause.map(Into::into)
     }
     async fn steps(&self) -> Vec<SagaStep> {
         self.loaded
@@ -137,8 +163,12 @@ impl SagaStep {
     async fn kind(&self) -> SagaStepKind {
         kind(&self.0.definition.action)
     }
-    async fn plugin(&self) -> Option<&str> {
-        self.0.definition.action.plugin()
+    /// The plugin it calls. For admins; null for customers.
+    async fn plugin(&self, ctx: &Context<'_>) -> Result<Option<&str>, ApiError> {
+        Ok(super::access::principal(ctx)?
+            .is_admin()
+            .then(|| self.0.definition.action.plugin())
+            .flatten())
     }
     async fn status(&self) -> SagaStepStatus {
         self.0.status.into()
@@ -150,12 +180,13 @@ impl SagaStep {
     async fn compensation_attempts(&self) -> u32 {
         self.0.compensation_attempts
     }
-    /// The last attempt's error, `code: message`.
-    async fn error(&self) -> Option<String> {
-        self.0
-            .error
-            .as_ref()
-            .map(|e| format!("{}: {}", e.code, e.message))
+    /// The last attempt's error: `code: message` (cleaned, bounded) for
+    /// admins, a short reason for the order's customer.
+    async fn error(&self, ctx: &Context<'_>) -> Result<Option<String>, ApiError> {
+        if !super::access::principal(ctx)?.is_admin() {
+            return Ok(super::customer_view::step_error(&self.0));
+        }
+        Ok(self.0.error.as_ref().map(|error| error.summary()))
     }
     /// What the step returned (payment reference, shipment, ...). For admins.
     #[graphql(guard = "super::access::AdminOnly")]

@@ -37,7 +37,7 @@ pub use catalog::{CreatedProduct, NewProduct, UpdatedProduct};
 pub use inventory::{InventoryChange, ReservationMade};
 pub use orders::{OrderChange, OrderTransition, PlaceOrderInput};
 pub use plugins::{FOLLOW_INTERVAL, PluginSummary, Plugins};
-pub use sagas::{Cancellation, Sagas};
+pub use sagas::Sagas;
 
 /// Why a command did not happen. Nothing was written in any case.
 #[derive(Debug, thiserror::Error)]

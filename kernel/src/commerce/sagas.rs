@@ -22,17 +22,6 @@ use crate::event_store::repository::Loaded;
 use crate::event_store::{AppendRequest, EventMetadata, StoreError, StreamAppend};
 use crate::sagas::{Claim, Committed, InstanceUpdate, SagaStore};
 
-use super::orders::OrderTransition;
-
-/// What `cancelOrder` did.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Cancellation {
-    /// The order had no saga: it was cancelled at once.
-    Cancelled(Written<Order>),
-    /// The order's saga will undo what it did and cancel the order.
-    Requested(Written<Saga>),
-}
-
 /// Saga commands, sharing the command handlers and the saga store.
 #[derive(Clone)]
 pub struct Sagas {
@@ -196,44 +185,52 @@ impl Sagas {
         Ok(loaded.state.status.is_some().then_some(loaded))
     }
 
-    /// Cancels an order: through its saga, which undoes what it did and
-    /// then cancels the order, or at once when it has none. A finished order
-    /// is refused as the state machine says.
+    /// Cancels an order through its saga, which undoes what it did and then
+    /// cancels the order. An order whose saga has not started yet gets it
+    /// now (starting is idempotent, so a `placeOrder` starting it at the
+    /// same moment starts the same one), with the request on it: the saga
+    /// then cancels before any step. The order is never cancelled beside a
+    /// running saga, so a charge can never follow its cancellation. A
+    /// finished order is refused as the state machine says.
     pub async fn cancel_order(
         &self,
         order_id: Uuid,
         reason: &str,
         context: &CommandContext,
-    ) -> Result<Cancellation, CommandError> {
-        let Some(saga) = self.for_order(order_id).await? else {
-            return self
-                .commerce
-                .transition_order(
-                    order_id,
-                    OrderTransition::Cancel {
-                        reason: reason.to_string(),
-                    },
-                    None,
-                    context,
-                )
-                .await
-                .map(Cancellation::Cancelled);
-        };
-        if saga.state.status.is_some_and(SagaStatus::is_final) {
-            let order = self.commerce.load_order(order_id).await?;
+    ) -> Result<Written<Saga>, CommandError> {
+        let saga_id = Saga::id_for(ORDER_FULFILMENT, order_id);
+        let order = self.commerce.load_order(order_id).await?;
+        let finished = |order: &Written<Order>| {
             let from = order.state.status.unwrap_or(OrderStatus::Pending);
-            return Err(DomainError::IllegalTransition {
+            DomainError::IllegalTransition {
                 from,
                 to: OrderStatus::Cancelled,
             }
-            .into());
+        };
+        let saga = match self.for_order(order_id).await? {
+            Some(saga) => saga,
+            None => {
+                if order.state.status.is_some_and(OrderStatus::is_final) {
+                    return Err(finished(&order).into());
+                }
+                self.start_for_order(order_id, context).await?;
+                self.load(saga_id).await?
+            }
+        };
+        if !saga.state.status.is_some_and(SagaStatus::is_final) {
+            match self
+                .request(saga_id, context, |saga| {
+                    saga.request_compensation(saga_id, reason, true)
+                })
+                .await
+            {
+                // The saga finished meanwhile: refused like a finished order.
+                Err(CommandError::Domain(DomainError::SagaEnded { .. })) => {}
+                other => return other,
+            }
         }
-        let saga_id = Saga::id_for(ORDER_FULFILMENT, order_id);
-        self.request(saga_id, context, |saga| {
-            saga.request_compensation(saga_id, reason, true)
-        })
-        .await
-        .map(Cancellation::Requested)
+        let order = self.commerce.load_order(order_id).await?;
+        Err(finished(&order).into())
     }
 
     /// An admin's request to undo a saga (the order ends FAILED).

@@ -101,6 +101,55 @@ pub fn clean_text(field: &'static str, text: &str, max: usize) -> Result<String,
     Ok(trimmed.to_string())
 }
 
+/// Makes text from outside (a provider's error message, a plugin's code)
+/// safe to store and to show: every control character and run of whitespace
+/// becomes one space, the ends are trimmed, and the result is cut to
+/// `max_chars` characters, the cut marked with an ellipsis. Never fails, so
+/// a write that records such text can never be refused because of it.
+pub fn summarize(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars.saturating_mul(4)));
+    let mut count = 0;
+    let mut pending_space = false;
+    for c in text.chars() {
+        if is_invisible(c) {
+            continue;
+        }
+        if c.is_control() || c.is_whitespace() {
+            pending_space = count > 0;
+            continue;
+        }
+        let needed = if pending_space { 2 } else { 1 };
+        if count + needed > max_chars {
+            // Leave room for the ellipsis.
+            while count >= max_chars && out.pop().is_some() {
+                count -= 1;
+            }
+            out.truncate(out.trim_end().len());
+            if max_chars > 0 {
+                out.push('…');
+            }
+            return out;
+        }
+        if pending_space {
+            out.push(' ');
+            count += 1;
+            pending_space = false;
+        }
+        out.push(c);
+        count += 1;
+    }
+    out
+}
+
+/// Zero-width and text-direction characters, which can make shown text
+/// read differently from what is stored.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}'
+    )
+}
+
 /// A consistency boundary whose state is the fold of its own event stream.
 ///
 /// `apply` must be deterministic and total: replaying the same events always
@@ -138,5 +187,35 @@ pub trait DomainEvent: Serialize + DeserializeOwned + Send + Sync {
                 "no upcaster for {event_type} from schema {stored_version} to {current}"
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::summarize;
+
+    #[test]
+    fn summarize_makes_any_text_one_bounded_line() {
+        assert_eq!(
+            summarize("Your card was declined.\nPlease try another card.", 100),
+            "Your card was declined. Please try another card."
+        );
+        assert_eq!(summarize("  \t a \r\n\u{0}\u{1b}[31m b  ", 100), "a [31m b");
+        assert_eq!(summarize("pay\u{202E}lap\u{200B}", 100), "paylap");
+        assert_eq!(summarize("", 10), "");
+        assert_eq!(summarize("\n\n", 10), "");
+        assert_eq!(summarize("abcdef", 6), "abcdef");
+        assert_eq!(summarize("abcdefg", 6), "abcde…");
+        assert_eq!(summarize("abcd efg", 6), "abcd…");
+        assert_eq!(summarize("abc", 0), "");
+        let huge = "é".repeat(100_000);
+        let short = summarize(&huge, 300);
+        assert_eq!(short.chars().count(), 300);
+        assert!(short.ends_with('…'));
+        let html = "<html>\n<body><h1>502 Bad Gateway</h1></body>\n</html>";
+        assert_eq!(
+            summarize(html, 500),
+            "<html> <body><h1>502 Bad Gateway</h1></body> </html>"
+        );
     }
 }

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{Aggregate, DomainError, DomainEvent, clean_text};
+use super::{Aggregate, DomainError, DomainEvent, clean_text, summarize};
 
 /// The saga type every order starts.
 pub const ORDER_FULFILMENT: &str = "order-fulfilment";
@@ -49,6 +49,14 @@ pub const MAX_STEPS: usize = 20;
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 /// Longest a saga may run before it is compensated.
 pub const MAX_SAGA_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest error message a step records (providers' texts are cut to this).
+pub const MAX_ERROR_MESSAGE_CHARS: usize = 300;
+/// Longest error code a step records.
+pub const MAX_ERROR_CODE_CHARS: usize = 64;
+/// Longest reason a saga records (why it compensates, why it is parked).
+/// Orders accept reasons of up to 500 characters, so the order's own write
+/// can never be refused because of one.
+pub const MAX_REASON_CHARS: usize = 500;
 
 /// What a step does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,7 +375,8 @@ pub enum Phase {
     Compensation,
 }
 
-/// Why an attempt failed.
+/// Why an attempt failed. Built with [`StepError::new`], which cleans and
+/// bounds whatever a plugin or provider said.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StepError {
     /// Machine-readable: the plugin's code (`card_declined`) or the
@@ -381,12 +390,119 @@ pub struct StepError {
     pub effect_possible: bool,
 }
 
+impl StepError {
+    /// An error with `code` reduced to at most [`MAX_ERROR_CODE_CHARS`] of
+    /// `a-z 0-9 _ - .` and `message` made one line of at most
+    /// [`MAX_ERROR_MESSAGE_CHARS`]: a provider's text (several lines, 100 KB,
+    /// control characters, an HTML page) is stored bounded and clean.
+    pub fn new(code: &str, message: &str, retryable: bool, effect_possible: bool) -> StepError {
+        StepError {
+            code: error_code(code),
+            message: summarize(message, MAX_ERROR_MESSAGE_CHARS),
+            retryable,
+            effect_possible,
+        }
+    }
+
+    /// `code: message`, cleaned again: records written before errors were
+    /// cleaned on the way in may hold anything.
+    pub fn summary(&self) -> String {
+        summarize(
+            &format!("{}: {}", error_code(&self.code), self.message),
+            MAX_ERROR_MESSAGE_CHARS + MAX_ERROR_CODE_CHARS + 2,
+        )
+    }
+}
+
+fn error_code(code: &str) -> String {
+    let cleaned: String = code
+        .chars()
+        .filter_map(|c| match c {
+            'a'..='z' | '0'..='9' | '_' | '-' | '.' => Some(c),
+            'A'..='Z' => Some(c.to_ascii_lowercase()),
+            c if c.is_whitespace() => Some('_'),
+            _ => None,
+        })
+        .take(MAX_ERROR_CODE_CHARS)
+        .collect();
+    if cleaned.is_empty() {
+        "unknown".to_string()
+    } else {
+        cleaned
+    }
+}
+
 /// Why compensation runs, and whether the order ends CANCELLED or FAILED.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompensationCause {
+    /// For admins: what failed, with the provider's words.
     pub reason: String,
     /// A cancellation (the order ends CANCELLED) rather than a failure (FAILED).
     pub cancel: bool,
+    /// The order's reason, which its customer sees: the requester's words
+    /// for a request, a short fixed text for a failure ([`customer_reason`]).
+    pub order_reason: String,
+}
+
+/// Why a saga is parked (waits for a person and `retrySaga`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParkCause {
+    /// A compensation failed on every attempt (a refund the provider keeps refusing).
+    #[default]
+    CompensationFailed,
+    /// Whether a call had its effect could not be learned: no `lookup`, and
+    /// repeating the call failed. Check with the provider by hand.
+    OutcomeUnknown,
+    /// The saga's own write was refused for a reason retrying cannot fix.
+    WriteRefused,
+    /// The step's plugin was not active on any process that took the saga.
+    PluginUnavailable,
+}
+
+impl ParkCause {
+    pub const ALL: [ParkCause; 4] = [
+        ParkCause::CompensationFailed,
+        ParkCause::OutcomeUnknown,
+        ParkCause::WriteRefused,
+        ParkCause::PluginUnavailable,
+    ];
+
+    /// The label of metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParkCause::CompensationFailed => "compensation_failed",
+            ParkCause::OutcomeUnknown => "outcome_unknown",
+            ParkCause::WriteRefused => "write_refused",
+            ParkCause::PluginUnavailable => "plugin_unavailable",
+        }
+    }
+}
+
+impl fmt::Display for ParkCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a customer is told about a step that failed: a short fixed text,
+/// never a provider's words or a reference.
+pub fn customer_reason(step: &StepState) -> &'static str {
+    let Some(error) = &step.error else {
+        return "the order could not be completed";
+    };
+    match (&step.definition.action, error.code.as_str()) {
+        (StepAction::ReserveInventory, "insufficient_stock") => "out of stock",
+        (StepAction::ReserveInventory, "product_inactive") => "a product is no longer available",
+        (_, "deadline") => "a provider did not answer in time",
+        _ if error.retryable => "a provider is unavailable",
+        (StepAction::Payment { .. }, "unusable_result" | "unexpected_payment_status") => {
+            "the payment could not be completed"
+        }
+        (StepAction::Payment { .. }, _) => "payment declined",
+        (StepAction::Shipment { .. }, _) => "the shipment was refused",
+        _ => "the order could not be completed",
+    }
 }
 
 // `Started` carries the whole definition; events live briefly, so boxing buys little.
@@ -407,6 +523,15 @@ pub enum SagaEvent {
         phase: Phase,
         attempt: u32,
         at: DateTime<Utc>,
+        /// The plugin version called, for plugin steps.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        plugin_version: Option<String>,
+        /// Whether that version can reach anything outside the kernel (it
+        /// is granted outbound HTTP). One that cannot has had no outside
+        /// effect whatever happened to the call. Records from before this
+        /// was kept read as `true`.
+        #[serde(default = "reaches_outside_by_default")]
+        reaches_outside: bool,
     },
     StepSucceeded {
         step: String,
@@ -434,6 +559,9 @@ pub enum SagaEvent {
     CompensationStarted {
         reason: String,
         cancel: bool,
+        /// The order's reason; records from before it was kept use `reason`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        order_reason: Option<String>,
     },
     /// An admin asked for the saga to go on now (a parked saga resumes its
     /// compensation with fresh attempts).
@@ -443,7 +571,13 @@ pub enum SagaEvent {
     Parked {
         step: String,
         reason: String,
+        #[serde(default)]
+        cause: ParkCause,
     },
+}
+
+fn reaches_outside_by_default() -> bool {
+    true
 }
 
 impl DomainEvent for SagaEvent {}
@@ -521,6 +655,11 @@ pub struct StepState {
     pub output: Option<Value>,
     /// Whether the forward action may have had an effect that is not undone.
     pub effect_possible: bool,
+    /// The plugin version of the last forward attempt.
+    pub plugin_version: Option<String>,
+    /// Whether that version could reach anything outside the kernel; see
+    /// [`SagaEvent::StepStarted`].
+    pub reaches_outside: bool,
 }
 
 impl StepState {
@@ -539,9 +678,16 @@ impl StepState {
     }
 
     /// Whether the forward outcome is unknown: compensation must first ask
-    /// the provider (by repeating the call with the same key).
+    /// the provider what the call did (its `lookup`).
     pub fn outcome_unknown(&self) -> bool {
         self.output.is_none()
+    }
+
+    /// Whether an unknown outcome can be nothing to learn: the attempt ran
+    /// on a plugin version with no way out of the kernel, so compensation
+    /// only calls its `compensate`, never its `execute` again.
+    pub fn had_no_outside_reach(&self) -> bool {
+        matches!(self.definition.action, StepAction::Custom { .. }) && !self.reaches_outside
     }
 }
 
@@ -581,6 +727,9 @@ pub struct Saga {
     pub requested: Option<CompensationCause>,
     /// Why the saga is parked.
     pub parked: Option<String>,
+    pub park_cause: Option<ParkCause>,
+    /// The status a parked saga had before, to which `retrySaga` returns it.
+    pub parked_from: Option<SagaStatus>,
 }
 
 impl Aggregate for Saga {
@@ -613,6 +762,8 @@ impl Aggregate for Saga {
                         error: None,
                         output: None,
                         effect_possible: false,
+                        plugin_version: None,
+                        reaches_outside: false,
                     })
                     .collect();
             }
@@ -620,6 +771,8 @@ impl Aggregate for Saga {
                 step,
                 phase,
                 attempt,
+                plugin_version,
+                reaches_outside,
                 ..
             } => {
                 self.retry_at = None;
@@ -629,6 +782,8 @@ impl Aggregate for Saga {
                             state.status = StepStatus::Running;
                             state.attempts = *attempt;
                             state.effect_possible = true;
+                            state.plugin_version = plugin_version.clone();
+                            state.reaches_outside = *reaches_outside;
                         }
                         Phase::Compensation => {
                             state.status = StepStatus::Compensating;
@@ -671,13 +826,19 @@ impl Aggregate for Saga {
                 self.requested = Some(CompensationCause {
                     reason: reason.clone(),
                     cancel: *cancel,
+                    order_reason: reason.clone(),
                 });
             }
-            SagaEvent::CompensationStarted { reason, cancel } => {
+            SagaEvent::CompensationStarted {
+                reason,
+                cancel,
+                order_reason,
+            } => {
                 self.status = Some(SagaStatus::Compensating);
                 self.compensation = Some(CompensationCause {
                     reason: reason.clone(),
                     cancel: *cancel,
+                    order_reason: order_reason.clone().unwrap_or_else(|| reason.clone()),
                 });
                 self.requested = None;
                 self.retry_at = None;
@@ -685,8 +846,9 @@ impl Aggregate for Saga {
             SagaEvent::RetryRequested => {
                 self.retry_at = None;
                 if self.status == Some(SagaStatus::Parked) {
-                    self.status = Some(SagaStatus::Compensating);
+                    self.status = Some(self.parked_from.unwrap_or(SagaStatus::Compensating));
                     self.parked = None;
+                    self.park_cause = None;
                     for step in &mut self.steps {
                         if step.status == StepStatus::Compensating {
                             step.compensation_attempts = 0;
@@ -696,9 +858,13 @@ impl Aggregate for Saga {
             }
             SagaEvent::Completed => self.status = Some(SagaStatus::Completed),
             SagaEvent::Compensated => self.status = Some(SagaStatus::Compensated),
-            SagaEvent::Parked { reason, .. } => {
+            SagaEvent::Parked { reason, cause, .. } => {
+                if self.status != Some(SagaStatus::Parked) {
+                    self.parked_from = self.status;
+                }
                 self.status = Some(SagaStatus::Parked);
                 self.parked = Some(reason.clone());
+                self.park_cause = Some(*cause);
             }
         }
     }
@@ -717,6 +883,12 @@ impl Saga {
     /// attempt and after any restart.
     pub fn step_key(saga_id: Uuid, step: &str) -> String {
         format!("{saga_id}:{step}")
+    }
+
+    /// The idempotency key of the capture that follows a charge the
+    /// provider only authorized.
+    pub fn capture_key(saga_id: Uuid, step: &str) -> String {
+        format!("{saga_id}:{step}:capture")
     }
 
     /// The idempotency key of a step's compensation call.
@@ -754,7 +926,11 @@ impl Saga {
     /// The step being worked on: the first unfinished one going forward, the
     /// one being undone while compensating.
     pub fn current_step(&self) -> Option<&StepState> {
-        match self.status? {
+        let status = match self.status? {
+            SagaStatus::Parked => self.parked_from.unwrap_or(SagaStatus::Compensating),
+            other => other,
+        };
+        match status {
             SagaStatus::Running => self
                 .steps
                 .iter()
@@ -787,6 +963,7 @@ impl Saga {
             return Next::BeginCompensation(CompensationCause {
                 reason: "the saga did not finish before its deadline".into(),
                 cancel: false,
+                order_reason: "the order took too long to process".into(),
             });
         }
         let Some(index) = self
@@ -817,6 +994,7 @@ impl Saga {
                     step.attempts
                 ),
                 cancel: false,
+                order_reason: "a provider did not answer in time".into(),
             }),
             StepStatus::Failed => match self.retry_at {
                 Some(at) if at > now => Next::Wait(at.min(deadline)),
@@ -826,15 +1004,14 @@ impl Saga {
                 },
                 _ => Next::BeginCompensation(CompensationCause {
                     reason: match &step.error {
-                        Some(error) => format!(
-                            "step {} failed: {}: {}",
-                            step.name(),
-                            error.code,
-                            error.message
+                        Some(error) => summarize(
+                            &format!("step {} failed: {}", step.name(), error.summary()),
+                            MAX_REASON_CHARS,
                         ),
                         None => format!("step {} failed", step.name()),
                     },
                     cancel: false,
+                    order_reason: customer_reason(step).to_string(),
                 }),
             },
             // Not reachable going forward; treat like a finished step.
@@ -848,6 +1025,7 @@ impl Saga {
         let cause = self.compensation.clone().unwrap_or(CompensationCause {
             reason: "compensation".into(),
             cancel: false,
+            order_reason: "the order could not be completed".into(),
         });
         let Some(index) = self.steps.iter().rposition(StepState::needs_undo) else {
             return Next::FinishCompensation(cause);
@@ -953,6 +1131,8 @@ mod tests {
             phase,
             attempt,
             at: at(1),
+            plugin_version: None,
+            reaches_outside: true,
         }
     }
 
@@ -1044,6 +1224,7 @@ mod tests {
             &[SagaEvent::CompensationStarted {
                 reason: cause.reason,
                 cancel: false,
+                order_reason: Some(cause.order_reason),
             }],
         );
         assert_eq!(
@@ -1069,6 +1250,7 @@ mod tests {
                 SagaEvent::CompensationStarted {
                     reason: "declined".into(),
                     cancel: false,
+                    order_reason: None,
                 },
             ],
         );
@@ -1076,7 +1258,8 @@ mod tests {
             saga.next(at(2)),
             Next::FinishCompensation(CompensationCause {
                 reason: "declined".into(),
-                cancel: false
+                cancel: false,
+                order_reason: "declined".into(),
             })
         );
     }
@@ -1106,6 +1289,7 @@ mod tests {
             &[SagaEvent::CompensationStarted {
                 reason: cause.reason,
                 cancel: true,
+                order_reason: Some(cause.order_reason),
             }],
         );
         // Shipment first, then payment; stock goes back when the order is cancelled.
@@ -1187,11 +1371,13 @@ mod tests {
                 SagaEvent::CompensationStarted {
                     reason: "x".into(),
                     cancel: false,
+                    order_reason: None,
                 },
                 started_step("payment", Phase::Compensation, 10),
                 SagaEvent::Parked {
                     step: "payment".into(),
                     reason: "refund keeps failing".into(),
+                    cause: ParkCause::CompensationFailed,
                 },
             ],
         );

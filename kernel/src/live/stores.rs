@@ -1,6 +1,7 @@
 //! Store decorators that report every successful append to [`LiveUpdates`].
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -111,15 +112,23 @@ impl SagaStore for NotifyingSagaStore {
     async fn claim(
         &self,
         owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
+        lease: Duration,
         limit: u32,
     ) -> Result<Vec<Claim>, StoreError> {
-        self.inner.claim(owner, now, lease_until, limit).await
+        self.inner.claim(owner, lease, limit).await
     }
 
-    async fn heartbeat(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<u64, StoreError> {
-        self.inner.heartbeat(owner, lease_until).await
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        sagas: &[Uuid],
+        lease: Duration,
+    ) -> Result<u64, StoreError> {
+        self.inner.heartbeat(owner, sagas, lease).await
+    }
+
+    async fn hold(&self, claim: Claim, at_least: Duration) -> Result<bool, StoreError> {
+        self.inner.hold(claim, at_least).await
     }
 
     async fn commit(
@@ -139,13 +148,17 @@ impl SagaStore for NotifyingSagaStore {
     async fn release(
         &self,
         claim: Claim,
-        seen_version: u32,
+        seen_version: Option<u32>,
         next_run_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         self.inner
             .release(claim, seen_version, next_run_at, now)
             .await
+    }
+
+    async fn defer(&self, claim: Claim, delay: Duration) -> Result<(), StoreError> {
+        self.inner.defer(claim, delay).await
     }
 
     async fn release_all(&self, owner: &str) -> Result<u64, StoreError> {

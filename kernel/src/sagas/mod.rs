@@ -7,13 +7,22 @@
 //! - the work queue: `next_run_at` says when a runner should look at it;
 //! - the lease: a runner claims due rows (`FOR UPDATE SKIP LOCKED` on
 //!   Postgres), holds them until `lease_expires_at` (renewed by a
-//!   heartbeat), and every claim increments `fencing_token`. A runner's
-//!   writes carry the token it claimed with; once another runner has claimed
-//!   the saga the token no longer matches and the write is refused whole
-//!   ([`Committed::LeaseLost`]), so a paused former owner cannot write;
+//!   heartbeat for the sagas it is driving), and every claim increments
+//!   `fencing_token`. A runner's writes carry the token it claimed with;
+//!   once another runner has claimed the saga the token no longer matches
+//!   and the write is refused whole ([`Committed::LeaseLost`]), so a paused
+//!   former owner cannot write. Before each plugin call the runner extends
+//!   its lease over the call's deadline ([`SagaStore::hold`]), or does not
+//!   call at all;
 //! - the index behind the admin queries (by order, by status).
+//!
+//! Lease and due times are the database's clock: the kernel processes'
+//! clocks may disagree, the database's is one.
 
+pub mod hooks;
 pub mod runner;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -37,6 +46,8 @@ pub struct SagaInstance {
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub fencing_token: i64,
+    /// Give-backs without progress in a row; see [`Claim::deferrals`].
+    pub deferrals: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -46,9 +57,13 @@ pub struct SagaInstance {
 pub struct Claim {
     pub saga_id: Uuid,
     pub fencing_token: i64,
+    /// How many times in a row the saga was given back without progress
+    /// ([`SagaStore::defer`]) before this claim.
+    pub deferrals: u32,
 }
 
-/// The row's new state after a write to the saga's stream.
+/// The row's new state after a write to the saga's stream. `next_run_at`
+/// is written relative to `now` (the writer's clock) onto the database's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceUpdate {
     pub saga_id: Uuid,
@@ -95,17 +110,29 @@ pub trait SagaStore: Send + Sync {
     ) -> Result<Option<AppendOutcome>, StoreError>;
 
     /// Claims up to `limit` sagas that are due and not leased (or whose lease
-    /// expired) for `owner` until `lease_until`.
+    /// expired) for `owner`, for `lease` from now by the database's clock.
     async fn claim(
         &self,
         owner: &str,
-        now: DateTime<Utc>,
-        lease_until: DateTime<Utc>,
+        lease: Duration,
         limit: u32,
     ) -> Result<Vec<Claim>, StoreError>;
 
-    /// Extends every lease `owner` holds until `lease_until`; returns how many.
-    async fn heartbeat(&self, owner: &str, lease_until: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// Extends `owner`'s leases of `sagas` to at least `lease` from now;
+    /// returns how many it extended. Sagas `owner` no longer holds are left
+    /// alone, and a lease already longer (see [`hold`](Self::hold)) is kept.
+    async fn heartbeat(
+        &self,
+        owner: &str,
+        sagas: &[Uuid],
+        lease: Duration,
+    ) -> Result<u64, StoreError>;
+
+    /// Makes sure the claim holds for at least `at_least` more: extends its
+    /// lease that far if needed. `false` when the claim is gone (another
+    /// runner took the saga) or its lease already ran out: the caller must
+    /// not act for the saga any more.
+    async fn hold(&self, claim: Claim, at_least: Duration) -> Result<bool, StoreError>;
 
     /// Appends to the saga's stream (and any other streams in `request`) and
     /// updates its row, atomically. With `fence`, only while the claim still
@@ -119,14 +146,18 @@ pub trait SagaStore: Send + Sync {
 
     /// Gives a claimed saga back, due at `next_run_at` (`None`: never). If
     /// the row moved past `seen_version` meanwhile (a request arrived), it is
-    /// due at once instead.
+    /// due at once instead; without `seen_version`, at `next_run_at` anyway.
     async fn release(
         &self,
         claim: Claim,
-        seen_version: u32,
+        seen_version: Option<u32>,
         next_run_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<(), StoreError>;
+
+    /// Gives a claimed saga back without progress (its step could not run
+    /// on this process), due after `delay`, and counts the deferral.
+    async fn defer(&self, claim: Claim, delay: Duration) -> Result<(), StoreError>;
 
     /// Gives back every saga `owner` holds, due at once (graceful shutdown).
     async fn release_all(&self, owner: &str) -> Result<u64, StoreError>;

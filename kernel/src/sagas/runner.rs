@@ -11,29 +11,54 @@
 //! idempotency key (`<saga id>:<step>`), so the provider answers with what
 //! the first call did.
 //!
+//! The money rules (ARCHITECTURE.md, "Sagas"):
+//! - a plugin is called only while this process's lease on the saga holds
+//!   for the call's whole deadline ([`SagaStore::hold`]); a process that
+//!   lost its lease stops without calling;
+//! - a step whose plugin is not active here is given back for another
+//!   process ([`SagaStore::defer`]), never failed;
+//! - a charge answered `authorized` is captured before the step succeeds;
+//! - compensation undoes what happened and only that: a recorded outcome
+//!   directly, an unknown one after asking the provider (`lookup`), or, for
+//!   plugins of contract 0.1 without it, by repeating the call with its
+//!   key. A step whose plugin cannot reach outside the kernel has nothing
+//!   to learn. When the outcome cannot be learned the saga is parked, never
+//!   taken as "no effect";
+//! - a write refused for a reason retrying cannot fix parks the saga; a
+//!   store failure is retried with back-off, counted.
+//!
 //! Losing the claim (another process took the saga over after this one's
 //! lease ran out) makes the next write fail whole; the runner then drops the
-//! saga without writing anything.
+//! saga without writing anything. The heartbeat renews only the sagas a
+//! drive task is working on, so a saga whose task ended or panicked without
+//! giving it back is taken up again once its lease lapses.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::any::Any;
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use chrono::Utc;
-use commerce_plugin_host::{self as host, PluginError, PluginRegistry};
+use commerce_plugin_host::{self as host, LoadedPlugin, PluginError, PluginRegistry};
+use futures_util::FutureExt as _;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use super::{Claim, Committed};
+use super::hooks::FaultHooks;
+use super::{Claim, Committed, SagaStore};
 use crate::commerce::{CommandContext, CommandError, Commerce, OrderTransition, Sagas};
-use crate::domain::DomainError;
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{Order, PlacedOrder};
 use crate::domain::saga::{
-    CompensationCause, Next, Phase, Saga, SagaEvent, StepAction, StepError, StepState, StepStatus,
+    CompensationCause, MAX_REASON_CHARS, Next, ParkCause, Phase, Saga, SagaEvent, StepAction,
+    StepError, StepState, StepStatus,
 };
+use crate::domain::{DomainError, summarize};
+use crate::event_store::StoreError;
 use crate::event_store::repository::{AggregateRepository, Loaded};
 
 /// How a runner behaves; see the `COMMERCE_SAGA_*` settings.
@@ -47,8 +72,8 @@ pub struct RunnerSettings {
     pub poll_interval: Duration,
     /// Most sagas this process drives at once.
     pub max_concurrent: usize,
-    /// Pause points for the crash tests (`COMMERCE_TEST_PAUSE_AT`).
-    pub pause_at: HashSet<String>,
+    /// Fault points for the crash tests (empty in release builds).
+    pub hooks: FaultHooks,
 }
 
 /// Orders placed this long ago and still without a saga get one.
@@ -58,6 +83,22 @@ const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const SHORT_WAIT: chrono::Duration = chrono::Duration::milliseconds(20);
 /// Version conflicts in a row after which a saga is given back for later.
 const MAX_CONFLICTS: u32 = 40;
+/// Store failures in a row a drive retries in place before it gives the
+/// saga back for later.
+const MAX_WRITE_RETRIES: u32 = 5;
+/// The wait after a failed saga write, doubled per failure in a row.
+const WRITE_BACKOFF: Duration = Duration::from_millis(100);
+const WRITE_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// The wait before a deferred saga is due again, doubled per deferral in a row.
+const DEFERRAL_BACKOFF: Duration = Duration::from_millis(250);
+const DEFERRAL_BACKOFF_CAP: Duration = Duration::from_secs(30);
+/// Deferrals in a row after which a compensation is parked: about two
+/// minutes in which no process that took the saga had the step's plugin.
+/// (Going forward, the saga's deadline ends the waiting instead.)
+const MAX_COMPENSATION_DEFERRALS: u32 = 10;
+/// A plugin is called only while the lease holds for the call's deadline
+/// and this much more.
+const CALL_LEASE_MARGIN: Duration = Duration::from_secs(2);
 
 /// What a step's attempt came to.
 type Attempt = Result<Value, StepError>;
@@ -69,11 +110,121 @@ enum Flow {
     Stop,
 }
 
+/// A compensation attempt that did not undo its step.
+struct UndoFailure {
+    error: StepError,
+    /// Whether what the forward call did is still unknown (it could not be
+    /// looked up), as opposed to known and not undone.
+    outcome_unknown: bool,
+}
+
+/// What this process's runner counts, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RunnerMetrics {
+    /// Saga writes retried after the store failed.
+    pub write_retries: AtomicU64,
+    /// Sagas given back because a step's plugin was not active here.
+    pub deferrals: AtomicU64,
+    /// Drives stopped because another process holds the saga now.
+    pub leases_lost: AtomicU64,
+    /// Drive tasks that panicked (the saga was given back).
+    pub panics: AtomicU64,
+    /// Sagas this process parked, by [`ParkCause::ALL`] index.
+    parked: [AtomicU64; ParkCause::ALL.len()],
+}
+
+impl RunnerMetrics {
+    /// Sagas this process parked, by cause.
+    pub fn parked(&self) -> Vec<(ParkCause, u64)> {
+        ParkCause::ALL
+            .iter()
+            .zip(&self.parked)
+            .map(|(cause, count)| (*cause, count.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn count_park(&self, cause: ParkCause) {
+        if let Some(index) = ParkCause::ALL.iter().position(|c| *c == cause) {
+            self.parked[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The sagas this process is driving right now, with their claims: the
+/// heartbeat renews these and no others.
+#[derive(Debug, Default)]
+struct Driving(Mutex<HashMap<Uuid, i64>>);
+
+impl Driving {
+    /// Registers a drive; dropping the guard ends it, however the task ends.
+    fn enter(self: &Arc<Self>, claim: Claim) -> DrivingGuard {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(claim.saga_id, claim.fencing_token);
+        DrivingGuard {
+            driving: Arc::clone(self),
+            claim,
+        }
+    }
+
+    fn sagas(&self) -> Vec<Uuid> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect()
+    }
+}
+
+struct DrivingGuard {
+    driving: Arc<Driving>,
+    claim: Claim,
+}
+
+impl Drop for DrivingGuard {
+    fn drop(&mut self) {
+        let mut sagas = self
+            .driving
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if sagas.get(&self.claim.saga_id) == Some(&self.claim.fencing_token) {
+            sagas.remove(&self.claim.saga_id);
+        }
+    }
+}
+
+/// How a failed drive step is handled.
+enum WriteFailure {
+    /// Another write got there first: reload and decide again.
+    Conflict,
+    /// The store failed: retry after a back-off.
+    Transient,
+    /// Refused for a reason retrying cannot fix: park the saga.
+    Refused,
+}
+
+fn classify(error: &CommandError) -> WriteFailure {
+    match error {
+        CommandError::VersionConflict { .. } => WriteFailure::Conflict,
+        CommandError::Store(StoreError::Database(_)) | CommandError::CartStore(_) => {
+            WriteFailure::Transient
+        }
+        CommandError::Domain(_) | CommandError::Store(_) | CommandError::Plugin(_) => {
+            WriteFailure::Refused
+        }
+    }
+}
+
 pub struct SagaRunner {
     sagas: Sagas,
     registry: Arc<PluginRegistry>,
     settings: RunnerSettings,
     context: CommandContext,
+    driving: Arc<Driving>,
+    metrics: Arc<RunnerMetrics>,
 }
 
 impl SagaRunner {
@@ -87,17 +238,28 @@ impl SagaRunner {
             registry,
             settings,
             context,
+            driving: Arc::default(),
+            metrics: Arc::default(),
         }
+    }
+
+    /// The runner's counters.
+    pub fn metrics(&self) -> Arc<RunnerMetrics> {
+        Arc::clone(&self.metrics)
     }
 
     fn commerce(&self) -> &Commerce {
         self.sagas.commerce()
     }
 
+    fn store(&self) -> &Arc<dyn SagaStore> {
+        self.sagas.store()
+    }
+
     /// Claims and drives sagas until `stop` turns true; then gives back
     /// every saga it holds so another process can go on at once.
     pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let store = Arc::clone(self.sagas.store());
+        let store = Arc::clone(self.store());
         let permits = Arc::new(Semaphore::new(self.settings.max_concurrent.max(1)));
         let mut drives = JoinSet::new();
         let heartbeat = tokio::spawn(Arc::clone(&self).heartbeat());
@@ -108,9 +270,8 @@ impl SagaRunner {
             let free = permits.available_permits();
             let mut claimed_all = false;
             if free > 0 {
-                let now = Utc::now();
                 match store
-                    .claim(&self.settings.node_id, now, now + self.lease(), free as u32)
+                    .claim(&self.settings.node_id, self.settings.lease, free as u32)
                     .await
                 {
                     Ok(claims) => {
@@ -119,9 +280,14 @@ impl SagaRunner {
                             let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
                                 break;
                             };
+                            let guard = self.driving.enter(claim);
                             let runner = Arc::clone(&self);
                             drives.spawn(async move {
-                                runner.drive(claim).await;
+                                let driven = AssertUnwindSafe(runner.drive(claim)).catch_unwind();
+                                if let Err(panic) = driven.await {
+                                    runner.after_panic(claim, panic_message(panic)).await;
+                                }
+                                drop(guard);
                                 drop(permit);
                             });
                         }
@@ -156,24 +322,40 @@ impl SagaRunner {
         }
     }
 
-    fn lease(&self) -> chrono::Duration {
-        chrono::Duration::from_std(self.settings.lease).unwrap_or(chrono::Duration::seconds(30))
-    }
-
-    /// Extends this process's leases three times per lease period.
+    /// Extends the leases of the sagas being driven, three times per lease
+    /// period. A saga no task drives any more is not renewed: its lease
+    /// lapses and any process takes it up again.
     async fn heartbeat(self: Arc<Self>) {
         let mut interval = tokio::time::interval(self.settings.lease / 3);
         loop {
             interval.tick().await;
-            let until = Utc::now() + self.lease();
+            let sagas = self.driving.sagas();
+            if sagas.is_empty() {
+                continue;
+            }
             if let Err(error) = self
-                .sagas
                 .store()
-                .heartbeat(&self.settings.node_id, until)
+                .heartbeat(&self.settings.node_id, &sagas, self.settings.lease)
                 .await
             {
                 tracing::warn!(%error, "saga lease heartbeat failed");
             }
+        }
+    }
+
+    /// A drive task panicked: say which saga, and give it back after a
+    /// back-off (counted as a deferral, so a saga that panics every time
+    /// is retried ever more slowly, not in a loop). If even that fails, the
+    /// lease lapses, since the heartbeat no longer renews it.
+    async fn after_panic(&self, claim: Claim, message: String) {
+        self.metrics.panics.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(saga_id = %claim.saga_id, panic = %message, "a saga drive task panicked; giving the saga back");
+        if let Err(error) = self
+            .store()
+            .defer(claim, deferral_backoff(claim.deferrals))
+            .await
+        {
+            tracing::warn!(saga_id = %claim.saga_id, %error, "could not give the saga back; its lease will lapse");
         }
     }
 
@@ -184,7 +366,6 @@ impl SagaRunner {
         loop {
             interval.tick().await;
             let orphans = match self
-                .sagas
                 .store()
                 .orders_without_saga(Utc::now() - ORPHAN_AGE, 100)
                 .await
@@ -207,31 +388,95 @@ impl SagaRunner {
     /// Drives one claimed saga until it waits, ends, or the claim is lost.
     async fn drive(&self, claim: Claim) {
         let mut conflicts = 0;
+        let mut failures = 0;
         loop {
-            match self.step(claim).await {
-                Ok(Flow::Continue) => conflicts = 0,
+            let error = match self.step(claim).await {
+                Ok(Flow::Continue) => {
+                    conflicts = 0;
+                    failures = 0;
+                    continue;
+                }
                 Ok(Flow::Stop) => return,
-                Err(CommandError::VersionConflict { .. }) if conflicts < MAX_CONFLICTS => {
+                Err(error) => error,
+            };
+            match classify(&error) {
+                WriteFailure::Conflict if conflicts < MAX_CONFLICTS => {
                     // A request, or another order's stock write, got there
                     // first: reload and decide again.
                     conflicts += 1;
-                    let jitter = Uuid::new_v4().as_u128() as u64 % 20;
+                    let jitter = random() % 20;
                     tokio::time::sleep(Duration::from_millis(1 + jitter)).await;
                 }
-                Err(error) => {
-                    tracing::warn!(saga_id = %claim.saga_id, %error, "saga step could not be recorded; retrying later");
-                    // Due again in a second (a moved version also means now).
-                    let later = Utc::now() + chrono::Duration::seconds(1);
+                WriteFailure::Transient if failures < MAX_WRITE_RETRIES => {
+                    failures += 1;
+                    self.metrics.write_retries.fetch_add(1, Ordering::Relaxed);
+                    let wait = write_backoff(failures);
+                    tracing::warn!(saga_id = %claim.saga_id, failures, wait_ms = wait.as_millis() as u64, %error, "saga write failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                WriteFailure::Conflict | WriteFailure::Transient => {
+                    self.metrics.write_retries.fetch_add(1, Ordering::Relaxed);
+                    let wait = write_backoff(failures + 1);
+                    tracing::warn!(saga_id = %claim.saga_id, wait_ms = wait.as_millis() as u64, %error, "saga step could not be recorded; giving the saga back for later");
+                    let later = Utc::now() + to_chrono(wait);
                     if let Err(error) = self
-                        .sagas
                         .store()
-                        .release(claim, u32::MAX, None, later)
+                        .release(claim, None, Some(later), Utc::now())
                         .await
                     {
-                        tracing::warn!(saga_id = %claim.saga_id, %error, "could not give a saga back");
+                        tracing::warn!(saga_id = %claim.saga_id, %error, "could not give the saga back; its lease will lapse");
                     }
                     return;
                 }
+                WriteFailure::Refused => {
+                    self.park_refused(claim, &error).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Parks a saga whose write was refused for a reason retrying cannot
+    /// fix, with that reason, so a person looks instead of every process
+    /// retrying it forever.
+    async fn park_refused(&self, claim: Claim, refusal: &CommandError) {
+        let reason = summarize(
+            &format!("a saga write was refused: {refusal}"),
+            MAX_REASON_CHARS,
+        );
+        let parked = async {
+            let loaded = self.sagas.load(claim.saga_id).await?;
+            if loaded.state.status.is_some_and(|s| s.is_final()) {
+                return Ok(Flow::Stop);
+            }
+            let step = loaded
+                .state
+                .current_step()
+                .map(|s| s.name().to_string())
+                .unwrap_or_default();
+            tracing::error!(saga_id = %claim.saga_id, %reason, "saga parked: needs manual intervention");
+            let events = [SagaEvent::Parked {
+                step,
+                reason: reason.clone(),
+                cause: ParkCause::WriteRefused,
+            }];
+            self.record(claim, loaded, &events, Vec::new()).await
+        };
+        match parked.await {
+            Ok(Flow::Continue) => {
+                // Parked sagas are never due: give the claim back.
+                if let Err(error) = self.store().release(claim, None, None, Utc::now()).await {
+                    tracing::warn!(saga_id = %claim.saga_id, %error, "could not give a parked saga back");
+                }
+            }
+            Ok(Flow::Stop) => {}
+            Err(error) => {
+                tracing::warn!(saga_id = %claim.saga_id, %error, "could not park the saga; giving it back for later");
+                let later = Utc::now() + to_chrono(WRITE_BACKOFF_CAP);
+                let _ = self
+                    .store()
+                    .release(claim, None, Some(later), Utc::now())
+                    .await;
             }
         }
     }
@@ -243,9 +488,8 @@ impl SagaRunner {
         let now = Utc::now();
         match loaded.state.next(now) {
             Next::Idle => {
-                self.sagas
-                    .store()
-                    .release(claim, loaded.version, None, now)
+                self.store()
+                    .release(claim, Some(loaded.version), None, now)
                     .await?;
                 Ok(Flow::Stop)
             }
@@ -254,15 +498,22 @@ impl SagaRunner {
                 Ok(Flow::Continue)
             }
             Next::Wait(at) => {
-                self.sagas
-                    .store()
-                    .release(claim, loaded.version, Some(at), now)
+                self.store()
+                    .release(claim, Some(loaded.version), Some(at), now)
                     .await?;
                 Ok(Flow::Stop)
             }
-            Next::BeginCompensation(CompensationCause { reason, cancel }) => {
+            Next::BeginCompensation(CompensationCause {
+                reason,
+                cancel,
+                order_reason,
+            }) => {
                 tracing::info!(%saga_id, %reason, "saga compensating");
-                let events = [SagaEvent::CompensationStarted { reason, cancel }];
+                let events = [SagaEvent::CompensationStarted {
+                    reason,
+                    cancel,
+                    order_reason: Some(order_reason),
+                }];
                 self.record(claim, loaded, &events, Vec::new()).await
             }
             Next::Forward { step, attempt } => self.forward(claim, loaded, step, attempt).await,
@@ -293,8 +544,16 @@ impl SagaRunner {
             )
             .await?;
         match committed {
-            Committed::Written(_) => Ok(Flow::Continue),
+            Committed::Written(_) => {
+                for event in events {
+                    if let SagaEvent::Parked { cause, .. } = event {
+                        self.metrics.count_park(*cause);
+                    }
+                }
+                Ok(Flow::Continue)
+            }
             Committed::LeaseLost => {
+                self.metrics.leases_lost.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(saga_id = %claim.saga_id, "lost the saga's lease; another process drives it now");
                 Ok(Flow::Stop)
             }
@@ -309,6 +568,44 @@ impl SagaRunner {
         )
     }
 
+    /// The plugin a step calls, if it is active on this process.
+    fn plugin(&self, step: &StepState) -> Result<Arc<LoadedPlugin>, PluginError> {
+        let name = step.definition.action.plugin().unwrap_or_default();
+        self.registry.active(name)
+    }
+
+    /// Gives the saga back for another process: this one does not run the
+    /// plugin the step needs (yet). Nothing is recorded on the saga.
+    async fn defer(&self, claim: Claim, step: &StepState) -> Result<Flow, CommandError> {
+        let wait = deferral_backoff(claim.deferrals);
+        self.metrics.deferrals.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(
+            saga_id = %claim.saga_id,
+            step = step.name(),
+            plugin = step.definition.action.plugin().unwrap_or_default(),
+            deferrals = claim.deferrals + 1,
+            wait_ms = wait.as_millis() as u64,
+            "the step's plugin is not active on this process; giving the saga back"
+        );
+        self.store().defer(claim, wait).await?;
+        Ok(Flow::Stop)
+    }
+
+    /// Makes sure the lease holds for a call of up to `timeout`; `false`
+    /// (and nothing called) when another process holds the saga now.
+    async fn hold_for_call(&self, claim: Claim, timeout: Duration) -> Result<bool, CommandError> {
+        if self
+            .store()
+            .hold(claim, timeout + CALL_LEASE_MARGIN)
+            .await?
+        {
+            return Ok(true);
+        }
+        self.metrics.leases_lost.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(saga_id = %claim.saga_id, "the saga's lease is gone; not calling the plugin");
+        Ok(false)
+    }
+
     /// Runs step `index` forward.
     async fn forward(
         &self,
@@ -319,12 +616,6 @@ impl SagaRunner {
     ) -> Result<Flow, CommandError> {
         let step = loaded.state.steps[index].clone();
         let order_id = loaded.state.order_id;
-        let started = SagaEvent::StepStarted {
-            step: step.name().to_string(),
-            phase: Phase::Forward,
-            attempt,
-            at: Utc::now(),
-        };
         let local = match &step.definition.action {
             StepAction::ReserveInventory => Some(OrderTransition::ReserveInventory),
             StepAction::Confirm => Some(OrderTransition::Confirm),
@@ -332,13 +623,23 @@ impl SagaRunner {
         };
         if let Some(transition) = local {
             return self
-                .forward_locally(claim, loaded, &step, attempt, started, transition)
+                .forward_locally(claim, loaded, &step, attempt, transition)
                 .await;
         }
+        let Ok(plugin) = self.plugin(&step) else {
+            return self.defer(claim, &step).await;
+        };
 
         // A call: record its start first, so a crash during it is known.
         let mut loaded = loaded;
-        let events = [started];
+        let events = [SagaEvent::StepStarted {
+            step: step.name().to_string(),
+            phase: Phase::Forward,
+            attempt,
+            at: Utc::now(),
+            plugin_version: Some(plugin.manifest().version.clone()),
+            reaches_outside: plugin.reaches_outside(),
+        }];
         let flow = self
             .record(claim, loaded.clone(), &events, Vec::new())
             .await?;
@@ -348,11 +649,21 @@ impl SagaRunner {
         advance(&mut loaded, &events);
 
         let order = self.load_order(order_id).await?;
-        self.pause_point("before-call", step.name()).await;
-        let outcome = self
-            .call_forward(claim.saga_id, &loaded.state, &step, &order.state)
-            .await;
-        self.pause_point("after-call", step.name()).await;
+        self.settings.hooks.at("before-call", step.name()).await;
+        let timeout = step.definition.retry.timeout();
+        if !self.hold_for_call(claim, timeout).await? {
+            return Ok(Flow::Stop);
+        }
+        let outcome = match tokio::time::timeout(
+            timeout,
+            self.invoke_forward(&plugin, claim.saga_id, &loaded.state, &step, &order.state),
+        )
+        .await
+        {
+            Ok(outcome) => outcome,
+            Err(_) => Err(deadline(timeout)),
+        };
+        self.settings.hooks.at("after-call", step.name()).await;
 
         let (events, streams) = match outcome {
             Ok(output) => match self.order_effect(order_id, &order, &step, &output).await {
@@ -366,12 +677,8 @@ impl SagaRunner {
                 Err(CommandError::Domain(refused)) => {
                     // The call worked but its answer does not fit the order
                     // (a different amount, say): undo it.
-                    let error = StepError {
-                        code: "unusable_result".into(),
-                        message: refused.to_string(),
-                        retryable: false,
-                        effect_possible: true,
-                    };
+                    let error =
+                        StepError::new("unusable_result", &refused.to_string(), false, true);
                     (vec![forward_failure(&step, attempt, error)], Vec::new())
                 }
                 Err(other) => return Err(other),
@@ -388,9 +695,16 @@ impl SagaRunner {
         loaded: Loaded<Saga>,
         step: &StepState,
         attempt: u32,
-        started: SagaEvent,
         transition: OrderTransition,
     ) -> Result<Flow, CommandError> {
+        let started = SagaEvent::StepStarted {
+            step: step.name().to_string(),
+            phase: Phase::Forward,
+            attempt,
+            at: Utc::now(),
+            plugin_version: None,
+            reaches_outside: false,
+        };
         let order_id = loaded.state.order_id;
         let order = self.load_order(order_id).await?;
         let planned = self
@@ -425,24 +739,15 @@ impl SagaRunner {
             Err(CommandError::Domain(refused)) => {
                 // Out of stock, a deactivated product, an order no longer
                 // able to move: retrying gives the same answer.
-                let error = StepError {
-                    code: domain_code(&refused).into(),
-                    message: refused.to_string(),
-                    retryable: false,
-                    effect_possible: false,
-                };
+                let error =
+                    StepError::new(domain_code(&refused), &refused.to_string(), false, false);
                 (
                     vec![started, forward_failure(step, attempt, error)],
                     Vec::new(),
                 )
             }
             Err(CommandError::Store(store_error)) => {
-                let error = StepError {
-                    code: "store".into(),
-                    message: store_error.to_string(),
-                    retryable: true,
-                    effect_possible: false,
-                };
+                let error = StepError::new("store", &store_error.to_string(), true, false);
                 (
                     vec![started, forward_failure(step, attempt, error)],
                     Vec::new(),
@@ -478,44 +783,26 @@ impl SagaRunner {
             .streams)
     }
 
-    /// Calls a plugin step forward, within the step's timeout.
-    async fn call_forward(
-        &self,
-        saga_id: Uuid,
-        saga: &Saga,
-        step: &StepState,
-        order: &Order,
-    ) -> Attempt {
-        let timeout = step.definition.retry.timeout();
-        match tokio::time::timeout(timeout, self.invoke_forward(saga_id, saga, step, order)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(StepError {
-                code: "deadline".into(),
-                message: format!("no answer within {} ms", timeout.as_millis()),
-                retryable: true,
-                effect_possible: true,
-            }),
-        }
-    }
-
+    /// A plugin step's forward call: the charge (captured, if the provider
+    /// only authorized), the shipment, or the custom step's `execute`.
     async fn invoke_forward(
         &self,
+        plugin: &LoadedPlugin,
         saga_id: Uuid,
         saga: &Saga,
         step: &StepState,
         order: &Order,
     ) -> Attempt {
         let Some(placed) = &order.placed else {
-            return Err(StepError {
-                code: "order_missing".into(),
-                message: format!("order {} does not exist", saga.order_id),
-                retryable: false,
-                effect_possible: false,
-            });
+            return Err(StepError::new(
+                "order_missing",
+                &format!("order {} does not exist", saga.order_id),
+                false,
+                false,
+            ));
         };
         let plugin_order = plugin_order(saga.order_id, placed);
         let key = Saga::step_key(saga_id, step.name());
-        let plugin = self.plugin(step)?;
         match &step.definition.action {
             StepAction::Payment { .. } => {
                 let request = host::PaymentRequest {
@@ -525,46 +812,53 @@ impl SagaRunner {
                     order: plugin_order,
                 };
                 let payment = plugin.charge(request).await.map_err(step_error)?;
-                Ok(json!({
-                    "reference": payment.reference,
-                    "status": payment_status(payment.status),
-                    "amount": payment.amount.amount,
-                    "currency": payment.amount.currency,
-                }))
+                let payment = match payment.status {
+                    host::PaymentStatus::Captured => payment,
+                    host::PaymentStatus::Authorized => {
+                        // Only authorized: take the money now, under a key
+                        // of its own. If that fails, an authorization
+                        // exists, and compensation cancels it.
+                        let captured = plugin
+                            .capture(
+                                Saga::capture_key(saga_id, step.name()),
+                                payment.reference.clone(),
+                                payment.amount.clone(),
+                            )
+                            .await
+                            .map_err(|error| StepError {
+                                effect_possible: true,
+                                ..step_error(error)
+                            })?;
+                        if !matches!(captured.status, host::PaymentStatus::Captured) {
+                            return Err(unexpected_status("capture", captured.status));
+                        }
+                        captured
+                    }
+                    other => return Err(unexpected_status("charge", other)),
+                };
+                Ok(payment_output(&payment))
             }
             StepAction::Shipment { service, .. } => {
                 let shipment = plugin
                     .create_shipment(key, plugin_order, service.clone())
                     .await
                     .map_err(step_error)?;
-                Ok(json!({
-                    "reference": shipment.reference,
-                    "tracking_number": shipment.tracking_number,
-                    "label_url": shipment.label_url,
-                }))
+                Ok(shipment_output(&shipment))
             }
             StepAction::Custom { .. } => {
                 let context = step_context(saga_id, saga, step, key, plugin_order);
                 let output = plugin.execute_step(context).await.map_err(step_error)?;
-                serde_json::from_str(&output).map_err(|error| StepError {
-                    code: "invalid_output".into(),
-                    message: error.to_string(),
-                    retryable: false,
-                    effect_possible: true,
+                serde_json::from_str(&output).map_err(|error| {
+                    StepError::new("invalid_output", &error.to_string(), false, true)
                 })
             }
-            StepAction::ReserveInventory | StepAction::Confirm => Err(StepError {
-                code: "not_a_call".into(),
-                message: "built-in steps run locally".into(),
-                retryable: false,
-                effect_possible: false,
-            }),
+            StepAction::ReserveInventory | StepAction::Confirm => Err(StepError::new(
+                "not_a_call",
+                "built-in steps run locally",
+                false,
+                false,
+            )),
         }
-    }
-
-    fn plugin(&self, step: &StepState) -> Result<Arc<host::LoadedPlugin>, StepError> {
-        let name = step.definition.action.plugin().unwrap_or_default();
-        self.registry.active(name).map_err(step_error)
     }
 
     /// Undoes step `index`: finds out what the forward call did if its
@@ -577,11 +871,33 @@ impl SagaRunner {
         attempt: u32,
     ) -> Result<Flow, CommandError> {
         let step = loaded.state.steps[index].clone();
+        let plugin = match self.plugin(&step) {
+            Ok(plugin) => plugin,
+            Err(_) if claim.deferrals >= MAX_COMPENSATION_DEFERRALS => {
+                let plugin = step.definition.action.plugin().unwrap_or_default();
+                let reason = format!(
+                    "compensating {} needs plugin {plugin}, which was not active on any process \
+                     that took the saga ({} times in a row)",
+                    step.name(),
+                    claim.deferrals
+                );
+                tracing::error!(saga_id = %claim.saga_id, %reason, "saga parked: needs manual intervention");
+                let events = [SagaEvent::Parked {
+                    step: step.name().to_string(),
+                    reason,
+                    cause: ParkCause::PluginUnavailable,
+                }];
+                return self.record(claim, loaded, &events, Vec::new()).await;
+            }
+            Err(_) => return self.defer(claim, &step).await,
+        };
         let started = [SagaEvent::StepStarted {
             step: step.name().to_string(),
             phase: Phase::Compensation,
             attempt,
             at: Utc::now(),
+            plugin_version: Some(plugin.manifest().version.clone()),
+            reaches_outside: plugin.reaches_outside(),
         }];
         if let Flow::Stop = self
             .record(claim, loaded.clone(), &started, Vec::new())
@@ -596,38 +912,62 @@ impl SagaRunner {
             .state
             .compensation_retry
             .unwrap_or(step.definition.retry);
-        self.pause_point("before-compensation", step.name()).await;
+        self.settings
+            .hooks
+            .at("before-compensation", step.name())
+            .await;
+        if !self.hold_for_call(claim, retry.timeout()).await? {
+            return Ok(Flow::Stop);
+        }
         let outcome = match tokio::time::timeout(
             retry.timeout(),
-            self.undo(claim.saga_id, &loaded.state, &step, &order.state),
+            self.undo(&plugin, claim.saga_id, &loaded.state, &step, &order.state),
         )
         .await
         {
             Ok(outcome) => outcome,
-            Err(_) => Err(StepError {
-                code: "deadline".into(),
-                message: format!("no answer within {} ms", retry.timeout_ms),
-                retryable: true,
-                effect_possible: true,
+            Err(_) => Err(UndoFailure {
+                error: deadline(retry.timeout()),
+                outcome_unknown: step.outcome_unknown(),
             }),
         };
-        self.pause_point("after-compensation", step.name()).await;
+        self.settings
+            .hooks
+            .at("after-compensation", step.name())
+            .await;
 
         let events = match outcome {
             Ok(output) => vec![SagaEvent::StepCompensated {
                 step: step.name().to_string(),
                 output,
             }],
-            Err(error) => {
+            Err(UndoFailure {
+                error,
+                outcome_unknown,
+            }) => {
                 let exhausted = loaded.state.compensation_exhausted(attempt);
                 let retry_at =
-                    (!exhausted).then(|| Utc::now() + backoff(retry.backoff(attempt, random())));
-                let reason = format!(
-                    "compensating {} failed {attempt} times: {}: {}",
-                    step.name(),
-                    error.code,
-                    error.message
-                );
+                    (!exhausted).then(|| Utc::now() + to_chrono(retry.backoff(attempt, random())));
+                let (cause, reason) = if outcome_unknown {
+                    (
+                        ParkCause::OutcomeUnknown,
+                        format!(
+                            "whether {} had its effect could not be learned in {attempt} attempts \
+                             ({}); check with the provider before retrying",
+                            step.name(),
+                            error.summary()
+                        ),
+                    )
+                } else {
+                    (
+                        ParkCause::CompensationFailed,
+                        format!(
+                            "compensating {} failed {attempt} times: {}",
+                            step.name(),
+                            error.summary()
+                        ),
+                    )
+                };
                 let mut events = vec![SagaEvent::StepFailed {
                     step: step.name().to_string(),
                     phase: Phase::Compensation,
@@ -636,10 +976,12 @@ impl SagaRunner {
                     retry_at,
                 }];
                 if exhausted {
-                    tracing::error!(saga_id = %claim.saga_id, %reason, "saga parked: needs manual intervention");
+                    let reason = summarize(&reason, MAX_REASON_CHARS);
+                    tracing::error!(saga_id = %claim.saga_id, %reason, %cause, "saga parked: needs manual intervention");
                     events.push(SagaEvent::Parked {
                         step: step.name().to_string(),
                         reason,
+                        cause,
                     });
                 }
                 events
@@ -648,37 +990,91 @@ impl SagaRunner {
         self.record(claim, loaded, &events, Vec::new()).await
     }
 
-    async fn undo(&self, saga_id: Uuid, saga: &Saga, step: &StepState, order: &Order) -> Attempt {
+    /// Undoes what the step's forward call did, and only that.
+    async fn undo(
+        &self,
+        plugin: &LoadedPlugin,
+        saga_id: Uuid,
+        saga: &Saga,
+        step: &StepState,
+        order: &Order,
+    ) -> Result<Value, UndoFailure> {
         let output = match &step.output {
             Some(output) => output.clone(),
-            None => match self.call_forward(saga_id, saga, step, order).await {
-                Ok(output) => output,
-                Err(error) if !error.effect_possible => {
-                    return Ok(json!({ "undone": false, "reason": "the call had no effect" }));
+            None => match self
+                .learn_outcome(plugin, saga_id, saga, step, order)
+                .await?
+            {
+                Some(output) => output,
+                None => {
+                    return Ok(json!({
+                        "undone": false,
+                        "reason": "the provider has no record of the call",
+                    }));
                 }
-                Err(error) => return Err(error),
             },
         };
+        let failed = |error: PluginError| UndoFailure {
+            error: step_error(error),
+            outcome_unknown: false,
+        };
         let key = Saga::compensation_key(saga_id, step.name());
-        let plugin = self.plugin(step)?;
         match &step.definition.action {
             StepAction::Payment { .. } => {
-                let amount = host::Money {
-                    amount: text(&output, "amount"),
-                    currency: text(&output, "currency"),
-                };
-                let refund = plugin
-                    .refund(key, text(&output, "reference"), amount)
-                    .await
-                    .map_err(step_error)?;
-                Ok(json!({ "refund": refund.reference, "amount": refund.amount.amount }))
+                let reference = text(&output, "reference");
+                match text(&output, "status").as_str() {
+                    "captured" => {
+                        let amount = host::Money {
+                            amount: text(&output, "amount"),
+                            currency: text(&output, "currency"),
+                        };
+                        let refund = plugin
+                            .refund(key, reference, amount)
+                            .await
+                            .map_err(failed)?;
+                        if !matches!(refund.status, host::PaymentStatus::Refunded) {
+                            return Err(UndoFailure {
+                                error: unexpected_status("refund", refund.status),
+                                outcome_unknown: false,
+                            });
+                        }
+                        Ok(json!({ "refund": refund.reference, "amount": refund.amount.amount }))
+                    }
+                    "authorized" => {
+                        let cancelled = plugin
+                            .cancel_payment(key, reference.clone())
+                            .await
+                            .map_err(failed)?;
+                        if !matches!(cancelled.status, host::PaymentStatus::Cancelled) {
+                            return Err(UndoFailure {
+                                error: unexpected_status("cancel", cancelled.status),
+                                outcome_unknown: false,
+                            });
+                        }
+                        Ok(json!({ "cancelled_authorization": reference }))
+                    }
+                    status @ ("refunded" | "cancelled") => Ok(json!({
+                        "undone": false,
+                        "reason": format!("the payment is already {status}"),
+                    })),
+                    other => Err(UndoFailure {
+                        error: StepError::new(
+                            "unexpected_payment_status",
+                            &format!("the payment to undo is {other:?}"),
+                            false,
+                            true,
+                        ),
+                        outcome_unknown: false,
+                    }),
+                }
             }
             StepAction::Shipment { .. } => {
+                let reference = text(&output, "reference");
                 plugin
-                    .cancel_shipment(key, text(&output, "reference"))
+                    .cancel_shipment(key, reference.clone())
                     .await
-                    .map_err(step_error)?;
-                Ok(json!({ "cancelled": text(&output, "reference") }))
+                    .map_err(failed)?;
+                Ok(json!({ "cancelled": reference }))
             }
             StepAction::Custom { .. } => {
                 let Some(placed) = &order.placed else {
@@ -694,10 +1090,55 @@ impl SagaRunner {
                 plugin
                     .compensate_step(context, output.to_string())
                     .await
-                    .map_err(step_error)?;
+                    .map_err(failed)?;
                 Ok(json!({}))
             }
             StepAction::ReserveInventory | StepAction::Confirm => Ok(json!({})),
+        }
+    }
+
+    /// What a forward call whose outcome was never recorded did: the
+    /// output to undo, or `None` when it did nothing. It never guesses: when
+    /// it cannot find out, it fails, and the compensation is retried and
+    /// in the end parked.
+    async fn learn_outcome(
+        &self,
+        plugin: &LoadedPlugin,
+        saga_id: Uuid,
+        saga: &Saga,
+        step: &StepState,
+        order: &Order,
+    ) -> Result<Option<Value>, UndoFailure> {
+        let unknown = |error: StepError| UndoFailure {
+            error,
+            outcome_unknown: true,
+        };
+        let key = Saga::step_key(saga_id, step.name());
+        match &step.definition.action {
+            StepAction::Payment { .. } if plugin.supports_lookup() => plugin
+                .lookup_payment(key)
+                .await
+                .map(|found| found.as_ref().map(payment_output))
+                .map_err(|error| unknown(step_error(error))),
+            StepAction::Shipment { .. } if plugin.supports_lookup() => plugin
+                .lookup_shipment(key)
+                .await
+                .map(|found| found.as_ref().map(shipment_output))
+                .map_err(|error| unknown(step_error(error))),
+            // Its plugin could reach nothing outside the kernel: whatever
+            // happened to the call changed nothing there. Its `compensate`
+            // is told the outcome is unknown (`null`).
+            StepAction::Custom { .. } if step.had_no_outside_reach() => Ok(Some(Value::Null)),
+            // No lookup (a plugin of contract 0.1, or a custom step that
+            // calls out): repeat the call with the same idempotency key,
+            // which the provider answers with what the first call did. For
+            // a call that never reached the provider this makes it; the
+            // refund that follows undoes it.
+            _ => self
+                .invoke_forward(plugin, saga_id, saga, step, order)
+                .await
+                .map(Some)
+                .map_err(unknown),
         }
     }
 
@@ -710,14 +1151,16 @@ impl SagaRunner {
     ) -> Result<Flow, CommandError> {
         let order_id = loaded.state.order_id;
         let order = self.load_order(order_id).await?;
+        // Checked by the order like any reason: cleaned first, so the
+        // saga's own last write is never refused for its wording.
+        let reason = match summarize(&cause.order_reason, MAX_REASON_CHARS) {
+            reason if reason.is_empty() => "the order could not be completed".to_string(),
+            reason => reason,
+        };
         let transition = if cause.cancel {
-            OrderTransition::Cancel {
-                reason: cause.reason.clone(),
-            }
+            OrderTransition::Cancel { reason }
         } else {
-            OrderTransition::Fail {
-                reason: cause.reason.clone(),
-            }
+            OrderTransition::Fail { reason }
         };
         let streams = match self
             .commerce()
@@ -735,20 +1178,15 @@ impl SagaRunner {
         self.record(claim, loaded, &[SagaEvent::Compensated], streams)
             .await
     }
+}
 
-    /// The crash tests' hook: at a configured point the runner announces
-    /// itself on stdout and stops here for good, so the test can kill the
-    /// process exactly there.
-    async fn pause_point(&self, when: &str, step: &str) {
-        if self.settings.pause_at.is_empty() {
-            return;
-        }
-        let point = format!("{when}:{step}");
-        if self.settings.pause_at.contains(&point) {
-            println!("saga paused at {point}");
-            std::future::pending::<()>().await;
-        }
-    }
+/// What a panic said.
+fn panic_message(panic: Box<dyn Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|text| text.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
 }
 
 /// A failed forward attempt, due again after the step's back-off if the
@@ -756,7 +1194,7 @@ impl SagaRunner {
 fn forward_failure(step: &StepState, attempt: u32, error: StepError) -> SagaEvent {
     let retry = &step.definition.retry;
     let retry_at = (error.retryable && attempt < retry.max_attempts)
-        .then(|| Utc::now() + backoff(retry.backoff(attempt, random())));
+        .then(|| Utc::now() + to_chrono(retry.backoff(attempt, random())));
     SagaEvent::StepFailed {
         step: step.name().to_string(),
         phase: Phase::Forward,
@@ -778,8 +1216,51 @@ fn random() -> u64 {
     Uuid::new_v4().as_u128() as u64
 }
 
-fn backoff(wait: Duration) -> chrono::Duration {
+fn to_chrono(wait: Duration) -> chrono::Duration {
     chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(60))
+}
+
+/// `base` doubled `exponent` times, capped, with equal jitter.
+fn jittered_backoff(base: Duration, exponent: u32, cap: Duration) -> Duration {
+    let ceiling = base
+        .saturating_mul(1u32 << exponent.min(16))
+        .min(cap)
+        .as_millis() as u64;
+    let half = ceiling / 2;
+    Duration::from_millis(half + random() % (ceiling - half + 1))
+}
+
+/// The wait after the `failures`-th failed saga write in a row.
+fn write_backoff(failures: u32) -> Duration {
+    jittered_backoff(WRITE_BACKOFF, failures.saturating_sub(1), WRITE_BACKOFF_CAP)
+}
+
+/// The wait before a saga deferred `deferrals` times before is due again.
+fn deferral_backoff(deferrals: u32) -> Duration {
+    jittered_backoff(DEFERRAL_BACKOFF, deferrals, DEFERRAL_BACKOFF_CAP)
+}
+
+fn deadline(timeout: Duration) -> StepError {
+    StepError::new(
+        "deadline",
+        &format!("no answer within {} ms", timeout.as_millis()),
+        true,
+        true,
+    )
+}
+
+/// A payment answered with a status the call cannot have: not a payment.
+/// Something may exist at the provider, so compensation looks it up.
+fn unexpected_status(call: &str, status: host::PaymentStatus) -> StepError {
+    StepError::new(
+        "unexpected_payment_status",
+        &format!(
+            "the provider answered {call} with a payment that is {}",
+            payment_status(status)
+        ),
+        false,
+        true,
+    )
 }
 
 /// A plugin error as a step error.
@@ -789,18 +1270,39 @@ fn step_error(error: PluginError) -> StepError {
     // trap after a request went out, ...) may have had its effect.
     let effect_possible = !matches!(
         &error,
-        PluginError::NotActive { .. } | PluginError::WrongKind { .. }
+        PluginError::NotActive { .. }
+            | PluginError::WrongKind { .. }
+            | PluginError::Unsupported { .. }
     ) && !matches!(&error, PluginError::Failed { failure, .. } if failure.permanent);
     let code = match &error {
         PluginError::Failed { failure, .. } => failure.code.clone(),
         other => other.kind().as_str().to_string(),
     };
-    StepError {
-        code,
-        message: error.to_string(),
-        retryable: error.is_retryable(),
+    StepError::new(
+        &code,
+        &error.to_string(),
+        error.is_retryable(),
         effect_possible,
-    }
+    )
+}
+
+/// A payment as a step records it.
+fn payment_output(payment: &host::Payment) -> Value {
+    json!({
+        "reference": payment.reference,
+        "status": payment_status(payment.status),
+        "amount": payment.amount.amount,
+        "currency": payment.amount.currency,
+    })
+}
+
+/// A shipment as a step records it.
+fn shipment_output(shipment: &host::Shipment) -> Value {
+    json!({
+        "reference": shipment.reference,
+        "tracking_number": shipment.tracking_number,
+        "label_url": shipment.label_url,
+    })
 }
 
 fn domain_code(error: &DomainError) -> &'static str {

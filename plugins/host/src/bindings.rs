@@ -2,6 +2,12 @@
 //! wasmtime's `bindgen!`. The payment world generates the shared types and
 //! the `log` and `config` imports; the other worlds reuse them, so an
 //! `Order` is one Rust type whichever kind of plugin receives it.
+//!
+//! [`v0_1`] binds the previous contract, `commerce:plugin@0.1.0` (frozen in
+//! `plugins/host/legacy-wit/0.1.0`), so components built against it keep
+//! loading. Its records are the same as 0.2's, so it reuses 0.2's Rust
+//! types; only its exports lack `lookup`, and its `log` and `config`
+//! imports carry the old version in their names.
 
 /// The `payment-plugin` world, and with it the shared types and host imports.
 pub mod payment {
@@ -38,6 +44,44 @@ pub mod saga_step {
             "commerce:plugin/types": super::payment::commerce::plugin::types,
         },
     });
+}
+
+/// `commerce:plugin@0.1.0`: the contract before `lookup`.
+pub mod v0_1 {
+    pub mod payment {
+        wasmtime::component::bindgen!({
+            path: "legacy-wit/0.1.0",
+            world: "payment-plugin",
+            exports: { default: async },
+            with: {
+                "commerce:plugin/types": crate::bindings::payment::commerce::plugin::types,
+            },
+        });
+    }
+
+    pub mod shipping {
+        wasmtime::component::bindgen!({
+            path: "legacy-wit/0.1.0",
+            world: "shipping-plugin",
+            exports: { default: async },
+            with: {
+                "commerce:plugin/types": crate::bindings::payment::commerce::plugin::types,
+                "commerce:plugin/log": super::payment::commerce::plugin::log,
+                "commerce:plugin/config": super::payment::commerce::plugin::config,
+            },
+        });
+    }
+
+    pub mod saga_step {
+        wasmtime::component::bindgen!({
+            path: "legacy-wit/0.1.0",
+            world: "saga-step-plugin",
+            exports: { default: async },
+            with: {
+                "commerce:plugin/types": crate::bindings::payment::commerce::plugin::types,
+            },
+        });
+    }
 }
 
 pub use payment::commerce::plugin::types::{

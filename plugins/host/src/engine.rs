@@ -15,7 +15,8 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use crate::bindings::payment::commerce::plugin::{config, log};
-use crate::bindings::{payment, saga_step, shipping};
+use crate::bindings::v0_1::payment::commerce::plugin::{config as config_v0_1, log as log_v0_1};
+use crate::bindings::{payment, saga_step, shipping, v0_1};
 use crate::error::LoadError;
 use crate::manifest::{HostPattern, MAX_MEMORY_BYTES, PluginKind, PluginManifest};
 use crate::state::{Grants, InvocationState};
@@ -141,6 +142,10 @@ impl PluginEngine {
             .map_err(link)?;
         config::add_to_linker::<_, HasSelf<InvocationState>>(&mut linker, |state| state)
             .map_err(link)?;
+        log_v0_1::add_to_linker::<_, HasSelf<InvocationState>>(&mut linker, |state| state)
+            .map_err(link)?;
+        config_v0_1::add_to_linker::<_, HasSelf<InvocationState>>(&mut linker, |state| state)
+            .map_err(link)?;
         if manifest.grants_wasi() {
             wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(link)?;
         }
@@ -153,16 +158,28 @@ impl PluginEngine {
             reason: format!("{error:#}"),
         };
         let instance_pre = linker.instantiate_pre(&component).map_err(wrong_world)?;
+        // The current contract first; a component built against 0.1 lacks
+        // `lookup` and is bound by the old one. The error shown is the
+        // current contract's: that is what a new plugin should implement.
         let prepared = match manifest.kind {
-            PluginKind::Payment => Prepared::Payment(
-                payment::PaymentPluginPre::new(instance_pre).map_err(wrong_world)?,
-            ),
-            PluginKind::Shipping => Prepared::Shipping(
-                shipping::ShippingPluginPre::new(instance_pre).map_err(wrong_world)?,
-            ),
-            PluginKind::SagaStep => Prepared::SagaStep(
-                saga_step::SagaStepPluginPre::new(instance_pre).map_err(wrong_world)?,
-            ),
+            PluginKind::Payment => match payment::PaymentPluginPre::new(instance_pre.clone()) {
+                Ok(pre) => Prepared::Payment(pre),
+                Err(error) => v0_1::payment::PaymentPluginPre::new(instance_pre)
+                    .map(Prepared::PaymentV0_1)
+                    .map_err(|_| wrong_world(error))?,
+            },
+            PluginKind::Shipping => match shipping::ShippingPluginPre::new(instance_pre.clone()) {
+                Ok(pre) => Prepared::Shipping(pre),
+                Err(error) => v0_1::shipping::ShippingPluginPre::new(instance_pre)
+                    .map(Prepared::ShippingV0_1)
+                    .map_err(|_| wrong_world(error))?,
+            },
+            PluginKind::SagaStep => match saga_step::SagaStepPluginPre::new(instance_pre.clone()) {
+                Ok(pre) => Prepared::SagaStep(pre),
+                Err(error) => v0_1::saga_step::SagaStepPluginPre::new(instance_pre)
+                    .map(Prepared::SagaStepV0_1)
+                    .map_err(|_| wrong_world(error))?,
+            },
         };
         let grants = Grants {
             label,
@@ -255,6 +272,10 @@ fn resolve_config(
         .collect()
 }
 
+/// Versions of `commerce:plugin` whose components load: the current one
+/// and its predecessor (see [`crate::bindings::v0_1`]).
+const SUPPORTED_CONTRACTS: &[&str] = &["0.2.", "0.1."];
+
 /// WASI interfaces of the sandboxed runtime (what Rust's std uses).
 const WASI_RUNTIME: &[&str] = &[
     "wasi:cli/environment",
@@ -293,10 +314,14 @@ fn check_imports(
                 interface,
                 "commerce:plugin/types" | "commerce:plugin/log" | "commerce:plugin/config"
             );
-            match (known, version.starts_with("0.1.")) {
+            let supported = SUPPORTED_CONTRACTS
+                .iter()
+                .any(|contract| version.starts_with(contract));
+            match (known, supported) {
                 (true, true) => None,
                 (true, false) => Some(
-                    "is another version of the contract than this kernel's commerce:plugin@0.1"
+                    "is a version of the contract this kernel does not host \
+                     (it hosts commerce:plugin@0.2 and @0.1)"
                         .to_string(),
                 ),
                 (false, _) => Some("is not something the kernel offers plugins".to_string()),
@@ -321,11 +346,14 @@ fn check_imports(
     Ok(())
 }
 
-/// A pre-linked component, by the world it implements.
+/// A pre-linked component, by the world (and contract version) it implements.
 pub(crate) enum Prepared {
     Payment(payment::PaymentPluginPre<InvocationState>),
     Shipping(shipping::ShippingPluginPre<InvocationState>),
     SagaStep(saga_step::SagaStepPluginPre<InvocationState>),
+    PaymentV0_1(v0_1::payment::PaymentPluginPre<InvocationState>),
+    ShippingV0_1(v0_1::shipping::ShippingPluginPre<InvocationState>),
+    SagaStepV0_1(v0_1::saga_step::SagaStepPluginPre<InvocationState>),
 }
 
 /// One plugin version, ready to run: every invocation gets a fresh store
@@ -345,6 +373,31 @@ impl LoadedPlugin {
 
     pub fn stats(&self) -> &PluginStats {
         &self.stats
+    }
+
+    /// The contract version the component implements: `"0.2"` or `"0.1"`.
+    pub fn contract(&self) -> &'static str {
+        match self.prepared {
+            Prepared::Payment(_) | Prepared::Shipping(_) | Prepared::SagaStep(_) => "0.2",
+            Prepared::PaymentV0_1(_) | Prepared::ShippingV0_1(_) | Prepared::SagaStepV0_1(_) => {
+                "0.1"
+            }
+        }
+    }
+
+    /// Whether the plugin answers `lookup` (payment and shipping plugins of
+    /// contract 0.2). Without it, the kernel can learn a call's unknown
+    /// outcome only by repeating the call with the same idempotency key.
+    pub fn supports_lookup(&self) -> bool {
+        matches!(self.prepared, Prepared::Payment(_) | Prepared::Shipping(_))
+    }
+
+    /// Whether the plugin can reach anything outside the kernel: only
+    /// outbound HTTP to its `allowed_hosts` leaves the sandbox (the WASI
+    /// runtime has no files and no sockets). A plugin without it has had no
+    /// outside effect, whatever happened to a call.
+    pub fn reaches_outside(&self) -> bool {
+        self.manifest.grants_http()
     }
 }
 

@@ -87,12 +87,20 @@ pub enum PluginError {
     /// The host could not run it (instantiation failed, host function error).
     #[error("{plugin}: could not be run: {message}")]
     Host { plugin: String, message: String },
+    /// The plugin's contract version has no such call (`lookup` before 0.2).
+    /// Nothing ran.
+    #[error("{plugin}: implements commerce:plugin@{contract}, which has no {call}")]
+    Unsupported {
+        plugin: String,
+        call: &'static str,
+        contract: &'static str,
+    },
 }
 
 impl PluginError {
     /// A short, stable label for metrics and logs: `permanent`, `transient`,
     /// `fuel`, `deadline`, `memory`, `trap`, `invalid_output`, `host`,
-    /// `not_active`, `wrong_kind`.
+    /// `not_active`, `wrong_kind`, `unsupported`.
     pub fn kind(&self) -> ErrorKind {
         match self {
             PluginError::NotActive { .. } => ErrorKind::NotActive,
@@ -105,6 +113,7 @@ impl PluginError {
             PluginError::Trapped { .. } => ErrorKind::Trap,
             PluginError::InvalidOutput { .. } => ErrorKind::InvalidOutput,
             PluginError::Host { .. } => ErrorKind::Host,
+            PluginError::Unsupported { .. } => ErrorKind::Unsupported,
         }
     }
 
@@ -132,11 +141,12 @@ pub enum ErrorKind {
     Trap,
     InvalidOutput,
     Host,
+    Unsupported,
 }
 
 impl ErrorKind {
     /// Every kind, in the order metrics list them.
-    pub const ALL: [ErrorKind; 10] = [
+    pub const ALL: [ErrorKind; 11] = [
         ErrorKind::NotActive,
         ErrorKind::WrongKind,
         ErrorKind::Permanent,
@@ -147,6 +157,7 @@ impl ErrorKind {
         ErrorKind::Trap,
         ErrorKind::InvalidOutput,
         ErrorKind::Host,
+        ErrorKind::Unsupported,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -161,6 +172,7 @@ impl ErrorKind {
             ErrorKind::Trap => "trap",
             ErrorKind::InvalidOutput => "invalid_output",
             ErrorKind::Host => "host",
+            ErrorKind::Unsupported => "unsupported",
         }
     }
 }

@@ -4,12 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use wasmtime::{Store, Trap};
+use wasmtime::{Store, Trap, UpdateDeadline};
 
 use crate::bindings::{
     Failure as WitFailure, Money, Order, Payment, PaymentRequest, Rate, Shipment, StepContext,
 };
-use crate::engine::{EPOCH_TICK, LoadedPlugin, Prepared};
+use crate::contract_v0_1 as v0_1;
+use crate::engine::{LoadedPlugin, Prepared};
 use crate::error::{Failure, PluginError};
 use crate::manifest::PluginKind;
 use crate::state::InvocationState;
@@ -28,9 +29,11 @@ enum Call {
     Capture(String, String, Money),
     Refund(String, String, Money),
     Cancel(String, String),
+    LookupPayment(String),
     Quote(Order),
     CreateShipment(String, Order, String),
     CancelShipment(String, String),
+    LookupShipment(String),
 }
 
 impl Call {
@@ -41,10 +44,28 @@ impl Call {
             | Call::Charge(..)
             | Call::Capture(..)
             | Call::Refund(..)
-            | Call::Cancel(..) => PluginKind::Payment,
-            Call::Quote(..) | Call::CreateShipment(..) | Call::CancelShipment(..) => {
-                PluginKind::Shipping
-            }
+            | Call::Cancel(..)
+            | Call::LookupPayment(..) => PluginKind::Payment,
+            Call::Quote(..)
+            | Call::CreateShipment(..)
+            | Call::CancelShipment(..)
+            | Call::LookupShipment(..) => PluginKind::Shipping,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Call::Execute(..) => "execute",
+            Call::Compensate(..) => "compensate",
+            Call::Authorize(..) => "authorize",
+            Call::Charge(..) => "charge",
+            Call::Capture(..) => "capture",
+            Call::Refund(..) => "refund",
+            Call::Cancel(..) => "cancel",
+            Call::LookupPayment(..) | Call::LookupShipment(..) => "lookup",
+            Call::Quote(..) => "quote",
+            Call::CreateShipment(..) => "create-shipment",
+            Call::CancelShipment(..) => "cancel-shipment",
         }
     }
 }
@@ -56,6 +77,8 @@ enum Answer {
     Payment(Payment),
     Rates(Vec<Rate>),
     Shipment(Shipment),
+    FoundPayment(Option<Payment>),
+    FoundShipment(Option<Shipment>),
 }
 
 impl LoadedPlugin {
@@ -113,6 +136,19 @@ impl LoadedPlugin {
             .await
     }
 
+    /// The payment made with `idempotency_key`, as the provider has it now;
+    /// `None` when it has no record of the key. [`PluginError::Unsupported`]
+    /// for plugins of contract 0.1 (see [`LoadedPlugin::supports_lookup`]).
+    pub async fn lookup_payment(
+        &self,
+        idempotency_key: String,
+    ) -> Result<Option<Payment>, PluginError> {
+        match self.invoke(Call::LookupPayment(idempotency_key)).await? {
+            Answer::FoundPayment(found) => Ok(found),
+            _ => Err(self.mismatch()),
+        }
+    }
+
     pub async fn quote(&self, order: Order) -> Result<Vec<Rate>, PluginError> {
         match self.invoke(Call::Quote(order)).await? {
             Answer::Rates(rates) => Ok(rates),
@@ -142,6 +178,19 @@ impl LoadedPlugin {
     ) -> Result<(), PluginError> {
         self.expect_unit(Call::CancelShipment(idempotency_key, reference))
             .await
+    }
+
+    /// The shipment created with `idempotency_key`; `None` when the carrier
+    /// has no record of the key. [`PluginError::Unsupported`] for plugins of
+    /// contract 0.1.
+    pub async fn lookup_shipment(
+        &self,
+        idempotency_key: String,
+    ) -> Result<Option<Shipment>, PluginError> {
+        match self.invoke(Call::LookupShipment(idempotency_key)).await? {
+            Answer::FoundShipment(found) => Ok(found),
+            _ => Err(self.mismatch()),
+        }
     }
 
     async fn expect_payment(&self, call: Call) -> Result<Payment, PluginError> {
@@ -175,6 +224,15 @@ impl LoadedPlugin {
                 actual: self.manifest.kind.to_string(),
             });
         }
+        if matches!(call, Call::LookupPayment(..) | Call::LookupShipment(..))
+            && !self.supports_lookup()
+        {
+            return Err(PluginError::Unsupported {
+                plugin: label.clone(),
+                call: call.name(),
+                contract: self.contract(),
+            });
+        }
         let limits = self.manifest.limits;
         let timeout = Duration::from_millis(limits.timeout_ms);
         let started = Instant::now();
@@ -204,9 +262,23 @@ impl LoadedPlugin {
         if let Err(error) = store.set_fuel(limits.fuel) {
             return Err(self.record(started, 0, self.host_error(&format!("{error:#}"))));
         }
-        let ticks = timeout.as_millis().div_ceil(EPOCH_TICK.as_millis()) + 1;
-        store.set_epoch_deadline(u64::try_from(ticks).unwrap_or(u64::MAX));
-        store.epoch_deadline_trap();
+        // At every epoch tick the running wasm gives its thread back to the
+        // async runtime, so a plugin that spins until its deadline holds a
+        // worker for one tick at a time, never for the whole call: the
+        // kernel keeps answering while four such calls run on two cores.
+        // Past the deadline the tick traps instead.
+        let deadline = started + timeout;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
+            }
+        });
 
         // The epoch deadline stops wasm that spins; this one also stops a
         // plugin waiting on the network inside a host call.
@@ -253,8 +325,8 @@ impl LoadedPlugin {
         store: &mut Store<InvocationState>,
         call: Call,
     ) -> wasmtime::Result<Result<Answer, WitFailure>> {
-        Ok(match (&self.prepared, call) {
-            (Prepared::SagaStep(pre), call) => {
+        Ok(match &self.prepared {
+            Prepared::SagaStep(pre) => {
                 let plugin = pre.instantiate_async(&mut *store).await?;
                 let step = plugin.commerce_plugin_saga_step();
                 match call {
@@ -269,7 +341,22 @@ impl LoadedPlugin {
                     _ => unreachable_call()?,
                 }
             }
-            (Prepared::Payment(pre), call) => {
+            Prepared::SagaStepV0_1(pre) => {
+                let plugin = pre.instantiate_async(&mut *store).await?;
+                let step = plugin.commerce_plugin_saga_step();
+                match call {
+                    Call::Execute(context) => step
+                        .call_execute(&mut *store, &v0_1::step_context(&context))
+                        .await?
+                        .map(Answer::Json),
+                    Call::Compensate(context, output) => step
+                        .call_compensate(&mut *store, &v0_1::step_context(&context), &output)
+                        .await?
+                        .map(|()| Answer::Unit),
+                    _ => unreachable_call()?,
+                }
+            }
+            Prepared::Payment(pre) => {
                 let plugin = pre.instantiate_async(&mut *store).await?;
                 let provider = plugin.commerce_plugin_payment_provider();
                 let payment = match call {
@@ -290,11 +377,48 @@ impl LoadedPlugin {
                     Call::Cancel(key, reference) => {
                         provider.call_cancel(&mut *store, &key, &reference).await?
                     }
+                    Call::LookupPayment(key) => {
+                        return Ok(provider
+                            .call_lookup(&mut *store, &key)
+                            .await?
+                            .map(Answer::FoundPayment));
+                    }
                     _ => unreachable_call()?,
                 };
                 payment.map(Answer::Payment)
             }
-            (Prepared::Shipping(pre), call) => {
+            Prepared::PaymentV0_1(pre) => {
+                let plugin = pre.instantiate_async(&mut *store).await?;
+                let provider = plugin.commerce_plugin_payment_provider();
+                let payment = match call {
+                    Call::Authorize(request) => {
+                        provider
+                            .call_authorize(&mut *store, &v0_1::payment_request(&request))
+                            .await?
+                    }
+                    Call::Charge(request) => {
+                        provider
+                            .call_charge(&mut *store, &v0_1::payment_request(&request))
+                            .await?
+                    }
+                    Call::Capture(key, reference, amount) => {
+                        provider
+                            .call_capture(&mut *store, &key, &reference, &amount)
+                            .await?
+                    }
+                    Call::Refund(key, reference, amount) => {
+                        provider
+                            .call_refund(&mut *store, &key, &reference, &amount)
+                            .await?
+                    }
+                    Call::Cancel(key, reference) => {
+                        provider.call_cancel(&mut *store, &key, &reference).await?
+                    }
+                    _ => unreachable_call()?,
+                };
+                payment.map(|payment| Answer::Payment(v0_1::payment(payment)))
+            }
+            Prepared::Shipping(pre) => {
                 let plugin = pre.instantiate_async(&mut *store).await?;
                 let provider = plugin.commerce_plugin_shipping_provider();
                 match call {
@@ -306,6 +430,29 @@ impl LoadedPlugin {
                         .call_create_shipment(&mut *store, &key, &order, &service)
                         .await?
                         .map(Answer::Shipment),
+                    Call::CancelShipment(key, reference) => provider
+                        .call_cancel_shipment(&mut *store, &key, &reference)
+                        .await?
+                        .map(|()| Answer::Unit),
+                    Call::LookupShipment(key) => provider
+                        .call_lookup(&mut *store, &key)
+                        .await?
+                        .map(Answer::FoundShipment),
+                    _ => unreachable_call()?,
+                }
+            }
+            Prepared::ShippingV0_1(pre) => {
+                let plugin = pre.instantiate_async(&mut *store).await?;
+                let provider = plugin.commerce_plugin_shipping_provider();
+                match call {
+                    Call::Quote(order) => provider
+                        .call_quote(&mut *store, &order)
+                        .await?
+                        .map(|rates| Answer::Rates(rates.into_iter().map(v0_1::rate).collect())),
+                    Call::CreateShipment(key, order, service) => provider
+                        .call_create_shipment(&mut *store, &key, &order, &service)
+                        .await?
+                        .map(|shipment| Answer::Shipment(v0_1::shipment(shipment))),
                     Call::CancelShipment(key, reference) => provider
                         .call_cancel_shipment(&mut *store, &key, &reference)
                         .await?
@@ -333,7 +480,7 @@ impl LoadedPlugin {
                 serde_json::from_str::<serde_json::Value>(output)
                     .map_err(|error| invalid(format!("the step output is not JSON: {error}")))?;
             }
-            Answer::Payment(payment) => {
+            Answer::Payment(payment) | Answer::FoundPayment(Some(payment)) => {
                 check_reference(&payment.reference).map_err(invalid)?;
                 check_amount(&payment.amount).map_err(invalid)?;
             }
@@ -348,8 +495,10 @@ impl LoadedPlugin {
                     }
                 }
             }
-            Answer::Shipment(shipment) => check_reference(&shipment.reference).map_err(invalid)?,
-            Answer::Unit => {}
+            Answer::Shipment(shipment) | Answer::FoundShipment(Some(shipment)) => {
+                check_reference(&shipment.reference).map_err(invalid)?
+            }
+            Answer::Unit | Answer::FoundPayment(None) | Answer::FoundShipment(None) => {}
         }
         Ok(answer)
     }

@@ -16,6 +16,7 @@
 //! installations and activations and decides which version is active.
 
 mod bindings;
+mod contract_v0_1;
 mod engine;
 mod error;
 mod invoke;

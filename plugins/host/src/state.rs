@@ -9,6 +9,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::bindings::payment::commerce::plugin::{config, log};
+use crate::bindings::v0_1::payment::commerce::plugin::{config as config_v0_1, log as log_v0_1};
 use crate::manifest::HostPattern;
 
 /// Log lines one invocation may write; more are dropped, so a chatty plugin
@@ -144,7 +145,11 @@ impl log::Host for InvocationState {
         if self.log_lines > MAX_LOG_LINES {
             return;
         }
-        let mut message = message;
+        // One line per call, whatever the plugin sent: no forged log lines.
+        let mut message: String = message
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
         if message.len() > MAX_LOG_LINE {
             let mut end = MAX_LOG_LINE;
             while !message.is_char_boundary(end) {
@@ -165,6 +170,26 @@ impl log::Host for InvocationState {
 impl config::Host for InvocationState {
     fn get(&mut self, key: String) -> Option<String> {
         self.grants.config.get(&key).cloned()
+    }
+}
+
+/// Components built against `commerce:plugin@0.1.0` import the same
+/// functions under the old version.
+impl log_v0_1::Host for InvocationState {
+    fn log(&mut self, level: log_v0_1::Level, message: String) {
+        let level = match level {
+            log_v0_1::Level::Debug => log::Level::Debug,
+            log_v0_1::Level::Info => log::Level::Info,
+            log_v0_1::Level::Warn => log::Level::Warn,
+            log_v0_1::Level::Error => log::Level::Error,
+        };
+        log::Host::log(self, level, message);
+    }
+}
+
+impl config_v0_1::Host for InvocationState {
+    fn get(&mut self, key: String) -> Option<String> {
+        config::Host::get(self, key)
     }
 }
 

@@ -93,40 +93,28 @@ impl JsonClient {
     ) -> Result<R, HttpFailure> {
         let body = serde_json::to_vec(body)
             .map_err(|error| HttpFailure::permanent("invalid_request", error.to_string()))?;
-        let (status, answer) = self.send(path, idempotency_key, &body)?;
-        if (200..300).contains(&status) {
-            return serde_json::from_slice(&answer).map_err(|error| {
-                HttpFailure::transient(
-                    "invalid_response",
-                    format!(
-                        "the provider answered {status} with a body that does not parse: {error}"
-                    ),
-                )
-            });
-        }
-        let (code, message) = provider_error(&answer).unwrap_or_else(|| {
-            (
-                format!("http_{status}"),
-                format!("the provider answered {status}"),
-            )
-        });
-        if matches!(status, 408 | 409 | 425 | 429) || status >= 500 {
-            Err(HttpFailure::Transient { code, message })
-        } else {
-            Err(HttpFailure::Permanent { code, message })
-        }
+        let answer = self.send(Method::Post, path, idempotency_key, Some(&body))?;
+        decode(answer)
+    }
+
+    /// GETs `path_and_query` under the base URL and decodes a 2xx answer.
+    pub fn get<R: DeserializeOwned>(&self, path_and_query: &str) -> Result<R, HttpFailure> {
+        let answer = self.send(Method::Get, path_and_query, None, None)?;
+        decode(answer)
     }
 
     fn send(
         &self,
+        method: Method,
         path: &str,
         idempotency_key: Option<&str>,
-        body: &[u8],
+        body: Option<&[u8]>,
     ) -> Result<(u16, Vec<u8>), HttpFailure> {
-        let mut headers: Vec<(String, Vec<u8>)> = vec![
-            ("content-type".to_string(), b"application/json".to_vec()),
-            ("accept".to_string(), b"application/json".to_vec()),
-        ];
+        let mut headers: Vec<(String, Vec<u8>)> =
+            vec![("accept".to_string(), b"application/json".to_vec())];
+        if body.is_some() {
+            headers.push(("content-type".to_string(), b"application/json".to_vec()));
+        }
         if let Some(key) = idempotency_key {
             headers.push(("idempotency-key".to_string(), key.as_bytes().to_vec()));
         }
@@ -142,7 +130,7 @@ impl JsonClient {
         let path_with_query = format!("{}{}", self.base_path.trim_end_matches('/'), path);
         let refused = |what: &str| HttpFailure::permanent("invalid_request", format!("bad {what}"));
         request
-            .set_method(&Method::Post)
+            .set_method(&method)
             .map_err(|()| refused("method"))?;
         request
             .set_scheme(Some(&self.scheme))
@@ -155,7 +143,7 @@ impl JsonClient {
             .map_err(|()| refused("path"))?;
 
         let outgoing = request.body().map_err(|()| refused("body"))?;
-        {
+        if let Some(body) = body {
             let stream = outgoing.write().map_err(|()| refused("body stream"))?;
             for chunk in body.chunks(4096) {
                 stream
@@ -184,6 +172,43 @@ impl JsonClient {
         let answer = read_all(&incoming)?;
         drop(IncomingBody::finish(incoming));
         Ok((status, answer))
+    }
+}
+
+/// `text` with everything but unreserved characters percent-encoded, for a
+/// query parameter.
+pub fn query_value(text: &str) -> String {
+    let mut encoded = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            encoded.push(byte as char);
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+/// A 2xx answer decoded, or the provider's failure in the contract's terms.
+fn decode<R: DeserializeOwned>((status, answer): (u16, Vec<u8>)) -> Result<R, HttpFailure> {
+    if (200..300).contains(&status) {
+        return serde_json::from_slice(&answer).map_err(|error| {
+            HttpFailure::transient(
+                "invalid_response",
+                format!("the provider answered {status} with a body that does not parse: {error}"),
+            )
+        });
+    }
+    let (code, message) = provider_error(&answer).unwrap_or_else(|| {
+        (
+            format!("http_{status}"),
+            format!("the provider answered {status}"),
+        )
+    });
+    if matches!(status, 408 | 409 | 425 | 429) || status >= 500 {
+        Err(HttpFailure::Transient { code, message })
+    } else {
+        Err(HttpFailure::Permanent { code, message })
     }
 }
 

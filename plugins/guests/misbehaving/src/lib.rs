@@ -9,6 +9,9 @@
 //! | `garbage` | returns output that is not JSON |
 //! | `fail-permanent`, `fail-transient` | returns that failure |
 //! | anything else | returns `{"step": <name>}` |
+//!
+//! `compensate` succeeds, except for a step named `fail-compensate`, whose
+//! compensation always fails transiently (and whose `execute` succeeds).
 #![no_std]
 extern crate alloc;
 
@@ -52,8 +55,14 @@ impl Guest for Misbehaving {
         }
     }
 
-    fn compensate(_context: StepContext, _output: String) -> Result<(), Failure> {
-        Ok(())
+    fn compensate(context: StepContext, _output: String) -> Result<(), Failure> {
+        match context.step.as_str() {
+            "fail-compensate" => Err(Failure::Transient(detail(
+                "unavailable",
+                "cannot undo right now",
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 

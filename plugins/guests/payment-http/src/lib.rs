@@ -10,13 +10,17 @@
 //! | capture | `POST /payments/{reference}/capture {amount, currency}` |
 //! | refund | `POST /payments/{reference}/refund {amount, currency}` |
 //! | cancel | `POST /payments/{reference}/cancel {}` |
+//! | lookup | `GET /payments?idempotency_key=<key>` |
 //!
-//! Each answers `{id, status, amount, currency}`. Every request carries the
+//! Each answers `{id, status, amount, currency}`; `lookup` answers
+//! `{data: [...]}` with the payments created with that key, now. An empty
+//! `data` means the provider has none; any other answer (a 404 from a
+//! provider without the endpoint included) is a failure, never "none". Every request carries the
 //! call's idempotency key in `Idempotency-Key`, so the provider, not this
 //! plugin, makes retries safe. A declined card is a 402 and a permanent
 //! failure; 5xx and network errors are transient.
 
-use plugin_http::{HttpFailure, JsonClient};
+use plugin_http::{HttpFailure, JsonClient, query_value};
 use serde::{Deserialize, Serialize};
 
 wit_bindgen::generate!({ path: "../../../wit", world: "payment-plugin" });
@@ -51,6 +55,11 @@ struct PaymentAnswer {
     status: String,
     amount: String,
     currency: String,
+}
+
+#[derive(Deserialize)]
+struct PaymentList {
+    data: Vec<PaymentAnswer>,
 }
 
 impl Guest for PaymentHttp {
@@ -101,6 +110,28 @@ impl Guest for PaymentHttp {
             &Empty {},
         )
     }
+
+    fn lookup(idempotency_key: String) -> Result<Option<Payment>, Failure> {
+        let path = format!(
+            "/payments?idempotency_key={}",
+            query_value(&idempotency_key)
+        );
+        let mut answer: PaymentList = client()?.get(&path).map_err(|error| {
+            log::log(
+                log::Level::Warn,
+                &format!("GET /payments failed: {error:?}"),
+            );
+            failure(error)
+        })?;
+        match answer.data.len() {
+            0 => Ok(None),
+            1 => answer.data.pop().map(payment).transpose(),
+            many => Err(Failure::Permanent(ErrorDetail {
+                code: "ambiguous_lookup".to_string(),
+                message: format!("the provider has {many} payments for one idempotency key"),
+            })),
+        }
+    }
 }
 
 fn create(request: PaymentRequest, capture: bool) -> Result<Payment, Failure> {
@@ -114,21 +145,28 @@ fn create(request: PaymentRequest, capture: bool) -> Result<Payment, Failure> {
     call("/payments", &request.idempotency_key, &body)
 }
 
-fn call<B: Serialize>(path: &str, idempotency_key: &str, body: &B) -> Result<Payment, Failure> {
+fn client() -> Result<JsonClient, Failure> {
     let base_url = config::get("base_url").ok_or_else(|| {
         Failure::Permanent(ErrorDetail {
             code: "invalid_config".to_string(),
             message: "the manifest sets no base_url".to_string(),
         })
     })?;
-    let client = JsonClient::new(&base_url, config::get("api_key")).map_err(failure)?;
+    JsonClient::new(&base_url, config::get("api_key")).map_err(failure)
+}
+
+fn call<B: Serialize>(path: &str, idempotency_key: &str, body: &B) -> Result<Payment, Failure> {
     let answer: PaymentAnswer =
-        client
+        client()?
             .post(path, Some(idempotency_key), body)
             .map_err(|error| {
                 log::log(log::Level::Warn, &format!("POST {path} failed: {error:?}"));
                 failure(error)
             })?;
+    payment(answer)
+}
+
+fn payment(answer: PaymentAnswer) -> Result<Payment, Failure> {
     let status = match answer.status.as_str() {
         "authorized" => PaymentStatus::Authorized,
         "captured" => PaymentStatus::Captured,

@@ -9,12 +9,17 @@
 //! | quote | `POST /rates {order_id, currency, country, postal_code, items}` | `{rates: [{service, amount, currency, estimated_days}]}` |
 //! | create-shipment | `POST /shipments {order_id, service, address, items}` | `{id, tracking_number, label_url}` |
 //! | cancel-shipment | `POST /shipments/{reference}/cancel {}` | `{id, status}` |
+//! | lookup | `GET /shipments?idempotency_key=<key>` | `{data: [{id, tracking_number, label_url}]}` |
+//!
+//! `lookup` asks for the shipments created with an idempotency key: an empty
+//! `data` means the carrier has none, and any other answer (a 404 from a
+//! carrier without the endpoint included) is a failure, never "none".
 //!
 //! Writes carry the idempotency key in `Idempotency-Key`. 4xx answers are
 //! permanent failures (an address the carrier refuses); 5xx and network
 //! errors are transient.
 
-use plugin_http::{HttpFailure, JsonClient};
+use plugin_http::{HttpFailure, JsonClient, query_value};
 use serde::{Deserialize, Serialize};
 
 wit_bindgen::generate!({ path: "../../../wit", world: "shipping-plugin" });
@@ -85,6 +90,11 @@ struct ShipmentAnswer {
 #[derive(Deserialize)]
 struct CancelAnswer {}
 
+#[derive(Deserialize)]
+struct ShipmentList {
+    data: Vec<ShipmentAnswer>,
+}
+
 impl Guest for ShippingHttp {
     fn quote(order: Order) -> Result<Vec<Rate>, Failure> {
         let body = RateRequest {
@@ -123,11 +133,23 @@ impl Guest for ShippingHttp {
         let answer: ShipmentAnswer = client()?
             .post("/shipments", Some(&idempotency_key), &body)
             .map_err(failure)?;
-        Ok(Shipment {
-            reference: answer.id,
-            tracking_number: answer.tracking_number,
-            label_url: answer.label_url,
-        })
+        Ok(shipment(answer))
+    }
+
+    fn lookup(idempotency_key: String) -> Result<Option<Shipment>, Failure> {
+        let path = format!(
+            "/shipments?idempotency_key={}",
+            query_value(&idempotency_key)
+        );
+        let mut answer: ShipmentList = client()?.get(&path).map_err(failure)?;
+        match answer.data.len() {
+            0 => Ok(None),
+            1 => Ok(answer.data.pop().map(shipment)),
+            many => Err(Failure::Permanent(ErrorDetail {
+                code: "ambiguous_lookup".to_string(),
+                message: format!("the carrier has {many} shipments for one idempotency key"),
+            })),
+        }
     }
 
     fn cancel_shipment(idempotency_key: String, reference: String) -> Result<(), Failure> {
@@ -139,6 +161,14 @@ impl Guest for ShippingHttp {
             )
             .map_err(failure)?;
         Ok(())
+    }
+}
+
+fn shipment(answer: ShipmentAnswer) -> Shipment {
+    Shipment {
+        reference: answer.id,
+        tracking_number: answer.tracking_number,
+        label_url: answer.label_url,
     }
 }
 
