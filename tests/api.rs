@@ -8,10 +8,30 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use commerce_kernel::config;
+use commerce_kernel::api::{Adapters, build_schema};
+use commerce_kernel::auth::Principal;
+use commerce_kernel::carts::embedded::EmbeddedCartStore;
+use commerce_kernel::commerce::{
+    Carts, CommandContext, Commerce, NewProduct, PlaceOrderInput, Plugins, Sagas,
+};
+use commerce_kernel::config::{self, GraphqlLimits};
+use commerce_kernel::domain::cart::CartLimits;
+use commerce_kernel::domain::money::{Currency, Money};
+use commerce_kernel::domain::order::Address;
+use commerce_kernel::event_store::{
+    AppendOutcome, AppendRequest, Backend, EventFilter, EventStore, Position, RecordedEvent,
+    StoreError, StreamSelection,
+};
+use commerce_kernel::live::LiveUpdates;
+use commerce_kernel::projections::{
+    InventoryView, OrderFilter, OrderView, ProductView, ProjectionName, Projector, ReservationView,
+    ViewChange, ViewStore,
+};
+use commerce_plugin_host::{EngineConfig, PluginRegistry};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use support::kernel::{RunningKernel, TEST_JWT_SECRET, error_code, payload_codes};
@@ -31,6 +51,8 @@ fn main() {
         every_limit_is_configurable_and_enforced,
         bad_input_is_refused_with_its_field_named,
         hostile_documents_and_bodies_never_break_the_server,
+        customers_see_no_internal_references_in_their_orders,
+        a_page_of_nested_fields_costs_a_bounded_number_of_reads,
     ]);
 }
 
@@ -337,7 +359,7 @@ fn root_fields() -> BTreeSet<String> {
 }
 
 const CREATE_CART: &str = "mutation ($input: CreateCartInput!) { createCart(input: $input) { cart { id customerId } errors { field code message } } }";
-const PLACE_ORDER: &str = "mutation ($cart: UUID!, $address: AddressInput!) { placeOrder(input: { cartId: $cart, paymentMethod: \"tok_visa\", shippingAddress: $address }) { order { id customerId status } errors { field code message } } }";
+const PLACE_ORDER: &str = "mutation ($cart: UUID!, $address: AddressInput!, $method: String! = \"tok_visa\") { placeOrder(input: { cartId: $cart, paymentMethod: $method, shippingAddress: $address }) { order { id customerId status } errors { field code message } } }";
 
 async fn customers_reach_only_their_own_carts_and_orders(
     db: Arc<TestDatabase>,
@@ -586,6 +608,16 @@ async fn customer_order(
     token: &str,
     product: Uuid,
 ) -> anyhow::Result<Uuid> {
+    customer_order_paid_with(kernel, token, product, "tok_visa").await
+}
+
+/// A customer's one-item order, paid with `payment_method`; its id.
+async fn customer_order_paid_with(
+    kernel: &RunningKernel,
+    token: &str,
+    product: Uuid,
+    payment_method: &str,
+) -> anyhow::Result<Uuid> {
     let (_, made) = kernel
         .graphql_as(
             Some(token),
@@ -599,7 +631,7 @@ async fn customer_order(
         .graphql_as(
             Some(token),
             PLACE_ORDER,
-            json!({ "cart": cart, "address": shop::address("DE") }),
+            json!({ "cart": cart, "address": shop::address("DE"), "method": payment_method }),
         )
         .await?;
     let id = placed["data"]["placeOrder"]["order"]["id"].clone();
@@ -1520,4 +1552,447 @@ impl Socket {
             }
         }
     }
+}
+
+/// Everything a customer can ask of their own order's record.
+const ORDER_RECORD: &str = "query ($id: UUID!) { order(id: $id) { status reason
+    events { eventType data actor correlationId causationId }
+    saga { status reason currentStep steps { name kind plugin status attempts error } } } }";
+
+async fn customers_see_no_internal_references_in_their_orders(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let shop = shop::open(&kernel, 5).await?;
+    let customer = Uuid::now_v7();
+    let token = kernel.customer_token(customer)?;
+    let confirmed = customer_order(&kernel, &token, shop.product).await?;
+    // Declined in the provider's own words, on two lines.
+    let declined =
+        customer_order_paid_with(&kernel, &token, shop.product, "tok_decline_multiline").await?;
+
+    let settled = async |order_id: Uuid, status: &str| -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let body = kernel
+                .graphql(ORDER_RECORD, json!({ "id": order_id }))
+                .await?;
+            let saga = &body["data"]["order"]["saga"]["status"];
+            if body["data"]["order"]["status"] == status
+                && (saga == "COMPLETED" || saga == "COMPENSATED")
+            {
+                return Ok(body);
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "{body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let admin_confirmed = settled(confirmed, "CONFIRMED").await?;
+    let admin_declined = settled(declined, "FAILED").await?;
+
+    // What an admin sees: the references, the actors, the provider's words.
+    let internal: Vec<String> = {
+        let mut found = Vec::new();
+        let text = format!("{admin_confirmed}{admin_declined}");
+        for marker in ["pay_", "shp_", "saga-runner:", "Your card was declined"] {
+            ensure!(text.contains(marker), "admins see {marker}: {text}");
+            found.push(marker.to_string());
+        }
+        found.push("admin:".to_string());
+        for event in admin_confirmed["data"]["order"]["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            for reservation in event["data"]["reservations"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                found.push(
+                    reservation["reservation_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+        ensure!(found.len() > 5, "admins see reservation ids: {found:?}");
+        found
+    };
+
+    for (order_id, status) in [(confirmed, "CONFIRMED"), (declined, "FAILED")] {
+        let (code, body) = kernel
+            .graphql_as(Some(&token), ORDER_RECORD, json!({ "id": order_id }))
+            .await?;
+        ensure!(code == 200 && body.get("errors").is_none(), "{body}");
+        let order = &body["data"]["order"];
+        ensure!(order["status"] == status, "{body}");
+        let text = body.to_string();
+        for marker in &internal {
+            ensure!(
+                !text.contains(marker.as_str()),
+                "the customer sees {marker:?}: {body}"
+            );
+        }
+        for event in order["events"].as_array().context("events")? {
+            ensure!(
+                event["actor"].is_null()
+                    && event["correlationId"].is_null()
+                    && event["causationId"].is_null(),
+                "{event}"
+            );
+        }
+        ensure!(
+            order["saga"]["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|step| step["plugin"].is_null()),
+            "{body}"
+        );
+    }
+    let (_, body) = kernel
+        .graphql_as(Some(&token), ORDER_RECORD, json!({ "id": declined }))
+        .await?;
+    let order = &body["data"]["order"];
+    ensure!(
+        order["reason"] == "payment declined" && order["saga"]["reason"] == "payment declined",
+        "a short reason: {body}"
+    );
+    let payment = order["saga"]["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|step| step["name"] == "payment")
+        .cloned()
+        .unwrap_or_default();
+    ensure!(payment["error"] == "payment declined", "{payment}");
+    let failed = order["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|event| event["eventType"] == "Failed")
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        failed["data"] == json!({ "reason": "payment declined" }),
+        "{failed}"
+    );
+    kernel.stop().await
+}
+
+/// An event store that counts the stream reads going through it.
+struct CountingEvents {
+    inner: Arc<dyn EventStore>,
+    stream_reads: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl EventStore for CountingEvents {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        self.inner.append(request).await
+    }
+    async fn read_stream(
+        &self,
+        aggregate_id: Uuid,
+        selection: StreamSelection,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.stream_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_stream(aggregate_id, selection).await
+    }
+    async fn read_streams(&self, aggregate_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.stream_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read_streams(aggregate_ids).await
+    }
+    async fn read_all_matching(
+        &self,
+        filter: &EventFilter,
+        after: Position,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all_matching(filter, after, limit).await
+    }
+    async fn count_matching(&self, filter: &EventFilter) -> Result<u64, StoreError> {
+        self.inner.count_matching(filter).await
+    }
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.head().await
+    }
+    async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
+        self.inner.stream_version(aggregate_id).await
+    }
+}
+
+/// A view store that counts the stock reads going through it.
+struct CountingViews {
+    inner: Arc<dyn ViewStore>,
+    inventory_reads: AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl ViewStore for CountingViews {
+    async fn checkpoint(&self, projection: ProjectionName) -> Result<Position, StoreError> {
+        self.inner.checkpoint(projection).await
+    }
+    async fn apply(
+        &self,
+        projection: ProjectionName,
+        from: Position,
+        to: Position,
+        changes: &[ViewChange],
+    ) -> Result<bool, StoreError> {
+        self.inner.apply(projection, from, to, changes).await
+    }
+    async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError> {
+        self.inner.reset(projection).await
+    }
+    async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError> {
+        self.inner.product(product_id).await
+    }
+    async fn products(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<ProductView>, StoreError> {
+        self.inner.products(after, limit).await
+    }
+    async fn inventory(&self, product_id: Uuid) -> Result<Option<InventoryView>, StoreError> {
+        self.inventory_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.inventory(product_id).await
+    }
+    async fn inventories(&self, product_ids: &[Uuid]) -> Result<Vec<InventoryView>, StoreError> {
+        self.inventory_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.inventories(product_ids).await
+    }
+    async fn reservation(
+        &self,
+        reservation_id: Uuid,
+    ) -> Result<Option<ReservationView>, StoreError> {
+        self.inner.reservation(reservation_id).await
+    }
+    async fn expired_reservations(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> Result<Vec<ReservationView>, StoreError> {
+        self.inner.expired_reservations(now, limit).await
+    }
+    async fn order(&self, order_id: Uuid) -> Result<Option<OrderView>, StoreError> {
+        self.inner.order(order_id).await
+    }
+    async fn count_products(&self) -> Result<u64, StoreError> {
+        self.inner.count_products().await
+    }
+    async fn orders(
+        &self,
+        filter: &OrderFilter,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError> {
+        self.inner.orders(filter, before, limit).await
+    }
+    async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {
+        self.inner.count_orders(filter).await
+    }
+}
+
+async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    const PRODUCTS: usize = 40;
+    const ORDERS: usize = 40;
+    let events = Arc::new(CountingEvents {
+        inner: db.event_store(),
+        stream_reads: AtomicU64::new(0),
+    });
+    let views = Arc::new(CountingViews {
+        inner: db.database.view_store(),
+        inventory_reads: AtomicU64::new(0),
+    });
+    let commerce = Commerce::new(events.clone(), views.clone());
+    let projector = Projector::new(events.clone(), views.clone());
+    let plugins_dir = tempfile::tempdir()?;
+    let registry = Arc::new(PluginRegistry::open(
+        plugins_dir.path(),
+        EngineConfig::default(),
+    )?);
+    let sagas = Sagas::new(commerce.clone(), db.database.saga_store());
+    let adapters = Adapters {
+        event_store: events.clone(),
+        commerce: commerce.clone(),
+        carts: Carts::new(
+            commerce.clone(),
+            Arc::new(EmbeddedCartStore::new()),
+            CartLimits::default(),
+        ),
+        cart_activity: db.database.cart_activity(),
+        projector: projector.clone(),
+        plugins: Plugins::new(commerce.clone(), registry),
+        sagas: sagas.clone(),
+        live: LiveUpdates::new(Duration::from_secs(1)),
+    };
+    let limits = GraphqlLimits::default();
+    let schema = build_schema(adapters, limits);
+
+    let context = CommandContext {
+        actor: Some("test".into()),
+        correlation_id: None,
+    };
+    let customer = Uuid::now_v7();
+    let mut products = Vec::new();
+    for index in 0..PRODUCTS {
+        let created = commerce
+            .create_product(
+                NewProduct {
+                    sku: format!("SKU-{index}-{}", Uuid::now_v7().simple()),
+                    name: "Mug".into(),
+                    price: Money::new("4.50".parse()?, Currency::parse("EUR")?)?,
+                    active: true,
+                },
+                &context,
+            )
+            .await?;
+        commerce
+            .adjust_inventory(created.id, 100, "stock", None, &context)
+            .await?;
+        products.push(created.id);
+    }
+    for index in 0..ORDERS {
+        let order = commerce
+            .place_order(
+                PlaceOrderInput {
+                    customer_id: customer,
+                    lines: vec![(products[index % PRODUCTS], 1)],
+                    shipping_address: Address {
+                        name: "Ada".into(),
+                        line1: "1 Main St".into(),
+                        line2: None,
+                        city: "Berlin".into(),
+                        postal_code: "10115".into(),
+                        region: None,
+                        country: "DE".into(),
+                    },
+                    payment_method: "tok_visa".into(),
+                    idempotency_key: None,
+                },
+                &context,
+            )
+            .await?;
+        sagas.start_for_order(order.id, &context).await?;
+    }
+    for projection in ProjectionName::ALL {
+        projector.catch_up(projection).await?;
+    }
+
+    let run = async |query: &str, principal: Principal| -> anyhow::Result<(Value, u64, u64)> {
+        let (streams, stock) = (
+            events.stream_reads.load(Ordering::SeqCst),
+            views.inventory_reads.load(Ordering::SeqCst),
+        );
+        let response = schema
+            .execute(async_graphql::Request::new(query).data(principal))
+            .await;
+        ensure!(response.errors.is_empty(), "{:?}", response.errors);
+        Ok((
+            response.data.into_json()?,
+            events.stream_reads.load(Ordering::SeqCst) - streams,
+            views.inventory_reads.load(Ordering::SeqCst) - stock,
+        ))
+    };
+
+    // A customer's orders, each with its saga and its events.
+    let (data, stream_reads, _) = run(
+        "{ orders(first: 500) { edges { node { id saga { status } events { id } } } } }",
+        Principal::customer(customer),
+    )
+    .await?;
+    let orders = data["orders"]["edges"].as_array().context("orders")?;
+    ensure!(orders.len() == ORDERS, "{data}");
+    ensure!(
+        orders
+            .iter()
+            .all(|edge| edge["node"]["saga"]["status"] == "RUNNING"
+                && edge["node"]["events"]
+                    .as_array()
+                    .is_some_and(|e| e.len() == 1)),
+        "{data}"
+    );
+    // Batches (the sagas, the events) may be split by the loader's 1 ms
+    // window, never per order.
+    ensure!(
+        stream_reads <= 4,
+        "{ORDERS} orders' sagas and events in a few batches, not a read each: {stream_reads}"
+    );
+
+    // The catalog with each product's stock.
+    let (data, _, stock_reads) = run(
+        "{ products(first: 500) { edges { node { id inventory { available } } } } }",
+        Principal::customer(customer),
+    )
+    .await?;
+    let listed = data["products"]["edges"].as_array().context("products")?;
+    ensure!(listed.len() >= PRODUCTS, "{data}");
+    ensure!(
+        listed
+            .iter()
+            .filter(|edge| edge["node"]["inventory"]["available"] == 100)
+            .count()
+            == PRODUCTS,
+        "{data}"
+    );
+    ensure!(
+        stock_reads <= 4,
+        "{PRODUCTS} products' stock in a few batches, not a read each: {stock_reads}"
+    );
+
+    // Nested lists count against the complexity limit per node: each
+    // order's events as ten, so a page of 500 orders' event ids costs more
+    // than 5,000 and a limit of 5,000 refuses it.
+    let tight = build_schema(
+        Adapters {
+            event_store: events.clone(),
+            commerce: commerce.clone(),
+            carts: Carts::new(
+                commerce.clone(),
+                Arc::new(EmbeddedCartStore::new()),
+                CartLimits::default(),
+            ),
+            cart_activity: db.database.cart_activity(),
+            projector: projector.clone(),
+            plugins: Plugins::new(
+                commerce.clone(),
+                Arc::new(PluginRegistry::open(
+                    plugins_dir.path(),
+                    EngineConfig::default(),
+                )?),
+            ),
+            sagas,
+            live: LiveUpdates::new(Duration::from_secs(1)),
+        },
+        GraphqlLimits {
+            max_complexity: 5_000,
+            ..limits
+        },
+    );
+    let refused = tight
+        .execute(
+            async_graphql::Request::new(
+                "{ orders(first: 500) { edges { node { events { id } } } } }",
+            )
+            .data(Principal::customer(customer)),
+        )
+        .await;
+    ensure!(
+        refused
+            .errors
+            .iter()
+            .any(|e| e.message.to_lowercase().contains("complex")),
+        "{:?}",
+        refused.errors
+    );
+    Ok(())
 }

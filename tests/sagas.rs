@@ -1445,6 +1445,21 @@ async fn failed_writes_and_releases_do_not_strand_a_saga(
         "{saga:#?}"
     );
 
+    // Once that drive has given the saga back (its release retried):
+    let store = Arc::clone(shop.sagas.store());
+    let first_saga = Saga::id_for(ORDER_FULFILMENT, first);
+    eventually(
+        Duration::from_secs(5),
+        "the first saga given back",
+        || async {
+            Ok(store
+                .get(first_saga)
+                .await?
+                .is_some_and(|row| row.lease_owner.is_none()))
+        },
+    )
+    .await?;
+
     // Commits keep failing past the retries in place, and giving the saga
     // back fails too: its lease lapses and it is taken up again.
     flaky.commits.store(8, Ordering::SeqCst);

@@ -23,7 +23,7 @@ use crate::domain::Aggregate;
 use crate::domain::catalog::ProductUpdate;
 use crate::domain::money::{Currency, Money as DomainMoney};
 use crate::domain::order::Order as OrderAggregate;
-use crate::event_store::repository::decode;
+use crate::event_store::repository::{AggregateRepository, decode};
 use crate::event_store::{Position, RecordedEvent, StreamSelection};
 use crate::projections::{
     InventoryView, OrderFilter, OrderView, ProductView, ProjectionName, Projector, ReservationView,
@@ -150,10 +150,9 @@ impl Product {
         self.0.updated_at
     }
     /// Stock of this product (`null` before its first stock adjustment).
+    /// Read in one batch for a whole page of products.
     async fn inventory(&self, ctx: &Context<'_>) -> Result<Option<Inventory>, ApiError> {
-        Ok(projector(ctx)
-            .views()
-            .inventory(self.0.product_id)
+        Ok(super::loaders::inventory(ctx, self.0.product_id)
             .await?
             .map(Inventory))
     }
@@ -293,35 +292,36 @@ impl Order {
         self.0.updated_at
     }
     /// The saga fulfilling the order, step by step; null for an order
-    /// placed without one.
+    /// placed without one. Read in one batch for a whole page of orders.
     async fn saga(&self, ctx: &Context<'_>) -> Result<Option<super::sagas::Saga>, ApiError> {
-        let found = super::sagas::sagas(ctx)
-            .for_order(self.0.order_id)
-            .await
-            .map_err(super::error::command_failure)?;
-        Ok(found.map(|loaded| {
-            super::sagas::Saga::new(
-                crate::domain::saga::Saga::id_for(
-                    crate::domain::saga::ORDER_FULFILMENT,
-                    self.0.order_id,
-                ),
-                loaded,
-            )
-        }))
+        use crate::domain::saga::{ORDER_FULFILMENT, Saga as SagaRecord};
+        let saga_id = SagaRecord::id_for(ORDER_FULFILMENT, self.0.order_id);
+        let events = super::loaders::stream(ctx, saga_id).await?;
+        let loaded = AggregateRepository::<SagaRecord>::fold(saga_id, &events)?;
+        Ok(loaded
+            .state
+            .status
+            .is_some()
+            .then(|| super::sagas::Saga::new(saga_id, loaded)))
     }
-    /// Every event of this order, in order, up to the version shown.
+    /// Every event of this order, in order, up to the version shown. Read in
+    /// one batch for a whole page of orders; counted against the complexity
+    /// limit as ten events.
+    #[graphql(complexity = "ORDER_EVENTS_COST * child_complexity")]
     async fn events(&self, ctx: &Context<'_>) -> Result<Vec<Event>, ApiError> {
-        let selection = StreamSelection {
-            to_version: Some(self.0.version),
-            ..StreamSelection::default()
-        };
-        let events = commerce(ctx)
-            .store()
-            .read_stream(self.0.order_id, selection)
-            .await?;
-        Ok(events.into_iter().map(Event).collect())
+        let events = super::loaders::stream(ctx, self.0.order_id).await?;
+        Ok(events
+            .iter()
+            .filter(|event| event.version <= self.0.version)
+            .cloned()
+            .map(Event)
+            .collect())
     }
 }
+
+/// What an order's event list counts against the complexity limit: an order
+/// of a few lines has about this many events.
+const ORDER_EVENTS_COST: usize = 10;
 
 /// An order rebuilt from its events (for "as of" reads), shaped like its view.
 fn order_from_history(

@@ -103,6 +103,8 @@ pub enum ApiError {
         message: String,
     },
     Store(StoreError),
+    /// A batched read failed (shared by every field that waited on it).
+    Batch(std::sync::Arc<StoreError>),
     Carts(CartStoreError),
     /// The plugin directory or engine failed (not a refused plugin).
     Plugins(LoadError),
@@ -142,6 +144,7 @@ impl ApiError {
                 | StoreError::Database(_)
                 | StoreError::Migration(_),
             )
+            | ApiError::Batch(_)
             | ApiError::Carts(_)
             | ApiError::Plugins(_) => ErrorCode::Internal,
             ApiError::Refused(refusal) => refusal.code,
@@ -169,6 +172,10 @@ impl From<ApiError> for async_graphql::Error {
             ApiError::Refused(refusal) => (refusal.message, refusal.field),
             ApiError::Unauthenticated => ("authentication required".to_string(), None),
             ApiError::Forbidden => ("this needs the admin role".to_string(), None),
+            ApiError::Batch(store_error) => {
+                tracing::error!(error = %store_error, "request failed");
+                ("internal error".to_string(), None)
+            }
             ApiError::Carts(cart_error) => {
                 tracing::error!(error = %cart_error, "request failed");
                 ("internal error".to_string(), None)

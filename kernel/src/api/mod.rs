@@ -11,6 +11,7 @@ pub mod commerce;
 mod customer_view;
 pub mod error;
 pub mod limits;
+mod loaders;
 pub mod plugins;
 pub mod sagas;
 pub mod subscriptions;
@@ -74,7 +75,12 @@ pub struct Adapters {
 
 /// Builds the schema around the kernel's adapters, within `limits`.
 pub fn build_schema(adapters: Adapters, limits: GraphqlLimits) -> KernelSchema {
+    let loaders = loaders::Loaders::new(
+        Arc::clone(&adapters.event_store),
+        Arc::clone(adapters.projector.views()),
+    );
     schema_builder(limits)
+        .data(loaders)
         .data(adapters.event_store)
         .data(adapters.commerce)
         .data(adapters.carts)

@@ -72,6 +72,10 @@ pub enum SagaStepKind {
     Confirm,
 }
 
+/// What a saga's step list counts against the complexity limit: the
+/// default saga has four steps, one with a custom step five.
+const SAGA_STEPS_COST: usize = 5;
+
 /// A saga as its events tell it.
 pub struct Saga {
     id: Uuid,
@@ -127,6 +131,8 @@ impl Saga {
     async fn park_cause(&self) -> Option<SagaParkCause> {
         self.loaded.state.park_cause.map(Into::into)
     }
+    /// Counted against the complexity limit as five steps.
+    #[graphql(complexity = "SAGA_STEPS_COST * child_complexity")]
     async fn steps(&self) -> Vec<SagaStep> {
         self.loaded
             .state

@@ -300,6 +300,20 @@ impl StoreError {
     }
 }
 
+/// Most streams one [`EventStore::read_streams`] reads.
+pub const MAX_STREAMS_PER_READ: usize = 1000;
+
+/// Checks the ids of a [`EventStore::read_streams`].
+pub(crate) fn validate_stream_ids(aggregate_ids: &[Uuid]) -> Result<(), StoreError> {
+    if aggregate_ids.len() > MAX_STREAMS_PER_READ {
+        return Err(StoreError::invalid(
+            "aggregate_ids",
+            format!("at most {MAX_STREAMS_PER_READ} streams per read"),
+        ));
+    }
+    Ok(())
+}
+
 /// The event store contract, implemented by every storage backend.
 ///
 /// Implementations are cheap to share (`Arc<dyn EventStore>`) and safe to call
@@ -321,6 +335,12 @@ pub trait EventStore: Send + Sync {
         aggregate_id: Uuid,
         selection: StreamSelection,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Every event of the streams `aggregate_ids`, stream by stream in
+    /// version order, in one read (at most [`MAX_STREAMS_PER_READ`] ids). The
+    /// batched reads behind nested GraphQL fields use it; a stream that does
+    /// not exist has no events.
+    async fn read_streams(&self, aggregate_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError>;
 
     /// Up to `limit` events of the global log after `after` that match `filter`,
     /// in log order. Following the log by passing the last position read back in

@@ -74,9 +74,15 @@ impl<A: Aggregate> AggregateRepository<A> {
         selection: StreamSelection,
     ) -> Result<Loaded<A>, StoreError> {
         let recorded = self.store.read_stream(id, selection).await?;
+        Self::fold(id, &recorded)
+    }
+
+    /// The aggregate `id` rebuilt from `recorded`, its stream's events in
+    /// version order (as read, for instance, by [`EventStore::read_streams`]).
+    pub fn fold(id: Uuid, recorded: &[RecordedEvent]) -> Result<Loaded<A>, StoreError> {
         let mut state = A::default();
         let mut version = 0;
-        for event in &recorded {
+        for event in recorded {
             if event.aggregate_type != A::AGGREGATE_TYPE {
                 return Err(StoreError::AggregateTypeMismatch {
                     aggregate_id: id,

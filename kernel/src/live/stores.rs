@@ -54,6 +54,10 @@ impl EventStore for NotifyingEventStore {
         self.inner.read_stream(aggregate_id, selection).await
     }
 
+    async fn read_streams(&self, aggregate_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_streams(aggregate_ids).await
+    }
+
     async fn read_all_matching(
         &self,
         filter: &EventFilter,

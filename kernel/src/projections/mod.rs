@@ -327,6 +327,10 @@ pub trait ViewStore: Send + Sync {
 
     async fn inventory(&self, product_id: Uuid) -> Result<Option<InventoryView>, StoreError>;
 
+    /// The stock of each of `product_ids` that has any, in one read (at
+    /// most [`crate::event_store::MAX_STREAMS_PER_READ`] ids).
+    async fn inventories(&self, product_ids: &[Uuid]) -> Result<Vec<InventoryView>, StoreError>;
+
     async fn reservation(
         &self,
         reservation_id: Uuid,

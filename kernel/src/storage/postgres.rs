@@ -24,6 +24,7 @@ use uuid::Uuid;
 use crate::event_store::{
     AppendOutcome, AppendRequest, Backend, EventFilter, EventMetadata, EventStore, NewEvent,
     Position, RecordedEvent, StoreError, StreamSelection, StreamVersion, validate,
+    validate_stream_ids,
 };
 use crate::storage::{EVENT_COLUMNS, log_count_query, log_query};
 
@@ -495,6 +496,21 @@ impl EventStore for PostgresEventStore {
                 .after_version
                 .map(|v| i32::try_from(v).unwrap_or(i32::MAX)),
         )
+        .fetch_all(&self.pool)
+        .await?;
+        to_recorded(rows)
+    }
+
+    async fn read_streams(&self, aggregate_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+        validate_stream_ids(aggregate_ids)?;
+        if aggregate_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<EventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id = ANY($1) \
+             ORDER BY aggregate_id, version"
+        ))
+        .bind(aggregate_ids)
         .fetch_all(&self.pool)
         .await?;
         to_recorded(rows)

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::views::{count, from_json, money, status, tables, to_json};
 use crate::domain::order::OrderStatus;
-use crate::event_store::{Position, StoreError};
+use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
     InventoryView, OrderFilter, OrderView, ProductView, ProjectionName, ReservationView,
     ViewChange, ViewStore,
@@ -376,6 +376,28 @@ impl ViewStore for PostgresViewStore {
             })
         })
         .transpose()
+    }
+
+    async fn inventories(&self, product_ids: &[Uuid]) -> Result<Vec<InventoryView>, StoreError> {
+        validate_stream_ids(product_ids)?;
+        let rows: Vec<(Uuid, i64, i64, i32, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT product_id, on_hand, reserved, version, updated_at FROM inventory_views \
+             WHERE product_id = ANY($1)",
+        )
+        .bind(product_ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(product_id, on_hand, reserved, version, updated_at)| {
+                Ok(InventoryView {
+                    product_id,
+                    on_hand: count(on_hand, "on hand")?,
+                    reserved: count(reserved, "reserved")?,
+                    version: count(version.into(), "version")?,
+                    updated_at,
+                })
+            })
+            .collect()
     }
 
     async fn reservation(

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::event_store::{
     AppendOutcome, AppendRequest, Backend, EventFilter, EventMetadata, EventStore, Position,
-    RecordedEvent, StoreError, StreamSelection, StreamVersion, validate,
+    RecordedEvent, StoreError, StreamSelection, StreamVersion, validate, validate_stream_ids,
 };
 use crate::storage::{EVENT_COLUMNS, log_count_query, log_query};
 
@@ -369,6 +369,26 @@ impl EventStore for SqliteEventStore {
         .bind(selection.after_version.map(i64::from))
         .fetch_all(&self.database.reader)
         .await?;
+        to_recorded(rows)
+    }
+
+    async fn read_streams(&self, aggregate_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+        validate_stream_ids(aggregate_ids)?;
+        if aggregate_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {EVENT_COLUMNS} FROM events WHERE aggregate_id IN ("
+        ));
+        let mut ids = query.separated(", ");
+        for id in aggregate_ids {
+            ids.push_bind(*id);
+        }
+        query.push(") ORDER BY aggregate_id, version");
+        let rows: Vec<EventRow> = query
+            .build_query_as()
+            .fetch_all(&self.database.reader)
+            .await?;
         to_recorded(rows)
     }
 

@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use super::views::{count, from_json, money, status, tables, to_json};
 use crate::domain::order::OrderStatus;
-use crate::event_store::{Position, StoreError};
+use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
     InventoryView, OrderFilter, OrderView, ProductView, ProjectionName, ReservationView,
     ViewChange, ViewStore,
@@ -363,6 +363,37 @@ impl ViewStore for SqliteViewStore {
             })
         })
         .transpose()
+    }
+
+    async fn inventories(&self, product_ids: &[Uuid]) -> Result<Vec<InventoryView>, StoreError> {
+        validate_stream_ids(product_ids)?;
+        if product_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query = sqlx::QueryBuilder::<Sqlite>::new(
+            "SELECT product_id, on_hand, reserved, version, updated_at FROM inventory_views \
+             WHERE product_id IN (",
+        );
+        let mut ids = query.separated(", ");
+        for id in product_ids {
+            ids.push_bind(*id);
+        }
+        query.push(")");
+        let rows: Vec<(Uuid, i64, i64, i32, i64)> = query
+            .build_query_as()
+            .fetch_all(self.database.reader())
+            .await?;
+        rows.into_iter()
+            .map(|(product_id, on_hand, reserved, version, updated_at)| {
+                Ok(InventoryView {
+                    product_id,
+                    on_hand: count(on_hand, "on hand")?,
+                    reserved: count(reserved, "reserved")?,
+                    version: count(version.into(), "version")?,
+                    updated_at: time(updated_at)?,
+                })
+            })
+            .collect()
     }
 
     async fn reservation(
