@@ -757,12 +757,22 @@ async fn an_order_is_watched_live_to_confirmed_and_resumed_without_gaps(
         "resumed story differs:\n{whole:?}\n{resumed:?}"
     );
     ensure!(whole == resumed, "updates differ between runs");
-    let saga = kernel
-        .graphql(
-            "query ($id: UUID!) { order(id: $id) { events { id } saga { id } } }",
-            json!({ "id": order }),
-        )
-        .await?;
+    // The order's events as its read model shows them, once it has caught
+    // up with the log the subscription followed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let saga = loop {
+        let body = kernel
+            .graphql(
+                "query ($id: UUID!) { order(id: $id) { status events { id } saga { id } } }",
+                json!({ "id": order }),
+            )
+            .await?;
+        if body["data"]["order"]["status"] == "CONFIRMED" {
+            break body;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let saga_id = saga["data"]["order"]["saga"]["id"].clone();
     let saga_events = kernel
         .graphql(

@@ -16,6 +16,13 @@ use commerce_plugin_host::{
 };
 use fakes::{FakePayments, FakeShipping, SLOW_RESPONSE};
 
+/// `payment-http` as built against `commerce:plugin@0.1.0`
+/// (tests/fixtures/README.md).
+const LEGACY_PAYMENT_HTTP: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/payment-http-0.1.0.wasm"
+);
+
 /// Compiled components shared by every test in this binary, so each
 /// component is compiled once per run.
 fn cache_dir() -> PathBuf {
@@ -491,7 +498,23 @@ fn payment_plugin(
     allowed: &str,
     timeout_ms: u64,
 ) -> Arc<LoadedPlugin> {
-    let bytes = component(artifacts::PAYMENT_HTTP);
+    payment_plugin_from(
+        artifacts::PAYMENT_HTTP,
+        registry,
+        base_url,
+        allowed,
+        timeout_ms,
+    )
+}
+
+fn payment_plugin_from(
+    path: &str,
+    registry: &PluginRegistry,
+    base_url: &str,
+    allowed: &str,
+    timeout_ms: u64,
+) -> Arc<LoadedPlugin> {
+    let bytes = component(path);
     let extra = format!(
         "allowed_hosts = [\"{allowed}\"]\n[limits]\ntimeout_ms = {timeout_ms}\n[config]\nbase_url = \"{base_url}\""
     );
@@ -757,4 +780,146 @@ async fn a_call_of_the_wrong_contract_is_refused() {
         registry.active("nothing"),
         Err(PluginError::NotActive { .. })
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payment_http_looks_up_what_a_key_did_and_never_guesses() {
+    let registry_of_its_own = registry;
+    let provider = FakePayments::start().await;
+    let (_dir, registry) = registry();
+    let plugin = payment_plugin(
+        &registry,
+        &provider.base_url(),
+        &provider.address.to_string(),
+        5000,
+    );
+    assert_eq!(plugin.contract(), "0.2");
+    assert!(plugin.supports_lookup());
+    assert!(plugin.reaches_outside());
+
+    // Nothing made with the key yet: none, and looking changed nothing.
+    let found = plugin.lookup_payment("saga-9:payment".into()).await;
+    assert!(matches!(found, Ok(None)), "{found:?}");
+    let charged = plugin
+        .charge(payment_request("saga-9:payment", "o-9", "tok_visa"))
+        .await
+        .expect("charged");
+    let found = plugin
+        .lookup_payment("saga-9:payment".into())
+        .await
+        .expect("looked up")
+        .expect("the charge");
+    assert_eq!(found.reference, charged.reference);
+    assert_eq!(found.status, PaymentStatus::Captured);
+    // It answers with the payment as it is now.
+    plugin
+        .refund("saga-9:refund".into(), charged.reference, money("20.00"))
+        .await
+        .expect("refunded");
+    let found = plugin
+        .lookup_payment("saga-9:payment".into())
+        .await
+        .expect("looked up");
+    assert_eq!(found.map(|p| p.status), Some(PaymentStatus::Refunded));
+    // A declined key made no payment.
+    let _ = plugin
+        .charge(payment_request("saga-10:payment", "o-10", "tok_decline"))
+        .await;
+    let found = plugin.lookup_payment("saga-10:payment".into()).await;
+    assert!(matches!(found, Ok(None)), "{found:?}");
+    assert_eq!(provider.payments_for("o-10"), Vec::new());
+
+    // A provider without the endpoint (or down) is "could not find out",
+    // never "none".
+    let (_other_dir, other_registry) = registry_of_its_own();
+    let elsewhere = payment_plugin(
+        &other_registry,
+        &format!("{}/no-such-api", provider.base_url()),
+        &provider.address.to_string(),
+        5000,
+    );
+    let found = elsewhere.lookup_payment("saga-9:payment".into()).await;
+    assert!(
+        matches!(found, Err(PluginError::Failed { .. })),
+        "{found:?}"
+    );
+    provider.fail_next(1);
+    let found = plugin.lookup_payment("saga-9:payment".into()).await;
+    assert!(
+        matches!(&found, Err(error) if error.is_retryable()),
+        "{found:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_built_against_contract_0_1_still_runs_without_lookup() {
+    let provider = FakePayments::start().await;
+    let (_dir, registry) = registry();
+    let plugin = payment_plugin_from(
+        LEGACY_PAYMENT_HTTP,
+        &registry,
+        &provider.base_url(),
+        &provider.address.to_string(),
+        5000,
+    );
+    assert_eq!(plugin.contract(), "0.1");
+    assert!(!plugin.supports_lookup());
+    let charged = plugin
+        .charge(payment_request("saga-1:payment", "o-1", "tok_visa"))
+        .await
+        .expect("charged");
+    assert_eq!(charged.status, PaymentStatus::Captured);
+    let refunded = plugin
+        .refund("saga-1:refund".into(), charged.reference, money("20.00"))
+        .await
+        .expect("refunded");
+    assert_eq!(refunded.status, PaymentStatus::Refunded);
+    let found = plugin.lookup_payment("saga-1:payment".into()).await;
+    assert!(
+        matches!(
+            found,
+            Err(PluginError::Unsupported {
+                call: "lookup",
+                contract: "0.1",
+                ..
+            })
+        ),
+        "{found:?}"
+    );
+    assert_eq!(provider.lookups(), 0, "nothing was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shipping_http_looks_up_what_a_key_created() {
+    let carrier = FakeShipping::start().await;
+    let (_dir, registry) = registry();
+    let bytes = component(artifacts::SHIPPING_HTTP);
+    let extra = format!(
+        "allowed_hosts = [\"{}\"]\n[config]\nbase_url = \"{}\"",
+        carrier.address,
+        carrier.base_url()
+    );
+    let plugin = install_and_activate(
+        &registry,
+        &manifest("shipping-http", "1.0.0", "shipping", &bytes, &extra),
+        &bytes,
+    );
+    let found = plugin.lookup_shipment("saga-1:shipment".into()).await;
+    assert!(matches!(found, Ok(None)), "{found:?}");
+    let shipment = plugin
+        .create_shipment(
+            "saga-1:shipment".into(),
+            order("o-1", 1, "5", "5", "DE"),
+            "standard".into(),
+        )
+        .await
+        .expect("shipment");
+    let found = plugin
+        .lookup_shipment("saga-1:shipment".into())
+        .await
+        .expect("looked up")
+        .expect("the shipment");
+    assert_eq!(found.reference, shipment.reference);
+    assert_eq!(found.tracking_number, shipment.tracking_number);
+    assert_eq!(carrier.shipments().len(), 1, "looking created nothing");
 }

@@ -7,7 +7,7 @@
 #[macro_use]
 mod support;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -54,6 +54,7 @@ fn main() {
         hostile_provider_text_still_ends_the_saga,
         a_payment_only_authorized_is_captured_before_the_order_is_confirmed,
         an_unrecorded_charge_is_looked_up_and_refunded_never_forgotten,
+        an_unrecorded_shipment_is_looked_up_and_cancelled,
         a_call_that_never_happened_is_neither_charged_nor_refunded,
         a_plugin_of_contract_0_1_is_probed_by_repeating_the_call,
         a_step_whose_plugin_is_not_here_waits_for_a_process_that_has_it,
@@ -954,9 +955,9 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
     );
 
     let lease = Duration::from_millis(300);
-    let first = store.claim("runner-a", lease, 10).await?;
+    let first = store.claim("runner-a", lease, 10, &[]).await?;
     ensure!(first.len() == 1 && first[0].saga_id == saga_id, "{first:?}");
-    let again = store.claim("runner-b", lease, 10).await?;
+    let again = store.claim("runner-b", lease, 10, &[]).await?;
     ensure!(again.is_empty(), "a held lease is not claimed twice");
 
     // Runner A pauses past its lease (by the database's clock); runner B
@@ -966,7 +967,9 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
         !store.hold(first[0], Duration::from_secs(5)).await?,
         "a lapsed lease is not held again"
     );
-    let taken = store.claim("runner-b", Duration::from_secs(10), 10).await?;
+    let taken = store
+        .claim("runner-b", Duration::from_secs(10), 10, &[])
+        .await?;
     ensure!(
         taken.len() == 1 && taken[0].fencing_token > first[0].fencing_token,
         "{taken:?}"
@@ -1141,7 +1144,80 @@ async fn a_payment_only_authorized_is_captured_before_the_order_is_confirmed(
         "{:?}",
         shop.payments(refused)
     );
+
+    // An authorization the provider will not capture: the step fails, and
+    // compensation finds the authorization and cancels it (not a refund).
+    let uncaptured = shop
+        .order(vec![(product, 1)], "tok_capture_refused", "DE")
+        .await?;
+    let saga = shop.settled(uncaptured).await?;
+    ensure!(
+        saga.state.status == Some(SagaStatus::Compensated),
+        "{saga:#?}"
+    );
+    ensure!(
+        shop.payments(uncaptured) == [("cancelled".to_string(), false)],
+        "the authorization is released: {:?}",
+        shop.payments(uncaptured)
+    );
+    let order = shop.order_state(uncaptured).await?;
+    ensure!(
+        order.status == Some(OrderStatus::Failed) && order.payment_reference.is_none(),
+        "{order:?}"
+    );
     shop.expect_stock(product, 1).await
+}
+
+async fn an_unrecorded_shipment_is_looked_up_and_cancelled(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let shop = shop_without_runner(&db, db.database.saga_store()).await?;
+    let product = shop.product("9", 2).await?;
+    // This process dies right after the carrier created the shipment.
+    let doomed = Runner::start(
+        &shop.sagas,
+        &shop.registry,
+        LEASE,
+        FaultHooks::from_setting(Some("after-call:shipment")).map_err(anyhow::Error::msg)?,
+    );
+    let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
+    eventually(Duration::from_secs(15), "the shipment", || async {
+        Ok(shop
+            .shipping
+            .shipments()
+            .iter()
+            .any(|s| s.order_id == order_id.to_string()))
+    })
+    .await?;
+    doomed.stop().await;
+    shop.sagas
+        .cancel_order(order_id, "changed my mind", &context())
+        .await?;
+    let runner = Runner::start(&shop.sagas, &shop.registry, LEASE, FaultHooks::default());
+    let saga = shop.settled(order_id).await?;
+    ensure!(
+        saga.state.status == Some(SagaStatus::Compensated),
+        "{saga:#?}"
+    );
+    let shipments: Vec<_> = shop
+        .shipping
+        .shipments()
+        .into_iter()
+        .filter(|s| s.order_id == order_id.to_string())
+        .collect();
+    ensure!(
+        shipments.len() == 1 && shipments[0].cancelled,
+        "created once, cancelled: {shipments:?}"
+    );
+    ensure!(
+        shop.payments(order_id) == [("refunded".to_string(), true)],
+        "{:?}",
+        shop.payments(order_id)
+    );
+    ensure!(shop.order_state(order_id).await?.status == Some(OrderStatus::Cancelled));
+    shop.expect_stock(product, 2).await?;
+    runner.stop().await;
+    Ok(())
 }
 
 async fn an_unrecorded_charge_is_looked_up_and_refunded_never_forgotten(
@@ -1308,22 +1384,22 @@ async fn a_step_whose_plugin_is_not_here_waits_for_a_process_that_has_it(
 
 /// A saga store that fails on request: the next `commits` commits and the
 /// next `releases` releases (and deferrals) fail as a lost connection
-/// would; with `frozen_heartbeat`, heartbeats do nothing, as for a process
-/// that is paused.
+/// would; once `paused`, claims and heartbeats do nothing, as for a process
+/// that is stopped (its drives are stopped by a fault hook).
 struct FlakySagaStore {
     inner: Arc<dyn SagaStore>,
     commits: AtomicU32,
     releases: AtomicU32,
-    frozen_heartbeat: bool,
+    paused: AtomicBool,
 }
 
 impl FlakySagaStore {
-    fn new(inner: Arc<dyn SagaStore>, frozen_heartbeat: bool) -> Arc<Self> {
+    fn new(inner: Arc<dyn SagaStore>) -> Arc<Self> {
         Arc::new(FlakySagaStore {
             inner,
             commits: AtomicU32::new(0),
             releases: AtomicU32::new(0),
-            frozen_heartbeat,
+            paused: AtomicBool::new(false),
         })
     }
 
@@ -1353,8 +1429,12 @@ impl SagaStore for FlakySagaStore {
         owner: &str,
         lease: Duration,
         limit: u32,
+        skip: &[Uuid],
     ) -> Result<Vec<Claim>, StoreError> {
-        self.inner.claim(owner, lease, limit).await
+        if self.paused.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        self.inner.claim(owner, lease, limit, skip).await
     }
     async fn heartbeat(
         &self,
@@ -1362,7 +1442,7 @@ impl SagaStore for FlakySagaStore {
         sagas: &[Uuid],
         lease: Duration,
     ) -> Result<u64, StoreError> {
-        if self.frozen_heartbeat {
+        if self.paused.load(Ordering::SeqCst) {
             return Ok(0);
         }
         self.inner.heartbeat(owner, sagas, lease).await
@@ -1425,7 +1505,7 @@ async fn failed_writes_and_releases_do_not_strand_a_saga(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
     const SHORT_LEASE: Duration = Duration::from_secs(1);
-    let flaky = FlakySagaStore::new(db.database.saga_store(), false);
+    let flaky = FlakySagaStore::new(db.database.saga_store());
     let mut shop = shop_without_runner(&db, flaky.clone()).await?;
     let product = shop.product("3", 5).await?;
     shop.runner = Some(Runner::start(
@@ -1510,10 +1590,11 @@ async fn a_former_owner_paused_past_its_lease_makes_no_provider_call(
     const SHORT_LEASE: Duration = Duration::from_secs(1);
     let shop = shop_without_runner(&db, db.database.saga_store()).await?;
     let product = shop.product("3", 5).await?;
-    // Process A stops for 3 s right before the payment call, heartbeat
-    // included (its store's heartbeat does nothing), as a paused process.
-    let frozen = FlakySagaStore::new(db.database.saga_store(), true);
-    let sagas_a = Sagas::new(shop.commerce.clone(), frozen);
+    // Process A stops for 3 s right before the payment call, heartbeat and
+    // claims included (its store does nothing once paused), as a process
+    // the operating system stopped.
+    let frozen = FlakySagaStore::new(db.database.saga_store());
+    let sagas_a = Sagas::new(shop.commerce.clone(), frozen.clone());
     let a = Runner::start(
         &sagas_a,
         &shop.registry,
@@ -1526,6 +1607,7 @@ async fn a_former_owner_paused_past_its_lease_makes_no_provider_call(
     })
     .await?;
     let started = tokio::time::Instant::now();
+    frozen.paused.store(true, Ordering::SeqCst);
     // Process B takes the saga over once A's lease lapses, and finishes it.
     let b = Runner::start(
         &shop.sagas,

@@ -653,6 +653,10 @@ fn runner_metrics(runner: &RunnerMetrics) -> String {
         "Saga writes retried after the store failed (each retry backs off).",
         &runner.write_retries,
     ) + &counter(
+        "commerce_saga_conflict_retries_total",
+        "Saga writes retried after another write to their streams got there first.",
+        &runner.conflict_retries,
+    ) + &counter(
         "commerce_saga_deferrals_total",
         "Sagas given back because a step's plugin was not active on this process.",
         &runner.deferrals,

@@ -12,6 +12,7 @@
 //!   UTF-8);
 //! - payment method `tok_auth_only`: every payment is only authorized, even
 //!   a charge that asked for capture, as some providers answer;
+//!   `tok_capture_refused` too, and its capture is refused (402);
 //! - payment method `tok_slow`: the charge is recorded, then the answer is
 //!   held for [`SLOW_RESPONSE`], past any test plugin's deadline; a retry
 //!   with the same key gets the recorded answer at once;
@@ -116,6 +117,8 @@ pub struct FakePayment {
     pub currency: String,
     pub status: String,
     pub refunded: bool,
+    /// The payment method it was made with.
+    pub method: String,
 }
 
 #[derive(Default)]
@@ -340,7 +343,7 @@ async fn create_payment(
                 .get("capture")
                 .and_then(Value::as_bool)
                 .unwrap_or(false)
-                && method != "tok_auth_only";
+                && !matches!(method.as_str(), "tok_auth_only" | "tok_capture_refused");
             let payment = FakePayment {
                 id: format!("pay_{}", ledger.payments.len() + 1),
                 order_id: text("order_id"),
@@ -348,6 +351,7 @@ async fn create_payment(
                 currency: text("currency"),
                 status: if capture { "captured" } else { "authorized" }.to_string(),
                 refunded: false,
+                method: method.clone(),
             };
             let answer = Answer::json(StatusCode::CREATED, payment_json(&payment));
             ledger.created_by.insert(key.clone(), payment.id.clone());
@@ -398,6 +402,13 @@ async fn payment_action(
     let Some(payment) = ledger.payments.get_mut(&id) else {
         return error(StatusCode::NOT_FOUND, "unknown_payment", "no such payment");
     };
+    if action == "capture" && payment.method == "tok_capture_refused" {
+        return error(
+            StatusCode::PAYMENT_REQUIRED,
+            "capture_refused",
+            "the authorization cannot be captured",
+        );
+    }
     let next = match (action.as_str(), payment.status.as_str()) {
         ("capture", "authorized") => "captured",
         ("refund", "captured") => "refunded",

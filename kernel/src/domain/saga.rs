@@ -1475,4 +1475,198 @@ mod tests {
             assert!((500..=1_000).contains(&late), "{late}");
         }
     }
+
+    #[test]
+    fn records_written_before_these_fields_still_read() {
+        let started: SagaEvent = serde_json::from_value(serde_json::json!({
+            "type": "StepStarted",
+            "data": { "step": "payment", "phase": "forward", "attempt": 1, "at": at(1) },
+        }))
+        .expect("an old StepStarted");
+        assert!(matches!(
+            started,
+            SagaEvent::StepStarted {
+                reaches_outside: true,
+                plugin_version: None,
+                ..
+            }
+        ));
+        let parked: SagaEvent = serde_json::from_value(serde_json::json!({
+            "type": "Parked",
+            "data": { "step": "payment", "reason": "refund keeps failing" },
+        }))
+        .expect("an old Parked");
+        assert!(matches!(
+            parked,
+            SagaEvent::Parked {
+                cause: ParkCause::CompensationFailed,
+                ..
+            }
+        ));
+        let mut saga = started_saga_at_payment();
+        let compensating: SagaEvent = serde_json::from_value(serde_json::json!({
+            "type": "CompensationStarted",
+            "data": { "reason": "step payment failed", "cancel": false },
+        }))
+        .expect("an old CompensationStarted");
+        apply(&mut saga, &[compensating]);
+        let cause = saga.compensation.expect("compensating");
+        assert_eq!(cause.order_reason, "step payment failed");
+    }
+
+    fn started_saga_at_payment() -> Saga {
+        let mut saga = started();
+        apply(
+            &mut saga,
+            &[
+                started_step("reserve-inventory", Phase::Forward, 1),
+                succeeded("reserve-inventory"),
+                started_step("payment", Phase::Forward, 1),
+            ],
+        );
+        saga
+    }
+
+    #[test]
+    fn any_provider_text_makes_a_clean_bounded_reason_and_a_short_one_for_the_customer() {
+        let mut saga = started_saga_at_payment();
+        let message = format!(
+            "Your card was declined.\nPlease try another card.{}",
+            "\u{7}x".repeat(50_000)
+        );
+        let error = StepError::new("Card Declined\n<b>", &message, false, false);
+        assert_eq!(error.code, "card_declined_b");
+        assert!(error.message.chars().count() <= MAX_ERROR_MESSAGE_CHARS);
+        assert!(!error.message.chars().any(char::is_control));
+        assert!(
+            error
+                .message
+                .starts_with("Your card was declined. Please try another card.")
+        );
+        apply(
+            &mut saga,
+            &[SagaEvent::StepFailed {
+                step: "payment".into(),
+                phase: Phase::Forward,
+                attempt: 1,
+                error,
+                retry_at: None,
+            }],
+        );
+        let Next::BeginCompensation(cause) = saga.next(at(2)) else {
+            panic!("a decline compensates");
+        };
+        assert!(cause.reason.chars().count() <= MAX_REASON_CHARS);
+        assert!(!cause.reason.chars().any(char::is_control));
+        assert!(
+            cause
+                .reason
+                .starts_with("step payment failed: card_declined_b: Your card")
+        );
+        assert_eq!(cause.order_reason, "payment declined");
+        // Whatever an old record holds, the order's own check accepts it.
+        assert!(clean_text("reason", &cause.order_reason, 500).is_ok());
+    }
+
+    #[test]
+    fn customers_get_a_fixed_reason_for_each_kind_of_failure() {
+        let saga = started();
+        let with = |index: usize, code: &str, retryable: bool| {
+            let mut step = saga.steps[index].clone();
+            step.error = Some(StepError::new(code, "details", retryable, false));
+            customer_reason(&step)
+        };
+        assert_eq!(with(0, "insufficient_stock", false), "out of stock");
+        assert_eq!(
+            with(0, "product_inactive", false),
+            "a product is no longer available"
+        );
+        assert_eq!(with(1, "card_declined", false), "payment declined");
+        assert_eq!(
+            with(1, "deadline", true),
+            "a provider did not answer in time"
+        );
+        assert_eq!(with(1, "http_503", true), "a provider is unavailable");
+        assert_eq!(
+            with(2, "address_refused", false),
+            "the shipment was refused"
+        );
+        assert_eq!(
+            with(3, "whatever", false),
+            "the order could not be completed"
+        );
+    }
+
+    #[test]
+    fn a_saga_parked_going_forward_is_retried_going_forward() {
+        let mut saga = started_saga_at_payment();
+        apply(
+            &mut saga,
+            &[SagaEvent::Parked {
+                step: "payment".into(),
+                reason: "a saga write was refused".into(),
+                cause: ParkCause::WriteRefused,
+            }],
+        );
+        assert_eq!(saga.status, Some(SagaStatus::Parked));
+        assert_eq!(saga.park_cause, Some(ParkCause::WriteRefused));
+        assert_eq!(saga.current_step().map(StepState::name), Some("payment"));
+        assert_eq!(saga.next(at(2)), Next::Idle);
+        let retry = saga.request_retry(Uuid::nil()).expect("parked sagas retry");
+        apply(&mut saga, &retry);
+        assert_eq!(saga.status, Some(SagaStatus::Running));
+        assert_eq!(saga.park_cause, None);
+        assert_eq!(
+            saga.next(at(2)),
+            Next::Forward {
+                step: 1,
+                attempt: 2
+            }
+        );
+    }
+
+    #[test]
+    fn only_a_custom_step_without_outside_reach_has_nothing_to_learn() {
+        let mut definition = SagaDefinition::default_order_fulfilment();
+        definition.steps.insert(
+            1,
+            StepDefinition {
+                name: "limit".into(),
+                action: StepAction::Custom {
+                    plugin: "limit".into(),
+                },
+                retry: definition.steps[0].retry,
+            },
+        );
+        let mut saga = Saga::default();
+        apply(
+            &mut saga,
+            &Saga::start(ORDER_FULFILMENT, Uuid::nil(), definition, at(0)).expect("valid"),
+        );
+        let start = |reaches_outside| SagaEvent::StepStarted {
+            step: "limit".into(),
+            phase: Phase::Forward,
+            attempt: 1,
+            at: at(1),
+            plugin_version: Some("1.0.0".into()),
+            reaches_outside,
+        };
+        apply(&mut saga, &[start(false)]);
+        assert!(
+            saga.step("limit")
+                .is_some_and(StepState::had_no_outside_reach)
+        );
+        apply(&mut saga, &[start(true)]);
+        assert!(
+            !saga
+                .step("limit")
+                .is_some_and(StepState::had_no_outside_reach)
+        );
+        // A payment always reaches its provider.
+        assert!(
+            !saga
+                .step("payment")
+                .is_some_and(StepState::had_no_outside_reach)
+        );
+    }
 }

@@ -118,8 +118,9 @@ impl SagaStore for NotifyingSagaStore {
         owner: &str,
         lease: Duration,
         limit: u32,
+        skip: &[Uuid],
     ) -> Result<Vec<Claim>, StoreError> {
-        self.inner.claim(owner, lease, limit).await
+        self.inner.claim(owner, lease, limit, skip).await
     }
 
     async fn heartbeat(

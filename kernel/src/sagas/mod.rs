@@ -110,12 +110,15 @@ pub trait SagaStore: Send + Sync {
     ) -> Result<Option<AppendOutcome>, StoreError>;
 
     /// Claims up to `limit` sagas that are due and not leased (or whose lease
-    /// expired) for `owner`, for `lease` from now by the database's clock.
+    /// expired) for `owner`, for `lease` from now by the database's clock,
+    /// passing over the sagas in `skip` (up to 200 of them: ones `owner`
+    /// just gave back because it cannot run their next step).
     async fn claim(
         &self,
         owner: &str,
         lease: Duration,
         limit: u32,
+        skip: &[Uuid],
     ) -> Result<Vec<Claim>, StoreError>;
 
     /// Extends `owner`'s leases of `sagas` to at least `lease` from now;

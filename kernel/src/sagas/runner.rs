@@ -38,7 +38,7 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use commerce_plugin_host::{self as host, LoadedPlugin, PluginError, PluginRegistry};
@@ -83,6 +83,9 @@ const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 const SHORT_WAIT: chrono::Duration = chrono::Duration::milliseconds(20);
 /// Version conflicts in a row after which a saga is given back for later.
 const MAX_CONFLICTS: u32 = 40;
+/// The wait after a version conflict, doubled per conflict in a row.
+const CONFLICT_BACKOFF: Duration = Duration::from_millis(2);
+const CONFLICT_BACKOFF_CAP: Duration = Duration::from_millis(100);
 /// Store failures in a row a drive retries in place before it gives the
 /// saga back for later.
 const MAX_WRITE_RETRIES: u32 = 5;
@@ -96,6 +99,9 @@ const DEFERRAL_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// minutes in which no process that took the saga had the step's plugin.
 /// (Going forward, the saga's deadline ends the waiting instead.)
 const MAX_COMPENSATION_DEFERRALS: u32 = 10;
+/// How long a process leaves a saga it gave back (for want of a plugin) to
+/// the other processes before it claims it again itself.
+const PASS_OVER: Duration = Duration::from_secs(5);
 /// A plugin is called only while the lease holds for the call's deadline
 /// and this much more.
 const CALL_LEASE_MARGIN: Duration = Duration::from_secs(2);
@@ -123,6 +129,9 @@ struct UndoFailure {
 pub struct RunnerMetrics {
     /// Saga writes retried after the store failed.
     pub write_retries: AtomicU64,
+    /// Saga writes retried after another write to one of their streams got
+    /// there first (a request, another order's stock).
+    pub conflict_retries: AtomicU64,
     /// Sagas given back because a step's plugin was not active here.
     pub deferrals: AtomicU64,
     /// Drives stopped because another process holds the saga now.
@@ -224,6 +233,9 @@ pub struct SagaRunner {
     settings: RunnerSettings,
     context: CommandContext,
     driving: Arc<Driving>,
+    /// Sagas this process gave back because it lacks their step's plugin,
+    /// and until when it leaves them to other processes.
+    passed_over: Mutex<HashMap<Uuid, Instant>>,
     metrics: Arc<RunnerMetrics>,
 }
 
@@ -239,8 +251,20 @@ impl SagaRunner {
             settings,
             context,
             driving: Arc::default(),
+            passed_over: Mutex::default(),
             metrics: Arc::default(),
         }
+    }
+
+    /// The sagas to pass over when claiming now.
+    fn passed_over(&self) -> Vec<Uuid> {
+        let now = Instant::now();
+        let mut passed = self
+            .passed_over
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        passed.retain(|_, until| *until > now);
+        passed.keys().copied().collect()
     }
 
     /// The runner's counters.
@@ -270,8 +294,14 @@ impl SagaRunner {
             let free = permits.available_permits();
             let mut claimed_all = false;
             if free > 0 {
+                let skip = self.passed_over();
                 match store
-                    .claim(&self.settings.node_id, self.settings.lease, free as u32)
+                    .claim(
+                        &self.settings.node_id,
+                        self.settings.lease,
+                        free as u32,
+                        &skip,
+                    )
                     .await
                 {
                     Ok(claims) => {
@@ -404,8 +434,15 @@ impl SagaRunner {
                     // A request, or another order's stock write, got there
                     // first: reload and decide again.
                     conflicts += 1;
-                    let jitter = random() % 20;
-                    tokio::time::sleep(Duration::from_millis(1 + jitter)).await;
+                    self.metrics
+                        .conflict_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(jittered_backoff(
+                        CONFLICT_BACKOFF,
+                        conflicts.saturating_sub(1),
+                        CONFLICT_BACKOFF_CAP,
+                    ))
+                    .await;
                 }
                 WriteFailure::Transient if failures < MAX_WRITE_RETRIES => {
                     failures += 1;
@@ -588,6 +625,12 @@ impl SagaRunner {
             "the step's plugin is not active on this process; giving the saga back"
         );
         self.store().defer(claim, wait).await?;
+        // Left to the others for a while: a process without the plugin
+        // must not keep winning the saga back.
+        self.passed_over
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(claim.saga_id, Instant::now() + PASS_OVER.max(wait));
         Ok(Flow::Stop)
     }
 
@@ -1404,5 +1447,54 @@ fn step_context(
                 })
             })
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoffs_grow_stay_capped_and_spread() {
+        for _ in 0..100 {
+            let first = write_backoff(1);
+            assert!(
+                first >= WRITE_BACKOFF / 2 && first <= WRITE_BACKOFF,
+                "{first:?}"
+            );
+            let late = write_backoff(40);
+            assert!(
+                late >= WRITE_BACKOFF_CAP / 2 && late <= WRITE_BACKOFF_CAP,
+                "{late:?}"
+            );
+            let deferred = deferral_backoff(0);
+            assert!(deferred <= DEFERRAL_BACKOFF, "{deferred:?}");
+            assert!(deferral_backoff(u32::MAX) <= DEFERRAL_BACKOFF_CAP);
+        }
+    }
+
+    #[test]
+    fn only_store_failures_are_retried_and_refusals_park() {
+        let database = CommandError::Store(StoreError::Database(sqlx::Error::PoolTimedOut));
+        assert!(matches!(classify(&database), WriteFailure::Transient));
+        let conflict = CommandError::VersionConflict {
+            aggregate_id: Uuid::nil(),
+            expected: 1,
+            actual: 2,
+        };
+        assert!(matches!(classify(&conflict), WriteFailure::Conflict));
+        for refused in [
+            CommandError::Domain(DomainError::invalid(
+                "reason",
+                "must not contain control characters",
+            )),
+            CommandError::Store(StoreError::Codec("unreadable".into())),
+            CommandError::Store(StoreError::Corrupt("no row".into())),
+        ] {
+            assert!(
+                matches!(classify(&refused), WriteFailure::Refused),
+                "{refused}"
+            );
+        }
     }
 }

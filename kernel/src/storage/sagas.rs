@@ -87,7 +87,7 @@ impl Statements {
                  SET lease_owner = $1, lease_expires_at = {{NOW}} + $2, fencing_token = fencing_token + 1 \
                  WHERE saga_id IN (SELECT saga_id FROM saga_instances \
                  WHERE next_run_at <= {{NOW}} AND (lease_expires_at IS NULL OR lease_expires_at < {{NOW}}) \
-                 ORDER BY next_run_at LIMIT $3{lock_claimed}) \
+                 {{SKIP}}ORDER BY next_run_at LIMIT $3{lock_claimed}) \
                  RETURNING saga_id, fencing_token, deferrals"
             )),
             heartbeat: fill(
@@ -113,6 +113,9 @@ impl Statements {
         }
     }
 }
+
+/// Most sagas a claim passes over (see [`SagaStore::claim`]).
+const MAX_SKIPPED: usize = 200;
 
 /// Most sagas one heartbeat statement renews.
 const HEARTBEAT_CHUNK: usize = 500;
@@ -297,15 +300,29 @@ macro_rules! saga_store {
                 owner: &str,
                 lease: Duration,
                 limit: u32,
+                skip: &[Uuid],
             ) -> Result<Vec<Claim>, StoreError> {
+                let skip = &skip[..skip.len().min(MAX_SKIPPED)];
+                // The owner, the lease and the limit are $1 to $3; the
+                // sagas passed over follow.
+                let passed_over = if skip.is_empty() {
+                    String::new()
+                } else {
+                    let placeholders: Vec<String> =
+                        (0..skip.len()).map(|i| format!("${}", i + 4)).collect();
+                    format!("AND saga_id NOT IN ({}) ", placeholders.join(", "))
+                };
+                let sql = self.statements.claim.replace("{SKIP}", &passed_over);
                 let $db = &self.database;
                 let mut $tx = $begin;
-                let rows: Vec<(Uuid, i64, i32)> = sqlx::query_as(&self.statements.claim)
+                let mut query = sqlx::query_as::<_, (Uuid, i64, i32)>(&sql)
                     .bind(owner)
                     .bind(duration_micros(lease))
-                    .bind(i64::from(limit))
-                    .fetch_all(&mut *$tx)
-                    .await?;
+                    .bind(i64::from(limit));
+                for saga_id in skip {
+                    query = query.bind(*saga_id);
+                }
+                let rows = query.fetch_all(&mut *$tx).await?;
                 $tx.commit().await?;
                 Ok(rows
                     .into_iter()

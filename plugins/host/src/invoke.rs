@@ -15,6 +15,10 @@ use crate::error::{Failure, PluginError};
 use crate::manifest::PluginKind;
 use crate::state::InvocationState;
 
+/// Fuel (about one unit per wasm instruction) a call runs between two
+/// yields to the async runtime.
+const YIELD_FUEL: u64 = 500_000;
+
 /// JSON a saga step may return, at most.
 const MAX_STEP_OUTPUT_BYTES: usize = 64 * 1024;
 /// A provider reference or tracking number, at most.
@@ -262,11 +266,16 @@ impl LoadedPlugin {
         if let Err(error) = store.set_fuel(limits.fuel) {
             return Err(self.record(started, 0, self.host_error(&format!("{error:#}"))));
         }
-        // At every epoch tick the running wasm gives its thread back to the
-        // async runtime, so a plugin that spins until its deadline holds a
-        // worker for one tick at a time, never for the whole call: the
-        // kernel keeps answering while four such calls run on two cores.
-        // Past the deadline the tick traps instead.
+        // Running wasm gives its thread back to the async runtime every
+        // YIELD_FUEL instructions (well under a millisecond), so a plugin
+        // that spins until its deadline holds a worker for a slice at a
+        // time, never for the whole call: the kernel keeps answering while
+        // four such calls run on two cores. An epoch tick past the deadline
+        // traps; one before it yields too (for wasm that waits rather than
+        // computes).
+        if let Err(error) = store.fuel_async_yield_interval(Some(YIELD_FUEL)) {
+            return Err(self.record(started, 0, self.host_error(&format!("{error:#}"))));
+        }
         let deadline = started + timeout;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |_| {
