@@ -1932,9 +1932,10 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
         "{data}"
     );
     // Batches (the sagas, the events) may be split by the loader's 1 ms
-    // window, never per order.
+    // window on a busy machine, never per order: without batching this is
+    // two reads per order (80).
     ensure!(
-        stream_reads <= 4,
+        stream_reads <= ORDERS as u64 / 4,
         "{ORDERS} orders' sagas and events in a few batches, not a read each: {stream_reads}"
     );
 
@@ -1955,7 +1956,7 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
         "{data}"
     );
     ensure!(
-        stock_reads <= 4,
+        stock_reads <= PRODUCTS as u64 / 4,
         "{PRODUCTS} products' stock in a few batches, not a read each: {stock_reads}"
     );
 

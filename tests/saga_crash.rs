@@ -154,6 +154,31 @@ impl Kernel {
     }
 
     /// SIGKILL: no shutdown, no lease given back.
+    /// Waits until this process runs an active version of each plugin.
+    async fn wait_for_plugins(&self, names: &[&str]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + START;
+        loop {
+            let body = self
+                .graphql(
+                    "{ plugins(first: 50) { edges { node { name activeVersion { version } } } } }",
+                    json!({}),
+                )
+                .await?;
+            let active: Vec<&str> = body["data"]["plugins"]["edges"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|edge| !edge["node"]["activeVersion"].is_null())
+                .filter_map(|edge| edge["node"]["name"].as_str())
+                .collect();
+            if names.iter().all(|name| active.contains(name)) {
+                return Ok(());
+            }
+            ensure!(Instant::now() < deadline, "plugins never active: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// How long `/health` takes to answer.
     async fn time_health(&self) -> anyhow::Result<Duration> {
         let started = Instant::now();
@@ -453,6 +478,9 @@ async fn two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies(
     let mut doomed = cluster.start(Some("after-call:payment")).await?;
     let survivor = cluster.start(None).await?;
     let shop = shop::open(&survivor, 20).await?;
+    // The doomed kernel follows the activations within seconds; until then
+    // it would give every saga to the survivor.
+    doomed.wait_for_plugins(&["payment", "shipping"]).await?;
 
     // Orders arrive at both; the doomed kernel stops mid-payment on any it takes.
     let mut orders = Vec::new();

@@ -218,6 +218,8 @@ pub async fn serve(
                     reason,
                 },
             )?,
+            // Within the time the server gives each background task to stop.
+            shutdown_grace: config.shutdown_timeout * 2 / 3,
         },
     ));
     state.saga_runner = runner.metrics();

@@ -13,6 +13,8 @@
 //! - payment method `tok_auth_only`: every payment is only authorized, even
 //!   a charge that asked for capture, as some providers answer;
 //!   `tok_capture_refused` too, and its capture is refused (402);
+//! - payment method `tok_odd_reference`: the payment is made, and its id
+//!   holds a tab, a newline and markup;
 //! - payment method `tok_slow`: the charge is recorded, then the answer is
 //!   held for [`SLOW_RESPONSE`], past any test plugin's deadline; a retry
 //!   with the same key gets the recorded answer at once;
@@ -344,8 +346,13 @@ async fn create_payment(
                 .and_then(Value::as_bool)
                 .unwrap_or(false)
                 && !matches!(method.as_str(), "tok_auth_only" | "tok_capture_refused");
+            let number = ledger.payments.len() + 1;
             let payment = FakePayment {
-                id: format!("pay_{}", ledger.payments.len() + 1),
+                id: if method == "tok_odd_reference" {
+                    format!("pay_\t{number}\n<b>")
+                } else {
+                    format!("pay_{number}")
+                },
                 order_id: text("order_id"),
                 amount: text("amount"),
                 currency: text("currency"),

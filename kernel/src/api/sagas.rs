@@ -61,6 +61,8 @@ pub enum SagaParkCause {
     WriteRefused,
     /// The step's plugin was not active on any process that took the saga.
     PluginUnavailable,
+    /// The runner failed (panicked) on the saga several times in a row.
+    DriveFailed,
 }
 
 #[derive(Enum, Copy, Clone, Debug, PartialEq, Eq)]

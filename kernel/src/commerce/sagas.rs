@@ -134,17 +134,37 @@ impl Sagas {
         order_id: Uuid,
         context: &CommandContext,
     ) -> Result<Uuid, CommandError> {
+        self.start(order_id, None, context).await?;
+        Ok(Saga::id_for(ORDER_FULFILMENT, order_id))
+    }
+
+    /// Starts the order's saga, with a cancellation (`cancel`, its reason)
+    /// already requested in the same write when given. The saga as written
+    /// when this call started it; `None` when it existed already.
+    async fn start(
+        &self,
+        order_id: Uuid,
+        cancel: Option<&str>,
+        context: &CommandContext,
+    ) -> Result<Option<Written<Saga>>, CommandError> {
         let saga_id = Saga::id_for(ORDER_FULFILMENT, order_id);
         if self.store.get(saga_id).await?.is_some() {
-            return Ok(saga_id);
+            return Ok(None);
         }
         self.commerce.load_order(order_id).await?;
         let definition = self.definitions(ORDER_FULFILMENT).await?.state.effective();
         let now = Utc::now();
-        let events = Saga::start(ORDER_FULFILMENT, order_id, definition, now)?;
+        let mut events = Saga::start(ORDER_FULFILMENT, order_id, definition, now)?;
         let mut saga = Saga::default();
         for event in &events {
             saga.apply(event);
+        }
+        if let Some(reason) = cancel {
+            let requested = saga.request_compensation(saga_id, reason, true)?;
+            for event in &requested {
+                saga.apply(event);
+            }
+            events.extend(requested);
         }
         let request = AppendRequest {
             streams: vec![stream_append::<Saga>(saga_id, 0, &events)?],
@@ -152,17 +172,23 @@ impl Sagas {
             idempotency_key: None,
         };
         let update = instance_update(saga_id, &saga, events.len() as u32, Some(now), now);
-        match self
+        let started = match self
             .store
             .start(update, ORDER_FULFILMENT, order_id, request)
             .await
         {
-            // Started here, or concurrently elsewhere: either way it exists.
-            Ok(_) | Err(StoreError::VersionConflict { .. }) => {}
+            Ok(Some(outcome)) => Some(Written {
+                id: saga_id,
+                state: saga,
+                version: events.len() as u32,
+                position: Some(outcome.last_position),
+            }),
+            // Started concurrently elsewhere: it exists.
+            Ok(None) | Err(StoreError::VersionConflict { .. }) => None,
             Err(other) => return Err(other.into()),
-        }
+        };
         self.wake.notify_one();
-        Ok(saga_id)
+        Ok(started)
     }
 
     /// The saga as its stream says it is now.
@@ -213,7 +239,12 @@ impl Sagas {
                 if order.state.status.is_some_and(OrderStatus::is_final) {
                     return Err(finished(&order).into());
                 }
-                self.start_for_order(order_id, context).await?;
+                // Started with the cancellation in the same write, so no
+                // runner can take a step first.
+                if let Some(started) = self.start(order_id, Some(reason), context).await? {
+                    return Ok(started);
+                }
+                // `placeOrder` started it meanwhile: ask it like any other.
                 self.load(saga_id).await?
             }
         };

@@ -458,14 +458,18 @@ pub enum ParkCause {
     WriteRefused,
     /// The step's plugin was not active on any process that took the saga.
     PluginUnavailable,
+    /// The runner itself failed (panicked) on the saga several times in a
+    /// row: a kernel bug; the log has the panics.
+    DriveFailed,
 }
 
 impl ParkCause {
-    pub const ALL: [ParkCause; 4] = [
+    pub const ALL: [ParkCause; 5] = [
         ParkCause::CompensationFailed,
         ParkCause::OutcomeUnknown,
         ParkCause::WriteRefused,
         ParkCause::PluginUnavailable,
+        ParkCause::DriveFailed,
     ];
 
     /// The label of metrics and logs.
@@ -475,6 +479,7 @@ impl ParkCause {
             ParkCause::OutcomeUnknown => "outcome_unknown",
             ParkCause::WriteRefused => "write_refused",
             ParkCause::PluginUnavailable => "plugin_unavailable",
+            ParkCause::DriveFailed => "drive_failed",
         }
     }
 }
@@ -653,12 +658,17 @@ pub struct StepState {
     pub error: Option<StepError>,
     /// What the forward call returned (payment reference, shipment, ...).
     pub output: Option<Value>,
-    /// Whether the forward action may have had an effect that is not undone.
+    /// Whether the forward action (any attempt) may have had an effect that
+    /// is not undone.
     pub effect_possible: bool,
+    /// Whether an attempt before the last may have had its effect.
+    pub earlier_effect_possible: bool,
+    /// When the last forward attempt started.
+    pub last_started_at: Option<DateTime<Utc>>,
     /// The plugin version of the last forward attempt.
     pub plugin_version: Option<String>,
-    /// Whether that version could reach anything outside the kernel; see
-    /// [`SagaEvent::StepStarted`].
+    /// Whether any attempt ran on a version that could reach anything
+    /// outside the kernel; see [`SagaEvent::StepStarted`].
     pub reaches_outside: bool,
 }
 
@@ -762,6 +772,8 @@ impl Aggregate for Saga {
                         error: None,
                         output: None,
                         effect_possible: false,
+                        earlier_effect_possible: false,
+                        last_started_at: None,
                         plugin_version: None,
                         reaches_outside: false,
                     })
@@ -771,19 +783,25 @@ impl Aggregate for Saga {
                 step,
                 phase,
                 attempt,
+                at,
                 plugin_version,
                 reaches_outside,
-                ..
             } => {
                 self.retry_at = None;
                 if let Some(state) = self.step_mut(step) {
                     match phase {
                         Phase::Forward => {
+                            // What earlier attempts may have done stays
+                            // possible whatever later ones answer: a later
+                            // refusal (another plugin version, say) says
+                            // nothing about an earlier call that timed out.
+                            state.earlier_effect_possible |= state.effect_possible;
                             state.status = StepStatus::Running;
                             state.attempts = *attempt;
                             state.effect_possible = true;
+                            state.last_started_at = Some(*at);
                             state.plugin_version = plugin_version.clone();
-                            state.reaches_outside = *reaches_outside;
+                            state.reaches_outside |= *reaches_outside;
                         }
                         Phase::Compensation => {
                             state.status = StepStatus::Compensating;
@@ -811,7 +829,8 @@ impl Aggregate for Saga {
                     state.error = Some(error.clone());
                     if *phase == Phase::Forward {
                         state.status = StepStatus::Failed;
-                        state.effect_possible = error.effect_possible;
+                        state.effect_possible =
+                            state.earlier_effect_possible || error.effect_possible;
                     }
                 }
             }
@@ -819,14 +838,22 @@ impl Aggregate for Saga {
                 if let Some(state) = self.step_mut(step) {
                     state.status = StepStatus::Compensated;
                     state.effect_possible = false;
+                    state.earlier_effect_possible = false;
                     state.error = None;
                 }
             }
             SagaEvent::CompensationRequested { reason, cancel } => {
+                // A cancellation's reason is the order's; an admin's request
+                // to compensate (`compensateSaga`) is internal.
+                let order_reason = if *cancel {
+                    reason.clone()
+                } else {
+                    "the order could not be completed".to_string()
+                };
                 self.requested = Some(CompensationCause {
                     reason: reason.clone(),
                     cancel: *cancel,
-                    order_reason: reason.clone(),
+                    order_reason,
                 });
             }
             SagaEvent::CompensationStarted {
@@ -1069,7 +1096,9 @@ impl Saga {
         }
     }
 
-    /// Asks for the saga to be undone. Already compensating (or parked): nothing to add.
+    /// Asks for the saga to be undone. Already compensating (or parked while
+    /// compensating): nothing to add. Parked going forward: recorded, so the
+    /// saga compensates once an admin retries it instead of going on.
     pub fn request_compensation(
         &self,
         saga_id: Uuid,
@@ -1077,11 +1106,16 @@ impl Saga {
         cancel: bool,
     ) -> Result<Vec<SagaEvent>, DomainError> {
         let reason = clean_text("reason", reason, 500)?;
-        match self.require_active(saga_id)? {
-            SagaStatus::Running if self.requested.is_none() => {
-                Ok(vec![SagaEvent::CompensationRequested { reason, cancel }])
-            }
-            _ => Ok(Vec::new()),
+        let going_forward = match self.require_active(saga_id)? {
+            SagaStatus::Running => true,
+            // Parked going forward: recorded now, acted on once retried.
+            SagaStatus::Parked => self.parked_from == Some(SagaStatus::Running),
+            _ => false,
+        };
+        if going_forward && self.requested.is_none() {
+            Ok(vec![SagaEvent::CompensationRequested { reason, cancel }])
+        } else {
+            Ok(Vec::new())
         }
     }
 
@@ -1668,5 +1702,72 @@ mod tests {
                 .step("payment")
                 .is_some_and(StepState::had_no_outside_reach)
         );
+    }
+
+    #[test]
+    fn an_attempt_that_may_have_charged_stays_to_undo_whatever_later_attempts_say() {
+        let mut saga = started_saga_at_payment();
+        // Attempt 1 times out (the provider may have charged), attempt 2 is
+        // refused before reaching it (a misconfigured version, say).
+        apply(
+            &mut saga,
+            &[
+                failed("payment", 1, true, Some(2)),
+                started_step("payment", Phase::Forward, 2),
+                failed("payment", 2, false, None),
+            ],
+        );
+        let Next::BeginCompensation(cause) = saga.next(at(3)) else {
+            panic!("compensates");
+        };
+        apply(
+            &mut saga,
+            &[SagaEvent::CompensationStarted {
+                reason: cause.reason,
+                cancel: false,
+                order_reason: Some(cause.order_reason),
+            }],
+        );
+        assert_eq!(
+            saga.next(at(3)),
+            Next::Compensate {
+                step: 1,
+                attempt: 1
+            },
+            "the first attempt's charge must be looked up"
+        );
+    }
+
+    #[test]
+    fn a_cancel_of_a_saga_parked_going_forward_is_kept_for_its_retry() {
+        let mut saga = started_saga_at_payment();
+        apply(
+            &mut saga,
+            &[SagaEvent::Parked {
+                step: "payment".into(),
+                reason: "refused".into(),
+                cause: ParkCause::WriteRefused,
+            }],
+        );
+        let request = saga
+            .request_compensation(Uuid::nil(), "changed my mind", true)
+            .expect("recorded");
+        assert_eq!(request.len(), 1);
+        apply(&mut saga, &request);
+        let retry = saga.request_retry(Uuid::nil()).expect("retried");
+        apply(&mut saga, &retry);
+        assert!(matches!(
+            saga.next(at(2)),
+            Next::BeginCompensation(CompensationCause { cancel: true, .. })
+        ));
+        // An admin's compensate request keeps its reason from the customer.
+        let mut other = started_saga_at_payment();
+        let request = other
+            .request_compensation(Uuid::nil(), "flagged by the fraud team", false)
+            .expect("recorded");
+        apply(&mut other, &request);
+        let cause = other.requested.expect("requested");
+        assert_eq!(cause.reason, "flagged by the fraud team");
+        assert_eq!(cause.order_reason, "the order could not be completed");
     }
 }

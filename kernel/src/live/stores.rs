@@ -166,8 +166,8 @@ impl SagaStore for NotifyingSagaStore {
         self.inner.defer(claim, delay).await
     }
 
-    async fn release_all(&self, owner: &str) -> Result<u64, StoreError> {
-        self.inner.release_all(owner).await
+    async fn release_all(&self, owner: &str, keep: &[Uuid]) -> Result<u64, StoreError> {
+        self.inner.release_all(owner, keep).await
     }
 
     async fn get(&self, saga_id: Uuid) -> Result<Option<SagaInstance>, StoreError> {

@@ -11,7 +11,7 @@
 //! - no action: print `saga paused at <point>` and wait forever (the test
 //!   kills the process there);
 //! - `=<ms>`: print `saga delayed at <point>` and wait that long, then go on;
-//! - `=panic`: panic there, once.
+//! - `=panic`: panic there, once; `=panic-always`: every time.
 
 #[cfg(feature = "test-hooks")]
 use std::sync::Arc;
@@ -34,6 +34,7 @@ enum Action {
     Delay(Duration),
     /// Set once it has panicked.
     PanicOnce(AtomicBool),
+    PanicAlways,
 }
 
 impl FaultHooks {
@@ -63,10 +64,11 @@ impl FaultHooks {
             let (point, action) = match item.split_once('=') {
                 None => (item, Action::Stop),
                 Some((point, "panic")) => (point, Action::PanicOnce(AtomicBool::new(false))),
+                Some((point, "panic-always")) => (point, Action::PanicAlways),
                 Some((point, ms)) => {
-                    let ms: u64 = ms
-                        .parse()
-                        .map_err(|_| format!("{item:?}: the action is a number of ms or panic"))?;
+                    let ms: u64 = ms.parse().map_err(|_| {
+                        format!("{item:?}: the action is a number of ms, panic or panic-always")
+                    })?;
                     (point, Action::Delay(Duration::from_millis(ms)))
                 }
             };
@@ -118,6 +120,7 @@ impl FaultHooks {
                             panic!("fault hook: panic at {point}");
                         }
                     }
+                    Action::PanicAlways => panic!("fault hook: panic at {point}"),
                 }
             }
         }

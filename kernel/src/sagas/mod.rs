@@ -162,8 +162,9 @@ pub trait SagaStore: Send + Sync {
     /// on this process), due after `delay`, and counts the deferral.
     async fn defer(&self, claim: Claim, delay: Duration) -> Result<(), StoreError>;
 
-    /// Gives back every saga `owner` holds, due at once (graceful shutdown).
-    async fn release_all(&self, owner: &str) -> Result<u64, StoreError>;
+    /// Gives back every saga `owner` holds but those in `keep` (up to 200),
+    /// due at once (graceful shutdown). The kept ones' leases lapse.
+    async fn release_all(&self, owner: &str, keep: &[Uuid]) -> Result<u64, StoreError>;
 
     async fn get(&self, saga_id: Uuid) -> Result<Option<SagaInstance>, StoreError>;
 

@@ -36,7 +36,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,8 @@ pub struct RunnerSettings {
     pub max_concurrent: usize,
     /// Fault points for the crash tests (empty in release builds).
     pub hooks: FaultHooks,
+    /// How long a stopping runner lets its drives reach a step boundary.
+    pub shutdown_grace: Duration,
 }
 
 /// Orders placed this long ago and still without a saga get one.
@@ -89,6 +91,9 @@ const CONFLICT_BACKOFF_CAP: Duration = Duration::from_millis(100);
 /// Store failures in a row a drive retries in place before it gives the
 /// saga back for later.
 const MAX_WRITE_RETRIES: u32 = 5;
+/// Store failures in a row for which the outcome of a call is written
+/// again in place (about 40 s in all) before the saga is given back.
+const MAX_OUTCOME_WRITE_RETRIES: u32 = 12;
 /// The wait after a failed saga write, doubled per failure in a row.
 const WRITE_BACKOFF: Duration = Duration::from_millis(100);
 const WRITE_BACKOFF_CAP: Duration = Duration::from_secs(5);
@@ -99,6 +104,8 @@ const DEFERRAL_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// minutes in which no process that took the saga had the step's plugin.
 /// (Going forward, the saga's deadline ends the waiting instead.)
 const MAX_COMPENSATION_DEFERRALS: u32 = 10;
+/// Panics in a row of a saga's drives on one process after which it is parked.
+const MAX_PANICS: u32 = 3;
 /// How long a process leaves a saga it gave back (for want of a plugin) to
 /// the other processes before it claims it again itself.
 const PASS_OVER: Duration = Duration::from_secs(5);
@@ -122,6 +129,8 @@ struct UndoFailure {
     /// Whether what the forward call did is still unknown (it could not be
     /// looked up), as opposed to known and not undone.
     outcome_unknown: bool,
+    /// The next attempt must not come before this.
+    not_before: Option<chrono::DateTime<Utc>>,
 }
 
 /// What this process's runner counts, for `/metrics`.
@@ -218,12 +227,29 @@ enum WriteFailure {
 fn classify(error: &CommandError) -> WriteFailure {
     match error {
         CommandError::VersionConflict { .. } => WriteFailure::Conflict,
+        CommandError::Store(StoreError::Database(error)) if refused_for_good(error) => {
+            WriteFailure::Refused
+        }
         CommandError::Store(StoreError::Database(_)) | CommandError::CartStore(_) => {
             WriteFailure::Transient
         }
         CommandError::Domain(_) | CommandError::Store(_) | CommandError::Plugin(_) => {
             WriteFailure::Refused
         }
+    }
+}
+
+/// Whether the database refused a statement for what it holds (a
+/// constraint, data it cannot store: Postgres's SQLSTATE class 22), which
+/// the same statement meets again, as opposed to a lost connection, a
+/// timeout or a busy database.
+fn refused_for_good(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(error) => {
+            !matches!(error.kind(), sqlx::error::ErrorKind::Other)
+                || error.code().is_some_and(|code| code.starts_with("22"))
+        }
+        _ => false,
     }
 }
 
@@ -236,6 +262,10 @@ pub struct SagaRunner {
     /// Sagas this process gave back because it lacks their step's plugin,
     /// and until when it leaves them to other processes.
     passed_over: Mutex<HashMap<Uuid, Instant>>,
+    /// Panics in a row of the drives of each saga (this process only).
+    panics: Mutex<HashMap<Uuid, u32>>,
+    /// Set when the runner stops: drives end at their next step boundary.
+    stopping: AtomicBool,
     metrics: Arc<RunnerMetrics>,
 }
 
@@ -252,6 +282,8 @@ impl SagaRunner {
             context,
             driving: Arc::default(),
             passed_over: Mutex::default(),
+            panics: Mutex::default(),
+            stopping: AtomicBool::new(false),
             metrics: Arc::default(),
         }
     }
@@ -314,8 +346,11 @@ impl SagaRunner {
                             let runner = Arc::clone(&self);
                             drives.spawn(async move {
                                 let driven = AssertUnwindSafe(runner.drive(claim)).catch_unwind();
-                                if let Err(panic) = driven.await {
-                                    runner.after_panic(claim, panic_message(panic)).await;
+                                match driven.await {
+                                    Ok(()) => runner.forget_panics(claim.saga_id),
+                                    Err(panic) => {
+                                        runner.after_panic(claim, panic_message(panic)).await;
+                                    }
                                 }
                                 drop(guard);
                                 drop(permit);
@@ -342,10 +377,27 @@ impl SagaRunner {
                 break;
             }
         }
-        heartbeat.abort();
+        // Drives stop at their next step boundary and give their saga back;
+        // a plugin call in flight ends within its deadline. Those still
+        // mid-step after the grace are stopped where they are and keep
+        // their lease (which covers a call in flight) until it lapses, so
+        // no other process acts on a call that may still land.
         sweeper.abort();
+        self.stopping.store(true, Ordering::SeqCst);
+        let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
+            while drives.join_next().await.is_some() {}
+        })
+        .await;
+        let mid_step = self.driving.sagas();
+        if drained.is_err() {
+            tracing::warn!(
+                sagas = mid_step.len(),
+                "stopping with sagas mid-step; their leases lapse instead of being given back"
+            );
+        }
         drives.shutdown().await;
-        match store.release_all(&self.settings.node_id).await {
+        heartbeat.abort();
+        match store.release_all(&self.settings.node_id, &mid_step).await {
             Ok(released) if released > 0 => tracing::info!(released, "gave back sagas"),
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "could not give back sagas"),
@@ -374,19 +426,41 @@ impl SagaRunner {
     }
 
     /// A drive task panicked: say which saga, and give it back after a
-    /// back-off (counted as a deferral, so a saga that panics every time
-    /// is retried ever more slowly, not in a loop). If even that fails, the
-    /// lease lapses, since the heartbeat no longer renews it.
+    /// back-off (if even that fails, the lease lapses, since the heartbeat
+    /// no longer renews it). A saga whose drives panic [`MAX_PANICS`] times
+    /// in a row on this process is parked: a bug, not a passing fault, and
+    /// retrying it would loop.
     async fn after_panic(&self, claim: Claim, message: String) {
         self.metrics.panics.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(saga_id = %claim.saga_id, panic = %message, "a saga drive task panicked; giving the saga back");
+        let panics = {
+            let mut panics = self.panics.lock().unwrap_or_else(PoisonError::into_inner);
+            let count = panics.entry(claim.saga_id).or_default();
+            *count += 1;
+            *count
+        };
+        tracing::error!(saga_id = %claim.saga_id, panics, panic = %message, "a saga drive task panicked; giving the saga back");
+        if panics >= MAX_PANICS {
+            let reason = summarize(
+                &format!("the runner failed on this saga {panics} times in a row: {message}"),
+                MAX_REASON_CHARS,
+            );
+            self.park(claim, ParkCause::DriveFailed, reason).await;
+            return;
+        }
         if let Err(error) = self
             .store()
-            .defer(claim, deferral_backoff(claim.deferrals))
+            .defer(claim, deferral_backoff(claim.deferrals.max(panics)))
             .await
         {
             tracing::warn!(saga_id = %claim.saga_id, %error, "could not give the saga back; its lease will lapse");
         }
+    }
+
+    fn forget_panics(&self, saga_id: Uuid) {
+        self.panics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&saga_id);
     }
 
     /// Starts sagas for orders a process placed but stopped before starting
@@ -420,6 +494,16 @@ impl SagaRunner {
         let mut conflicts = 0;
         let mut failures = 0;
         loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                if let Err(error) = self
+                    .store()
+                    .release(claim, None, Some(Utc::now()), Utc::now())
+                    .await
+                {
+                    tracing::warn!(saga_id = %claim.saga_id, %error, "could not give a saga back while stopping");
+                }
+                return;
+            }
             let error = match self.step(claim).await {
                 Ok(Flow::Continue) => {
                     conflicts = 0;
@@ -437,12 +521,7 @@ impl SagaRunner {
                     self.metrics
                         .conflict_retries
                         .fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(jittered_backoff(
-                        CONFLICT_BACKOFF,
-                        conflicts.saturating_sub(1),
-                        CONFLICT_BACKOFF_CAP,
-                    ))
-                    .await;
+                    tokio::time::sleep(conflict_backoff(conflicts)).await;
                 }
                 WriteFailure::Transient if failures < MAX_WRITE_RETRIES => {
                     failures += 1;
@@ -481,6 +560,12 @@ impl SagaRunner {
             &format!("a saga write was refused: {refusal}"),
             MAX_REASON_CHARS,
         );
+        self.park(claim, ParkCause::WriteRefused, reason).await;
+    }
+
+    /// Records `Parked` (fenced by the claim) and gives the claim back; if
+    /// even that fails, the saga is given back for later.
+    async fn park(&self, claim: Claim, cause: ParkCause, reason: String) {
         let parked = async {
             let loaded = self.sagas.load(claim.saga_id).await?;
             if loaded.state.status.is_some_and(|s| s.is_final()) {
@@ -491,11 +576,11 @@ impl SagaRunner {
                 .current_step()
                 .map(|s| s.name().to_string())
                 .unwrap_or_default();
-            tracing::error!(saga_id = %claim.saga_id, %reason, "saga parked: needs manual intervention");
+            tracing::error!(saga_id = %claim.saga_id, %reason, %cause, "saga parked: needs manual intervention");
             let events = [SagaEvent::Parked {
                 step,
                 reason: reason.clone(),
-                cause: ParkCause::WriteRefused,
+                cause,
             }];
             self.record(claim, loaded, &events, Vec::new()).await
         };
@@ -707,13 +792,76 @@ impl SagaRunner {
             Err(_) => Err(deadline(timeout)),
         };
         self.settings.hooks.at("after-call", step.name()).await;
+        self.record_outcome(claim, index, attempt, &outcome).await
+    }
 
+    /// Records a call's outcome, retrying the write (never the call) in
+    /// place: the call may have moved money, and its outcome must not be
+    /// lost to a failing store while this process holds the saga. A
+    /// conflict (a request arrived meanwhile) reloads the saga and records
+    /// the outcome on top, as long as this attempt is still the open one.
+    async fn record_outcome(
+        &self,
+        claim: Claim,
+        index: usize,
+        attempt: u32,
+        outcome: &Attempt,
+    ) -> Result<Flow, CommandError> {
+        let mut failures = 0;
+        let mut conflicts = 0;
+        loop {
+            let error = match self
+                .try_record_outcome(claim, index, attempt, outcome)
+                .await
+            {
+                Ok(flow) => return Ok(flow),
+                Err(error) => error,
+            };
+            match classify(&error) {
+                WriteFailure::Conflict if conflicts < MAX_CONFLICTS => {
+                    conflicts += 1;
+                    self.metrics
+                        .conflict_retries
+                        .fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(conflict_backoff(conflicts)).await;
+                }
+                WriteFailure::Transient if failures < MAX_OUTCOME_WRITE_RETRIES => {
+                    failures += 1;
+                    self.metrics.write_retries.fetch_add(1, Ordering::Relaxed);
+                    let wait = write_backoff(failures);
+                    tracing::warn!(saga_id = %claim.saga_id, failures, wait_ms = wait.as_millis() as u64, %error, "a call's outcome could not be recorded; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                _ => return Err(error),
+            }
+        }
+    }
+
+    async fn try_record_outcome(
+        &self,
+        claim: Claim,
+        index: usize,
+        attempt: u32,
+        outcome: &Attempt,
+    ) -> Result<Flow, CommandError> {
+        let loaded = self.sagas.load(claim.saga_id).await?;
+        let Some(step) = loaded.state.steps.get(index).cloned() else {
+            return Err(
+                StoreError::Corrupt(format!("saga {} lost step {index}", claim.saga_id)).into(),
+            );
+        };
+        if step.status != StepStatus::Running || step.attempts != attempt {
+            // Another owner moved the step on; its record stands.
+            return Ok(Flow::Continue);
+        }
+        let order_id = loaded.state.order_id;
+        let order = self.load_order(order_id).await?;
         let (events, streams) = match outcome {
-            Ok(output) => match self.order_effect(order_id, &order, &step, &output).await {
+            Ok(output) => match self.order_effect(order_id, &order, &step, output).await {
                 Ok(streams) => (
                     vec![SagaEvent::StepSucceeded {
                         step: step.name().to_string(),
-                        output,
+                        output: output.clone(),
                     }],
                     streams,
                 ),
@@ -726,7 +874,10 @@ impl SagaRunner {
                 }
                 Err(other) => return Err(other),
             },
-            Err(error) => (vec![forward_failure(&step, attempt, error)], Vec::new()),
+            Err(error) => (
+                vec![forward_failure(&step, attempt, error.clone())],
+                Vec::new(),
+            ),
         };
         self.record(claim, loaded, &events, streams).await
     }
@@ -848,24 +999,30 @@ impl SagaRunner {
         let key = Saga::step_key(saga_id, step.name());
         match &step.definition.action {
             StepAction::Payment { .. } => {
-                let request = host::PaymentRequest {
-                    idempotency_key: key,
-                    amount: plugin_money(&placed.total),
-                    payment_method: placed.payment_method.clone(),
-                    order: plugin_order,
-                };
-                let payment = plugin.charge(request).await.map_err(step_error)?;
+                let payment = charge(plugin, key, placed, plugin_order).await?;
                 let payment = match payment.status {
                     host::PaymentStatus::Captured => payment,
                     host::PaymentStatus::Authorized => {
-                        // Only authorized: take the money now, under a key
-                        // of its own. If that fails, an authorization
+                        // Only authorized: take the order's total now, under
+                        // a key of its own, once the authorization is seen
+                        // to be for it. If that fails, an authorization
                         // exists, and compensation cancels it.
+                        if !same_money(&payment.amount, &placed.total) {
+                            return Err(StepError::new(
+                                "unusable_result",
+                                &format!(
+                                    "the provider authorized {} {}, not the order's {}",
+                                    payment.amount.amount, payment.amount.currency, placed.total
+                                ),
+                                false,
+                                true,
+                            ));
+                        }
                         let captured = plugin
                             .capture(
                                 Saga::capture_key(saga_id, step.name()),
                                 payment.reference.clone(),
-                                payment.amount.clone(),
+                                plugin_money(&placed.total),
                             )
                             .await
                             .map_err(|error| StepError {
@@ -972,6 +1129,7 @@ impl SagaRunner {
             Err(_) => Err(UndoFailure {
                 error: deadline(retry.timeout()),
                 outcome_unknown: step.outcome_unknown(),
+                not_before: None,
             }),
         };
         self.settings
@@ -987,10 +1145,16 @@ impl SagaRunner {
             Err(UndoFailure {
                 error,
                 outcome_unknown,
+                not_before,
             }) => {
-                let exhausted = loaded.state.compensation_exhausted(attempt);
-                let retry_at =
-                    (!exhausted).then(|| Utc::now() + to_chrono(retry.backoff(attempt, random())));
+                // A call that may still be in flight is waited for, not
+                // given up on.
+                let exhausted =
+                    not_before.is_none() && loaded.state.compensation_exhausted(attempt);
+                let retry_at = (!exhausted).then(|| {
+                    let backoff = Utc::now() + to_chrono(retry.backoff(attempt, random()));
+                    not_before.map_or(backoff, |at| at.max(backoff))
+                });
                 let (cause, reason) = if outcome_unknown {
                     (
                         ParkCause::OutcomeUnknown,
@@ -1060,6 +1224,7 @@ impl SagaRunner {
         let failed = |error: PluginError| UndoFailure {
             error: step_error(error),
             outcome_unknown: false,
+            not_before: None,
         };
         let key = Saga::compensation_key(saga_id, step.name());
         match &step.definition.action {
@@ -1079,6 +1244,7 @@ impl SagaRunner {
                             return Err(UndoFailure {
                                 error: unexpected_status("refund", refund.status),
                                 outcome_unknown: false,
+                                not_before: None,
                             });
                         }
                         Ok(json!({ "refund": refund.reference, "amount": refund.amount.amount }))
@@ -1092,6 +1258,7 @@ impl SagaRunner {
                             return Err(UndoFailure {
                                 error: unexpected_status("cancel", cancelled.status),
                                 outcome_unknown: false,
+                                not_before: None,
                             });
                         }
                         Ok(json!({ "cancelled_authorization": reference }))
@@ -1108,6 +1275,7 @@ impl SagaRunner {
                             true,
                         ),
                         outcome_unknown: false,
+                        not_before: None,
                     }),
                 }
             }
@@ -1155,28 +1323,51 @@ impl SagaRunner {
         let unknown = |error: StepError| UndoFailure {
             error,
             outcome_unknown: true,
+            not_before: None,
         };
         let key = Saga::step_key(saga_id, step.name());
         match &step.definition.action {
-            StepAction::Payment { .. } if plugin.supports_lookup() => plugin
-                .lookup_payment(key)
-                .await
-                .map(|found| found.as_ref().map(payment_output))
-                .map_err(|error| unknown(step_error(error))),
-            StepAction::Shipment { .. } if plugin.supports_lookup() => plugin
-                .lookup_shipment(key)
-                .await
-                .map(|found| found.as_ref().map(shipment_output))
-                .map_err(|error| unknown(step_error(error))),
+            StepAction::Payment { .. } if plugin.supports_lookup() => {
+                let found = plugin
+                    .lookup_payment(key)
+                    .await
+                    .map_err(|error| unknown(step_error(error)))?;
+                match found {
+                    Some(payment) => Ok(Some(payment_output(&payment))),
+                    None => nothing_or_in_flight(step),
+                }
+            }
+            StepAction::Shipment { .. } if plugin.supports_lookup() => {
+                let found = plugin
+                    .lookup_shipment(key)
+                    .await
+                    .map_err(|error| unknown(step_error(error)))?;
+                match found {
+                    Some(shipment) => Ok(Some(shipment_output(&shipment))),
+                    None => nothing_or_in_flight(step),
+                }
+            }
             // Its plugin could reach nothing outside the kernel: whatever
             // happened to the call changed nothing there. Its `compensate`
             // is told the outcome is unknown (`null`).
             StepAction::Custom { .. } if step.had_no_outside_reach() => Ok(Some(Value::Null)),
-            // No lookup (a plugin of contract 0.1, or a custom step that
-            // calls out): repeat the call with the same idempotency key,
-            // which the provider answers with what the first call did. For
-            // a call that never reached the provider this makes it; the
-            // refund that follows undoes it.
+            // A payment plugin of contract 0.1 has no lookup: the charge is
+            // repeated with its key, which the provider answers with what
+            // the first one did (for a charge that never reached it, this
+            // makes it; the refund that follows undoes it). The capture is
+            // not repeated: an authorization found is cancelled.
+            StepAction::Payment { .. } => {
+                let Some(placed) = &order.placed else {
+                    return Ok(None);
+                };
+                let plugin_order = plugin_order(saga.order_id, placed);
+                charge(plugin, key, placed, plugin_order)
+                    .await
+                    .map(|payment| Some(payment_output(&payment)))
+                    .map_err(unknown)
+            }
+            // Likewise a shipping plugin of 0.1, and a custom step that calls
+            // out: the call is repeated with its key.
             _ => self
                 .invoke_forward(plugin, saga_id, saga, step, order)
                 .await
@@ -1220,6 +1411,32 @@ impl SagaRunner {
         tracing::info!(saga_id = %claim.saga_id, %order_id, reason = %cause.reason, "saga compensated");
         self.record(claim, loaded, &[SagaEvent::Compensated], streams)
             .await
+    }
+}
+
+/// A lookup found nothing. That means nothing happened only once the last
+/// forward call can no longer be in flight: a call abandoned at its
+/// deadline (or by a process that stopped) may still reach the provider
+/// shortly after. Until then the outcome stays unknown, and the
+/// compensation is tried again after that time.
+fn nothing_or_in_flight(step: &StepState) -> Result<Option<Value>, UndoFailure> {
+    let in_flight_until = step
+        .last_started_at
+        .map(|started| started + to_chrono(step.definition.retry.timeout() + CALL_LEASE_MARGIN));
+    match in_flight_until {
+        Some(until) if until > Utc::now() => Err(UndoFailure {
+            error: StepError::new(
+                "call_in_flight",
+                &format!(
+                    "the provider has no record of the call yet, which may still reach it until {until}"
+                ),
+                true,
+                true,
+            ),
+            outcome_unknown: true,
+            not_before: Some(until),
+        }),
+        _ => Ok(None),
     }
 }
 
@@ -1271,6 +1488,15 @@ fn jittered_backoff(base: Duration, exponent: u32, cap: Duration) -> Duration {
         .as_millis() as u64;
     let half = ceiling / 2;
     Duration::from_millis(half + random() % (ceiling - half + 1))
+}
+
+/// The wait after the `conflicts`-th version conflict in a row.
+fn conflict_backoff(conflicts: u32) -> Duration {
+    jittered_backoff(
+        CONFLICT_BACKOFF,
+        conflicts.saturating_sub(1),
+        CONFLICT_BACKOFF_CAP,
+    )
 }
 
 /// The wait after the `failures`-th failed saga write in a row.
@@ -1327,6 +1553,31 @@ fn step_error(error: PluginError) -> StepError {
         error.is_retryable(),
         effect_possible,
     )
+}
+
+/// The charge of the order's total, with the step's key.
+async fn charge(
+    plugin: &LoadedPlugin,
+    idempotency_key: String,
+    placed: &PlacedOrder,
+    order: host::Order,
+) -> Result<host::Payment, StepError> {
+    let request = host::PaymentRequest {
+        idempotency_key,
+        amount: plugin_money(&placed.total),
+        payment_method: placed.payment_method.clone(),
+        order,
+    };
+    plugin.charge(request).await.map_err(step_error)
+}
+
+/// Whether a provider's amount is `expected` (same currency, same value).
+fn same_money(amount: &host::Money, expected: &Money) -> bool {
+    amount.currency == expected.currency().code()
+        && amount
+            .amount
+            .parse::<rust_decimal::Decimal>()
+            .is_ok_and(|value| value == expected.amount())
 }
 
 /// A payment as a step records it.

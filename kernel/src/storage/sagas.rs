@@ -442,13 +442,24 @@ macro_rules! saga_store {
                 Ok(())
             }
 
-            async fn release_all(&self, owner: &str) -> Result<u64, StoreError> {
+            async fn release_all(&self, owner: &str, keep: &[Uuid]) -> Result<u64, StoreError> {
+                let keep = &keep[..keep.len().min(MAX_SKIPPED)];
+                let mut sql = RELEASE_ALL.to_string();
+                if !keep.is_empty() {
+                    let placeholders: Vec<String> =
+                        (0..keep.len()).map(|i| format!("${}", i + 2)).collect();
+                    sql.push_str(&format!(
+                        " AND saga_id NOT IN ({})",
+                        placeholders.join(", ")
+                    ));
+                }
                 let $db = &self.database;
                 let mut $tx = $begin;
-                let done = sqlx::query(RELEASE_ALL)
-                    .bind(owner)
-                    .execute(&mut *$tx)
-                    .await?;
+                let mut query = sqlx::query(&sql).bind(owner);
+                for saga_id in keep {
+                    query = query.bind(*saga_id);
+                }
+                let done = query.execute(&mut *$tx).await?;
                 $tx.commit().await?;
                 Ok(done.rows_affected())
             }

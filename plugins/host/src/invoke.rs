@@ -22,7 +22,12 @@ const YIELD_FUEL: u64 = 500_000;
 /// JSON a saga step may return, at most.
 const MAX_STEP_OUTPUT_BYTES: usize = 64 * 1024;
 /// A provider reference or tracking number, at most.
-const MAX_REFERENCE_CHARS: usize = 256;
+/// The kernel records a reference on the order, which accepts as many.
+const MAX_REFERENCE_CHARS: usize = 200;
+/// A tracking number or a rate's service, at most.
+const MAX_LABEL_CHARS: usize = 256;
+/// A label URL, at most.
+const MAX_URL_CHARS: usize = 2048;
 
 /// A call into a plugin, by contract.
 enum Call {
@@ -488,6 +493,10 @@ impl LoadedPlugin {
                 }
                 serde_json::from_str::<serde_json::Value>(output)
                     .map_err(|error| invalid(format!("the step output is not JSON: {error}")))?;
+                // JSON may escape a NUL, which the event store cannot keep.
+                if output.contains("\\u0000") {
+                    return Err(invalid("the step output holds a NUL character".to_string()));
+                }
             }
             Answer::Payment(payment) | Answer::FoundPayment(Some(payment)) => {
                 check_reference(&payment.reference).map_err(invalid)?;
@@ -496,16 +505,19 @@ impl LoadedPlugin {
             Answer::Rates(rates) => {
                 for rate in rates {
                     check_amount(&rate.price).map_err(invalid)?;
-                    if rate.service.is_empty() || rate.service.chars().count() > MAX_REFERENCE_CHARS
-                    {
-                        return Err(invalid(
-                            "a rate has an empty or overlong service".to_string(),
-                        ));
-                    }
+                    check_text("a rate's service", &rate.service, MAX_LABEL_CHARS)
+                        .map_err(invalid)?;
                 }
             }
             Answer::Shipment(shipment) | Answer::FoundShipment(Some(shipment)) => {
-                check_reference(&shipment.reference).map_err(invalid)?
+                check_reference(&shipment.reference).map_err(invalid)?;
+                if let Some(tracking) = &shipment.tracking_number {
+                    check_text("the tracking number", tracking, MAX_LABEL_CHARS)
+                        .map_err(invalid)?;
+                }
+                if let Some(url) = &shipment.label_url {
+                    check_text("the label URL", url, MAX_URL_CHARS).map_err(invalid)?;
+                }
             }
             Answer::Unit | Answer::FoundPayment(None) | Answer::FoundShipment(None) => {}
         }
@@ -550,13 +562,31 @@ fn unreachable_call<T>() -> wasmtime::Result<T> {
     ))
 }
 
+/// A provider's identifier of a payment or shipment. It is kept exactly (a
+/// refund names it), so one that could not be kept and shown safely is
+/// refused rather than cleaned.
 fn check_reference(reference: &str) -> Result<(), String> {
-    if reference.is_empty() || reference.chars().count() > MAX_REFERENCE_CHARS {
+    check_text("the reference", reference, MAX_REFERENCE_CHARS)
+}
+
+/// Non-empty, at most `max` characters, no control characters.
+fn check_text(what: &str, text: &str, max: usize) -> Result<(), String> {
+    if text.trim().is_empty() || text.chars().count() > max || text.chars().any(char::is_control) {
         return Err(format!(
-            "the reference {reference:?} is empty or longer than {MAX_REFERENCE_CHARS}"
+            "{what} {} is empty, longer than {max} characters or holds control characters",
+            preview(text)
         ));
     }
     Ok(())
+}
+
+/// The start of a provider's text, quoted, for an error message.
+fn preview(text: &str) -> String {
+    let mut shown: String = text.chars().take(40).collect();
+    if shown.len() < text.len() {
+        shown.push('…');
+    }
+    format!("{shown:?}")
 }
 
 fn check_amount(money: &Money) -> Result<(), String> {
@@ -572,8 +602,9 @@ fn check_amount(money: &Money) -> Result<(), String> {
         money.currency.len() == 3 && money.currency.bytes().all(|b| b.is_ascii_uppercase());
     if !valid_amount || !valid_currency {
         return Err(format!(
-            "{:?} {:?} is not a decimal amount with an ISO 4217 currency",
-            money.amount, money.currency
+            "{} {} is not a decimal amount with an ISO 4217 currency",
+            preview(&money.amount),
+            preview(&money.currency)
         ));
     }
     Ok(())
