@@ -60,6 +60,7 @@ fn main() {
         a_step_whose_plugin_is_not_here_waits_for_a_process_that_has_it,
         failed_writes_and_releases_do_not_strand_a_saga,
         a_drive_task_that_panics_is_taken_over,
+        a_call_that_succeeded_is_recorded_when_the_store_falters,
         a_former_owner_paused_past_its_lease_makes_no_provider_call,
         cancelling_as_the_saga_starts_ends_one_consistent_way,
         a_spinning_pure_step_is_compensated_without_running_it_again,
@@ -1413,6 +1414,8 @@ async fn a_step_whose_plugin_is_not_here_waits_for_a_process_that_has_it(
 /// that is stopped (its drives are stopped by a fault hook).
 struct FlakySagaStore {
     inner: Arc<dyn SagaStore>,
+    /// Commits let through before `commits` fail.
+    pass_first: AtomicU32,
     commits: AtomicU32,
     releases: AtomicU32,
     paused: AtomicBool,
@@ -1422,6 +1425,7 @@ impl FlakySagaStore {
     fn new(inner: Arc<dyn SagaStore>) -> Arc<Self> {
         Arc::new(FlakySagaStore {
             inner,
+            pass_first: AtomicU32::new(0),
             commits: AtomicU32::new(0),
             releases: AtomicU32::new(0),
             paused: AtomicBool::new(false),
@@ -1481,7 +1485,13 @@ impl SagaStore for FlakySagaStore {
         update: InstanceUpdate,
         request: AppendRequest,
     ) -> Result<Committed, StoreError> {
-        Self::fail(&self.commits)?;
+        let passing = self
+            .pass_first
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if !passing {
+            Self::fail(&self.commits)?;
+        }
         self.inner.commit(fence, update, request).await
     }
     async fn release(
@@ -1584,6 +1594,44 @@ async fn failed_writes_and_releases_do_not_strand_a_saga(
         ensure!(shop.payments(order_id) == [("captured".to_string(), false)]);
     }
     shop.expect_stock(product, 3).await
+}
+
+async fn a_call_that_succeeded_is_recorded_when_the_store_falters(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let flaky = FlakySagaStore::new(db.database.saga_store());
+    let mut shop = shop_without_runner(&db, flaky.clone()).await?;
+    // One attempt only: an outcome lost now would be compensated.
+    let mut single = definition(None);
+    single.steps[1].retry = quick(1, 2_000);
+    shop.sagas
+        .define(ORDER_FULFILMENT, single, &context())
+        .await?;
+    let product = shop.product("3", 2).await?;
+    shop.runner = Some(Runner::start(
+        &shop.sagas,
+        &shop.registry,
+        LEASE,
+        FaultHooks::default(),
+    ));
+    // Reserving and the payment's start go through; the three writes of the
+    // charge's outcome after it fail.
+    flaky.pass_first.store(2, Ordering::SeqCst);
+    flaky.commits.store(3, Ordering::SeqCst);
+    let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
+    let saga = shop.settled(order_id).await?;
+    ensure!(
+        saga.state.status == Some(SagaStatus::Completed),
+        "the charge is recorded, not undone: {saga:#?}"
+    );
+    let payment = saga.state.step("payment").context("payment")?;
+    ensure!(payment.attempts == 1, "called once: {payment:?}");
+    ensure!(shop.payments(order_id) == [("captured".to_string(), false)]);
+    ensure!(
+        flaky.commits.load(Ordering::SeqCst) == 0,
+        "every failure met"
+    );
+    shop.expect_stock(product, 1).await
 }
 
 async fn a_drive_task_that_panics_is_taken_over(db: Arc<TestDatabase>) -> anyhow::Result<()> {
