@@ -1105,28 +1105,32 @@ async fn hostile_provider_text_still_ends_the_saga(db: Arc<TestDatabase>) -> any
     }
     shop.expect_stock(product, 20).await?;
 
-    // A charge made, answered with a reference that cannot be kept (a tab,
-    // a newline, markup): refused as an answer, so the charge is looked up,
-    // and with the same reference it cannot be refunded by the kernel
-    // either. A person must look: parked, the stock still held.
+    // A charge made, answered with a reference the order will not keep (a
+    // tab, a newline, markup): the order refuses it, and the charge is
+    // refunded with the reference exactly as the provider gave it.
     let odd = shop
         .order(vec![(product, 2)], "tok_odd_reference", "DE")
         .await?;
     let saga = shop.settled_within(odd, Duration::from_secs(10)).await?;
     ensure!(
-        saga.state.status == Some(SagaStatus::Parked)
-            && saga.state.park_cause == Some(ParkCause::OutcomeUnknown),
+        saga.state.status == Some(SagaStatus::Compensated),
         "{saga:#?}"
     );
-    let parked = saga.state.parked.clone().unwrap_or_default();
-    ensure!(clean_line(&parked, MAX_REASON_CHARS), "{parked:?}");
-    ensure!(shop.payments.payments_for(&odd.to_string()).len() == 1);
+    ensure!(
+        shop.payments(odd) == [("refunded".to_string(), true)],
+        "{:?}",
+        shop.payments(odd)
+    );
     let order = shop.order_state(odd).await?;
     ensure!(
-        order.status == Some(OrderStatus::InventoryReserved) && order.payment_reference.is_none(),
+        order.status == Some(OrderStatus::Failed)
+            && order.reason.as_deref() == Some("the payment could not be completed")
+            && order.payment_reference.is_none(),
         "{order:?}"
     );
-    Ok(())
+    let cause = saga.state.compensation.clone().context("compensated")?;
+    ensure!(clean_line(&cause.reason, MAX_REASON_CHARS), "{cause:?}");
+    shop.expect_stock(product, 20).await
 }
 
 async fn a_payment_only_authorized_is_captured_before_the_order_is_confirmed(
@@ -1655,7 +1659,9 @@ async fn a_drive_task_that_panics_is_taken_over(db: Arc<TestDatabase>) -> anyhow
     ensure!(shop.payments(order_id) == [("captured".to_string(), false)]);
     runner.stop().await;
 
-    // Drives that panic every time: parked after a few, not retried in a loop.
+    // Drives that panic every time: parked after three, not retried in a
+    // loop. (Each panic comes before the call, after the step's start is
+    // recorded, so the payment's four attempts outlast the three panics.)
     let runner = Runner::start(
         &shop.sagas,
         &shop.registry,
@@ -1738,6 +1744,50 @@ async fn cancelling_as_the_saga_starts_ends_one_consistent_way(
     const ROUNDS: usize = 20;
     let shop = shop(&db).await?;
     let product = shop.product("2", 100).await?;
+
+    // A cancel that finds no saga starts it with the request in the same
+    // write: no runner can take a step in between.
+    let alone = shop
+        .commerce
+        .place_order(
+            PlaceOrderInput {
+                customer_id: Uuid::now_v7(),
+                lines: vec![(product, 1)],
+                shipping_address: address("DE"),
+                payment_method: "tok_visa".into(),
+                idempotency_key: None,
+            },
+            &context(),
+        )
+        .await?;
+    shop.sagas
+        .cancel_order(alone.id, "changed my mind", &context())
+        .await?;
+    let first_two: Vec<_> = shop
+        .commerce
+        .store()
+        .read_stream(Saga::id_for(ORDER_FULFILMENT, alone.id), Default::default())
+        .await?
+        .into_iter()
+        .take(2)
+        .collect();
+    ensure!(
+        first_two.len() == 2
+            && first_two[0].event_type == "Started"
+            && first_two[1].event_type == "CompensationRequested"
+            && first_two[0].position.transaction_id == first_two[1].position.transaction_id,
+        "one write: {first_two:#?}"
+    );
+    let saga = shop.settled(alone.id).await?;
+    ensure!(
+        saga.state
+            .steps
+            .iter()
+            .all(|s| s.status == StepStatus::Pending)
+            && shop.payments(alone.id).is_empty(),
+        "{saga:#?}"
+    );
+
     let mut orders = Vec::new();
     for _ in 0..ROUNDS {
         // Placed, its saga not started yet: placeOrder starts it as the
@@ -1833,7 +1883,12 @@ async fn cancelling_as_the_saga_starts_ends_one_consistent_way(
         "cancel racing the start: {before_any_step} of {ROUNDS} cancelled before any step, \
          {confirmed} confirmed first"
     );
-    shop.expect_stock(product, 100 - confirmed).await
+    shop.expect_stock(product, 100 - confirmed).await?;
+    ensure!(
+        shop.order_state(alone.id).await?.status == Some(OrderStatus::Cancelled),
+        "cancelled before any step"
+    );
+    Ok(())
 }
 
 async fn a_spinning_pure_step_is_compensated_without_running_it_again(

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use commerce_plugin_host::{self as host, LoadedPlugin, PluginError, PluginRegistry};
+use commerce_plugin_host::{self as host, ErrorKind, LoadedPlugin, PluginError, PluginRegistry};
 use futures_util::FutureExt as _;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
@@ -104,8 +104,13 @@ const DEFERRAL_BACKOFF_CAP: Duration = Duration::from_secs(30);
 /// minutes in which no process that took the saga had the step's plugin.
 /// (Going forward, the saga's deadline ends the waiting instead.)
 const MAX_COMPENSATION_DEFERRALS: u32 = 10;
+/// Most sagas still mid-step a stopping runner names to keep their leases
+/// (the store's limit); with more, it gives none back.
+const MAX_KEPT_ON_STOP: usize = 200;
 /// Panics in a row of a saga's drives on one process after which it is parked.
 const MAX_PANICS: u32 = 3;
+/// Sagas whose panics a process remembers before it starts afresh.
+const MAX_PANIC_RECORDS: usize = 10_000;
 /// How long a process leaves a saga it gave back (for want of a plugin) to
 /// the other processes before it claims it again itself.
 const PASS_OVER: Duration = Duration::from_secs(5);
@@ -397,6 +402,10 @@ impl SagaRunner {
         }
         drives.shutdown().await;
         heartbeat.abort();
+        if mid_step.len() > MAX_KEPT_ON_STOP {
+            // Too many to name: every lease lapses instead.
+            return;
+        }
         match store.release_all(&self.settings.node_id, &mid_step).await {
             Ok(released) if released > 0 => tracing::info!(released, "gave back sagas"),
             Ok(_) => {}
@@ -425,34 +434,42 @@ impl SagaRunner {
         }
     }
 
-    /// A drive task panicked: say which saga, and give it back after a
-    /// back-off (if even that fails, the lease lapses, since the heartbeat
-    /// no longer renews it). A saga whose drives panic [`MAX_PANICS`] times
-    /// in a row on this process is parked: a bug, not a passing fault, and
-    /// retrying it would loop.
+    /// A drive task panicked: say which saga, and leave its lease to lapse
+    /// (the heartbeat no longer renews it), so that no process takes it up
+    /// before a call the drive may have had in flight is past its deadline
+    /// by the database's clock. A saga whose drives panic [`MAX_PANICS`]
+    /// times in a row on this process is parked: a bug, not a passing fault,
+    /// and retrying it would loop.
     async fn after_panic(&self, claim: Claim, message: String) {
         self.metrics.panics.fetch_add(1, Ordering::Relaxed);
         let panics = {
             let mut panics = self.panics.lock().unwrap_or_else(PoisonError::into_inner);
+            if panics.len() > MAX_PANIC_RECORDS {
+                // Sagas that went on elsewhere leave entries behind.
+                panics.clear();
+            }
             let count = panics.entry(claim.saga_id).or_default();
             *count += 1;
             *count
         };
-        tracing::error!(saga_id = %claim.saga_id, panics, panic = %message, "a saga drive task panicked; giving the saga back");
-        if panics >= MAX_PANICS {
-            let reason = summarize(
-                &format!("the runner failed on this saga {panics} times in a row: {message}"),
-                MAX_REASON_CHARS,
-            );
-            self.park(claim, ParkCause::DriveFailed, reason).await;
+        tracing::error!(saga_id = %claim.saga_id, panics, panic = %message, "a saga drive task panicked; its lease will lapse");
+        if panics < MAX_PANICS {
             return;
         }
-        if let Err(error) = self
-            .store()
-            .defer(claim, deferral_backoff(claim.deferrals.max(panics)))
-            .await
-        {
-            tracing::warn!(saga_id = %claim.saga_id, %error, "could not give the saga back; its lease will lapse");
+        let reason = summarize(
+            &format!("the runner failed on this saga {panics} times in a row: {message}"),
+            MAX_REASON_CHARS,
+        );
+        // Parking reads and writes the saga too, which may be what panics.
+        let parked = AssertUnwindSafe(self.park(claim, ParkCause::DriveFailed, reason))
+            .catch_unwind()
+            .await;
+        if parked.is_err() {
+            tracing::error!(saga_id = %claim.saga_id, "parking the saga panicked too; leaving it to other processes for a while");
+            self.passed_over
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(claim.saga_id, Instant::now() + DEFERRAL_BACKOFF_CAP);
         }
     }
 
@@ -792,7 +809,23 @@ impl SagaRunner {
             Err(_) => Err(deadline(timeout)),
         };
         self.settings.hooks.at("after-call", step.name()).await;
-        self.record_outcome(claim, index, attempt, &outcome).await
+        match self.record_outcome(claim, index, attempt, &outcome).await {
+            Err(error) if !matches!(classify(&error), WriteFailure::Refused) => {
+                // Still failing: give the saga back rather than call again
+                // here. Whoever drives it next repeats the call with its key.
+                tracing::warn!(saga_id = %claim.saga_id, %error, "a call's outcome could not be recorded; giving the saga back");
+                let later = Utc::now() + to_chrono(WRITE_BACKOFF_CAP);
+                if let Err(error) = self
+                    .store()
+                    .release(claim, None, Some(later), Utc::now())
+                    .await
+                {
+                    tracing::warn!(saga_id = %claim.saga_id, %error, "could not give the saga back; its lease will lapse");
+                }
+                Ok(Flow::Stop)
+            }
+            recorded => recorded,
+        }
     }
 
     /// Records a call's outcome, retrying the write (never the call) in
@@ -1361,18 +1394,17 @@ impl SagaRunner {
                     return Ok(None);
                 };
                 let plugin_order = plugin_order(saga.order_id, placed);
-                charge(plugin, key, placed, plugin_order)
-                    .await
-                    .map(|payment| Some(payment_output(&payment)))
-                    .map_err(unknown)
+                let probed = charge(plugin, key, placed, plugin_order).await;
+                probe_answer(plugin, step, probed.map(|payment| payment_output(&payment)))
             }
             // Likewise a shipping plugin of 0.1, and a custom step that calls
             // out: the call is repeated with its key.
-            _ => self
-                .invoke_forward(plugin, saga_id, saga, step, order)
-                .await
-                .map(Some)
-                .map_err(unknown),
+            _ => {
+                let probed = self
+                    .invoke_forward(plugin, saga_id, saga, step, order)
+                    .await;
+                probe_answer(plugin, step, probed)
+            }
         }
     }
 
@@ -1412,6 +1444,46 @@ impl SagaRunner {
         self.record(claim, loaded, &[SagaEvent::Compensated], streams)
             .await
     }
+}
+
+/// What repeating a call taught: its output to undo; nothing to undo when
+/// the same plugin version that made every uncertain attempt now refuses
+/// the key for good (the provider answered for the key: a decline); and
+/// otherwise (refused before running, another version, a transient
+/// failure) nothing learned.
+fn probe_answer(
+    plugin: &LoadedPlugin,
+    step: &StepState,
+    probed: Result<Value, StepError>,
+) -> Result<Option<Value>, UndoFailure> {
+    match probed {
+        Ok(output) => Ok(Some(output)),
+        Err(error)
+            if answered_by_plugin(&error)
+                && step.uncertain_only_on(Some(&plugin.manifest().version)) =>
+        {
+            Ok(None)
+        }
+        Err(error) => Err(UndoFailure {
+            error,
+            outcome_unknown: true,
+            not_before: None,
+        }),
+    }
+}
+
+/// Whether a step error is the plugin's own permanent refusal (its
+/// `failure::permanent`), as opposed to the host refusing the call before
+/// it ran.
+fn answered_by_plugin(error: &StepError) -> bool {
+    let refused_by_host = [
+        ErrorKind::NotActive,
+        ErrorKind::WrongKind,
+        ErrorKind::Unsupported,
+    ]
+    .iter()
+    .any(|kind| error.code == kind.as_str());
+    !error.effect_possible && !refused_by_host
 }
 
 /// A lookup found nothing. That means nothing happened only once the last

@@ -22,10 +22,12 @@ const YIELD_FUEL: u64 = 500_000;
 /// JSON a saga step may return, at most.
 const MAX_STEP_OUTPUT_BYTES: usize = 64 * 1024;
 /// A provider reference or tracking number, at most.
-/// The kernel records a reference on the order, which accepts as many.
-const MAX_REFERENCE_CHARS: usize = 200;
+/// A provider reference, at most. (The order keeps references of up to 200
+/// plain characters; a longer or odd one is refused there, and the kernel
+/// undoes the call with the reference exactly as the provider gave it.)
+const MAX_REFERENCE_CHARS: usize = 1024;
 /// A tracking number or a rate's service, at most.
-const MAX_LABEL_CHARS: usize = 256;
+const MAX_LABEL_CHARS: usize = 1024;
 /// A label URL, at most.
 const MAX_URL_CHARS: usize = 2048;
 
@@ -505,18 +507,19 @@ impl LoadedPlugin {
             Answer::Rates(rates) => {
                 for rate in rates {
                     check_amount(&rate.price).map_err(invalid)?;
-                    check_text("a rate's service", &rate.service, MAX_LABEL_CHARS)
+                    check_present("a rate's service", &rate.service, MAX_LABEL_CHARS)
                         .map_err(invalid)?;
                 }
             }
             Answer::Shipment(shipment) | Answer::FoundShipment(Some(shipment)) => {
                 check_reference(&shipment.reference).map_err(invalid)?;
+                // Optional, and often empty while a label is pending.
                 if let Some(tracking) = &shipment.tracking_number {
-                    check_text("the tracking number", tracking, MAX_LABEL_CHARS)
+                    check_storable("the tracking number", tracking, MAX_LABEL_CHARS)
                         .map_err(invalid)?;
                 }
                 if let Some(url) = &shipment.label_url {
-                    check_text("the label URL", url, MAX_URL_CHARS).map_err(invalid)?;
+                    check_storable("the label URL", url, MAX_URL_CHARS).map_err(invalid)?;
                 }
             }
             Answer::Unit | Answer::FoundPayment(None) | Answer::FoundShipment(None) => {}
@@ -563,17 +566,26 @@ fn unreachable_call<T>() -> wasmtime::Result<T> {
 }
 
 /// A provider's identifier of a payment or shipment. It is kept exactly (a
-/// refund names it), so one that could not be kept and shown safely is
-/// refused rather than cleaned.
+/// refund names it), so it is never cleaned: refused only when it cannot be
+/// stored (empty, overlong, a NUL).
 fn check_reference(reference: &str) -> Result<(), String> {
-    check_text("the reference", reference, MAX_REFERENCE_CHARS)
+    check_present("the reference", reference, MAX_REFERENCE_CHARS)
 }
 
-/// Non-empty, at most `max` characters, no control characters.
-fn check_text(what: &str, text: &str, max: usize) -> Result<(), String> {
-    if text.trim().is_empty() || text.chars().count() > max || text.chars().any(char::is_control) {
+/// Non-empty and storable.
+fn check_present(what: &str, text: &str, max: usize) -> Result<(), String> {
+    if text.trim().is_empty() {
+        return Err(format!("{what} is empty"));
+    }
+    check_storable(what, text, max)
+}
+
+/// At most `max` characters and no NUL, which the event store cannot keep.
+/// Other odd characters are the reader's to clean where it shows them.
+fn check_storable(what: &str, text: &str, max: usize) -> Result<(), String> {
+    if text.chars().count() > max || text.contains('\0') {
         return Err(format!(
-            "{what} {} is empty, longer than {max} characters or holds control characters",
+            "{what} {} is longer than {max} characters or holds a NUL",
             preview(text)
         ));
     }

@@ -176,8 +176,8 @@ impl JsonClient {
 }
 
 /// `text` with everything but unreserved characters percent-encoded, for a
-/// query parameter.
-pub fn query_value(text: &str) -> String {
+/// query value or a path segment (a provider's reference may hold anything).
+pub fn percent_encoded(text: &str) -> String {
     let mut encoded = String::with_capacity(text.len());
     for byte in text.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {

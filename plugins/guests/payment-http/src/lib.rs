@@ -12,6 +12,7 @@
 //! | cancel | `POST /payments/{reference}/cancel {}` |
 //! | lookup | `GET /payments?idempotency_key=<key>` |
 //!
+//! `{reference}` is percent-encoded: a provider's id may hold anything.
 //! Each answers `{id, status, amount, currency}`; `lookup` answers
 //! `{data: [...]}` with the payments created with that key, now. An empty
 //! `data` means the provider has none; any other answer (a 404 from a
@@ -20,7 +21,7 @@
 //! plugin, makes retries safe. A declined card is a 402 and a permanent
 //! failure; 5xx and network errors are transient.
 
-use plugin_http::{HttpFailure, JsonClient, query_value};
+use plugin_http::{HttpFailure, JsonClient, percent_encoded};
 use serde::{Deserialize, Serialize};
 
 wit_bindgen::generate!({ path: "../../../wit", world: "payment-plugin" });
@@ -81,7 +82,7 @@ impl Guest for PaymentHttp {
             currency: &amount.currency,
         };
         call(
-            &format!("/payments/{reference}/capture"),
+            &format!("/payments/{}/capture", percent_encoded(&reference)),
             &idempotency_key,
             &body,
         )
@@ -97,7 +98,7 @@ impl Guest for PaymentHttp {
             currency: &amount.currency,
         };
         call(
-            &format!("/payments/{reference}/refund"),
+            &format!("/payments/{}/refund", percent_encoded(&reference)),
             &idempotency_key,
             &body,
         )
@@ -105,7 +106,7 @@ impl Guest for PaymentHttp {
 
     fn cancel(idempotency_key: String, reference: String) -> Result<Payment, Failure> {
         call(
-            &format!("/payments/{reference}/cancel"),
+            &format!("/payments/{}/cancel", percent_encoded(&reference)),
             &idempotency_key,
             &Empty {},
         )
@@ -114,7 +115,7 @@ impl Guest for PaymentHttp {
     fn lookup(idempotency_key: String) -> Result<Option<Payment>, Failure> {
         let path = format!(
             "/payments?idempotency_key={}",
-            query_value(&idempotency_key)
+            percent_encoded(&idempotency_key)
         );
         let mut answer: PaymentList = client()?.get(&path).map_err(|error| {
             log::log(

@@ -19,7 +19,7 @@
 //! permanent failures (an address the carrier refuses); 5xx and network
 //! errors are transient.
 
-use plugin_http::{HttpFailure, JsonClient, query_value};
+use plugin_http::{HttpFailure, JsonClient, percent_encoded};
 use serde::{Deserialize, Serialize};
 
 wit_bindgen::generate!({ path: "../../../wit", world: "shipping-plugin" });
@@ -139,7 +139,7 @@ impl Guest for ShippingHttp {
     fn lookup(idempotency_key: String) -> Result<Option<Shipment>, Failure> {
         let path = format!(
             "/shipments?idempotency_key={}",
-            query_value(&idempotency_key)
+            percent_encoded(&idempotency_key)
         );
         let mut answer: ShipmentList = client()?.get(&path).map_err(failure)?;
         match answer.data.len() {
@@ -155,7 +155,7 @@ impl Guest for ShippingHttp {
     fn cancel_shipment(idempotency_key: String, reference: String) -> Result<(), Failure> {
         let _: CancelAnswer = client()?
             .post(
-                &format!("/shipments/{reference}/cancel"),
+                &format!("/shipments/{}/cancel", percent_encoded(&reference)),
                 Some(&idempotency_key),
                 &Empty {},
             )
