@@ -258,6 +258,50 @@ fn refused_for_good(error: &sqlx::Error) -> bool {
     }
 }
 
+/// The retries in place of a saga write: a version conflict reloads and
+/// decides again, a store failure tries again, each after a growing,
+/// jittered wait and counted; anything else is not retried here.
+struct WriteRetry {
+    conflicts: u32,
+    failures: u32,
+    max_failures: u32,
+}
+
+impl WriteRetry {
+    fn new(max_failures: u32) -> Self {
+        WriteRetry {
+            conflicts: 0,
+            failures: 0,
+            max_failures,
+        }
+    }
+
+    /// Waits before the next try of a write that failed with `error` and
+    /// returns `true`; `false` (at once) when it must not be tried again
+    /// here: refused, or out of tries.
+    async fn wait(&mut self, metrics: &RunnerMetrics, saga_id: Uuid, error: &CommandError) -> bool {
+        match classify(error) {
+            WriteFailure::Conflict if self.conflicts < MAX_CONFLICTS => {
+                // A request, or another order's stock write, got there
+                // first: reload and decide again.
+                self.conflicts += 1;
+                metrics.conflict_retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(conflict_backoff(self.conflicts)).await;
+                true
+            }
+            WriteFailure::Transient if self.failures < self.max_failures => {
+                self.failures += 1;
+                metrics.write_retries.fetch_add(1, Ordering::Relaxed);
+                let wait = write_backoff(self.failures);
+                tracing::warn!(%saga_id, failures = self.failures, wait_ms = wait.as_millis() as u64, %error, "saga write failed; retrying");
+                tokio::time::sleep(wait).await;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 pub struct SagaRunner {
     sagas: Sagas,
     registry: Arc<PluginRegistry>,
@@ -508,8 +552,7 @@ impl SagaRunner {
 
     /// Drives one claimed saga until it waits, ends, or the claim is lost.
     async fn drive(&self, claim: Claim) {
-        let mut conflicts = 0;
-        let mut failures = 0;
+        let mut retry = WriteRetry::new(MAX_WRITE_RETRIES);
         loop {
             if self.stopping.load(Ordering::SeqCst) {
                 if let Err(error) = self
@@ -523,49 +566,31 @@ impl SagaRunner {
             }
             let error = match self.step(claim).await {
                 Ok(Flow::Continue) => {
-                    conflicts = 0;
-                    failures = 0;
+                    retry = WriteRetry::new(MAX_WRITE_RETRIES);
                     continue;
                 }
                 Ok(Flow::Stop) => return,
                 Err(error) => error,
             };
-            match classify(&error) {
-                WriteFailure::Conflict if conflicts < MAX_CONFLICTS => {
-                    // A request, or another order's stock write, got there
-                    // first: reload and decide again.
-                    conflicts += 1;
-                    self.metrics
-                        .conflict_retries
-                        .fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(conflict_backoff(conflicts)).await;
-                }
-                WriteFailure::Transient if failures < MAX_WRITE_RETRIES => {
-                    failures += 1;
-                    self.metrics.write_retries.fetch_add(1, Ordering::Relaxed);
-                    let wait = write_backoff(failures);
-                    tracing::warn!(saga_id = %claim.saga_id, failures, wait_ms = wait.as_millis() as u64, %error, "saga write failed; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                WriteFailure::Conflict | WriteFailure::Transient => {
-                    self.metrics.write_retries.fetch_add(1, Ordering::Relaxed);
-                    let wait = write_backoff(failures + 1);
-                    tracing::warn!(saga_id = %claim.saga_id, wait_ms = wait.as_millis() as u64, %error, "saga step could not be recorded; giving the saga back for later");
-                    let later = Utc::now() + to_chrono(wait);
-                    if let Err(error) = self
-                        .store()
-                        .release(claim, None, Some(later), Utc::now())
-                        .await
-                    {
-                        tracing::warn!(saga_id = %claim.saga_id, %error, "could not give the saga back; its lease will lapse");
-                    }
-                    return;
-                }
-                WriteFailure::Refused => {
-                    self.park_refused(claim, &error).await;
-                    return;
-                }
+            if retry.wait(&self.metrics, claim.saga_id, &error).await {
+                continue;
             }
+            if let WriteFailure::Refused = classify(&error) {
+                self.park_refused(claim, &error).await;
+                return;
+            }
+            self.metrics.write_retries.fetch_add(1, Ordering::Relaxed);
+            let wait = write_backoff(MAX_WRITE_RETRIES + 1);
+            tracing::warn!(saga_id = %claim.saga_id, wait_ms = wait.as_millis() as u64, %error, "saga step could not be recorded; giving the saga back for later");
+            let later = Utc::now() + to_chrono(wait);
+            if let Err(error) = self
+                .store()
+                .release(claim, None, Some(later), Utc::now())
+                .await
+            {
+                tracing::warn!(saga_id = %claim.saga_id, %error, "could not give the saga back; its lease will lapse");
+            }
+            return;
         }
     }
 
@@ -840,8 +865,7 @@ impl SagaRunner {
         attempt: u32,
         outcome: &Attempt,
     ) -> Result<Flow, CommandError> {
-        let mut failures = 0;
-        let mut conflicts = 0;
+        let mut retry = WriteRetry::new(MAX_OUTCOME_WRITE_RETRIES);
         loop {
             let error = match self
                 .try_record_outcome(claim, index, attempt, outcome)
@@ -850,22 +874,8 @@ impl SagaRunner {
                 Ok(flow) => return Ok(flow),
                 Err(error) => error,
             };
-            match classify(&error) {
-                WriteFailure::Conflict if conflicts < MAX_CONFLICTS => {
-                    conflicts += 1;
-                    self.metrics
-                        .conflict_retries
-                        .fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(conflict_backoff(conflicts)).await;
-                }
-                WriteFailure::Transient if failures < MAX_OUTCOME_WRITE_RETRIES => {
-                    failures += 1;
-                    self.metrics.write_retries.fetch_add(1, Ordering::Relaxed);
-                    let wait = write_backoff(failures);
-                    tracing::warn!(saga_id = %claim.saga_id, failures, wait_ms = wait.as_millis() as u64, %error, "a call's outcome could not be recorded; retrying");
-                    tokio::time::sleep(wait).await;
-                }
-                _ => return Err(error),
+            if !retry.wait(&self.metrics, claim.saga_id, &error).await {
+                return Err(error);
             }
         }
     }

@@ -367,13 +367,7 @@ impl ViewStore for PostgresViewStore {
         .fetch_optional(&self.pool)
         .await?;
         row.map(|(on_hand, reserved, version, updated_at)| {
-            Ok(InventoryView {
-                product_id,
-                on_hand: count(on_hand, "on hand")?,
-                reserved: count(reserved, "reserved")?,
-                version: count(version.into(), "version")?,
-                updated_at,
-            })
+            inventory_view((product_id, on_hand, reserved, version, updated_at))
         })
         .transpose()
     }
@@ -387,17 +381,7 @@ impl ViewStore for PostgresViewStore {
         .bind(product_ids)
         .fetch_all(&self.pool)
         .await?;
-        rows.into_iter()
-            .map(|(product_id, on_hand, reserved, version, updated_at)| {
-                Ok(InventoryView {
-                    product_id,
-                    on_hand: count(on_hand, "on hand")?,
-                    reserved: count(reserved, "reserved")?,
-                    version: count(version.into(), "version")?,
-                    updated_at,
-                })
-            })
-            .collect()
+        rows.into_iter().map(inventory_view).collect()
     }
 
     async fn reservation(
@@ -478,4 +462,17 @@ impl ViewStore for PostgresViewStore {
         .await?;
         Ok(count.max(0) as u64)
     }
+}
+
+/// An `inventory_views` row: product id, on hand, reserved, version, updated at.
+fn inventory_view(
+    (product_id, on_hand, reserved, version, updated_at): (Uuid, i64, i64, i32, DateTime<Utc>),
+) -> Result<InventoryView, StoreError> {
+    Ok(InventoryView {
+        product_id,
+        on_hand: count(on_hand, "on hand")?,
+        reserved: count(reserved, "reserved")?,
+        version: count(version.into(), "version")?,
+        updated_at,
+    })
 }

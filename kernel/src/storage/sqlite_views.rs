@@ -354,13 +354,7 @@ impl ViewStore for SqliteViewStore {
         .fetch_optional(self.database.reader())
         .await?;
         row.map(|(on_hand, reserved, version, updated_at)| {
-            Ok(InventoryView {
-                product_id,
-                on_hand: count(on_hand, "on hand")?,
-                reserved: count(reserved, "reserved")?,
-                version: count(version.into(), "version")?,
-                updated_at: time(updated_at)?,
-            })
+            inventory_view((product_id, on_hand, reserved, version, updated_at))
         })
         .transpose()
     }
@@ -383,17 +377,7 @@ impl ViewStore for SqliteViewStore {
             .build_query_as()
             .fetch_all(self.database.reader())
             .await?;
-        rows.into_iter()
-            .map(|(product_id, on_hand, reserved, version, updated_at)| {
-                Ok(InventoryView {
-                    product_id,
-                    on_hand: count(on_hand, "on hand")?,
-                    reserved: count(reserved, "reserved")?,
-                    version: count(version.into(), "version")?,
-                    updated_at: time(updated_at)?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(inventory_view).collect()
     }
 
     async fn reservation(
@@ -474,4 +458,17 @@ impl ViewStore for SqliteViewStore {
         .await?;
         Ok(count.max(0) as u64)
     }
+}
+
+/// An `inventory_views` row: product id, on hand, reserved, version, updated at.
+fn inventory_view(
+    (product_id, on_hand, reserved, version, updated_at): (Uuid, i64, i64, i32, i64),
+) -> Result<InventoryView, StoreError> {
+    Ok(InventoryView {
+        product_id,
+        on_hand: count(on_hand, "on hand")?,
+        reserved: count(reserved, "reserved")?,
+        version: count(version.into(), "version")?,
+        updated_at: time(updated_at)?,
+    })
 }
