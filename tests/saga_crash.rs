@@ -44,6 +44,7 @@ fn main() {
             a_kernel_killed_at_each_step_boundary_finishes_every_saga_after_restart,
             two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies,
             spinning_plugins_do_not_hold_up_other_requests,
+            a_charge_unrecorded_at_a_kill_is_refunded_not_forgotten,
         ],
         &["two_kernels_share_the_sagas_and_one_takes_over_when_the_other_dies"],
     );
@@ -82,6 +83,15 @@ impl Cluster {
 
     /// Starts a kernel; `pause_at` stops its saga runner at that point.
     async fn start(&self, pause_at: Option<&str>) -> anyhow::Result<Kernel> {
+        self.start_with_plugins(pause_at, self.plugins.path()).await
+    }
+
+    /// A kernel with a plugin directory of its own (`plugins`).
+    async fn start_with_plugins(
+        &self,
+        pause_at: Option<&str>,
+        plugins: &std::path::Path,
+    ) -> anyhow::Result<Kernel> {
         let mut command = Command::new(BINARY);
         command
             .env_clear()
@@ -89,7 +99,7 @@ impl Cluster {
             .env("COMMERCE_DATABASE_URL", &self.database_url)
             .env("COMMERCE_JWT_SECRET", TEST_JWT_SECRET)
             .env("COMMERCE_DATA_DIR", self.data.path())
-            .env("COMMERCE_PLUGINS_DIR", self.plugins.path())
+            .env("COMMERCE_PLUGINS_DIR", plugins)
             .env("COMMERCE_LISTEN_ADDR", "127.0.0.1:0")
             .env("COMMERCE_SAGA_LEASE_MS", "1000")
             .env("COMMERCE_SAGA_POLL_MS", "50")
@@ -627,4 +637,72 @@ async fn spinning_plugins_do_not_hold_up_other_requests(
         "one execute and one compensate each: {calls:?}"
     );
     kernel.kill()
+}
+
+async fn a_charge_unrecorded_at_a_kill_is_refunded_not_forgotten(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let cluster = Cluster::new(&db)?;
+    let first = cluster.start(None).await?;
+    let shop = shop::open(&first, 3).await?;
+    first.kill()?;
+
+    // Killed right after the provider charged, before the outcome was
+    // recorded.
+    let mut doomed = cluster.start(Some("after-call:payment")).await?;
+    let order_id = place_order(&doomed, &shop, "tok_visa", "DE").await?;
+    doomed
+        .wait_for_line("saga paused at after-call:payment", SETTLE)
+        .await?;
+    doomed.kill()?;
+    ensure!(payments(&shop, order_id) == [("captured".to_string(), false)]);
+
+    // A kernel whose plugin directory lacks the plugins (so none is active
+    // on it) takes the saga once the lease lapses, and the order is cancelled.
+    let empty = tempfile::tempdir()?;
+    let without = cluster.start_with_plugins(None, empty.path()).await?;
+    without
+        .graphql(
+            "mutation ($id: UUID!) { cancelOrder(id: $id, reason: \"changed my mind\") { errors { code } } }",
+            json!({ "id": order_id }),
+        )
+        .await?;
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let order = without.graphql(ORDER, json!({ "id": order_id })).await?;
+        let saga = &order["data"]["order"]["saga"];
+        // It must not conclude anything it does not know.
+        ensure!(
+            saga["status"] != "COMPENSATED",
+            "compensated without knowing: {order}"
+        );
+        if saga["status"] == "COMPENSATING" {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{order}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let order = without.graphql(ORDER, json!({ "id": order_id })).await?;
+    ensure!(
+        order["data"]["order"]["saga"]["status"] == "COMPENSATING",
+        "still waiting for a process with the plugin: {order}"
+    );
+    ensure!(payments(&shop, order_id) == [("captured".to_string(), false)]);
+    without.kill()?;
+
+    // A kernel with the plugins finds the charge and refunds it.
+    let with = cluster.start(None).await?;
+    let order = settled(&with, order_id).await?;
+    ensure!(
+        order["status"] == "CANCELLED" && order["saga"]["status"] == "COMPENSATED",
+        "{order}"
+    );
+    ensure!(
+        payments(&shop, order_id) == [("refunded".to_string(), true)],
+        "{:?}",
+        payments(&shop, order_id)
+    );
+    check_stock(&db, &shop, 3, 0).await?;
+    with.kill()
 }
