@@ -661,13 +661,12 @@ pub struct StepState {
     /// Whether the forward action (any attempt) may have had an effect that
     /// is not undone.
     pub effect_possible: bool,
-    /// The plugin versions of the attempts that may have had their effect
-    /// (an attempt whose outcome was never recorded, or that failed with its
-    /// effect possible), `""` for one not on record. What they may have done
-    /// stays to be found out whatever later attempts answer: a refusal by
-    /// another version (misconfigured, say) says nothing about an earlier
-    /// call; only the same version answering for the same key does.
-    pub uncertain_versions: Vec<String>,
+    /// Whether an attempt before the last may have had its effect (its
+    /// outcome was never recorded, or it failed with the effect possible).
+    /// That stays to be found out whatever later attempts answer: a refusal
+    /// (another version's, a rotated key's 401, even a decline) says
+    /// nothing certain about an earlier call; only `lookup` does.
+    pub earlier_effect_possible: bool,
     /// When the last forward attempt started.
     pub last_started_at: Option<DateTime<Utc>>,
     /// The plugin version of the last forward attempt.
@@ -696,24 +695,6 @@ impl StepState {
     /// the provider what the call did (its `lookup`).
     pub fn outcome_unknown(&self) -> bool {
         self.output.is_none()
-    }
-
-    fn note_uncertain(&mut self, version: String) {
-        if !self.uncertain_versions.contains(&version) {
-            self.uncertain_versions.push(version);
-        }
-    }
-
-    /// Whether every attempt that may have had its effect ran on `version`
-    /// (so that version's answer for the step's key speaks for all of them).
-    pub fn uncertain_only_on(&self, version: Option<&str>) -> bool {
-        match version {
-            Some(version) if !version.is_empty() => {
-                !self.uncertain_versions.is_empty()
-                    && self.uncertain_versions.iter().all(|v| v == version)
-            }
-            _ => false,
-        }
     }
 
     /// Whether an unknown outcome can be nothing to learn: the attempt ran
@@ -795,7 +776,7 @@ impl Aggregate for Saga {
                         error: None,
                         output: None,
                         effect_possible: false,
-                        uncertain_versions: Vec::new(),
+                        earlier_effect_possible: false,
                         last_started_at: None,
                         plugin_version: None,
                         reaches_outside: false,
@@ -814,11 +795,7 @@ impl Aggregate for Saga {
                 if let Some(state) = self.step_mut(step) {
                     match phase {
                         Phase::Forward => {
-                            if state.status == StepStatus::Running {
-                                // The previous attempt's outcome was never recorded.
-                                let version = state.plugin_version.clone().unwrap_or_default();
-                                state.note_uncertain(version);
-                            }
+                            state.earlier_effect_possible |= state.effect_possible;
                             state.status = StepStatus::Running;
                             state.attempts = *attempt;
                             state.effect_possible = true;
@@ -852,15 +829,8 @@ impl Aggregate for Saga {
                     state.error = Some(error.clone());
                     if *phase == Phase::Forward {
                         state.status = StepStatus::Failed;
-                        if error.effect_possible {
-                            let version = state.plugin_version.clone().unwrap_or_default();
-                            state.note_uncertain(version);
-                        } else if state.uncertain_only_on(state.plugin_version.as_deref()) {
-                            // The same version answered for the same key with
-                            // a refusal: the provider speaks for the key.
-                            state.uncertain_versions.clear();
-                        }
-                        state.effect_possible = !state.uncertain_versions.is_empty();
+                        state.effect_possible =
+                            state.earlier_effect_possible || error.effect_possible;
                     }
                 }
             }
@@ -868,7 +838,7 @@ impl Aggregate for Saga {
                 if let Some(state) = self.step_mut(step) {
                     state.status = StepStatus::Compensated;
                     state.effect_possible = false;
-                    state.uncertain_versions.clear();
+                    state.earlier_effect_possible = false;
                     state.error = None;
                 }
             }
@@ -1802,7 +1772,7 @@ mod tests {
     }
 
     #[test]
-    fn the_same_version_refusing_the_key_settles_an_earlier_uncertain_attempt() {
+    fn no_later_refusal_settles_an_attempt_that_may_have_charged() {
         let start = |attempt: u32, version: &str| SagaEvent::StepStarted {
             step: "payment".into(),
             phase: Phase::Forward,
@@ -1811,11 +1781,11 @@ mod tests {
             plugin_version: Some(version.into()),
             reaches_outside: true,
         };
-        let declined = |attempt: u32| SagaEvent::StepFailed {
+        let refused = |attempt: u32, code: &str| SagaEvent::StepFailed {
             step: "payment".into(),
             phase: Phase::Forward,
             attempt,
-            error: StepError::new("card_declined", "declined", false, false),
+            error: StepError::new(code, "refused", false, false),
             retry_at: None,
         };
         let timed_out = SagaEvent::StepFailed {
@@ -1836,36 +1806,45 @@ mod tests {
             );
             saga
         };
-        // Same version, same key: the provider speaks for the key.
-        let mut same = base();
-        apply(
-            &mut same,
-            &[
-                start(1, "1.0.0"),
-                timed_out.clone(),
-                start(2, "1.0.0"),
-                declined(2),
-            ],
-        );
-        let payment = same.step("payment").expect("payment");
-        assert!(!payment.effect_possible && payment.uncertain_versions.is_empty());
-        // Another version's refusal says nothing about the first call.
-        let mut other = base();
-        apply(
-            &mut other,
-            &[start(1, "1.0.0"), timed_out, start(2, "2.0.0"), declined(2)],
-        );
-        let payment = other.step("payment").expect("payment");
-        assert!(payment.effect_possible);
-        assert_eq!(payment.uncertain_versions, ["1.0.0"]);
-        assert!(!payment.uncertain_only_on(Some("2.0.0")));
-        // An attempt left running by a dead process counts as uncertain.
+        // Even the same version declining the same key (a 401 from a
+        // rotated key reads the same): the first call is still to look up.
+        for (second_version, code) in [
+            ("1.0.0", "card_declined"),
+            ("1.0.0", "http_401"),
+            ("2.0.0", "invalid_config"),
+        ] {
+            let mut saga = base();
+            apply(
+                &mut saga,
+                &[
+                    start(1, "1.0.0"),
+                    timed_out.clone(),
+                    start(2, second_version),
+                    refused(2, code),
+                ],
+            );
+            assert!(
+                saga.step("payment").is_some_and(|s| s.effect_possible),
+                "{code}"
+            );
+        }
+        // An attempt left running by a dead process counts too.
         let mut died = base();
         apply(
             &mut died,
-            &[start(1, "1.0.0"), start(2, "2.0.0"), declined(2)],
+            &[
+                start(1, "1.0.0"),
+                start(2, "1.0.0"),
+                refused(2, "card_declined"),
+            ],
         );
-        let payment = died.step("payment").expect("payment");
-        assert_eq!(payment.uncertain_versions, ["1.0.0"]);
+        assert!(died.step("payment").is_some_and(|s| s.effect_possible));
+        // A first attempt refused outright has nothing to undo.
+        let mut declined = base();
+        apply(
+            &mut declined,
+            &[start(1, "1.0.0"), refused(1, "card_declined")],
+        );
+        assert!(declined.step("payment").is_some_and(|s| !s.effect_possible));
     }
 }

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use commerce_plugin_host::{self as host, ErrorKind, LoadedPlugin, PluginError, PluginRegistry};
+use commerce_plugin_host::{self as host, LoadedPlugin, PluginError, PluginRegistry};
 use futures_util::FutureExt as _;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
@@ -1404,17 +1404,18 @@ impl SagaRunner {
                     return Ok(None);
                 };
                 let plugin_order = plugin_order(saga.order_id, placed);
-                let probed = charge(plugin, key, placed, plugin_order).await;
-                probe_answer(plugin, step, probed.map(|payment| payment_output(&payment)))
+                charge(plugin, key, placed, plugin_order)
+                    .await
+                    .map(|payment| Some(payment_output(&payment)))
+                    .map_err(unknown)
             }
             // Likewise a shipping plugin of 0.1, and a custom step that calls
             // out: the call is repeated with its key.
-            _ => {
-                let probed = self
-                    .invoke_forward(plugin, saga_id, saga, step, order)
-                    .await;
-                probe_answer(plugin, step, probed)
-            }
+            _ => self
+                .invoke_forward(plugin, saga_id, saga, step, order)
+                .await
+                .map(Some)
+                .map_err(unknown),
         }
     }
 
@@ -1454,46 +1455,6 @@ impl SagaRunner {
         self.record(claim, loaded, &[SagaEvent::Compensated], streams)
             .await
     }
-}
-
-/// What repeating a call taught: its output to undo; nothing to undo when
-/// the same plugin version that made every uncertain attempt now refuses
-/// the key for good (the provider answered for the key: a decline); and
-/// otherwise (refused before running, another version, a transient
-/// failure) nothing learned.
-fn probe_answer(
-    plugin: &LoadedPlugin,
-    step: &StepState,
-    probed: Result<Value, StepError>,
-) -> Result<Option<Value>, UndoFailure> {
-    match probed {
-        Ok(output) => Ok(Some(output)),
-        Err(error)
-            if answered_by_plugin(&error)
-                && step.uncertain_only_on(Some(&plugin.manifest().version)) =>
-        {
-            Ok(None)
-        }
-        Err(error) => Err(UndoFailure {
-            error,
-            outcome_unknown: true,
-            not_before: None,
-        }),
-    }
-}
-
-/// Whether a step error is the plugin's own permanent refusal (its
-/// `failure::permanent`), as opposed to the host refusing the call before
-/// it ran.
-fn answered_by_plugin(error: &StepError) -> bool {
-    let refused_by_host = [
-        ErrorKind::NotActive,
-        ErrorKind::WrongKind,
-        ErrorKind::Unsupported,
-    ]
-    .iter()
-    .any(|kind| error.code == kind.as_str());
-    !error.effect_possible && !refused_by_host
 }
 
 /// A lookup found nothing. That means nothing happened only once the last
