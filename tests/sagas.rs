@@ -1307,7 +1307,12 @@ async fn an_unrecorded_charge_is_looked_up_and_refunded_never_forgotten(
         shop.payments(order_id)
     );
     ensure!(shop.order_state(order_id).await?.status == Some(OrderStatus::Cancelled));
-    ensure!(shop.payments.lookups() >= 1, "asked, not repeated");
+    let key = Saga::step_key(Saga::id_for(ORDER_FULFILMENT, order_id), "payment");
+    ensure!(
+        shop.payments.lookups() >= 1 && shop.payments.requests_with_key(&key) == 1,
+        "asked, not repeated: {} charge requests",
+        shop.payments.requests_with_key(&key)
+    );
     shop.expect_stock(product, 2).await?;
     with.stop().await;
     Ok(())
@@ -1629,7 +1634,13 @@ async fn a_call_that_succeeded_is_recorded_when_the_store_falters(
         "the charge is recorded, not undone: {saga:#?}"
     );
     let payment = saga.state.step("payment").context("payment")?;
-    ensure!(payment.attempts == 1, "called once: {payment:?}");
+    ensure!(payment.attempts == 1, "one attempt: {payment:?}");
+    let key = Saga::step_key(Saga::id_for(ORDER_FULFILMENT, order_id), "payment");
+    ensure!(
+        shop.payments.requests_with_key(&key) == 1,
+        "the provider was called once, the write retried: {}",
+        shop.payments.requests_with_key(&key)
+    );
     ensure!(shop.payments(order_id) == [("captured".to_string(), false)]);
     ensure!(
         flaky.commits.load(Ordering::SeqCst) == 0,

@@ -668,7 +668,7 @@ fn runner_metrics(runner: &RunnerMetrics) -> String {
         &runner.leases_lost,
     ) + &counter(
         "commerce_saga_drive_panics_total",
-        "Saga drive tasks that panicked (the saga was given back).",
+        "Saga drive tasks that panicked (the saga's lease was left to lapse).",
         &runner.panics,
     );
     text.push_str(

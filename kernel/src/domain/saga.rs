@@ -21,9 +21,8 @@
 //!
 //! A step that was started but whose outcome was not recorded (the process
 //! died during the call, or the call timed out) may have had its effect. Its
-//! compensation therefore first repeats the call with the same idempotency
-//! key, which makes the provider answer with what the first call did, and
-//! then undoes that.
+//! compensation first finds out what the call did (the runner asks the
+//! provider's `lookup`; see `sagas::runner`), then undoes exactly that.
 
 use std::fmt;
 use std::time::Duration;
@@ -1105,7 +1104,7 @@ impl Saga {
         reason: &str,
         cancel: bool,
     ) -> Result<Vec<SagaEvent>, DomainError> {
-        let reason = clean_text("reason", reason, 500)?;
+        let reason = clean_text("reason", reason, MAX_REASON_CHARS)?;
         let going_forward = match self.require_active(saga_id)? {
             SagaStatus::Running => true,
             // Parked going forward: recorded now, acted on once retried.

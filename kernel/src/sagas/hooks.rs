@@ -38,9 +38,6 @@ enum Action {
 }
 
 impl FaultHooks {
-    /// Whether this build has fault hooks at all.
-    pub const AVAILABLE: bool = cfg!(feature = "test-hooks");
-
     /// The hooks `COMMERCE_TEST_PAUSE_AT` asks for (`None`: unset). A build
     /// without the `test-hooks` feature refuses any.
     pub fn from_setting(spec: Option<&str>) -> Result<FaultHooks, String> {
@@ -80,17 +77,6 @@ impl FaultHooks {
         Ok(FaultHooks {
             points: Arc::new(points),
         })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        #[cfg(feature = "test-hooks")]
-        {
-            self.points.is_empty()
-        }
-        #[cfg(not(feature = "test-hooks"))]
-        {
-            true
-        }
     }
 
     /// The runner reached `<when>:<step>`.

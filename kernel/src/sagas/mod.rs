@@ -46,8 +46,6 @@ pub struct SagaInstance {
     pub lease_owner: Option<String>,
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub fencing_token: i64,
-    /// Give-backs without progress in a row; see [`Claim::deferrals`].
-    pub deferrals: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

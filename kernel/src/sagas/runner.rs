@@ -55,7 +55,7 @@ use crate::domain::money::{Currency, Money};
 use crate::domain::order::{Order, PlacedOrder};
 use crate::domain::saga::{
     CompensationCause, MAX_REASON_CHARS, Next, ParkCause, Phase, Saga, SagaEvent, StepAction,
-    StepError, StepState, StepStatus,
+    StepError, StepRetry, StepState, StepStatus,
 };
 use crate::domain::{DomainError, summarize};
 use crate::event_store::StoreError;
@@ -92,7 +92,7 @@ const CONFLICT_BACKOFF_CAP: Duration = Duration::from_millis(100);
 /// saga back for later.
 const MAX_WRITE_RETRIES: u32 = 5;
 /// Store failures in a row for which the outcome of a call is written
-/// again in place (about 40 s in all) before the saga is given back.
+/// again in place (up to about 40 s in all) before the saga is given back.
 const MAX_OUTCOME_WRITE_RETRIES: u32 = 12;
 /// The wait after a failed saga write, doubled per failure in a row.
 const WRITE_BACKOFF: Duration = Duration::from_millis(100);
@@ -150,7 +150,7 @@ pub struct RunnerMetrics {
     pub deferrals: AtomicU64,
     /// Drives stopped because another process holds the saga now.
     pub leases_lost: AtomicU64,
-    /// Drive tasks that panicked (the saga was given back).
+    /// Drive tasks that panicked (their saga's lease was left to lapse).
     pub panics: AtomicU64,
     /// Sagas this process parked, by [`ParkCause::ALL`] index.
     parked: [AtomicU64; ParkCause::ALL.len()],
@@ -834,7 +834,10 @@ impl SagaRunner {
             Err(_) => Err(deadline(timeout)),
         };
         self.settings.hooks.at("after-call", step.name()).await;
-        match self.record_outcome(claim, index, attempt, &outcome).await {
+        match self
+            .record_outcome(claim, index, attempt, &outcome, (loaded, order))
+            .await
+        {
             Err(error) if !matches!(classify(&error), WriteFailure::Refused) => {
                 // Still failing: give the saga back rather than call again
                 // here. Whoever drives it next repeats the call with its key.
@@ -858,17 +861,20 @@ impl SagaRunner {
     /// lost to a failing store while this process holds the saga. A
     /// conflict (a request arrived meanwhile) reloads the saga and records
     /// the outcome on top, as long as this attempt is still the open one.
+    /// The first try uses the saga and the order as the call started.
     async fn record_outcome(
         &self,
         claim: Claim,
         index: usize,
         attempt: u32,
         outcome: &Attempt,
+        as_called: (Loaded<Saga>, Loaded<Order>),
     ) -> Result<Flow, CommandError> {
         let mut retry = WriteRetry::new(MAX_OUTCOME_WRITE_RETRIES);
+        let mut as_called = Some(as_called);
         loop {
             let error = match self
-                .try_record_outcome(claim, index, attempt, outcome)
+                .try_record_outcome(claim, index, attempt, outcome, as_called.take())
                 .await
             {
                 Ok(flow) => return Ok(flow),
@@ -886,8 +892,16 @@ impl SagaRunner {
         index: usize,
         attempt: u32,
         outcome: &Attempt,
+        as_called: Option<(Loaded<Saga>, Loaded<Order>)>,
     ) -> Result<Flow, CommandError> {
-        let loaded = self.sagas.load(claim.saga_id).await?;
+        let (loaded, order) = match as_called {
+            Some(both) => both,
+            None => {
+                let loaded = self.sagas.load(claim.saga_id).await?;
+                let order = self.load_order(loaded.state.order_id).await?;
+                (loaded, order)
+            }
+        };
         let Some(step) = loaded.state.steps.get(index).cloned() else {
             return Err(
                 StoreError::Corrupt(format!("saga {} lost step {index}", claim.saga_id)).into(),
@@ -898,7 +912,6 @@ impl SagaRunner {
             return Ok(Flow::Continue);
         }
         let order_id = loaded.state.order_id;
-        let order = self.load_order(order_id).await?;
         let (events, streams) = match outcome {
             Ok(output) => match self.order_effect(order_id, &order, &step, output).await {
                 Ok(streams) => (
@@ -1523,14 +1536,16 @@ fn to_chrono(wait: Duration) -> chrono::Duration {
     chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(60))
 }
 
-/// `base` doubled `exponent` times, capped, with equal jitter.
+/// `base` doubled `exponent` times, capped, with equal jitter: the
+/// back-off of a step's retries ([`StepRetry::backoff`]).
 fn jittered_backoff(base: Duration, exponent: u32, cap: Duration) -> Duration {
-    let ceiling = base
-        .saturating_mul(1u32 << exponent.min(16))
-        .min(cap)
-        .as_millis() as u64;
-    let half = ceiling / 2;
-    Duration::from_millis(half + random() % (ceiling - half + 1))
+    let policy = StepRetry {
+        max_attempts: 1,
+        initial_backoff_ms: base.as_millis() as u64,
+        max_backoff_ms: cap.as_millis() as u64,
+        timeout_ms: 1,
+    };
+    policy.backoff(exponent.saturating_add(1), random())
 }
 
 /// The wait after the `conflicts`-th version conflict in a row.

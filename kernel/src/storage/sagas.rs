@@ -31,7 +31,7 @@ use crate::sagas::{
 };
 
 const COLUMNS: &str = "saga_id, saga_type, correlation_id, status, current_step, version, \
-     next_run_at, lease_owner, lease_expires_at, fencing_token, deferrals, created_at, updated_at";
+     next_run_at, lease_owner, lease_expires_at, fencing_token, created_at, updated_at";
 
 type Row = (
     Uuid,
@@ -44,7 +44,6 @@ type Row = (
     Option<String>,
     Option<i64>,
     i64,
-    i32,
     i64,
     i64,
 );
@@ -130,6 +129,14 @@ const ORPHANS: &str = "SELECT o.order_id FROM order_views o \
      (SELECT 1 FROM saga_instances s WHERE s.correlation_id = o.order_id) \
      ORDER BY o.created_at LIMIT $2";
 
+/// `$first, $first+1, …`: `count` numbered parameters after the fixed ones.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `at` as microseconds after `now`, the writer's clock (negative when past).
 fn offset(at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<i64> {
     at.map(|at| (at - now).num_microseconds().unwrap_or(i64::MAX))
@@ -164,7 +171,6 @@ fn instance(row: Row) -> Result<SagaInstance, StoreError> {
         lease_owner,
         lease_expires_at,
         fencing_token,
-        deferrals,
         created_at,
         updated_at,
     ) = row;
@@ -180,7 +186,6 @@ fn instance(row: Row) -> Result<SagaInstance, StoreError> {
         lease_owner,
         lease_expires_at: lease_expires_at.map(time).transpose()?,
         fencing_token,
-        deferrals: u32::try_from(deferrals).unwrap_or(0),
         created_at: time(created_at)?,
         updated_at: time(updated_at)?,
     })
@@ -308,9 +313,7 @@ macro_rules! saga_store {
                 let passed_over = if skip.is_empty() {
                     String::new()
                 } else {
-                    let placeholders: Vec<String> =
-                        (0..skip.len()).map(|i| format!("${}", i + 4)).collect();
-                    format!("AND saga_id NOT IN ({}) ", placeholders.join(", "))
+                    format!("AND saga_id NOT IN ({}) ", placeholders(4, skip.len()))
                 };
                 let sql = self.statements.claim.replace("{SKIP}", &passed_over);
                 let $db = &self.database;
@@ -345,9 +348,11 @@ macro_rules! saga_store {
                     let $db = &self.database;
                     let mut $tx = $begin;
                     // The owner and the lease are $1 and $2; the ids follow.
-                    let placeholders: Vec<String> =
-                        (0..chunk.len()).map(|i| format!("${}", i + 3)).collect();
-                    let sql = format!("{}({})", self.statements.heartbeat, placeholders.join(", "));
+                    let sql = format!(
+                        "{}({})",
+                        self.statements.heartbeat,
+                        placeholders(3, chunk.len())
+                    );
                     let mut statement = sqlx::query(&sql).bind(owner).bind(duration_micros(lease));
                     for saga_id in chunk {
                         statement = statement.bind(*saga_id);
@@ -446,11 +451,9 @@ macro_rules! saga_store {
                 let keep = &keep[..keep.len().min(MAX_SKIPPED)];
                 let mut sql = RELEASE_ALL.to_string();
                 if !keep.is_empty() {
-                    let placeholders: Vec<String> =
-                        (0..keep.len()).map(|i| format!("${}", i + 2)).collect();
                     sql.push_str(&format!(
                         " AND saga_id NOT IN ({})",
-                        placeholders.join(", ")
+                        placeholders(2, keep.len())
                     ));
                 }
                 let $db = &self.database;
