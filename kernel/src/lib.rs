@@ -10,6 +10,7 @@
 //! - [`sagas`]: saga instances (work queue, leases) and the runner driving them.
 //! - [`api`]: the GraphQL schema.
 //! - [`server`]: HTTP routes, health, graceful shutdown.
+//! - [`loadtest`]: `commerce-kernel loadtest`, a storefront's load against a running kernel.
 //! - [`config`]: configuration from `COMMERCE_*` environment variables.
 
 pub mod api;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod domain;
 pub mod event_store;
 pub mod live;
+pub mod loadtest;
 pub mod projections;
 pub mod sagas;
 pub mod server;

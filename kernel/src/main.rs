@@ -1,6 +1,7 @@
 //! `commerce-kernel`: runs the kernel (`serve`, the default), applies migrations
-//! (`migrate`), prints the GraphQL schema (`schema`), or mints a development
-//! token (`token`).
+//! (`migrate`), prints the GraphQL schema (`schema`), mints a development
+//! token (`token`), or puts a storefront's load on a running kernel
+//! (`loadtest`).
 
 use std::process::ExitCode;
 
@@ -21,6 +22,9 @@ commands:
   token --sub <id> --role <customer|admin> [--ttl <seconds>]
             print a bearer token signed with the configured HS256 secret
             (a customer's id is a UUID; default lifetime 86400 seconds)
+  loadtest [options]
+            place orders on a running kernel as a storefront does and
+            report orders/s, latencies and CPU per order (`loadtest --help`)
   help      print this message
 
 Configuration comes from COMMERCE_* environment variables; see README.md.
@@ -31,6 +35,7 @@ fn main() -> ExitCode {
     let command = match args.as_slice() {
         [] => "serve",
         [first, ..] if first == "token" => return token(&args[1..]),
+        [first, ..] if first == "loadtest" => return loadtest(&args[1..]),
         [one] => one.as_str(),
         _ => {
             eprintln!("commerce-kernel: expected at most one command\n\n{USAGE}");
@@ -150,6 +155,73 @@ fn token(args: &[String]) -> ExitCode {
         }
         Err(error) => {
             eprintln!("commerce-kernel token: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `loadtest [options]`: runs a load test and prints its report.
+fn loadtest(args: &[String]) -> ExitCode {
+    use commerce_kernel::loadtest::{self, Options, Tokens};
+    if args.iter().any(|arg| arg == "--help" || arg == "-h") {
+        println!("{}", loadtest::USAGE);
+        return ExitCode::SUCCESS;
+    }
+    let options = match Options::parse(args) {
+        Ok(options) => options,
+        Err(error) => {
+            eprintln!("commerce-kernel loadtest: {error}\n\n{}", loadtest::USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("commerce-kernel: invalid configuration: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("commerce-kernel: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(async {
+        let auth = Authenticator::open(&config.auth)
+            .await
+            .map_err(|error| format!("cannot mint tokens: {error}"))?;
+        // Long enough for any run; the tokens never leave this process.
+        let ttl = Duration::from_secs(7 * 86_400);
+        let mint = |subject: &str, role| {
+            auth.mint(subject, role, ttl)
+                .map_err(|error| format!("cannot mint tokens: {error}"))
+        };
+        let tokens = Tokens {
+            admin: mint("loadtest", Role::Admin)?,
+            customers: (0..loadtest::customers_needed(&options))
+                .map(|_| mint(&uuid::Uuid::now_v7().to_string(), Role::Customer))
+                .collect::<Result<_, _>>()?,
+        };
+        loadtest::run(&options, tokens)
+            .await
+            .map_err(|error| error.to_string())
+    });
+    match report {
+        Ok(report) => {
+            print!("{}", report.text());
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("commerce-kernel loadtest: {error}");
             ExitCode::FAILURE
         }
     }
