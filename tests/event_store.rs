@@ -12,8 +12,9 @@ use anyhow::{Context as _, bail, ensure};
 use chrono::Utc;
 use commerce_kernel::domain::{Aggregate, DomainEvent};
 use commerce_kernel::event_store::{
-    AggregateRepository, AppendOutcome, AppendRequest, EventFilter, EventMetadata, EventStore,
-    NewEvent, Position, RecordedEvent, StoreError, StreamAppend, StreamSelection,
+    AggregateCache, AggregateRepository, AppendOutcome, AppendRequest, EventFilter, EventMetadata,
+    EventStore, Loaded, NewEvent, Position, RecordedEvent, StoreError, StreamAppend,
+    StreamSelection,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -33,6 +34,7 @@ fn main() {
         out_of_order_commits_are_never_skipped,
         log_followers_see_every_event_once_under_concurrent_writers,
         replay_equals_live_state,
+        cached_loads_read_only_what_is_new_and_see_other_writers,
         streams_read_as_of_version_and_time,
         filters_narrow_the_log,
         invalid_appends_are_rejected_and_write_nothing,
@@ -681,6 +683,87 @@ async fn replay_equals_live_state(db: Arc<TestDatabase>) -> anyhow::Result<()> {
             "state at version {at}"
         );
     }
+    Ok(())
+}
+
+/// A repository with an [`AggregateCache`] folds only the events after the
+/// cached version, and still sees what another process (another cache)
+/// wrote; an append from a stale load is refused as always.
+async fn cached_loads_read_only_what_is_new_and_see_other_writers(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let store = db.event_store();
+    let ours = AggregateRepository::<Account>::cached(
+        Arc::clone(&store),
+        Arc::new(AggregateCache::new(100)),
+    );
+    let theirs = AggregateRepository::<Account>::cached(
+        Arc::clone(&store),
+        Arc::new(AggregateCache::new(100)),
+    );
+    let uncached = AggregateRepository::<Account>::new(Arc::clone(&store));
+    let id = Uuid::now_v7();
+    let deposit = |cents| AccountEvent::Deposited { cents };
+    let mut opening = vec![AccountEvent::Opened {
+        owner: "carol".into(),
+    }];
+    opening.extend((1..=9).map(deposit));
+    ours.append(id, 0, &opening, EventMetadata::default(), None)
+        .await?;
+    let first = ours.load(id).await?;
+    ensure!(
+        first.version == 10 && first.state.balance_cents == 45,
+        "{first:?}"
+    );
+
+    // Another process moves the stream on; our next load sees it.
+    theirs
+        .append(
+            id,
+            10,
+            &[deposit(100), deposit(200)],
+            EventMetadata::default(),
+            None,
+        )
+        .await?;
+    let second = ours.load(id).await?;
+    let replayed = uncached.load(id).await?;
+    ensure!(
+        second == replayed && second.version == 12,
+        "{second:?} vs {replayed:?}"
+    );
+    let stale = ours
+        .append(id, 10, &[deposit(1)], EventMetadata::default(), None)
+        .await;
+    ensure!(
+        matches!(stale, Err(StoreError::VersionConflict { actual: 12, .. })),
+        "{stale:?}"
+    );
+
+    // Only the events after the cached version are read: a cache that
+    // (wrongly) says the balance was a million shows through.
+    let cache = Arc::new(AggregateCache::new(100));
+    let mut marked = replayed.clone();
+    marked.state.balance_cents = 1_000_000;
+    cache.put(id, &marked);
+    theirs
+        .append(id, 12, &[deposit(5)], EventMetadata::default(), None)
+        .await?;
+    let incremental = AggregateRepository::<Account>::cached(Arc::clone(&store), cache)
+        .load(id)
+        .await?;
+    ensure!(
+        incremental
+            == Loaded {
+                state: Account {
+                    balance_cents: 1_000_005,
+                    transactions: marked.state.transactions + 1,
+                    ..marked.state.clone()
+                },
+                version: 13,
+            },
+        "{incremental:?}"
+    );
     Ok(())
 }
 

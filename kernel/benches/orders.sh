@@ -4,7 +4,8 @@
 # machine's Postgres and Redis, with the payment-http and shipping-http
 # plugins calling the load test's provider stub on loopback.
 #
-#   kernel/benches/orders.sh [--baseline REV] [--sqlite] [--kernels N] [LEVEL ...]
+#   kernel/benches/orders.sh [--baseline REV] [--prebuilt NAME=BINARY] [--sqlite]
+#                            [--kernels N] [LEVEL ...]
 #
 # A LEVEL is `c<N>` (closed loop, N clients) or `r<N>` (open loop, N orders/s);
 # default: c1 c8 c32 c64. Each level runs on a fresh database and a fresh
@@ -13,6 +14,9 @@
 # --baseline REV also builds the kernel at REV (in a git worktree under the
 # target directory) and runs every level on it first, with the same load
 # generator (this tree's), so before and after come from one run.
+# --prebuilt NAME=BINARY measures a kernel binary built earlier (say, a copy
+# of a baseline's; the file must be named commerce-kernel), named NAME in
+# the results, instead of building REV again.
 # --kernels N starts N kernel processes on the one database, the load spread
 # over them by customer (Postgres only).
 # --sqlite runs the embedded default instead (SQLite file, in-process carts).
@@ -27,10 +31,11 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/commerce-kernel-target}"
 DURATION="${DURATION:-20}"
 PG="${PG:-postgres://postgres@127.0.0.1:5432}"
 REDIS="${REDIS:-redis://127.0.0.1:6379}"
-baseline="" backend=postgres kernels=1 levels=()
+baseline="" backend=postgres kernels=1 levels=() variants=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --baseline) baseline="$2"; shift 2 ;;
+    --prebuilt) variants+=("${2%%=*}:${2#*=}"); shift 2 ;;
     --sqlite) backend=sqlite; shift ;;
     --kernels) kernels="$2"; shift 2 ;;
     c[0-9]*|r[0-9]*) levels+=("$1"); shift ;;
@@ -39,7 +44,6 @@ while [ $# -gt 0 ]; do
 done
 [ ${#levels[@]} -gt 0 ] || levels=(c1 c8 c32 c64)
 
-variants=()
 if [ -n "$baseline" ]; then
   # The same target directory: dependencies compiled once serve both trees.
   tree="$CARGO_TARGET_DIR/baseline-tree"
@@ -48,15 +52,19 @@ if [ -n "$baseline" ]; then
   git -C "$tree" checkout --quiet --detach "$rev"
   echo "== building the baseline kernel at $rev (release)"
   (cd "$tree" && cargo build --release -p commerce-kernel)
-  cp "$CARGO_TARGET_DIR/release/commerce-kernel" "$CARGO_TARGET_DIR/bench-baseline"
-  variants+=("baseline:$CARGO_TARGET_DIR/bench-baseline")
+  mkdir -p "$CARGO_TARGET_DIR/bench/baseline"
+  cp "$CARGO_TARGET_DIR/release/commerce-kernel" "$CARGO_TARGET_DIR/bench/baseline/"
+  variants+=("baseline:$CARGO_TARGET_DIR/bench/baseline/commerce-kernel")
 fi
 echo "== building this tree's kernel and the guest plugins (release)"
 cargo build --release -p commerce-kernel -p commerce-plugin-artifacts
 guests="$CARGO_TARGET_DIR/release/plugin-guests/wasm32-wasip2/release"
-cp "$CARGO_TARGET_DIR/release/commerce-kernel" "$CARGO_TARGET_DIR/bench-current"
-loadtest_bin="$CARGO_TARGET_DIR/bench-current"
-variants+=("current:$CARGO_TARGET_DIR/bench-current")
+# Copies keep the name commerce-kernel: the load test finds kernel processes
+# by name for its CPU accounting.
+mkdir -p "$CARGO_TARGET_DIR/bench/current"
+cp "$CARGO_TARGET_DIR/release/commerce-kernel" "$CARGO_TARGET_DIR/bench/current/"
+loadtest_bin="$CARGO_TARGET_DIR/bench/current/commerce-kernel"
+variants+=("current:$loadtest_bin")
 
 results="$CARGO_TARGET_DIR/results"
 mkdir -p "$results"

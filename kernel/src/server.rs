@@ -97,7 +97,8 @@ impl AppState {
         let views = database.view_store();
         let commerce = Commerce::new(Arc::clone(&store), Arc::clone(&views));
         let carts = Carts::new(commerce.clone(), cart_store, config.cart_limits);
-        let projector = Projector::new(Arc::clone(&store), views);
+        let projector =
+            Projector::new(Arc::clone(&store), views).with_horizon(live.horizon().clone());
         let plugins = Plugins::new(commerce.clone(), plugin_registry);
         let sagas = Sagas::new(commerce.clone(), saga_store);
         let adapters = api::Adapters {
@@ -247,6 +248,13 @@ pub async fn serve(
                 .clone()
                 .follow_log(state.commerce.store().clone(), background_stopped.clone()),
         ),
+        tokio::spawn(
+            state
+                .live
+                .horizon()
+                .clone()
+                .follow(state.commerce.store().clone(), background_stopped.clone()),
+        ),
         tokio::spawn(state.projector.clone().run(background_stopped.clone())),
         tokio::spawn(sweep_expired_reservations(
             state.commerce.clone(),
@@ -281,6 +289,14 @@ pub async fn serve(
         tracing::info!("shutting down: finishing in-flight requests");
         let _ = stopping_tx.send(true);
     };
+    // TCP_NODELAY: subscription updates are small frames sent one after
+    // another; with Nagle's algorithm each waits for the client's delayed
+    // acknowledgement of the one before (about 40 ms on Linux).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
     let grace = config.shutdown_timeout;
     let deadline = async move {

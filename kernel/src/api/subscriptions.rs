@@ -22,7 +22,7 @@ use super::sagas::{Saga, SagaStep};
 use super::{ErrorCode, event_store};
 use crate::domain::DomainError;
 use crate::domain::saga::{ORDER_FULFILMENT, Saga as SagaRecord};
-use crate::event_store::Position;
+use crate::event_store::{LogHorizon, Position};
 use crate::live::{LiveUpdates, OrderChange, OrderFeed, Watch};
 
 /// Longest a subscription waits without a wake-up before looking at the log
@@ -32,6 +32,9 @@ const IDLE_RECHECK: Duration = Duration::from_secs(30);
 const MAX_READ_FAILURES: u32 = 5;
 /// Wait after a failed read before the next.
 const READ_RETRY: Duration = Duration::from_secs(1);
+/// Longest a subscription waits for committed events to become readable
+/// in the global log before reading anyway.
+const READABLE_WAIT: Duration = Duration::from_secs(5);
 
 pub struct SubscriptionRoot;
 
@@ -81,6 +84,7 @@ impl SubscriptionRoot {
         let state = Following {
             feed,
             watch,
+            horizon: live.horizon().clone(),
             pending: first.into(),
             failures: 0,
             ended: false,
@@ -92,6 +96,7 @@ impl SubscriptionRoot {
 struct Following {
     feed: OrderFeed,
     watch: Watch,
+    horizon: LogHorizon,
     pending: VecDeque<OrderChange>,
     failures: u32,
     ended: bool,
@@ -107,6 +112,13 @@ impl Following {
                 return None;
             }
             let _ = tokio::time::timeout(IDLE_RECHECK, self.watch.changed()).await;
+            // Woken by an append that the global log may not show yet:
+            // wait until it does rather than for the next wake-up.
+            if let Ok(Some(latest)) = self.feed.latest_unread().await {
+                self.horizon
+                    .wait_until_readable(latest, READABLE_WAIT)
+                    .await;
+            }
             match self.feed.poll().await {
                 Ok(changes) => {
                     self.failures = 0;

@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::carts::CartStoreError;
 use crate::domain::{Aggregate, DomainError};
+use crate::event_store::cache::{self, AggregateCache};
 use crate::event_store::repository::{AggregateRepository, Loaded, encode};
 use crate::event_store::{EventMetadata, EventStore, Position, StoreError, StreamAppend};
 use crate::projections::ViewStore;
@@ -145,6 +146,8 @@ pub struct Commerce {
     views: Arc<dyn ViewStore>,
     metrics: Arc<Metrics>,
     retry: RetryPolicy,
+    /// Aggregates this process loaded, so a load reads only what is new.
+    cache: Arc<AggregateCache>,
 }
 
 impl Commerce {
@@ -154,6 +157,7 @@ impl Commerce {
             views,
             metrics: Arc::new(Metrics::default()),
             retry: RetryPolicy::default(),
+            cache: Arc::new(AggregateCache::new(cache::DEFAULT_CAPACITY)),
         }
     }
 
@@ -170,8 +174,10 @@ impl Commerce {
         &self.store
     }
 
+    /// Loads start from what this process loaded before (see
+    /// [`AggregateCache`]); appends are checked against the stream as always.
     pub(crate) fn repository<A: Aggregate>(&self) -> AggregateRepository<A> {
-        AggregateRepository::new(Arc::clone(&self.store))
+        AggregateRepository::cached(Arc::clone(&self.store), Arc::clone(&self.cache))
     }
 
     /// Loads an aggregate; with `expected` set, refuses at once if it moved.

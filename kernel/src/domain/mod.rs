@@ -154,7 +154,7 @@ fn is_invisible(c: char) -> bool {
 ///
 /// `apply` must be deterministic and total: replaying the same events always
 /// yields the same state, which is what makes rebuilding by replay exact.
-pub trait Aggregate: Default + Send {
+pub trait Aggregate: Default + Clone + Send + Sync + 'static {
     /// Stored with every event of the stream; also guards against reading one
     /// aggregate's stream as another's.
     const AGGREGATE_TYPE: &'static str;

@@ -6,6 +6,8 @@
 //! the input validation both backends share. The backends live in
 //! [`crate::storage`]; [`repository`] turns domain aggregates into appends and back.
 
+pub mod cache;
+pub mod horizon;
 pub mod repository;
 
 use std::fmt;
@@ -17,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+pub use cache::AggregateCache;
+pub use horizon::LogHorizon;
 pub use repository::{AggregateRepository, Loaded};
 
 /// Most events one append may carry, across all its streams.

@@ -8,6 +8,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
+use super::cache::AggregateCache;
 use super::{
     AppendOutcome, AppendRequest, EventMetadata, EventStore, NewEvent, RecordedEvent, StoreError,
     StreamSelection,
@@ -25,6 +26,8 @@ pub struct Loaded<A> {
 /// Typed access to the streams of one aggregate type.
 pub struct AggregateRepository<A> {
     store: Arc<dyn EventStore>,
+    /// Where [`AggregateRepository::load`] starts from, if set.
+    cache: Option<Arc<AggregateCache>>,
     aggregate: PhantomData<fn() -> A>,
 }
 
@@ -32,6 +35,7 @@ impl<A> Clone for AggregateRepository<A> {
     fn clone(&self) -> Self {
         AggregateRepository {
             store: Arc::clone(&self.store),
+            cache: self.cache.clone(),
             aggregate: PhantomData,
         }
     }
@@ -41,13 +45,38 @@ impl<A: Aggregate> AggregateRepository<A> {
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         AggregateRepository {
             store,
+            cache: None,
+            aggregate: PhantomData,
+        }
+    }
+
+    /// A repository whose loads start from `cache` and read only the
+    /// events written since (see [`AggregateCache`]).
+    pub fn cached(store: Arc<dyn EventStore>, cache: Arc<AggregateCache>) -> Self {
+        AggregateRepository {
+            store,
+            cache: Some(cache),
             aggregate: PhantomData,
         }
     }
 
     /// The aggregate as it is now. A missing stream loads as the default state at version 0.
     pub async fn load(&self, id: Uuid) -> Result<Loaded<A>, StoreError> {
-        self.load_selected(id, StreamSelection::default()).await
+        let Some(cache) = &self.cache else {
+            return self.load_selected(id, StreamSelection::default()).await;
+        };
+        let start = cache.get::<A>(id).unwrap_or_else(|| Loaded {
+            state: A::default(),
+            version: 0,
+        });
+        let selection = StreamSelection {
+            after_version: Some(start.version).filter(|version| *version > 0),
+            ..StreamSelection::default()
+        };
+        let recorded = self.store.read_stream(id, selection).await?;
+        let loaded = Self::fold_onto(id, start, &recorded)?;
+        cache.put(id, &loaded);
+        Ok(loaded)
     }
 
     /// The aggregate as it was at `version` (or its latest version, if lower).
@@ -80,8 +109,24 @@ impl<A: Aggregate> AggregateRepository<A> {
     /// The aggregate `id` rebuilt from `recorded`, its stream's events in
     /// version order (as read, for instance, by [`EventStore::read_streams`]).
     pub fn fold(id: Uuid, recorded: &[RecordedEvent]) -> Result<Loaded<A>, StoreError> {
-        let mut state = A::default();
-        let mut version = 0;
+        let empty = Loaded {
+            state: A::default(),
+            version: 0,
+        };
+        Self::fold_onto(id, empty, recorded)
+    }
+
+    /// `start` with `recorded`, the events after its version in version
+    /// order, folded in.
+    fn fold_onto(
+        id: Uuid,
+        start: Loaded<A>,
+        recorded: &[RecordedEvent],
+    ) -> Result<Loaded<A>, StoreError> {
+        let Loaded {
+            mut state,
+            mut version,
+        } = start;
         for event in recorded {
             if event.aggregate_type != A::AGGREGATE_TYPE {
                 return Err(StoreError::AggregateTypeMismatch {

@@ -11,7 +11,12 @@
 //! 2. **Across processes** (when Redis is configured): the ids of every
 //!    append are published on `<prefix>events`; every kernel process
 //!    listens there and wakes its subscribers.
-//! 3. **Safety net**: while anyone is subscribed, [`LiveUpdates::follow_log`]
+//! 3. **Not yet readable**: an append is in its stream at once but in the
+//!    global log only once older transactions have ended. A subscriber that
+//!    finds its streams ahead of the readable head waits for the head
+//!    ([`LogHorizon`], read for the whole process every 2 ms while anyone
+//!    waits) instead of for the next wake-up.
+//! 4. **Safety net**: while anyone is subscribed, [`LiveUpdates::follow_log`]
 //!    reads the log's tail every `COMMERCE_LIVE_POLL_MS` and wakes the
 //!    aggregates it sees there. It catches what 1 and 2 miss: a lost
 //!    message, Redis down, or an event that became readable only after an
@@ -26,7 +31,7 @@ use futures_util::StreamExt as _;
 use tokio::sync::{Notify, mpsc, watch};
 use uuid::Uuid;
 
-use crate::event_store::{EventStore, Position, StoreError};
+use crate::event_store::{EventStore, LogHorizon, Position, StoreError};
 
 mod order_feed;
 mod stores;
@@ -57,6 +62,7 @@ struct Hub {
     /// Ids waiting to be published to other processes, when Redis is set.
     publish: Mutex<Option<mpsc::Sender<Uuid>>>,
     poll_interval: Duration,
+    horizon: LogHorizon,
 }
 
 /// One subscriber's wake-up, by its registration number.
@@ -103,6 +109,7 @@ impl LiveUpdates {
                 next_watch: AtomicU64::new(1),
                 publish: Mutex::new(None),
                 poll_interval,
+                horizon: LogHorizon::default(),
             }),
         }
     }
@@ -126,6 +133,12 @@ impl LiveUpdates {
             aggregates: aggregates.to_vec(),
             notify,
         }
+    }
+
+    /// The log's readable head, for subscribers whose streams are ahead of
+    /// it; [`LogHorizon::follow`] must run for it to move.
+    pub fn horizon(&self) -> &LogHorizon {
+        &self.inner.horizon
     }
 
     /// Subscribers registered in this process (counting each aggregate).

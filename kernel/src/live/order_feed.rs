@@ -10,7 +10,9 @@ use crate::domain::Aggregate;
 use crate::domain::order::Order;
 use crate::domain::saga::{ORDER_FULFILMENT, Saga, SagaEvent};
 use crate::event_store::repository::{Loaded, decode};
-use crate::event_store::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
+use crate::event_store::{
+    EventFilter, EventStore, Position, RecordedEvent, StoreError, StreamSelection,
+};
 
 /// Events read per page.
 const PAGE: u32 = 500;
@@ -43,6 +45,8 @@ pub struct OrderFeed {
     /// Changes at or before this position are folded in but not returned.
     resume_after: Position,
     order: Order,
+    /// The order stream's version folded in.
+    order_version: u32,
     saga: Loaded<Saga>,
 }
 
@@ -57,6 +61,7 @@ impl OrderFeed {
             cursor: Position::START,
             resume_after,
             order: Order::default(),
+            order_version: 0,
             saga: Loaded {
                 state: Saga::default(),
                 version: 0,
@@ -104,6 +109,7 @@ impl OrderFeed {
                     continue;
                 }
                 self.order.apply(&decode(&event)?);
+                self.order_version = event.version;
                 None
             } else {
                 let saga_event: SagaEvent = decode(&event)?;
@@ -125,6 +131,25 @@ impl OrderFeed {
         }
         self.cursor = horizon;
         Ok(changes)
+    }
+
+    /// Where the latest committed event of the order or its saga stands in
+    /// the log, if there is one this feed has not folded in yet: it may not
+    /// be readable in the global log yet (see [`crate::event_store::LogHorizon`]).
+    pub async fn latest_unread(&self) -> Result<Option<Position>, StoreError> {
+        let mut latest = None;
+        for (stream, version) in [
+            (self.order_id, self.order_version),
+            (self.saga_id, self.saga.version),
+        ] {
+            let selection = StreamSelection {
+                after_version: Some(version).filter(|version| *version > 0),
+                ..StreamSelection::default()
+            };
+            let unread = self.store.read_stream(stream, selection).await?;
+            latest = latest.max(unread.last().map(|event| event.position));
+        }
+        Ok(latest.filter(|position| *position > self.cursor))
     }
 
     /// One stream's events after the cursor, up to `horizon`.

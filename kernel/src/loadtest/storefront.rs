@@ -167,7 +167,8 @@ impl LiveOrders {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static("graphql-transport-ws"),
         );
-        let (socket, _) = tokio_tungstenite::connect_async(request)
+        // Without Nagle's algorithm, as browsers open WebSockets.
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
             .await
             .map_err(|e| closed(&e))?;
         let (mut sink, mut stream) = socket.split();

@@ -103,6 +103,10 @@ impl ProviderStub {
         let address = listener
             .local_addr()
             .map_err(|error| LoadtestError::Stub(error.to_string()))?;
+        // Answers go out at once, as a provider's would (see server.rs).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = tokio::spawn(async move {
             if let Err(error) = axum::serve(listener, app).await {
                 tracing::error!(%error, "the load test's provider stub stopped");

@@ -22,7 +22,9 @@ use crate::domain::inventory::InventoryEvent;
 use crate::domain::money::Money;
 use crate::domain::order::{Address, OrderEvent, OrderLine, OrderStatus};
 use crate::event_store::repository::decode;
-use crate::event_store::{EventFilter, EventStore, Position, RecordedEvent, StoreError};
+use crate::event_store::{
+    EventFilter, EventStore, LogHorizon, Position, RecordedEvent, StoreError,
+};
 
 /// Events read and applied per transaction.
 const BATCH_SIZE: u32 = 500;
@@ -30,6 +32,10 @@ const BATCH_SIZE: u32 = 500;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often [`Projector::wait_for`] checks progress.
 const WAIT_STEP: Duration = Duration::from_millis(3);
+/// With a [`LogHorizon`], how long a read-your-writes wait trusts this
+/// process's projector to report progress before looking anyway (another
+/// process may be the one applying).
+const PROGRESS_WAIT: Duration = Duration::from_millis(20);
 
 /// The kernel's projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -386,6 +392,10 @@ pub struct Projector {
     store: Arc<dyn EventStore>,
     views: Arc<dyn ViewStore>,
     wake: Arc<Notify>,
+    /// Counts the running loop's rounds, so waiters wake when one ends.
+    rounds: Arc<watch::Sender<u64>>,
+    /// The log's readable head, when the process follows it.
+    horizon: Option<LogHorizon>,
 }
 
 impl Projector {
@@ -394,7 +404,18 @@ impl Projector {
             store,
             views,
             wake: Arc::new(Notify::new()),
+            rounds: Arc::new(watch::Sender::new(0)),
+            horizon: None,
         }
+    }
+
+    /// Read-your-writes waits first for `horizon` to pass the write (one
+    /// read of the head for the whole process), then for this process's
+    /// projector rounds, instead of polling on their own every few ms.
+    /// [`LogHorizon::follow`] must run.
+    pub fn with_horizon(mut self, horizon: LogHorizon) -> Self {
+        self.horizon = Some(horizon);
+        self
     }
 
     pub fn views(&self) -> &Arc<dyn ViewStore> {
@@ -449,6 +470,8 @@ impl Projector {
                     tracing::warn!(projection = projection.as_str(), %error, "projection failed; retrying");
                 }
             }
+            self.rounds
+                .send_modify(|rounds| *rounds = rounds.wrapping_add(1));
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
@@ -494,7 +517,15 @@ impl Projector {
     ) -> Result<bool, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut pending: Vec<ProjectionName> = projections.to_vec();
+        if let Some(horizon) = &self.horizon {
+            // No projection can pass a position the log does not show yet.
+            if !horizon.wait_until_readable(position, timeout).await {
+                return Ok(false);
+            }
+        }
+        let mut rounds = self.rounds.subscribe();
         loop {
+            rounds.mark_unchanged();
             self.nudge();
             let mut still = Vec::with_capacity(pending.len());
             for projection in pending {
@@ -506,10 +537,16 @@ impl Projector {
             if pending.is_empty() {
                 return Ok(true);
             }
-            if tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Ok(false);
             }
-            tokio::time::sleep(WAIT_STEP).await;
+            if self.horizon.is_some() {
+                let wait = PROGRESS_WAIT.min(deadline - now);
+                let _ = tokio::time::timeout(wait, rounds.changed()).await;
+            } else {
+                tokio::time::sleep(WAIT_STEP).await;
+            }
         }
     }
 

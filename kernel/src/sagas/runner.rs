@@ -59,7 +59,7 @@ use crate::domain::saga::{
 };
 use crate::domain::{DomainError, summarize};
 use crate::event_store::StoreError;
-use crate::event_store::repository::{AggregateRepository, Loaded};
+use crate::event_store::repository::Loaded;
 
 /// How a runner behaves; see the `COMMERCE_SAGA_*` settings.
 #[derive(Debug, Clone)]
@@ -725,11 +725,7 @@ impl SagaRunner {
     }
 
     async fn load_order(&self, order_id: Uuid) -> Result<Loaded<Order>, CommandError> {
-        Ok(
-            AggregateRepository::<Order>::new(Arc::clone(self.commerce().store()))
-                .load(order_id)
-                .await?,
-        )
+        Ok(self.commerce().repository::<Order>().load(order_id).await?)
     }
 
     /// The plugin a step calls, if it is active on this process.

@@ -53,9 +53,14 @@ impl PostgresDatabase {
             "idle_in_transaction_session_timeout",
             IDLE_IN_TRANSACTION_TIMEOUT_MS,
         )]);
+        // No ping before each use: it costs a round trip per statement. A
+        // connection the server dropped fails its next statement instead,
+        // which every caller already handles as a store error (and sqlx
+        // then closes it).
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
+            .test_before_acquire(false)
             .connect_with(options)
             .await?;
         Ok(PostgresDatabase { pool })

@@ -19,6 +19,7 @@ use crate::bindings::v0_1::payment::commerce::plugin::{config as config_v0_1, lo
 use crate::bindings::{payment, saga_step, shipping, v0_1};
 use crate::error::LoadError;
 use crate::manifest::{HostPattern, MAX_MEMORY_BYTES, PluginKind, PluginManifest};
+use crate::outbound::OutboundHttp;
 use crate::state::{Grants, InvocationState};
 use crate::stats::PluginStats;
 
@@ -190,6 +191,7 @@ impl PluginEngine {
                 .filter_map(|h| HostPattern::parse(h))
                 .collect(),
             memory_bytes: usize::try_from(manifest.limits.memory_bytes).unwrap_or(usize::MAX),
+            outbound: OutboundHttp::new(),
         };
         Ok(LoadedPlugin {
             engine: self.clone(),

@@ -21,6 +21,7 @@ mod engine;
 mod error;
 mod invoke;
 mod manifest;
+mod outbound;
 mod registry;
 mod state;
 mod stats;

@@ -11,6 +11,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 use crate::bindings::payment::commerce::plugin::{config, log};
 use crate::bindings::v0_1::payment::commerce::plugin::{config as config_v0_1, log as log_v0_1};
 use crate::manifest::HostPattern;
+use crate::outbound::OutboundHttp;
 
 /// Log lines one invocation may write; more are dropped, so a chatty plugin
 /// cannot flood the kernel's log.
@@ -27,6 +28,8 @@ pub(crate) struct Grants {
     pub config: BTreeMap<String, String>,
     pub allowed_hosts: Vec<HostPattern>,
     pub memory_bytes: usize,
+    /// Where allowed requests go out (a connection pool of this version's).
+    pub outbound: OutboundHttp,
 }
 
 /// The `T` of `Store<T>`: created fresh for every invocation.
@@ -128,13 +131,12 @@ impl WasiHttpHooks for AllowedHosts {
             );
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
+        let outbound = self.grants.outbound.clone();
         Box::new(async move {
-            use http_body_util::BodyExt;
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
-            ))
+            let response = outbound.send(request, options).await?;
+            // The pool drives its connections: nothing for the caller to run.
+            let io = async { Ok(()) };
+            Ok((response, Box::new(io) as Box<dyn Future<Output = _> + Send>))
         })
     }
 }
