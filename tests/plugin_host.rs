@@ -697,6 +697,89 @@ async fn requests_outside_allowed_hosts_are_refused_by_the_host() {
     assert_eq!(provider.requests(), 0, "nothing reached the provider");
 }
 
+/// A loopback TCP proxy in front of `target` that counts the connections
+/// it accepts and can drop the ones it holds, as a provider's load balancer
+/// closing idle keep-alive connections would.
+struct CountingProxy {
+    address: std::net::SocketAddr,
+    accepted: Arc<AtomicU64>,
+    open: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+impl CountingProxy {
+    async fn start(target: std::net::SocketAddr) -> CountingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let accepted = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (count, held) = (Arc::clone(&accepted), Arc::clone(&open));
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let relay = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                held.lock().expect("connections").push(relay);
+            }
+        });
+        CountingProxy {
+            address,
+            accepted,
+            open,
+            _accept: accept,
+        }
+    }
+
+    /// Closes every connection it relays.
+    fn drop_connections(&self) {
+        for relay in self.open.lock().expect("connections").drain(..) {
+            relay.abort();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_calls_reuse_a_connection_and_survive_one_the_provider_closed() {
+    let provider = FakePayments::start().await;
+    let proxy = CountingProxy::start(provider.address).await;
+    let (_dir, registry) = registry();
+    let plugin = payment_plugin(
+        &registry,
+        &format!("http://{}", proxy.address),
+        &proxy.address.to_string(),
+        5000,
+    );
+    for n in 0..5 {
+        plugin
+            .charge(payment_request(
+                &format!("reuse:{n}"),
+                &format!("o-{n}"),
+                "tok_visa",
+            ))
+            .await
+            .expect("charged");
+    }
+    assert_eq!(
+        proxy.accepted.load(Ordering::SeqCst),
+        1,
+        "five calls one after another share one kept-alive connection"
+    );
+
+    proxy.drop_connections();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    plugin
+        .charge(payment_request("reuse:after-close", "o-after", "tok_visa"))
+        .await
+        .expect("a closed idle connection is replaced, not an error");
+    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(provider.payments().len(), 6, "each call charged once");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shipping_http_quotes_ships_once_and_cancels() {
     let carrier = FakeShipping::start().await;
