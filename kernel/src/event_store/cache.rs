@@ -14,9 +14,10 @@
 //! refuses it if the stream moved. Several kernel processes each keep their
 //! own cache.
 //!
-//! Bounded: at most `capacity` aggregates; the oldest entry is dropped to
-//! make room (first in, first out: a hot aggregate dropped is back after its
-//! next load).
+//! Bounded: at most `capacity` aggregates. To make room the oldest entry
+//! not used since it was last considered is dropped ("second chance"): a
+//! hot product's inventory, loaded by every order, stays while the stream
+//! of each short-lived order passes through.
 
 use std::any::Any;
 use std::collections::{HashMap, VecDeque};
@@ -38,9 +39,15 @@ pub struct AggregateCache {
 
 #[derive(Default)]
 struct Entries {
-    by_id: HashMap<Uuid, Arc<dyn Any + Send + Sync>>,
-    /// Ids in the order they were first cached, for eviction.
+    by_id: HashMap<Uuid, Entry>,
+    /// Ids in the order they were cached or given a second chance.
     order: VecDeque<Uuid>,
+}
+
+struct Entry {
+    loaded: Arc<dyn Any + Send + Sync>,
+    /// Read or written since eviction last looked at it.
+    used: bool,
 }
 
 impl std::fmt::Debug for AggregateCache {
@@ -71,8 +78,13 @@ impl AggregateCache {
 
     /// The cached state of stream `id`, if it holds an `A`.
     pub fn get<A: Aggregate>(&self, id: Uuid) -> Option<Loaded<A>> {
-        let entry = self.entries().by_id.get(&id).cloned()?;
-        entry.downcast_ref::<Loaded<A>>().cloned()
+        let loaded = {
+            let mut entries = self.entries();
+            let entry = entries.by_id.get_mut(&id)?;
+            entry.used = true;
+            Arc::clone(&entry.loaded)
+        };
+        loaded.downcast_ref::<Loaded<A>>().cloned()
     }
 
     /// Remembers `loaded` as the state of stream `id`, unless an entry
@@ -81,22 +93,40 @@ impl AggregateCache {
         if self.capacity == 0 || loaded.version == 0 {
             return;
         }
+        // Cloned before the lock: every aggregate type shares it.
+        let copy: Arc<dyn Any + Send + Sync> = Arc::new(loaded.clone());
         let mut entries = self.entries();
-        let newer_cached = entries
-            .by_id
-            .get(&id)
-            .and_then(|entry| entry.downcast_ref::<Loaded<A>>())
-            .is_some_and(|cached| cached.version > loaded.version);
-        if newer_cached {
+        if let Some(entry) = entries.by_id.get_mut(&id) {
+            let newer_cached = entry
+                .loaded
+                .downcast_ref::<Loaded<A>>()
+                .is_some_and(|cached| cached.version > loaded.version);
+            if !newer_cached {
+                entry.loaded = copy;
+            }
+            entry.used = true;
             return;
         }
-        let fresh = entries.by_id.insert(id, Arc::new(loaded.clone())).is_none();
-        if fresh {
-            entries.order.push_back(id);
-            while entries.order.len() > self.capacity {
-                if let Some(oldest) = entries.order.pop_front() {
-                    entries.by_id.remove(&oldest);
-                }
+        entries.by_id.insert(
+            id,
+            Entry {
+                loaded: copy,
+                used: false,
+            },
+        );
+        entries.order.push_back(id);
+        while entries.by_id.len() > self.capacity {
+            let Some(oldest) = entries.order.pop_front() else {
+                break;
+            };
+            let second_chance = entries
+                .by_id
+                .get_mut(&oldest)
+                .is_some_and(|entry| std::mem::replace(&mut entry.used, false));
+            if second_chance {
+                entries.order.push_back(oldest);
+            } else {
+                entries.by_id.remove(&oldest);
             }
         }
     }
@@ -143,6 +173,21 @@ mod tests {
         assert_eq!(cache.get::<Order>(id), None, "another type is a miss");
         cache.put(Uuid::now_v7(), &inventory(1, 0));
         assert_eq!(cache.len(), 1, "an empty stream is not kept");
+    }
+
+    #[test]
+    fn an_aggregate_in_use_outlives_ones_passing_through() {
+        let cache = AggregateCache::new(3);
+        let hot = Uuid::now_v7();
+        cache.put(hot, &inventory(9, 1));
+        for n in 0..20 {
+            assert!(
+                cache.get::<Inventory>(hot).is_some(),
+                "hot entry evicted at {n}"
+            );
+            cache.put(Uuid::now_v7(), &inventory(n, 1));
+        }
+        assert_eq!(cache.len(), 3);
     }
 
     #[test]

@@ -74,6 +74,9 @@ impl<A: Aggregate> AggregateRepository<A> {
             ..StreamSelection::default()
         };
         let recorded = self.store.read_stream(id, selection).await?;
+        if recorded.is_empty() {
+            return Ok(start);
+        }
         let loaded = Self::fold_onto(id, start, &recorded)?;
         cache.put(id, &loaded);
         Ok(loaded)

@@ -361,6 +361,8 @@ struct Tally {
     /// Every order placed in the run (warm-up too): its id and final status
     /// (or why none was seen).
     orders: Vec<(String, Result<String, CallError>)>,
+    /// Why warm-up orders were never placed (measured ones count in `errors`).
+    unplaced_in_warmup: Vec<CallError>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -475,6 +477,8 @@ impl Shop {
             Err(error) => {
                 if measured {
                     *tally.errors.entry(error.code).or_default() += 1;
+                } else {
+                    tally.unplaced_in_warmup.push(error);
                 }
             }
         }
@@ -573,7 +577,11 @@ const LISTED_PROBLEMS: usize = 20;
 /// Every order of the run CONFIRMED, and with the stub exactly one
 /// captured payment (and no other) and one live shipment each.
 fn audit(tally: &Tally, stub: Option<&ProviderStub>) -> (Vec<String>, u64) {
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = tally
+        .unplaced_in_warmup
+        .iter()
+        .map(|error| format!("a warm-up order was not placed: {error}"))
+        .collect();
     let ledger = stub.map(ProviderStub::by_order);
     for (order_id, status) in &tally.orders {
         match status {

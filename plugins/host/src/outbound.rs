@@ -19,13 +19,14 @@ use std::time::Duration;
 use http_body_util::BodyExt as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
 
 /// The wait for a connection or a first byte when the plugin sets none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
-/// How long an unused connection stays open for the next call.
-const IDLE_CONNECTION: Duration = Duration::from_secs(60);
+/// How long an unused connection stays open for the next call: shorter
+/// than most providers' own idle limits, so the kernel closes first.
+const IDLE_CONNECTION: Duration = Duration::from_secs(20);
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -52,6 +53,8 @@ impl OutboundHttp {
             .enable_http1()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
+            // The timer sweeps idle connections of versions no longer called.
+            .pool_timer(TokioTimer::new())
             .pool_idle_timeout(IDLE_CONNECTION)
             .build(connector);
         OutboundHttp { client }
