@@ -112,18 +112,17 @@ impl Following {
                 return None;
             }
             let _ = tokio::time::timeout(IDLE_RECHECK, self.watch.changed()).await;
-            let mut polled = self.feed.poll().await;
-            if matches!(&polled, Ok(changes) if changes.is_empty()) {
-                // Woken by an append that the global log does not show yet:
-                // wait until it does rather than for the next wake-up.
-                if let Ok(Some(latest)) = self.feed.latest_unread().await {
-                    self.horizon
-                        .wait_until_readable(latest, READABLE_WAIT)
-                        .await;
-                    polled = self.feed.poll().await;
-                }
+            // Woken by an append that the global log may not show yet: wait
+            // until it does rather than for the next wake-up. Asking the two
+            // streams for their newest events (by version, indexed) is
+            // cheaper than a poll of the log that finds nothing readable,
+            // the usual case under load.
+            if let Ok(Some(latest)) = self.feed.latest_unread().await {
+                self.horizon
+                    .wait_until_readable(latest, READABLE_WAIT)
+                    .await;
             }
-            match polled {
+            match self.feed.poll().await {
                 Ok(changes) => {
                     self.failures = 0;
                     self.pending.extend(changes);

@@ -31,6 +31,8 @@ use crate::storage::{EVENT_COLUMNS, log_count_query, log_query};
 /// How long a session may sit idle inside a transaction before Postgres ends it.
 /// An open transaction holds back the read horizon of the global log.
 const IDLE_IN_TRANSACTION_TIMEOUT_MS: &str = "30000";
+/// A pooled connection idle this long is pinged before it is handed out.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(5);
 
 /// SQLSTATEs raised by `append_events` (migrations/postgres).
 const VERSION_CONFLICT_STATE: &str = "CK001";
@@ -53,14 +55,23 @@ impl PostgresDatabase {
             "idle_in_transaction_session_timeout",
             IDLE_IN_TRANSACTION_TIMEOUT_MS,
         )]);
-        // No ping before each use: it costs a round trip per statement. A
-        // connection the server dropped fails its next statement instead,
-        // which every caller already handles as a store error (and sqlx
-        // then closes it).
+        // A ping before every use costs a round trip per statement: only a
+        // connection idle for a while is pinged (a restart or failover
+        // usually shows there), within the acquire timeout. One the server
+        // dropped while busy fails its next statement, which every caller
+        // handles as a store error (and sqlx then closes it).
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
             .test_before_acquire(false)
+            .before_acquire(|connection, metadata| {
+                Box::pin(async move {
+                    if metadata.idle_for >= PING_AFTER_IDLE {
+                        sqlx::Connection::ping(connection).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(PostgresDatabase { pool })
