@@ -820,6 +820,23 @@ async fn an_order_is_watched_live_to_confirmed_and_resumed_without_gaps(
     kernel.stop().await
 }
 
+/// Defines the fulfilment saga with a payment step retried 2 s after a
+/// failure (the other steps retry as [`shop::RETRY`] says).
+async fn define_slow_payment(kernel: &RunningKernel) -> anyhow::Result<()> {
+    let slow_payment = format!(
+        "mutation {{ defineSaga(input: {{ timeoutMs: 60000, steps: [
+            {{ name: \"reserve-inventory\", kind: RESERVE_INVENTORY, retry: {retry} }},
+            {{ name: \"payment\", kind: PAYMENT, plugin: \"payment\", retry: {{ maxAttempts: 3, initialBackoffMs: 2000, maxBackoffMs: 2000, timeoutMs: 2000 }} }},
+            {{ name: \"shipment\", kind: SHIPMENT, plugin: \"shipping\", retry: {retry} }},
+            {{ name: \"confirm\", kind: CONFIRM, retry: {retry} }} ] }}) {{ errors {{ code message }} }} }}",
+        retry = shop::RETRY
+    );
+    kernel
+        .mutate("defineSaga", &slow_payment, json!({}))
+        .await
+        .map(drop)
+}
+
 async fn subscribers_see_orders_placed_on_another_kernel(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
@@ -844,19 +861,9 @@ async fn subscribers_see_orders_placed_on_another_kernel(
     )
     .await?;
     let shop = shop::open(&node_b, 5).await?;
-    // The first payment attempt fails and is retried a second later, so
-    // the subscription is open before the order moves on.
-    let slow_payment = format!(
-        "mutation {{ defineSaga(input: {{ timeoutMs: 60000, steps: [
-            {{ name: \"reserve-inventory\", kind: RESERVE_INVENTORY, retry: {retry} }},
-            {{ name: \"payment\", kind: PAYMENT, plugin: \"payment\", retry: {{ maxAttempts: 3, initialBackoffMs: 2000, maxBackoffMs: 2000, timeoutMs: 2000 }} }},
-            {{ name: \"shipment\", kind: SHIPMENT, plugin: \"shipping\", retry: {retry} }},
-            {{ name: \"confirm\", kind: CONFIRM, retry: {retry} }} ] }}) {{ errors {{ code message }} }} }}",
-        retry = shop::RETRY
-    );
-    node_b
-        .mutate("defineSaga", &slow_payment, json!({}))
-        .await?;
+    // The first payment attempt fails and is retried later, so the
+    // subscription is open before the order moves on.
+    define_slow_payment(&node_b).await?;
     shop.payments.fail_next(1);
     let token = node_b.customer_token(Uuid::now_v7())?;
     let order = customer_order(&node_b, &token, shop.product).await?;
@@ -889,17 +896,7 @@ async fn an_update_committed_behind_an_open_transaction_arrives_once_the_log_sho
     let kernel = RunningKernel::start(&db, &[(config::LIVE_POLL_MS, "60000")]).await?;
     let shop = shop::open(&kernel, 5).await?;
     // The first payment attempt fails and is retried 2 s later.
-    let slow_payment = format!(
-        "mutation {{ defineSaga(input: {{ timeoutMs: 60000, steps: [
-            {{ name: \"reserve-inventory\", kind: RESERVE_INVENTORY, retry: {retry} }},
-            {{ name: \"payment\", kind: PAYMENT, plugin: \"payment\", retry: {{ maxAttempts: 3, initialBackoffMs: 2000, maxBackoffMs: 2000, timeoutMs: 2000 }} }},
-            {{ name: \"shipment\", kind: SHIPMENT, plugin: \"shipping\", retry: {retry} }},
-            {{ name: \"confirm\", kind: CONFIRM, retry: {retry} }} ] }}) {{ errors {{ code message }} }} }}",
-        retry = shop::RETRY
-    );
-    kernel
-        .mutate("defineSaga", &slow_payment, json!({}))
-        .await?;
+    define_slow_payment(&kernel).await?;
     shop.payments.fail_next(1);
     let token = kernel.customer_token(Uuid::now_v7())?;
     let order = customer_order(&kernel, &token, shop.product).await?;

@@ -62,26 +62,17 @@ fn main() -> ExitCode {
         }
     }
 
-    let config = match Config::from_env() {
+    let config = match config_from_env() {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("commerce-kernel: invalid configuration: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     if let Err(error) = init_logging(&config.log_filter) {
         eprintln!("commerce-kernel: invalid configuration: {error}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match multi_thread_runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("commerce-kernel: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = runtime.block_on(async {
         if command == "migrate" {
@@ -128,12 +119,9 @@ fn token(args: &[String]) -> ExitCode {
     let (Some(subject), Some(role)) = (subject, role) else {
         return usage("--sub and --role are required");
     };
-    let config = match Config::from_env() {
+    let config = match config_from_env() {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("commerce-kernel: invalid configuration: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     let minted = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -174,22 +162,13 @@ fn loadtest(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let config = match Config::from_env() {
+    let config = match config_from_env() {
         Ok(config) => config,
-        Err(error) => {
-            eprintln!("commerce-kernel: invalid configuration: {error}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match multi_thread_runtime() {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("commerce-kernel: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let report = runtime.block_on(async {
         let auth = Authenticator::open(&config.auth)
@@ -225,6 +204,26 @@ fn loadtest(args: &[String]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The configuration from the environment, or the exit code after saying
+/// what is wrong with it.
+fn config_from_env() -> Result<Config, ExitCode> {
+    Config::from_env().map_err(|error| {
+        eprintln!("commerce-kernel: invalid configuration: {error}");
+        ExitCode::from(2)
+    })
+}
+
+/// The runtime of `serve`, `migrate` and `loadtest`.
+fn multi_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| {
+            eprintln!("commerce-kernel: cannot start the async runtime: {error}");
+            ExitCode::FAILURE
+        })
 }
 
 async fn migrate(config: &Config) -> Result<(), KernelError> {
