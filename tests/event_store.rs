@@ -35,6 +35,7 @@ fn main() {
         log_followers_see_every_event_once_under_concurrent_writers,
         replay_equals_live_state,
         cached_loads_read_only_what_is_new_and_see_other_writers,
+        streams_read_after_versions_in_log_order_saying_what_is_readable,
         streams_read_as_of_version_and_time,
         filters_narrow_the_log,
         invalid_appends_are_rejected_and_write_nothing,
@@ -764,6 +765,67 @@ async fn cached_loads_read_only_what_is_new_and_see_other_writers(
             },
         "{incremental:?}"
     );
+    Ok(())
+}
+
+/// What an order's live feed reads at each wake-up: several streams after
+/// known versions in one read, in log order, each event saying whether the
+/// global log shows it yet.
+async fn streams_read_after_versions_in_log_order_saying_what_is_readable(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let store = db.event_store();
+    let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+    store
+        .append(single(a, 0, vec![event("A1", json!({}))]))
+        .await?;
+    store
+        .append(single(b, 0, vec![event("B1", json!({}))]))
+        .await?;
+    let last = store
+        .append(single(a, 1, vec![event("A2", json!({}))]))
+        .await?;
+    wait_until_readable(store.as_ref(), last.last_position).await?;
+    let read = |after: [(Uuid, u32); 2]| {
+        let store = Arc::clone(&store);
+        async move {
+            let events = store.read_streams_after(&after).await?;
+            anyhow::Ok(
+                events
+                    .into_iter()
+                    .map(|(event, readable)| (event.event_type, readable))
+                    .collect::<Vec<_>>(),
+            )
+        }
+    };
+    let all = read([(a, 0), (b, 0)]).await?;
+    ensure!(
+        all == [
+            ("A1".into(), true),
+            ("B1".into(), true),
+            ("A2".into(), true)
+        ],
+        "{all:?}"
+    );
+    let newer = read([(a, 1), (b, 1)]).await?;
+    ensure!(newer == [("A2".to_string(), true)], "{newer:?}");
+
+    if db.kind == BackendKind::Postgres {
+        // An append committed behind an open transaction: read, but not
+        // readable until that transaction ends.
+        let held = db
+            .hold_append(single(Uuid::now_v7(), 0, vec![event("Held", json!({}))]))
+            .await?;
+        let behind = store
+            .append(single(b, 1, vec![event("B2", json!({}))]))
+            .await?;
+        let waiting = read([(a, 2), (b, 1)]).await?;
+        ensure!(waiting == [("B2".to_string(), false)], "{waiting:?}");
+        held.commit().await?;
+        wait_until_readable(store.as_ref(), behind.last_position).await?;
+        let shown = read([(a, 2), (b, 1)]).await?;
+        ensure!(shown == [("B2".to_string(), true)], "{shown:?}");
+    }
     Ok(())
 }
 

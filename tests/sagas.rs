@@ -996,12 +996,12 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
         plugin_version: None,
         reaches_outside: false,
     };
-    let write = |claim_token| {
+    let write_at = |claim_token, expected_version: u32| {
         let request = AppendRequest {
             streams: vec![StreamAppend {
                 aggregate_id: saga_id,
                 aggregate_type: "saga".into(),
-                expected_version: loaded.version,
+                expected_version,
                 events: vec![encode(&event).expect("encodes")],
             }],
             metadata: Default::default(),
@@ -1011,7 +1011,7 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
             saga_id,
             status: SagaStatus::Running,
             current_step: Some("reserve-inventory".into()),
-            version: loaded.version + 1,
+            version: expected_version + 1,
             next_run_at: Some(Utc::now()),
             now: Utc::now(),
         };
@@ -1023,6 +1023,7 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
         let store = Arc::clone(&store);
         async move { store.commit(Some(claim), update, request).await }
     };
+    let write = |claim_token| write_at(claim_token, loaded.version);
     // A wakes up and tries to record a step: refused, nothing written.
     ensure!(write(first[0].fencing_token).await? == Committed::LeaseLost);
     ensure!(sagas.load(saga_id).await?.version == loaded.version);
@@ -1036,6 +1037,34 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
     ensure!(
         row.lease_owner.as_deref() == Some("runner-b") && row.version == loaded.version + 1,
         "{row:?}"
+    );
+    // The same write again: B holds the lease, but the stream has moved on.
+    // A typed conflict, and neither the stream nor the row changed.
+    let again = write(taken[0].fencing_token).await;
+    ensure!(
+        matches!(
+            again,
+            Err(StoreError::VersionConflict { expected, actual, .. })
+                if expected == loaded.version && actual == loaded.version + 1
+        ),
+        "{again:?}"
+    );
+    // Ahead of the stream (a version it never had): refused the same way,
+    // rather than leaving a gap in the stream.
+    let ahead = write_at(taken[0].fencing_token, loaded.version + 2).await;
+    ensure!(
+        matches!(
+            ahead,
+            Err(StoreError::VersionConflict { expected, actual, .. })
+                if expected == loaded.version + 2 && actual == loaded.version + 1
+        ),
+        "{ahead:?}"
+    );
+    ensure!(sagas.load(saga_id).await?.version == loaded.version + 1);
+    let unchanged = store.get(saga_id).await?.context("row")?;
+    ensure!(
+        unchanged == row,
+        "{unchanged:?} after refused writes, was {row:?}"
     );
     Ok(())
 }

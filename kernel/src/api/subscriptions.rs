@@ -64,7 +64,15 @@ impl SubscriptionRoot {
         let mut feed = OrderFeed::new(Arc::clone(event_store(ctx)), order_id, resume_after);
         // Registered before the first read, so nothing falls in between.
         let watch = live.watch(&feed.aggregate_ids());
-        let first = feed.poll().await?;
+        let (mut first, unread) = feed.poll().await?;
+        // Committed but not shown by the log yet (just placed, say): worth
+        // a short wait before deciding whether the order exists.
+        if let Some(unread) = unread {
+            live.horizon()
+                .wait_until_readable(unread, READABLE_WAIT)
+                .await;
+            first.extend(feed.poll().await?.0);
+        }
         let visible = feed
             .order()
             .placed
@@ -86,6 +94,7 @@ impl SubscriptionRoot {
             watch,
             horizon: live.horizon().clone(),
             pending: first.into(),
+            unread: None,
             failures: 0,
             ended: false,
         };
@@ -98,6 +107,8 @@ struct Following {
     watch: Watch,
     horizon: LogHorizon,
     pending: VecDeque<OrderChange>,
+    /// The newest event polled but not readable in the log yet.
+    unread: Option<Position>,
     failures: u32,
     ended: bool,
 }
@@ -111,21 +122,24 @@ impl Following {
             if self.ended || self.feed.is_finished() {
                 return None;
             }
-            let _ = tokio::time::timeout(IDLE_RECHECK, self.watch.changed()).await;
-            // Woken by an append that the global log may not show yet: wait
-            // until it does rather than for the next wake-up. Asking the two
-            // streams for their newest events (by version, indexed) is
-            // cheaper than a poll of the log that finds nothing readable,
-            // the usual case under load.
-            if let Ok(Some(latest)) = self.feed.latest_unread().await {
-                self.horizon
-                    .wait_until_readable(latest, READABLE_WAIT)
-                    .await;
+            match self.unread.take() {
+                // Committed news the global log did not show yet: wait until
+                // it does rather than for the next wake-up (which may never
+                // come, the append having happened).
+                Some(unread) => {
+                    self.horizon
+                        .wait_until_readable(unread, READABLE_WAIT)
+                        .await;
+                }
+                None => {
+                    let _ = tokio::time::timeout(IDLE_RECHECK, self.watch.changed()).await;
+                }
             }
             match self.feed.poll().await {
-                Ok(changes) => {
+                Ok((changes, unread)) => {
                     self.failures = 0;
                     self.pending.extend(changes);
+                    self.unread = unread;
                 }
                 Err(error) => {
                     self.failures += 1;

@@ -10,12 +10,7 @@ use crate::domain::Aggregate;
 use crate::domain::order::Order;
 use crate::domain::saga::{ORDER_FULFILMENT, Saga, SagaEvent};
 use crate::event_store::repository::{Loaded, decode};
-use crate::event_store::{
-    EventFilter, EventStore, Position, RecordedEvent, StoreError, StreamSelection,
-};
-
-/// Events read per page.
-const PAGE: u32 = 500;
+use crate::event_store::{EventStore, Position, StoreError};
 
 /// What one event of the order or its saga changed.
 #[derive(Debug, Clone)]
@@ -33,15 +28,14 @@ pub struct OrderChange {
     pub step: Option<String>,
 }
 
-/// Follows one order. Each [`OrderFeed::poll`] reads only what became
-/// readable since the last one, so following costs two indexed reads per
-/// wake-up, whatever the log's size.
+/// Follows one order. Each [`OrderFeed::poll`] reads only what was
+/// appended since the last one, so following costs one indexed read per
+/// wake-up (two when the log does not show the news yet), whatever the
+/// log's size.
 pub struct OrderFeed {
     store: Arc<dyn EventStore>,
     order_id: Uuid,
     saga_id: Uuid,
-    /// Everything at or before this position has been folded in.
-    cursor: Position,
     /// Changes at or before this position are folded in but not returned.
     resume_after: Position,
     order: Order,
@@ -58,7 +52,6 @@ impl OrderFeed {
             store,
             order_id,
             saga_id: Saga::id_for(ORDER_FULFILMENT, order_id),
-            cursor: Position::START,
             resume_after,
             order: Order::default(),
             order_version: 0,
@@ -88,21 +81,28 @@ impl OrderFeed {
         order_final && saga_done
     }
 
-    /// The changes that became readable since the last call, in log order.
+    /// The changes that became readable since the last call, in log order,
+    /// and the position of the newest event already committed but not
+    /// readable in the global log yet, if any: wait until the log shows it
+    /// ([`crate::event_store::LogHorizon`]) and poll again.
     ///
-    /// Both streams are read up to the same horizon (the log head read
-    /// first): positions at or below it are final, so nothing can appear
-    /// behind the cursor later.
-    pub async fn poll(&mut self) -> Result<Vec<OrderChange>, StoreError> {
-        let horizon = self.store.head().await?;
-        if horizon <= self.cursor {
-            return Ok(Vec::new());
-        }
-        let mut events = self.read(self.order_id, horizon).await?;
-        events.extend(self.read(self.saga_id, horizon).await?);
-        events.sort_by_key(|event| event.position);
+    /// One read of both streams after the versions folded in: an event is
+    /// folded in only once the log shows it, so the feed keeps log order
+    /// (nothing can appear later before a readable event).
+    pub async fn poll(&mut self) -> Result<(Vec<OrderChange>, Option<Position>), StoreError> {
+        let streams = [
+            (self.order_id, self.order_version),
+            (self.saga_id, self.saga.version),
+        ];
         let mut changes = Vec::new();
-        for event in events {
+        let mut unread = None;
+        for (event, readable) in self.store.read_streams_after(&streams).await? {
+            // Readable events come first; whatever follows an unreadable
+            // one waits with it, so log order holds whatever the backend.
+            if !readable || unread.is_some() {
+                unread = unread.max(Some(event.position));
+                continue;
+            }
             let step = if event.aggregate_id == self.order_id {
                 if event.aggregate_type != Order::AGGREGATE_TYPE {
                     // Not an order's id: nothing to follow.
@@ -129,55 +129,7 @@ impl OrderFeed {
                 });
             }
         }
-        self.cursor = horizon;
-        Ok(changes)
-    }
-
-    /// Where the latest committed event of the order or its saga stands in
-    /// the log, if there is one this feed has not folded in yet: it may not
-    /// be readable in the global log yet (see [`crate::event_store::LogHorizon`]).
-    pub async fn latest_unread(&self) -> Result<Option<Position>, StoreError> {
-        let mut latest = None;
-        for (stream, version) in [
-            (self.order_id, self.order_version),
-            (self.saga_id, self.saga.version),
-        ] {
-            let selection = StreamSelection {
-                after_version: Some(version).filter(|version| *version > 0),
-                ..StreamSelection::default()
-            };
-            let unread = self.store.read_stream(stream, selection).await?;
-            latest = latest.max(unread.last().map(|event| event.position));
-        }
-        Ok(latest.filter(|position| *position > self.cursor))
-    }
-
-    /// One stream's events after the cursor, up to `horizon`.
-    async fn read(
-        &self,
-        aggregate_id: Uuid,
-        horizon: Position,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let filter = EventFilter {
-            aggregate_id: Some(aggregate_id),
-            ..EventFilter::default()
-        };
-        let mut after = self.cursor;
-        let mut events = Vec::new();
-        loop {
-            let page = self.store.read_all_matching(&filter, after, PAGE).await?;
-            let full = page.len() == PAGE as usize;
-            for event in page {
-                if event.position > horizon {
-                    return Ok(events);
-                }
-                after = event.position;
-                events.push(event);
-            }
-            if !full {
-                return Ok(events);
-            }
-        }
+        Ok((changes, unread))
     }
 }
 

@@ -75,6 +75,13 @@ impl EventStore for NotifyingEventStore {
         self.inner.head().await
     }
 
+    async fn read_streams_after(
+        &self,
+        streams: &[(Uuid, u32)],
+    ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
+        self.inner.read_streams_after(streams).await
+    }
+
     async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
         self.inner.stream_version(aggregate_id).await
     }

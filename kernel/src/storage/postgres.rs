@@ -281,18 +281,26 @@ impl PostgresEventStore {
                 replayed: false,
             }),
             // Nothing inserted: the stream is behind `expected` or of another type.
-            Ok(_) => Err(self
-                .stream_conflict(stream.aggregate_id, &stream.aggregate_type, expected)
-                .await),
+            Ok(_) => Err(Self::stream_conflict(
+                &self.pool,
+                stream.aggregate_id,
+                &stream.aggregate_type,
+                expected,
+            )
+            .await),
             // The stream is ahead: a concurrent writer took the next version.
             Err(error)
                 if error
                     .as_database_error()
                     .is_some_and(|e| e.constraint() == Some(STREAM_VERSION_CONSTRAINT)) =>
             {
-                Err(self
-                    .stream_conflict(stream.aggregate_id, &stream.aggregate_type, expected)
-                    .await)
+                Err(Self::stream_conflict(
+                    &self.pool,
+                    stream.aggregate_id,
+                    &stream.aggregate_type,
+                    expected,
+                )
+                .await)
             }
             Err(error) => Err(append_error(error, &[stream.aggregate_id], &[expected])),
         }
@@ -301,7 +309,7 @@ impl PostgresEventStore {
     /// Why an append to `aggregate_id` as a `requested_type` at version
     /// `expected` did not apply, as the stream stands now.
     async fn stream_conflict(
-        &self,
+        pool: &PgPool,
         aggregate_id: Uuid,
         requested_type: &str,
         expected: i32,
@@ -311,7 +319,7 @@ impl PostgresEventStore {
              WHERE aggregate_id = $1 ORDER BY version DESC LIMIT 1",
         )
         .bind(aggregate_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(pool)
         .await;
         match latest {
             Err(error) => StoreError::Database(error),
@@ -328,6 +336,167 @@ impl PostgresEventStore {
                 actual: latest.map_or(0, |(version, _)| u32::try_from(version).unwrap_or(0)),
             },
         }
+    }
+}
+
+/// An append to any number of streams that happens only together with a
+/// write to another table (the *gate*), in one statement: one round trip,
+/// no `BEGIN`/`COMMIT`, and none of `append_events`' procedural overhead.
+/// The saga store writes a saga's row and its events this way.
+///
+/// `{GATE}` is a data-modifying statement that writes its row only when
+/// `{READY}` is true (every stream is at its expected version, checked in
+/// the statement's snapshot) and returns a row when it wrote. The events are
+/// inserted only if it did. A concurrent writer that takes a stream's next
+/// version first makes the insert fail on `UNIQUE (aggregate_id, version)`,
+/// which aborts the whole statement, gate included. The gate's own
+/// parameters are numbered from [`GATE_FIRST_PARAMETER`].
+///
+/// Returns whether the streams were ready and the last inserted event's
+/// position (NULL when nothing was inserted).
+const GATED_APPEND: &str = "\
+WITH streams AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[]) AS s(id, type, expected)
+),
+ready AS (
+    SELECT NOT EXISTS (
+        SELECT 1 FROM streams s
+        WHERE s.expected > 0 AND NOT EXISTS (
+            SELECT 1 FROM events p
+            WHERE p.aggregate_id = s.id AND p.version = s.expected AND p.aggregate_type = s.type)
+    ) AS ok
+),
+gate AS ({GATE}),
+inserted AS (
+    INSERT INTO events (id, aggregate_id, aggregate_type, event_type, schema_version, event_data,
+                        version, correlation_id, causation_id, actor, created_at)
+    SELECT e.id, e.stream, s.type, e.type, e.schema_version, e.data,
+           e.version, $10, $11, $12, statement_timestamp()
+    FROM unnest($4::uuid[], $5::uuid[], $6::text[], $7::integer[], $8::integer[], $9::jsonb[])
+             WITH ORDINALITY AS e(id, stream, type, version, schema_version, data, ord)
+    JOIN streams s ON s.id = e.stream
+    WHERE EXISTS (SELECT 1 FROM gate)
+    ORDER BY e.ord
+    RETURNING transaction_id, sequence
+)
+SELECT (SELECT ok FROM ready), max(i.transaction_id), max(i.sequence) FROM inserted i";
+
+/// The first parameter number a gate of [`GATED_APPEND`] may use.
+pub(crate) const GATE_FIRST_PARAMETER: usize = 13;
+
+/// The statement of a [`PostgresEventStore::append_gated`] with `gate`, in
+/// which `{READY}` stands for the streams' readiness.
+pub(crate) fn gated_append_statement(gate: &str) -> String {
+    GATED_APPEND.replace("{GATE}", &gate.replace("{READY}", "(SELECT ok FROM ready)"))
+}
+
+/// What a gated append did.
+#[derive(Debug)]
+pub(crate) enum Gated {
+    /// The gate wrote its row and the events were appended.
+    Written(AppendOutcome),
+    /// Every stream was ready but the gate wrote nothing: nothing was written.
+    Refused,
+}
+
+/// A gated append's row: streams ready, last position.
+type GatedRow = (Option<bool>, Option<i64>, Option<i64>);
+
+/// A query of [`GATED_APPEND`] with the append's parameters bound, for the
+/// gate's to follow.
+pub(crate) type GatedQuery<'q> =
+    sqlx::query::QueryAs<'q, Postgres, GatedRow, sqlx::postgres::PgArguments>;
+
+impl PostgresEventStore {
+    /// Runs `statement` (made by [`gated_append_statement`]) for `request`,
+    /// with the gate's parameters bound by `bind_gate`. Idempotency keys are
+    /// not supported here (they need `append_events`).
+    pub(crate) async fn append_gated<'q>(
+        pool: &PgPool,
+        statement: &'q str,
+        request: AppendRequest,
+        bind_gate: impl FnOnce(GatedQuery<'q>) -> GatedQuery<'q>,
+    ) -> Result<Gated, StoreError> {
+        validate(&request)?;
+        if request.idempotency_key.is_some() {
+            return Err(StoreError::invalid(
+                "idempotency_key",
+                "a gated append takes no idempotency key",
+            ));
+        }
+        let resulting_versions = request.resulting_versions();
+        let streams: Vec<(Uuid, String, i32)> = request
+            .streams
+            .iter()
+            .map(|s| {
+                (
+                    s.aggregate_id,
+                    s.aggregate_type.clone(),
+                    s.expected_version as i32,
+                )
+            })
+            .collect();
+        let args = AppendArguments::from_request(request);
+        let query = sqlx::query_as(statement)
+            .bind(args.stream_ids.clone())
+            .bind(args.stream_types)
+            .bind(args.expected_versions.clone())
+            .bind(args.event_ids)
+            .bind(args.event_streams)
+            .bind(args.event_types)
+            .bind(args.event_versions)
+            .bind(args.schema_versions)
+            .bind(args.event_data)
+            .bind(args.metadata.correlation_id)
+            .bind(args.metadata.causation_id)
+            .bind(args.metadata.actor);
+        let result: Result<GatedRow, sqlx::Error> = bind_gate(query).fetch_one(pool).await;
+        match result {
+            Ok((_, Some(transaction_id), Some(sequence))) => Ok(Gated::Written(AppendOutcome {
+                stream_versions: resulting_versions,
+                last_position: Position {
+                    transaction_id,
+                    sequence,
+                },
+                replayed: false,
+            })),
+            Ok((Some(true), _, _)) => Ok(Gated::Refused),
+            // A stream was not at its expected version.
+            Ok(_) => Err(Self::first_conflict(pool, &streams).await),
+            // A concurrent writer took a stream's next version.
+            Err(error)
+                if error
+                    .as_database_error()
+                    .is_some_and(|e| e.constraint() == Some(STREAM_VERSION_CONSTRAINT)) =>
+            {
+                Err(Self::first_conflict(pool, &streams).await)
+            }
+            Err(error) => Err(append_error(
+                error,
+                &args.stream_ids,
+                &args.expected_versions,
+            )),
+        }
+    }
+
+    /// The conflict of the first of `streams` (id, type, expected version)
+    /// that is not as expected now; the first stream's if all are (they
+    /// were not when the append ran).
+    async fn first_conflict(pool: &PgPool, streams: &[(Uuid, String, i32)]) -> StoreError {
+        let mut first = None;
+        for (aggregate_id, aggregate_type, expected) in streams {
+            let conflict =
+                Self::stream_conflict(pool, *aggregate_id, aggregate_type, *expected).await;
+            match conflict {
+                StoreError::VersionConflict {
+                    expected, actual, ..
+                } if expected == actual => {
+                    first.get_or_insert(conflict);
+                }
+                other => return other,
+            }
+        }
+        first.unwrap_or_else(|| StoreError::Corrupt("a gated append named no stream".into()))
     }
 }
 
@@ -466,6 +635,14 @@ impl TryFrom<EventRow> for RecordedEvent {
     }
 }
 
+/// An event with whether the global log shows it yet.
+#[derive(sqlx::FromRow)]
+struct ReadableEventRow {
+    #[sqlx(flatten)]
+    event: EventRow,
+    readable: bool,
+}
+
 fn to_recorded(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>, StoreError> {
     rows.into_iter().map(RecordedEvent::try_from).collect()
 }
@@ -565,6 +742,36 @@ impl EventStore for PostgresEventStore {
                 sequence,
             }),
         )
+    }
+
+    async fn read_streams_after(
+        &self,
+        streams: &[(Uuid, u32)],
+    ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
+        let ids: Vec<Uuid> = streams.iter().map(|(id, _)| *id).collect();
+        validate_stream_ids(&ids)?;
+        let versions: Vec<i32> = streams
+            .iter()
+            .map(|(_, version)| i32::try_from(*version).unwrap_or(i32::MAX))
+            .collect();
+        // One read for every stream, and readability in the same snapshot.
+        // One index range per stream: `OFFSET 0` keeps the planner from
+        // flattening the LATERAL into a join, which the generic plan of a
+        // prepared statement ran as a hash join over the whole table.
+        let rows: Vec<ReadableEventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS}, {READABLE} AS readable \
+             FROM unnest($1::uuid[], $2::integer[]) AS s(stream, after_version) \
+             CROSS JOIN LATERAL (SELECT * FROM events \
+               WHERE aggregate_id = s.stream AND version > s.after_version OFFSET 0) e \
+             ORDER BY transaction_id, sequence"
+        ))
+        .bind(ids)
+        .bind(versions)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| Ok((RecordedEvent::try_from(row.event)?, row.readable)))
+            .collect()
     }
 
     async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {

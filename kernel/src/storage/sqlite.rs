@@ -83,13 +83,19 @@ impl SqliteDatabase {
         Ok(())
     }
 
-    /// Starts a write transaction holding SQLite's write lock. Every other
-    /// writer waits until it commits or rolls back, so keep it short.
     /// The pool for reads, which run in parallel with the writer (WAL).
     pub fn reader(&self) -> &SqlitePool {
         &self.reader
     }
 
+    /// The single writer connection, for a write of one statement (which
+    /// SQLite commits on its own).
+    pub fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    /// Starts a write transaction holding SQLite's write lock. Every other
+    /// writer waits until it commits or rolls back, so keep it short.
     pub async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
