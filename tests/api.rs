@@ -24,8 +24,7 @@ use commerce_kernel::domain::money::{Currency, Money};
 use commerce_kernel::domain::order::Address;
 use commerce_kernel::domain::saga::{ORDER_FULFILMENT, Saga};
 use commerce_kernel::event_store::{
-    AppendOutcome, AppendRequest, Backend, EventFilter, EventStore, NewEvent, Position,
-    RecordedEvent, StoreError, StreamSelection,
+    AppendRequest, EventFilter, NewEvent, Position, StoreError, StreamSelection,
 };
 use commerce_kernel::live::LiveUpdates;
 use commerce_kernel::projections::{
@@ -35,6 +34,7 @@ use commerce_kernel::projections::{
 use commerce_plugin_host::{EngineConfig, PluginRegistry};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
+use support::counting::CountingEvents;
 use support::kernel::{RunningKernel, TEST_JWT_SECRET, error_code, payload_codes};
 use support::shop::{self, AdminClient as _};
 use support::{TestDatabase, run_suite_except};
@@ -1778,51 +1778,6 @@ async fn customers_see_no_internal_references_in_their_orders(
     kernel.stop().await
 }
 
-/// An event store that counts the stream reads going through it.
-struct CountingEvents {
-    inner: Arc<dyn EventStore>,
-    stream_reads: AtomicU64,
-}
-
-#[async_trait::async_trait]
-impl EventStore for CountingEvents {
-    fn backend(&self) -> Backend {
-        self.inner.backend()
-    }
-    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
-        self.inner.append(request).await
-    }
-    async fn read_stream(
-        &self,
-        aggregate_id: Uuid,
-        selection: StreamSelection,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.stream_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.read_stream(aggregate_id, selection).await
-    }
-    async fn read_streams(&self, aggregate_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.stream_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.read_streams(aggregate_ids).await
-    }
-    async fn read_all_matching(
-        &self,
-        filter: &EventFilter,
-        after: Position,
-        limit: u32,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.inner.read_all_matching(filter, after, limit).await
-    }
-    async fn count_matching(&self, filter: &EventFilter) -> Result<u64, StoreError> {
-        self.inner.count_matching(filter).await
-    }
-    async fn head(&self) -> Result<Position, StoreError> {
-        self.inner.head().await
-    }
-    async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
-        self.inner.stream_version(aggregate_id).await
-    }
-}
-
 /// A view store that counts the stock reads going through it.
 struct CountingViews {
     inner: Arc<dyn ViewStore>,
@@ -1901,10 +1856,7 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
 ) -> anyhow::Result<()> {
     const PRODUCTS: usize = 40;
     const ORDERS: usize = 40;
-    let events = Arc::new(CountingEvents {
-        inner: db.event_store(),
-        stream_reads: AtomicU64::new(0),
-    });
+    let events = Arc::new(CountingEvents::new(db.event_store()));
     let views = Arc::new(CountingViews {
         inner: db.database.view_store(),
         inventory_reads: AtomicU64::new(0),
@@ -1986,7 +1938,7 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
 
     let run = async |query: &str, principal: Principal| -> anyhow::Result<(Value, u64, u64)> {
         let (streams, stock) = (
-            events.stream_reads.load(Ordering::SeqCst),
+            events.stream_reads(),
             views.inventory_reads.load(Ordering::SeqCst),
         );
         let response = schema
@@ -1995,7 +1947,7 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
         ensure!(response.errors.is_empty(), "{:?}", response.errors);
         Ok((
             response.data.into_json()?,
-            events.stream_reads.load(Ordering::SeqCst) - streams,
+            events.stream_reads() - streams,
             views.inventory_reads.load(Ordering::SeqCst) - stock,
         ))
     };

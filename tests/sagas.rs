@@ -34,6 +34,7 @@ use commerce_kernel::sagas::{
 };
 use commerce_plugin_artifacts as artifacts;
 use commerce_plugin_host::{EngineConfig, PluginRegistry, sha256_hex};
+use support::counting::CountingEvents;
 use support::fakes::{FakePayments, FakeShipping, HOSTILE_DECLINES};
 use support::{TestDatabase, run_suite};
 use uuid::Uuid;
@@ -51,6 +52,7 @@ fn main() {
         a_compensation_that_keeps_failing_parks_the_saga_until_retried,
         a_saga_past_its_deadline_is_compensated,
         a_paused_former_owner_cannot_write_after_losing_its_lease,
+        a_drive_reads_the_saga_stream_once_not_before_every_step,
         hostile_provider_text_still_ends_the_saga,
         a_payment_only_authorized_is_captured_before_the_order_is_confirmed,
         an_unrecorded_charge_is_looked_up_and_refunded_never_forgotten,
@@ -1065,6 +1067,37 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
     ensure!(
         unchanged == row,
         "{unchanged:?} after refused writes, was {row:?}"
+    );
+    Ok(())
+}
+
+/// Between steps a drive keeps the saga as its own last write left it: the
+/// saga's stream is read once when the drive starts, not before every step.
+/// (That a request arriving meanwhile is still honoured is what the
+/// cancellation tests show.)
+async fn a_drive_reads_the_saga_stream_once_not_before_every_step(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let shop = shop_without_runner(&db, db.database.saga_store()).await?;
+    let product = shop.product("4", 3).await?;
+    let events = Arc::new(CountingEvents::new(db.event_store()));
+    let counted = Sagas::new(
+        Commerce::new(events.clone(), db.database.view_store()),
+        db.database.saga_store(),
+    );
+    let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
+    let runner = Runner::start(&counted, &shop.registry, LEASE, FaultHooks::default());
+    let saga = shop.settled(order_id).await?;
+    ensure!(
+        saga.state.status == Some(SagaStatus::Completed),
+        "{saga:#?}"
+    );
+    runner.stop().await;
+    let reads = events.reads_of(Saga::id_for(ORDER_FULFILMENT, order_id));
+    ensure!(
+        reads == 1,
+        "the runner read the saga's stream {reads} times for {} steps",
+        saga.state.steps.len()
     );
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of the fixtures.
 
+pub mod counting;
 #[path = "../fakes/mod.rs"]
 pub mod fakes;
 pub mod kernel;

@@ -175,29 +175,73 @@ impl RunnerMetrics {
 
 /// The sagas this process is driving right now, with their claims: the
 /// heartbeat renews these and no others.
+///
+/// Between two steps a drive also keeps the saga as its own last write left
+/// it, so the next step starts without reading the saga's stream. That is
+/// safe because every step begins with a write fenced by the claim and
+/// checked against the saga's version: a request that arrived meanwhile
+/// (cancel, retry: appended without the lease) makes that write a version
+/// conflict, and the drive forgets what it kept and reads the stream
+/// again. A step that only gives the saga back (nothing due) hands over the
+/// version it saw, and the store makes the saga due at once if the stream
+/// moved past it. What a drive keeps ends with the drive.
 #[derive(Debug, Default)]
-struct Driving(Mutex<HashMap<Uuid, i64>>);
+struct Driving(Mutex<HashMap<Uuid, Drive>>);
+
+#[derive(Debug)]
+struct Drive {
+    fencing_token: i64,
+    /// The saga as this drive's last write left it.
+    kept: Option<Loaded<Saga>>,
+}
 
 impl Driving {
     /// Registers a drive; dropping the guard ends it, however the task ends.
     fn enter(self: &Arc<Self>, claim: Claim) -> DrivingGuard {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(claim.saga_id, claim.fencing_token);
+        self.lock().insert(
+            claim.saga_id,
+            Drive {
+                fencing_token: claim.fencing_token,
+                kept: None,
+            },
+        );
         DrivingGuard {
             driving: Arc::clone(self),
             claim,
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Drive>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn sagas(&self) -> Vec<Uuid> {
-        self.0
+        self.lock().keys().copied().collect()
+    }
+
+    /// The saga `claim`'s drive kept, if any (taken: whoever goes on with
+    /// it keeps the state its write leaves).
+    fn take_kept(&self, claim: Claim) -> Option<Loaded<Saga>> {
+        self.lock()
+            .get_mut(&claim.saga_id)
+            .filter(|drive| drive.fencing_token == claim.fencing_token)
+            .and_then(|drive| drive.kept.take())
+    }
+
+    /// Keeps `saga` for `claim`'s next step (nothing if the drive ended).
+    fn keep(&self, claim: Claim, saga: Loaded<Saga>) {
+        if let Some(drive) = self
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .keys()
-            .copied()
-            .collect()
+            .get_mut(&claim.saga_id)
+            .filter(|drive| drive.fencing_token == claim.fencing_token)
+        {
+            drive.kept = Some(saga);
+        }
+    }
+
+    /// Drops what `claim`'s drive kept: the next step reads the stream.
+    fn forget(&self, claim: Claim) {
+        let _ = self.take_kept(claim);
     }
 }
 
@@ -208,12 +252,11 @@ struct DrivingGuard {
 
 impl Drop for DrivingGuard {
     fn drop(&mut self) {
-        let mut sagas = self
-            .driving
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if sagas.get(&self.claim.saga_id) == Some(&self.claim.fencing_token) {
+        let mut sagas = self.driving.lock();
+        if sagas
+            .get(&self.claim.saga_id)
+            .is_some_and(|drive| drive.fencing_token == self.claim.fencing_token)
+        {
             sagas.remove(&self.claim.saga_id);
         }
     }
@@ -572,6 +615,8 @@ impl SagaRunner {
                 Ok(Flow::Stop) => return,
                 Err(error) => error,
             };
+            // A conflict or a failed write: the next try reads the stream.
+            self.driving.forget(claim);
             if retry.wait(&self.metrics, claim.saga_id, &error).await {
                 continue;
             }
@@ -648,7 +693,10 @@ impl SagaRunner {
     /// Does the next thing the saga's record calls for.
     async fn step(&self, claim: Claim) -> Result<Flow, CommandError> {
         let saga_id = claim.saga_id;
-        let loaded = self.sagas.load(saga_id).await?;
+        let loaded = match self.driving.take_kept(claim) {
+            Some(kept) => kept,
+            None => self.sagas.load(saga_id).await?,
+        };
         let now = Utc::now();
         match loaded.state.next(now) {
             Next::Idle => {
@@ -659,6 +707,7 @@ impl SagaRunner {
             }
             Next::Wait(at) if at - now <= SHORT_WAIT => {
                 tokio::time::sleep((at - now).to_std().unwrap_or_default()).await;
+                self.driving.keep(claim, loaded);
                 Ok(Flow::Continue)
             }
             Next::Wait(at) => {
@@ -696,7 +745,7 @@ impl SagaRunner {
         events: &[SagaEvent],
         other_streams: Vec<crate::event_store::StreamAppend>,
     ) -> Result<Flow, CommandError> {
-        let (committed, _) = self
+        let (committed, written) = self
             .sagas
             .commit(
                 Some(claim),
@@ -709,6 +758,13 @@ impl SagaRunner {
             .await?;
         match committed {
             Committed::Written(_) => {
+                self.driving.keep(
+                    claim,
+                    Loaded {
+                        state: written.state,
+                        version: written.version,
+                    },
+                );
                 for event in events {
                     if let SagaEvent::Parked { cause, .. } = event {
                         self.metrics.count_park(*cause);

@@ -1,0 +1,98 @@
+//! An event store that counts the stream reads going through it, per
+//! stream, for tests that prove what a path does not read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use commerce_kernel::event_store::{
+    AppendOutcome, AppendRequest, Backend, EventFilter, EventStore, Position, RecordedEvent,
+    StoreError, StreamSelection,
+};
+use uuid::Uuid;
+
+pub struct CountingEvents {
+    inner: Arc<dyn EventStore>,
+    /// Reads of each stream; a read of several streams counts for each.
+    reads: Mutex<HashMap<Uuid, u64>>,
+    /// Read calls, whatever their number of streams.
+    calls: Mutex<u64>,
+}
+
+impl CountingEvents {
+    pub fn new(inner: Arc<dyn EventStore>) -> Self {
+        CountingEvents {
+            inner,
+            reads: Mutex::default(),
+            calls: Mutex::default(),
+        }
+    }
+
+    /// Stream read calls so far.
+    pub fn stream_reads(&self) -> u64 {
+        *self.calls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Reads of `aggregate_id`'s stream so far.
+    pub fn reads_of(&self, aggregate_id: Uuid) -> u64 {
+        self.reads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&aggregate_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn count(&self, aggregate_ids: impl IntoIterator<Item = Uuid>) {
+        *self.calls.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        let mut reads = self.reads.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in aggregate_ids {
+            *reads.entry(id).or_default() += 1;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl EventStore for CountingEvents {
+    fn backend(&self) -> Backend {
+        self.inner.backend()
+    }
+    async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
+        self.inner.append(request).await
+    }
+    async fn read_stream(
+        &self,
+        aggregate_id: Uuid,
+        selection: StreamSelection,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.count([aggregate_id]);
+        self.inner.read_stream(aggregate_id, selection).await
+    }
+    async fn read_streams(&self, aggregate_ids: &[Uuid]) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.count(aggregate_ids.iter().copied());
+        self.inner.read_streams(aggregate_ids).await
+    }
+    async fn read_streams_after(
+        &self,
+        streams: &[(Uuid, u32)],
+    ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
+        self.count(streams.iter().map(|(id, _)| *id));
+        self.inner.read_streams_after(streams).await
+    }
+    async fn read_all_matching(
+        &self,
+        filter: &EventFilter,
+        after: Position,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner.read_all_matching(filter, after, limit).await
+    }
+    async fn count_matching(&self, filter: &EventFilter) -> Result<u64, StoreError> {
+        self.inner.count_matching(filter).await
+    }
+    async fn head(&self) -> Result<Position, StoreError> {
+        self.inner.head().await
+    }
+    async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
+        self.inner.stream_version(aggregate_id).await
+    }
+}
