@@ -51,12 +51,19 @@ if [ -n "$baseline" ]; then
   [ -d "$tree" ] || git worktree add --detach "$tree" "$rev"
   git -C "$tree" checkout --quiet --detach "$rev"
   echo "== building the baseline kernel at $rev (release)"
-  (cd "$tree" && cargo build --release -p commerce-kernel)
+  # Both trees share the target directory, and cargo decides freshness by
+  # the sources' times: without a clean it may take one tree's kernel for
+  # the other's.
+  (cd "$tree" && cargo clean --release -p commerce-kernel -p commerce-plugin-host \
+    && cargo build --release -p commerce-kernel)
   mkdir -p "$CARGO_TARGET_DIR/bench/baseline"
   cp "$CARGO_TARGET_DIR/release/commerce-kernel" "$CARGO_TARGET_DIR/bench/baseline/"
   variants+=("baseline:$CARGO_TARGET_DIR/bench/baseline/commerce-kernel")
 fi
 echo "== building this tree's kernel and the guest plugins (release)"
+if [ -n "$baseline" ]; then
+  cargo clean --release -p commerce-kernel -p commerce-plugin-host
+fi
 cargo build --release -p commerce-kernel -p commerce-plugin-artifacts
 guests="$CARGO_TARGET_DIR/release/plugin-guests/wasm32-wasip2/release"
 # Copies keep the name commerce-kernel: the load test finds kernel processes
@@ -65,6 +72,13 @@ mkdir -p "$CARGO_TARGET_DIR/bench/current"
 cp "$CARGO_TARGET_DIR/release/commerce-kernel" "$CARGO_TARGET_DIR/bench/current/"
 loadtest_bin="$CARGO_TARGET_DIR/bench/current/commerce-kernel"
 variants+=("current:$loadtest_bin")
+for variant in "${variants[@]}"; do
+  other=${variant#*:}
+  if [ "$other" != "$loadtest_bin" ] && cmp -s "$other" "$loadtest_bin"; then
+    echo "orders.sh: ${variant%%:*} is the same binary as this tree's kernel" >&2
+    exit 1
+  fi
+done
 
 results="$CARGO_TARGET_DIR/results"
 mkdir -p "$results"

@@ -64,14 +64,16 @@ impl SubscriptionRoot {
         let mut feed = OrderFeed::new(Arc::clone(event_store(ctx)), order_id, resume_after);
         // Registered before the first read, so nothing falls in between.
         let watch = live.watch(&feed.aggregate_ids());
-        let (mut first, unread) = feed.poll().await?;
+        let (mut first, mut unread) = feed.poll().await?;
         // Committed but not shown by the log yet (just placed, say): worth
         // a short wait before deciding whether the order exists.
-        if let Some(unread) = unread {
+        if let Some(position) = unread {
             live.horizon()
-                .wait_until_readable(unread, READABLE_WAIT)
+                .wait_until_readable(position, READABLE_WAIT)
                 .await;
-            first.extend(feed.poll().await?.0);
+            let (more, still_unread) = feed.poll().await?;
+            first.extend(more);
+            unread = still_unread;
         }
         let visible = feed
             .order()
@@ -94,7 +96,7 @@ impl SubscriptionRoot {
             watch,
             horizon: live.horizon().clone(),
             pending: first.into(),
-            unread: None,
+            unread,
             failures: 0,
             ended: false,
         };
@@ -122,7 +124,7 @@ impl Following {
             if self.ended || self.feed.is_finished() {
                 return None;
             }
-            match self.unread.take() {
+            match self.unread {
                 // Committed news the global log did not show yet: wait until
                 // it does rather than for the next wake-up (which may never
                 // come, the append having happened).

@@ -38,10 +38,29 @@ pub struct OrderFeed {
     saga_id: Uuid,
     /// Changes at or before this position are folded in but not returned.
     resume_after: Position,
+    folded: Folded,
+}
+
+/// The order and its saga as far as a feed has read them.
+#[derive(Clone)]
+struct Folded {
     order: Order,
     /// The order stream's version folded in.
     order_version: u32,
     saga: Loaded<Saga>,
+}
+
+impl Default for Folded {
+    fn default() -> Self {
+        Folded {
+            order: Order::default(),
+            order_version: 0,
+            saga: Loaded {
+                state: Saga::default(),
+                version: 0,
+            },
+        }
+    }
 }
 
 impl OrderFeed {
@@ -53,12 +72,7 @@ impl OrderFeed {
             order_id,
             saga_id: Saga::id_for(ORDER_FULFILMENT, order_id),
             resume_after,
-            order: Order::default(),
-            order_version: 0,
-            saga: Loaded {
-                state: Saga::default(),
-                version: 0,
-            },
+            folded: Folded::default(),
         }
     }
 
@@ -69,15 +83,15 @@ impl OrderFeed {
 
     /// The order as folded so far.
     pub fn order(&self) -> &Order {
-        &self.order
+        &self.folded.order
     }
 
     /// Whether nothing can happen to the order any more: its status is
     /// final and its saga, if any, completed or compensated. A PARKED saga
     /// may still be retried, so it keeps the feed open.
     pub fn is_finished(&self) -> bool {
-        let order_final = self.order.status.is_some_and(|s| s.is_final());
-        let saga_done = self.saga.state.status.is_none_or(|s| s.is_final());
+        let order_final = self.folded.order.status.is_some_and(|s| s.is_final());
+        let saga_done = self.folded.saga.state.status.is_none_or(|s| s.is_final());
         order_final && saga_done
     }
 
@@ -91,12 +105,16 @@ impl OrderFeed {
     /// (nothing can appear later before a readable event).
     pub async fn poll(&mut self) -> Result<(Vec<OrderChange>, Option<Position>), StoreError> {
         let streams = [
-            (self.order_id, self.order_version),
-            (self.saga_id, self.saga.version),
+            (self.order_id, self.folded.order_version),
+            (self.saga_id, self.folded.saga.version),
         ];
+        let events = self.store.read_streams_after(&streams).await?;
+        // Folded into a copy, kept only if every event decodes: a failed
+        // poll leaves the feed where it was, to be read again whole.
+        let mut folded = self.folded.clone();
         let mut changes = Vec::new();
         let mut unread = None;
-        for (event, readable) in self.store.read_streams_after(&streams).await? {
+        for (event, readable) in events {
             // Readable events come first; whatever follows an unreadable
             // one waits with it, so log order holds whatever the backend.
             if !readable || unread.is_some() {
@@ -108,27 +126,33 @@ impl OrderFeed {
                     // Not an order's id: nothing to follow.
                     continue;
                 }
-                self.order.apply(&decode(&event)?);
-                self.order_version = event.version;
+                folded.order.apply(&decode(&event)?);
+                folded.order_version = event.version;
                 None
             } else {
                 let saga_event: SagaEvent = decode(&event)?;
-                self.saga.state.apply(&saga_event);
-                self.saga.version = event.version;
+                folded.saga.state.apply(&saga_event);
+                folded.saga.version = event.version;
                 step_of(&saga_event)
             };
-            if event.position > self.resume_after && self.order.placed.is_some() {
+            if event.position > self.resume_after && folded.order.placed.is_some() {
                 changes.push(OrderChange {
                     order_id: self.order_id,
                     position: event.position,
                     event_type: event.event_type.clone(),
                     occurred_at: event.created_at,
-                    order: self.order.clone(),
-                    saga: self.saga.state.status.is_some().then(|| self.saga.clone()),
+                    order: folded.order.clone(),
+                    saga: folded
+                        .saga
+                        .state
+                        .status
+                        .is_some()
+                        .then(|| folded.saga.clone()),
                     step,
                 });
             }
         }
+        self.folded = folded;
         Ok((changes, unread))
     }
 }

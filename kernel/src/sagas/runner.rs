@@ -673,8 +673,15 @@ impl SagaRunner {
         };
         match parked.await {
             Ok(Flow::Continue) => {
-                // Parked sagas are never due: give the claim back.
-                if let Err(error) = self.store().release(claim, None, None, Utc::now()).await {
+                // Parked sagas are never due: give the claim back, with the
+                // version parked at, so a retry requested in between keeps
+                // the saga due.
+                let parked_at = self.driving.take_kept(claim).map(|saga| saga.version);
+                if let Err(error) = self
+                    .store()
+                    .release(claim, parked_at, None, Utc::now())
+                    .await
+                {
                     tracing::warn!(saga_id = %claim.saga_id, %error, "could not give a parked saga back");
                 }
             }
@@ -960,7 +967,9 @@ impl SagaRunner {
             );
         };
         if step.status != StepStatus::Running || step.attempts != attempt {
-            // Another owner moved the step on; its record stands.
+            // Another owner moved the step on; its record stands, and what
+            // this drive kept is behind it.
+            self.driving.forget(claim);
             return Ok(Flow::Continue);
         }
         let order_id = loaded.state.order_id;

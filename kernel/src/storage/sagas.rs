@@ -195,10 +195,10 @@ const MAX_SKIPPED: usize = 200;
 /// Most sagas one heartbeat statement renews.
 const HEARTBEAT_CHUNK: usize = 500;
 
-/// A saga leased with work left is due (`next_run_at` set: see the module
-/// docs), so the due index finds the owner's sagas without one on the lease.
+/// At shutdown only: without an index on the lease (see the module docs)
+/// this reads the whole table once.
 const RELEASE_ALL: &str = "UPDATE saga_instances SET lease_owner = NULL, lease_expires_at = NULL \
-     WHERE next_run_at IS NOT NULL AND lease_owner = $1";
+     WHERE lease_owner = $1";
 
 const COUNTS: &str = "SELECT status, COUNT(*) FROM saga_instances GROUP BY status";
 
