@@ -53,6 +53,7 @@ fn main() {
         a_saga_past_its_deadline_is_compensated,
         a_paused_former_owner_cannot_write_after_losing_its_lease,
         a_drive_reads_the_saga_stream_once_not_before_every_step,
+        a_cancel_after_the_next_step_was_decided_stops_it_before_its_call,
         hostile_provider_text_still_ends_the_saga,
         a_payment_only_authorized_is_captured_before_the_order_is_confirmed,
         an_unrecorded_charge_is_looked_up_and_refunded_never_forgotten,
@@ -1100,6 +1101,62 @@ async fn a_drive_reads_the_saga_stream_once_not_before_every_step(
         saga.state.steps.len()
     );
     Ok(())
+}
+
+/// A cancel that lands after a drive decided its next step on the saga it
+/// kept, before that step's first write: the write fails its version
+/// check, the drive reads the saga again and compensates instead. The
+/// carrier is never asked; the payment is refunded.
+async fn a_cancel_after_the_next_step_was_decided_stops_it_before_its_call(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let shop = shop_without_runner(&db, db.database.saga_store()).await?;
+    let product = shop.product("5", 2).await?;
+    let runner = Runner::start(
+        &shop.sagas,
+        &shop.registry,
+        LEASE,
+        FaultHooks::from_setting(Some("before-start:shipment=1500")).map_err(anyhow::Error::msg)?,
+    );
+    let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
+    shop.wait_for(order_id, |saga| {
+        step_status(saga, "payment") == Some(StepStatus::Succeeded)
+    })
+    .await?;
+    // The drive waits at the shipment's start, holding the saga as its
+    // payment write left it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shop.sagas
+        .cancel_order(order_id, "changed my mind", &context())
+        .await?;
+    let saga = shop.settled(order_id).await?;
+    runner.stop().await;
+    ensure!(
+        saga.state.status == Some(SagaStatus::Compensated),
+        "{saga:#?}"
+    );
+    ensure!(
+        step_status(&saga.state, "shipment") == Some(StepStatus::Pending),
+        "{saga:#?}"
+    );
+    let key = Saga::step_key(saga_id_of(order_id), "shipment");
+    ensure!(
+        shop.shipping.requests_with_key(&key) == 0,
+        "the carrier was asked {} times",
+        shop.shipping.requests_with_key(&key)
+    );
+    ensure!(
+        shop.payments(order_id) == [("refunded".to_string(), true)],
+        "{:?}",
+        shop.payments(order_id)
+    );
+    ensure!(shop.order_state(order_id).await?.status == Some(OrderStatus::Cancelled));
+    shop.expect_stock(product, 2).await?;
+    Ok(())
+}
+
+fn saga_id_of(order_id: Uuid) -> Uuid {
+    Saga::id_for(ORDER_FULFILMENT, order_id)
 }
 
 /// Waits until `ready` holds, polling; fails after `limit`.

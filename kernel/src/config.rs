@@ -50,7 +50,8 @@ pub const SAGA_CONCURRENCY: &str = "COMMERCE_SAGA_CONCURRENCY";
 /// feature (a release build refuses to start with it): `<when>:<step>`
 /// points (comma-separated) at which the saga runner stops for good, waits
 /// (`=<ms>`) or panics (`=panic`); see [`crate::sagas::hooks`]. `when` is
-/// before-call, after-call, before-compensation or after-compensation.
+/// before-start (a plugin step, before its start is recorded), before-call,
+/// after-call, before-compensation or after-compensation.
 pub const TEST_PAUSE_AT: &str = "COMMERCE_TEST_PAUSE_AT";
 
 /// Longest cart time to live accepted: 90 days.

@@ -860,6 +860,9 @@ impl SagaRunner {
         };
 
         // A call: record its start first, so a crash during it is known.
+        // That write is also where a decision taken on a kept saga that a
+        // request has since moved past fails its version check.
+        self.settings.hooks.at("before-start", step.name()).await;
         let mut loaded = loaded;
         let events = [SagaEvent::StepStarted {
             step: step.name().to_string(),
