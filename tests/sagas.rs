@@ -1116,7 +1116,9 @@ async fn a_cancel_after_the_next_step_was_decided_stops_it_before_its_call(
         &shop.sagas,
         &shop.registry,
         LEASE,
-        FaultHooks::from_setting(Some("before-start:shipment=1500")).map_err(anyhow::Error::msg)?,
+        // Longer than the lease: the heartbeat keeps it while the drive
+        // waits, and the cancel has all the time it needs to land.
+        FaultHooks::from_setting(Some("before-start:shipment=4000")).map_err(anyhow::Error::msg)?,
     );
     let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
     shop.wait_for(order_id, |saga| {
@@ -1130,7 +1132,13 @@ async fn a_cancel_after_the_next_step_was_decided_stops_it_before_its_call(
         .cancel_order(order_id, "changed my mind", &context())
         .await?;
     let saga = shop.settled(order_id).await?;
+    // The drive went on from the saga it kept, and its write said no.
+    let conflicts = runner.metrics.conflict_retries.load(Ordering::Relaxed);
     runner.stop().await;
+    ensure!(
+        conflicts >= 1,
+        "no version conflict: the drive did not act on what it kept"
+    );
     ensure!(
         saga.state.status == Some(SagaStatus::Compensated),
         "{saga:#?}"

@@ -73,9 +73,14 @@ cp "$CARGO_TARGET_DIR/release/commerce-kernel" "$CARGO_TARGET_DIR/bench/current/
 loadtest_bin="$CARGO_TARGET_DIR/bench/current/commerce-kernel"
 variants+=("current:$loadtest_bin")
 for variant in "${variants[@]}"; do
-  other=${variant#*:}
-  if [ "$other" != "$loadtest_bin" ] && cmp -s "$other" "$loadtest_bin"; then
-    echo "orders.sh: ${variant%%:*} is the same binary as this tree's kernel" >&2
+  name=${variant%%:*} other=${variant#*:}
+  [ "$name" = current ] && continue
+  if [ ! -x "$other" ]; then
+    echo "orders.sh: $name: no kernel at $other" >&2
+    exit 1
+  fi
+  if [ "$other" -ef "$loadtest_bin" ] || cmp -s "$other" "$loadtest_bin"; then
+    echo "orders.sh: $name is the same binary as this tree's kernel" >&2
     exit 1
   fi
 done

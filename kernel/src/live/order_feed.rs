@@ -109,6 +109,9 @@ impl OrderFeed {
             (self.saga_id, self.folded.saga.version),
         ];
         let events = self.store.read_streams_after(&streams).await?;
+        if events.is_empty() {
+            return Ok((Vec::new(), None));
+        }
         // Folded into a copy, kept only if every event decodes: a failed
         // poll leaves the feed where it was, to be read again whole.
         let mut folded = self.folded.clone();

@@ -160,8 +160,9 @@ pub trait SagaStore: Send + Sync {
     /// on this process), due after `delay`, and counts the deferral.
     async fn defer(&self, claim: Claim, delay: Duration) -> Result<(), StoreError>;
 
-    /// Gives back every saga `owner` holds but those in `keep` (up to 200),
-    /// due at once (graceful shutdown). The kept ones' leases lapse.
+    /// Gives back every saga `owner` holds but those in `keep` (up to 200)
+    /// at graceful shutdown: their due times stay as they are (a saga with
+    /// work left is due), and the kept ones' leases lapse.
     async fn release_all(&self, owner: &str, keep: &[Uuid]) -> Result<u64, StoreError>;
 
     async fn get(&self, saga_id: Uuid) -> Result<Option<SagaInstance>, StoreError>;
