@@ -9,7 +9,8 @@
 //! kernel processes may run projectors against one database: the checkpoint
 //! row is taken with a lock, so one applies a batch while the others skip.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -396,6 +397,13 @@ pub struct Projector {
     rounds: Arc<watch::Sender<u64>>,
     /// The log's readable head, when the process follows it.
     horizon: Option<LogHorizon>,
+    /// Each projection's checkpoint as this process last wrote it, so a
+    /// round woken by an append starts reading the log there instead of
+    /// reading the checkpoint first. If another process has moved the
+    /// checkpoint since, the apply finds it elsewhere and is refused whole
+    /// ([`ViewStore::apply`]), and the next round reads it again; rounds
+    /// on the poll timer always read it (a reset elsewhere, a quiet shop).
+    written: Arc<Mutex<HashMap<ProjectionName, Position>>>,
 }
 
 impl Projector {
@@ -406,6 +414,7 @@ impl Projector {
             wake: Arc::new(Notify::new()),
             rounds: Arc::new(watch::Sender::new(0)),
             horizon: None,
+            written: Arc::default(),
         }
     }
 
@@ -438,10 +447,21 @@ impl Projector {
     /// Returns how many events this call applied; stops early (without error)
     /// when another process is applying the same projection.
     pub async fn catch_up(&self, projection: ProjectionName) -> Result<usize, StoreError> {
+        self.forget_written(projection);
+        self.catch_up_from_written(projection).await
+    }
+
+    /// [`Self::catch_up`], starting from the checkpoint this process last
+    /// wrote when it has one.
+    async fn catch_up_from_written(&self, projection: ProjectionName) -> Result<usize, StoreError> {
         let filter = Self::filter(projection);
         let mut applied = 0;
         loop {
-            let from = self.views.checkpoint(projection).await?;
+            let written = self.lock_written().get(&projection).copied();
+            let from = match written {
+                Some(from) => from,
+                None => self.views.checkpoint(projection).await?,
+            };
             let events = self
                 .store
                 .read_all_matching(&filter, from, BATCH_SIZE)
@@ -455,26 +475,44 @@ impl Projector {
                 changes.extend(project(projection, event)?);
             }
             if !self.views.apply(projection, from, to, &changes).await? {
+                // Another process is applying, or was: read where it got.
+                self.forget_written(projection);
                 return Ok(applied);
             }
+            self.lock_written().insert(projection, to);
             applied += events.len();
         }
+    }
+
+    fn lock_written(&self) -> std::sync::MutexGuard<'_, HashMap<ProjectionName, Position>> {
+        self.written.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn forget_written(&self, projection: ProjectionName) {
+        self.lock_written().remove(&projection);
     }
 
     /// Catches every projection up, then waits for a nudge, the poll interval
     /// or shutdown. Errors are logged and retried on the next round.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut woken = false;
         loop {
             for projection in ProjectionName::ALL {
-                if let Err(error) = self.catch_up(projection).await {
+                let caught_up = if woken {
+                    self.catch_up_from_written(projection).await
+                } else {
+                    self.catch_up(projection).await
+                };
+                if let Err(error) = caught_up {
+                    self.forget_written(projection);
                     tracing::warn!(projection = projection.as_str(), %error, "projection failed; retrying");
                 }
             }
             self.rounds
                 .send_modify(|rounds| *rounds = rounds.wrapping_add(1));
             tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = self.wake.notified() => woken = true,
+                _ = tokio::time::sleep(POLL_INTERVAL) => woken = false,
                 _ = shutdown.changed() => return,
             }
             if *shutdown.borrow() {
@@ -560,6 +598,7 @@ impl Projector {
     ) -> Result<bool, StoreError> {
         let head = self.store.head().await?;
         self.views.reset(projection).await?;
+        self.forget_written(projection);
         self.catch_up(projection).await?;
         self.wait_for(&[projection], head, timeout).await
     }
