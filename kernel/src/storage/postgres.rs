@@ -126,27 +126,19 @@ impl PostgresEventStore {
     ) -> Result<AppendOutcome, StoreError> {
         validate(&request)?;
         let resulting_versions = request.resulting_versions();
-        let args = AppendArguments::from_request(request);
-        let row: Option<(bool, i64, i64, Option<Value>)> = sqlx::query_as(
+        let mut args = AppendArguments::from_request(request);
+        let (stream_ids, expected_versions) =
+            (args.stream_ids.clone(), args.expected_versions.clone());
+        let query = sqlx::query_as(
             "SELECT replayed, transaction_id, sequence, stream_versions \
              FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         )
-        .bind(args.idempotency_key)
-        .bind(&args.stream_ids)
-        .bind(args.stream_types)
-        .bind(&args.expected_versions)
-        .bind(args.event_ids)
-        .bind(args.event_streams)
-        .bind(args.event_types)
-        .bind(args.event_versions)
-        .bind(args.schema_versions)
-        .bind(args.event_data)
-        .bind(args.metadata.correlation_id)
-        .bind(args.metadata.causation_id)
-        .bind(args.metadata.actor)
-        .fetch_optional(executor)
-        .await
-        .map_err(|error| append_error(error, &args.stream_ids, &args.expected_versions))?;
+        .bind(args.idempotency_key.take());
+        let row: Option<(bool, i64, i64, Option<Value>)> = args
+            .bind_to(query)
+            .fetch_optional(executor)
+            .await
+            .map_err(|error| append_error(error, &stream_ids, &expected_versions))?;
 
         let Some((replayed, transaction_id, sequence, stored_versions)) = row else {
             return Err(StoreError::Corrupt(
@@ -437,19 +429,9 @@ impl PostgresEventStore {
             })
             .collect();
         let args = AppendArguments::from_request(request);
-        let query = sqlx::query_as(statement)
-            .bind(args.stream_ids.clone())
-            .bind(args.stream_types)
-            .bind(args.expected_versions.clone())
-            .bind(args.event_ids)
-            .bind(args.event_streams)
-            .bind(args.event_types)
-            .bind(args.event_versions)
-            .bind(args.schema_versions)
-            .bind(args.event_data)
-            .bind(args.metadata.correlation_id)
-            .bind(args.metadata.causation_id)
-            .bind(args.metadata.actor);
+        let (stream_ids, expected_versions) =
+            (args.stream_ids.clone(), args.expected_versions.clone());
+        let query = args.bind_to(sqlx::query_as(statement));
         let result: Result<GatedRow, sqlx::Error> = bind_gate(query).fetch_one(pool).await;
         match result {
             Ok((_, Some(transaction_id), Some(sequence))) => Ok(Gated::Written(AppendOutcome {
@@ -471,11 +453,7 @@ impl PostgresEventStore {
             {
                 Err(Self::first_conflict(pool, &streams).await)
             }
-            Err(error) => Err(append_error(
-                error,
-                &args.stream_ids,
-                &args.expected_versions,
-            )),
+            Err(error) => Err(append_error(error, &stream_ids, &expected_versions)),
         }
     }
 
@@ -547,6 +525,30 @@ impl AppendArguments {
             }
         }
         args
+    }
+}
+
+impl AppendArguments {
+    /// Binds the streams, the events and the metadata, in this order: the
+    /// parameters of [`GATED_APPEND`], and those of `append_events` after
+    /// its idempotency key.
+    fn bind_to<'q, O>(
+        self,
+        query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.stream_ids)
+            .bind(self.stream_types)
+            .bind(self.expected_versions)
+            .bind(self.event_ids)
+            .bind(self.event_streams)
+            .bind(self.event_types)
+            .bind(self.event_versions)
+            .bind(self.schema_versions)
+            .bind(self.event_data)
+            .bind(self.metadata.correlation_id)
+            .bind(self.metadata.causation_id)
+            .bind(self.metadata.actor)
     }
 }
 
