@@ -1106,7 +1106,10 @@ async fn a_drive_reads_the_saga_stream_once_not_before_every_step(
 /// A cancel that lands after a drive decided its next step on the saga it
 /// kept, before that step's first write: the write fails its version
 /// check, the drive reads the saga again and compensates instead. The
-/// carrier is never asked; the payment is refunded.
+/// carrier is never asked; the payment is refunded. (A runner that read the
+/// stream before every step would have decided on the same state here: what
+/// this shows is that a step's first write is where any stale decision
+/// stops, which is what keeping the saga between steps relies on.)
 async fn a_cancel_after_the_next_step_was_decided_stops_it_before_its_call(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {

@@ -379,38 +379,15 @@ pub trait EventStore: Send + Sync {
     async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError>;
 
     /// The events of each of `streams` after its version (at most
-    /// [`MAX_STREAMS_PER_READ`] streams), in log order, each with whether
-    /// the global log shows it yet ([`Self::read_all_matching`]). The
-    /// readable ones come first: no event can appear later before them, so
-    /// a reader that keeps log order takes those and waits for the rest.
-    ///
-    /// The default reads the head, then each stream; a backend may do it in
-    /// one read.
+    /// [`MAX_STREAMS_PER_READ`] streams), in one read, in log order, each
+    /// with whether the global log shows it yet
+    /// ([`Self::read_all_matching`]). The readable ones come first: no event
+    /// can appear later before them, so a reader that keeps log order takes
+    /// those and waits for the rest.
     async fn read_streams_after(
         &self,
         streams: &[(Uuid, u32)],
-    ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
-        let ids: Vec<Uuid> = streams.iter().map(|(id, _)| *id).collect();
-        validate_stream_ids(&ids)?;
-        // Read first: whatever commits after it lies beyond it in the log.
-        let head = self.head().await?;
-        let mut events = Vec::new();
-        for (aggregate_id, version) in streams {
-            let selection = StreamSelection {
-                after_version: Some(*version).filter(|version| *version > 0),
-                ..StreamSelection::default()
-            };
-            events.extend(self.read_stream(*aggregate_id, selection).await?);
-        }
-        events.sort_by_key(|event| event.position);
-        Ok(events
-            .into_iter()
-            .map(|event| {
-                let readable = event.position <= head;
-                (event, readable)
-            })
-            .collect())
-    }
+    ) -> Result<Vec<(RecordedEvent, bool)>, StoreError>;
 }
 
 /// Checks a request before any backend sees it, so both backends reject the

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::Aggregate;
-use crate::domain::order::Order;
+use crate::domain::order::{Order, OrderEvent};
 use crate::domain::saga::{ORDER_FULFILMENT, Saga, SagaEvent};
 use crate::event_store::repository::{Loaded, decode};
 use crate::event_store::{EventStore, Position, StoreError};
@@ -42,7 +42,6 @@ pub struct OrderFeed {
 }
 
 /// The order and its saga as far as a feed has read them.
-#[derive(Clone)]
 struct Folded {
     order: Order,
     /// The order stream's version folded in.
@@ -112,37 +111,48 @@ impl OrderFeed {
         if events.is_empty() {
             return Ok((Vec::new(), None));
         }
-        // Folded into a copy, kept only if every event decodes: a failed
+        // Every readable event decoded before any is folded in: a failed
         // poll leaves the feed where it was, to be read again whole.
-        let mut folded = self.folded.clone();
-        let mut changes = Vec::new();
+        let mut readable = Vec::new();
         let mut unread = None;
-        for (event, readable) in events {
+        for (event, shown) in events {
             // Readable events come first; whatever follows an unreadable
             // one waits with it, so log order holds whatever the backend.
-            if !readable || unread.is_some() {
+            if !shown || unread.is_some() {
                 unread = unread.max(Some(event.position));
                 continue;
             }
-            let step = if event.aggregate_id == self.order_id {
+            let decoded = if event.aggregate_id == self.order_id {
                 if event.aggregate_type != Order::AGGREGATE_TYPE {
                     // Not an order's id: nothing to follow.
                     continue;
                 }
-                folded.order.apply(&decode(&event)?);
-                folded.order_version = event.version;
-                None
+                FeedEvent::Order(decode(&event)?)
             } else {
-                let saga_event: SagaEvent = decode(&event)?;
-                folded.saga.state.apply(&saga_event);
-                folded.saga.version = event.version;
-                step_of(&saga_event)
+                FeedEvent::Saga(decode(&event)?)
+            };
+            readable.push((event, decoded));
+        }
+        let folded = &mut self.folded;
+        let mut changes = Vec::new();
+        for (event, decoded) in readable {
+            let step = match decoded {
+                FeedEvent::Order(order_event) => {
+                    folded.order.apply(&order_event);
+                    folded.order_version = event.version;
+                    None
+                }
+                FeedEvent::Saga(saga_event) => {
+                    folded.saga.state.apply(&saga_event);
+                    folded.saga.version = event.version;
+                    step_of(&saga_event)
+                }
             };
             if event.position > self.resume_after && folded.order.placed.is_some() {
                 changes.push(OrderChange {
                     order_id: self.order_id,
                     position: event.position,
-                    event_type: event.event_type.clone(),
+                    event_type: event.event_type,
                     occurred_at: event.created_at,
                     order: folded.order.clone(),
                     saga: folded
@@ -155,9 +165,14 @@ impl OrderFeed {
                 });
             }
         }
-        self.folded = folded;
         Ok((changes, unread))
     }
+}
+
+/// A decoded event of the order or of its saga.
+enum FeedEvent {
+    Order(OrderEvent),
+    Saga(SagaEvent),
 }
 
 fn step_of(event: &SagaEvent) -> Option<String> {

@@ -598,7 +598,6 @@ impl Projector {
     ) -> Result<bool, StoreError> {
         let head = self.store.head().await?;
         self.views.reset(projection).await?;
-        self.forget_written(projection);
         self.catch_up(projection).await?;
         self.wait_for(&[projection], head, timeout).await
     }

@@ -118,8 +118,9 @@ pub struct PostgresEventStore {
 
 impl PostgresEventStore {
     /// Appends through `executor`, which may be an open transaction: the events
-    /// then commit (and become readable) with it. This is how other tables are
-    /// written atomically with events.
+    /// then commit (and become readable) with it (the test suites hold an
+    /// append open this way). The saga store writes its rows with events by
+    /// a gated append instead ([`Self::append_gated`]), in one statement.
     pub async fn append_with<'c>(
         executor: impl PgExecutor<'c>,
         request: AppendRequest,

@@ -398,6 +398,40 @@ impl EventStore for SqliteEventStore {
         to_recorded(rows)
     }
 
+    async fn read_streams_after(
+        &self,
+        streams: &[(Uuid, u32)],
+    ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
+        let ids: Vec<Uuid> = streams.iter().map(|(id, _)| *id).collect();
+        validate_stream_ids(&ids)?;
+        if streams.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut query =
+            sqlx::QueryBuilder::<Sqlite>::new(format!("SELECT {EVENT_COLUMNS} FROM events WHERE "));
+        for (index, (aggregate_id, version)) in streams.iter().enumerate() {
+            if index > 0 {
+                query.push(" OR ");
+            }
+            query
+                .push("(aggregate_id = ")
+                .push_bind(*aggregate_id)
+                .push(" AND version > ")
+                .push_bind(i64::from(*version))
+                .push(")");
+        }
+        query.push(" ORDER BY transaction_id, sequence");
+        let rows: Vec<EventRow> = query
+            .build_query_as()
+            .fetch_all(&self.database.reader)
+            .await?;
+        // One writer: whatever is committed is readable (as in the log read).
+        Ok(to_recorded(rows)?
+            .into_iter()
+            .map(|event| (event, true))
+            .collect())
+    }
+
     async fn read_all_matching(
         &self,
         filter: &EventFilter,
