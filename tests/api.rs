@@ -28,8 +28,8 @@ use commerce_kernel::event_store::{
 };
 use commerce_kernel::live::LiveUpdates;
 use commerce_kernel::projections::{
-    InventoryView, OrderFilter, OrderView, ProductView, ProjectionName, Projector, ReservationView,
-    ViewChange, ViewStore,
+    InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName, Projector,
+    ReservationView, ViewStore,
 };
 use commerce_plugin_host::{EngineConfig, PluginRegistry};
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -1789,14 +1789,8 @@ impl ViewStore for CountingViews {
     async fn checkpoint(&self, projection: ProjectionName) -> Result<Position, StoreError> {
         self.inner.checkpoint(projection).await
     }
-    async fn apply(
-        &self,
-        projection: ProjectionName,
-        from: Position,
-        to: Position,
-        changes: &[ViewChange],
-    ) -> Result<bool, StoreError> {
-        self.inner.apply(projection, from, to, changes).await
+    async fn apply(&self, batches: &[ProjectionBatch]) -> Result<bool, StoreError> {
+        self.inner.apply(batches).await
     }
     async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError> {
         self.inner.reset(projection).await
@@ -1932,9 +1926,7 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
             .await?;
         sagas.start_for_order(order.id, &context).await?;
     }
-    for projection in ProjectionName::ALL {
-        projector.catch_up(projection).await?;
-    }
+    projector.catch_up().await?;
 
     let run = async |query: &str, principal: Principal| -> anyhow::Result<(Value, u64, u64)> {
         let (streams, stock) = (

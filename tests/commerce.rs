@@ -16,7 +16,7 @@ use commerce_kernel::domain::catalog::ProductUpdate;
 use commerce_kernel::domain::inventory::Inventory;
 use commerce_kernel::domain::money::{Currency, Money};
 use commerce_kernel::domain::order::{Address, OrderStatus};
-use commerce_kernel::event_store::StreamSelection;
+use commerce_kernel::event_store::{AppendRequest, NewEvent, StreamSelection};
 use commerce_kernel::projections::{OrderFilter, ProjectionName, Projector};
 use support::{TestDatabase, run_suite};
 use uuid::Uuid;
@@ -34,6 +34,7 @@ fn main() {
         expired_reservations_are_released_by_the_kernel,
         projections_rebuild_to_the_same_views,
         two_projectors_on_one_database_apply_every_event_once,
+        an_event_one_projection_cannot_read_holds_back_only_that_projection,
     ]);
 }
 
@@ -806,5 +807,57 @@ async fn two_projectors_on_one_database_apply_every_event_once(
             view.on_hand
         );
     }
+    Ok(())
+}
+
+/// The projections share each round (one read of the log, one transaction).
+/// An order event the orders projection cannot decode must stop that
+/// projection at the event, never the catalog and stock views after it.
+async fn an_event_one_projection_cannot_read_holds_back_only_that_projection(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let services = services(&db);
+    let unreadable = db
+        .event_store()
+        .append(AppendRequest::single(
+            Uuid::now_v7(),
+            "order",
+            0,
+            vec![NewEvent::new(
+                "Placed",
+                serde_json::json!({"not": "an order"}),
+            )],
+        ))
+        .await?;
+    let unreadable = unreadable.last_position;
+    services.projector.nudge();
+    let product = product_with_stock(&services.commerce, "4", 7).await?;
+    let stocked = services.commerce.store().head().await?;
+    services.projector.nudge();
+    ensure!(
+        services
+            .projector
+            .wait_for(
+                &[ProjectionName::Products, ProjectionName::Inventory],
+                stocked,
+                Duration::from_secs(5),
+            )
+            .await?,
+        "the catalog and stock views stopped behind an order event they do not read"
+    );
+    let stock = services
+        .projector
+        .views()
+        .inventory(product)
+        .await?
+        .context("no stock view")?;
+    ensure!(stock.on_hand == 7, "on hand {}", stock.on_hand);
+    ensure!(
+        !services
+            .projector
+            .has_reached(ProjectionName::Orders, unreadable)
+            .await?,
+        "the orders projection moved past an event it could not read"
+    );
     Ok(())
 }

@@ -161,6 +161,7 @@ impl EventLogQuery {
             aggregate_type,
             event_type,
             correlation_id,
+            ..EventFilter::default()
         };
         // One more than asked for tells whether another page follows.
         let mut events = event_store(ctx)

@@ -242,6 +242,9 @@ pub struct StreamSelection {
 pub struct EventFilter {
     pub aggregate_id: Option<Uuid>,
     pub aggregate_type: Option<String>,
+    /// When not empty, only events of one of these aggregate types (one
+    /// read for several followers, such as the projector's).
+    pub any_aggregate_type: Vec<String>,
     pub event_type: Option<String>,
     pub correlation_id: Option<Uuid>,
 }

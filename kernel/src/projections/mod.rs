@@ -33,6 +33,9 @@ const BATCH_SIZE: u32 = 500;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often [`Projector::wait_for`] checks progress.
 const WAIT_STEP: Duration = Duration::from_millis(3);
+/// How often a projection that failed to project an event is tried again,
+/// on its own (see [`Projector::run`]).
+const FAILING_RETRY: Duration = Duration::from_secs(1);
 /// With a [`LogHorizon`], how long a read-your-writes wait trusts this
 /// process's projector to report progress before looking anyway (another
 /// process may be the one applying).
@@ -164,6 +167,33 @@ pub enum ViewChange {
         version: u32,
         at: DateTime<Utc>,
     },
+}
+
+/// What one projection applies in a round: its changes for the events after
+/// `from`, up to and including `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectionBatch {
+    pub projection: ProjectionName,
+    pub from: Position,
+    pub to: Position,
+    pub changes: Vec<ViewChange>,
+}
+
+/// Why a round failed, and which projection's event it could not project
+/// (`None`: the store failed, for all of them).
+#[derive(Debug)]
+struct RoundFailure {
+    projection: Option<ProjectionName>,
+    error: StoreError,
+}
+
+impl RoundFailure {
+    fn of_all(error: StoreError) -> Self {
+        RoundFailure {
+            projection: None,
+            error,
+        }
+    }
 }
 
 /// The changes `projection` makes for `event` (none for other aggregate types).
@@ -308,16 +338,11 @@ pub trait ViewStore: Send + Sync {
     /// Position of the last event the projection has applied.
     async fn checkpoint(&self, projection: ProjectionName) -> Result<Position, StoreError>;
 
-    /// In one transaction: applies `changes` and moves the checkpoint from
-    /// `from` to `to`. Writes nothing and returns `false` when the checkpoint
-    /// is no longer at `from` or another process is applying a batch.
-    async fn apply(
-        &self,
-        projection: ProjectionName,
-        from: Position,
-        to: Position,
-        changes: &[ViewChange],
-    ) -> Result<bool, StoreError>;
+    /// In one transaction: applies every batch's changes and moves each
+    /// batch's checkpoint from its `from` to its `to`. Writes nothing and
+    /// returns `false` when any of those checkpoints is no longer at its
+    /// `from` or another process is applying a batch of one of them.
+    async fn apply(&self, batches: &[ProjectionBatch]) -> Result<bool, StoreError>;
 
     /// Empties the projection's views and moves its checkpoint to the start,
     /// in one transaction (waiting for a batch in progress to finish).
@@ -443,43 +468,96 @@ impl Projector {
         }
     }
 
-    /// Applies every readable event the projection has not applied yet.
-    /// Returns how many events this call applied; stops early (without error)
-    /// when another process is applying the same projection.
-    pub async fn catch_up(&self, projection: ProjectionName) -> Result<usize, StoreError> {
-        self.forget_written(projection);
-        self.catch_up_from_written(projection).await
+    /// Applies every readable event the projections have not applied yet.
+    /// Returns how many events of the log this call went through; stops
+    /// early (without error) when another process is applying.
+    pub async fn catch_up(&self) -> Result<usize, StoreError> {
+        self.lock_written().clear();
+        self.catch_up_from_written(&ProjectionName::ALL)
+            .await
+            .map_err(|failure| failure.error)
     }
 
-    /// [`Self::catch_up`], starting from the checkpoint this process last
-    /// wrote when it has one.
-    async fn catch_up_from_written(&self, projection: ProjectionName) -> Result<usize, StoreError> {
-        let filter = Self::filter(projection);
+    /// Catches `projections` up together: one read of the log and one
+    /// [`ViewStore::apply`] per batch for all of them, instead of one each.
+    /// Each starts from the checkpoint this process last wrote for it when
+    /// it has one, else from the stored checkpoint.
+    async fn catch_up_from_written(
+        &self,
+        projections: &[ProjectionName],
+    ) -> Result<usize, RoundFailure> {
+        let filter = EventFilter {
+            any_aggregate_type: projections
+                .iter()
+                .map(|p| p.aggregate_type().to_string())
+                .collect(),
+            ..EventFilter::default()
+        };
         let mut applied = 0;
         loop {
-            let written = self.lock_written().get(&projection).copied();
-            let from = match written {
-                Some(from) => from,
-                None => self.views.checkpoint(projection).await?,
+            let mut froms = Vec::with_capacity(projections.len());
+            for &projection in projections {
+                let written = self.lock_written().get(&projection).copied();
+                let from = match written {
+                    Some(from) => from,
+                    None => self
+                        .views
+                        .checkpoint(projection)
+                        .await
+                        .map_err(RoundFailure::of_all)?,
+                };
+                froms.push((projection, from));
+            }
+            let Some(start) = froms.iter().map(|(_, from)| *from).min() else {
+                return Ok(applied);
             };
             let events = self
                 .store
-                .read_all_matching(&filter, from, BATCH_SIZE)
-                .await?;
+                .read_all_matching(&filter, start, BATCH_SIZE)
+                .await
+                .map_err(RoundFailure::of_all)?;
             let Some(last) = events.last() else {
                 return Ok(applied);
             };
             let to = last.position;
-            let mut changes = Vec::with_capacity(events.len());
-            for event in &events {
-                changes.extend(project(projection, event)?);
+            let mut batches = Vec::with_capacity(froms.len());
+            for (projection, from) in froms {
+                // A projection ahead of this batch (rebuilt siblings start
+                // further back) sits it out.
+                if from >= to {
+                    continue;
+                }
+                let mut changes = Vec::new();
+                for event in events.iter().filter(|event| event.position > from) {
+                    changes.extend(project(projection, event).map_err(|error| RoundFailure {
+                        projection: Some(projection),
+                        error,
+                    })?);
+                }
+                // Moved to `to` even without changes of its own: the
+                // events it skipped are of other types, and a checkpoint
+                // at the head answers read-your-writes without a log read.
+                batches.push(ProjectionBatch {
+                    projection,
+                    from,
+                    to,
+                    changes,
+                });
             }
-            if !self.views.apply(projection, from, to, &changes).await? {
+            if !self
+                .views
+                .apply(&batches)
+                .await
+                .map_err(RoundFailure::of_all)?
+            {
                 // Another process is applying, or was: read where it got.
-                self.forget_written(projection);
+                self.lock_written().clear();
                 return Ok(applied);
             }
-            self.lock_written().insert(projection, to);
+            let mut written = self.lock_written();
+            for batch in &batches {
+                written.insert(batch.projection, batch.to);
+            }
             applied += events.len();
         }
     }
@@ -488,24 +566,42 @@ impl Projector {
         self.written.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn forget_written(&self, projection: ProjectionName) {
-        self.lock_written().remove(&projection);
-    }
-
-    /// Catches every projection up, then waits for a nudge, the poll interval
+    /// Catches the projections up, then waits for a nudge, the poll interval
     /// or shutdown. Errors are logged and retried on the next round.
+    ///
+    /// The projections share each round. One that cannot project an event
+    /// (a corrupt or unknown event) would hold back the others, whose
+    /// shared reads start at the furthest-behind checkpoint: it is left out
+    /// of the shared rounds and tried alone every [`FAILING_RETRY`] until
+    /// it gets past that event.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut woken = false;
+        let mut failing: HashMap<ProjectionName, tokio::time::Instant> = HashMap::new();
         loop {
-            for projection in ProjectionName::ALL {
-                let caught_up = if woken {
-                    self.catch_up_from_written(projection).await
-                } else {
-                    self.catch_up(projection).await
-                };
-                if let Err(error) = caught_up {
-                    self.forget_written(projection);
-                    tracing::warn!(projection = projection.as_str(), %error, "projection failed; retrying");
+            if !woken {
+                // A timer round: another process may have moved (or reset)
+                // any checkpoint.
+                self.lock_written().clear();
+            }
+            let together: Vec<ProjectionName> = ProjectionName::ALL
+                .into_iter()
+                .filter(|p| !failing.contains_key(p))
+                .collect();
+            if let Err(failure) = self.catch_up_from_written(&together).await {
+                self.note_failure(&failure, &mut failing);
+            }
+            let now = tokio::time::Instant::now();
+            let due: Vec<ProjectionName> = failing
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(p, _)| *p)
+                .collect();
+            for projection in due {
+                match self.catch_up_from_written(&[projection]).await {
+                    Ok(_) => {
+                        failing.remove(&projection);
+                    }
+                    Err(failure) => self.note_failure(&failure, &mut failing),
                 }
             }
             self.rounds
@@ -518,6 +614,21 @@ impl Projector {
             if *shutdown.borrow() {
                 return;
             }
+        }
+    }
+
+    fn note_failure(
+        &self,
+        failure: &RoundFailure,
+        failing: &mut HashMap<ProjectionName, tokio::time::Instant>,
+    ) {
+        self.lock_written().clear();
+        match failure.projection {
+            Some(projection) => {
+                failing.insert(projection, tokio::time::Instant::now() + FAILING_RETRY);
+                tracing::warn!(projection = projection.as_str(), error = %failure.error, "projection failed; retrying it on its own");
+            }
+            None => tracing::warn!(error = %failure.error, "projections failed; retrying"),
         }
     }
 
@@ -598,7 +709,7 @@ impl Projector {
     ) -> Result<bool, StoreError> {
         let head = self.store.head().await?;
         self.views.reset(projection).await?;
-        self.catch_up(projection).await?;
+        self.catch_up().await?;
         self.wait_for(&[projection], head, timeout).await
     }
 

@@ -199,6 +199,14 @@ where
             .push(" AND aggregate_type = ")
             .push_bind(aggregate_type.clone());
     }
+    if !filter.any_aggregate_type.is_empty() {
+        query.push(" AND aggregate_type IN (");
+        let mut types = query.separated(", ");
+        for aggregate_type in &filter.any_aggregate_type {
+            types.push_bind(aggregate_type.clone());
+        }
+        query.push(")");
+    }
     if let Some(event_type) = &filter.event_type {
         query
             .push(" AND event_type = ")

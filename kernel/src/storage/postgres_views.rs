@@ -14,8 +14,8 @@ use super::views::{count, from_json, money, status, tables, to_json};
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
-    InventoryView, OrderFilter, OrderView, ProductView, ProjectionName, ReservationView,
-    ViewChange, ViewStore,
+    InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
+    ReservationView, ViewChange, ViewStore,
 };
 
 /// [`ViewStore`] on Postgres.
@@ -249,17 +249,13 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
 async fn lock_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
     projection: ProjectionName,
-    skip_locked: bool,
 ) -> Result<Option<Position>, StoreError> {
-    let sql = if skip_locked {
-        "SELECT transaction_id, sequence FROM projection_checkpoints WHERE name = $1 FOR UPDATE SKIP LOCKED"
-    } else {
-        "SELECT transaction_id, sequence FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
-    };
-    let row: Option<(i64, i64)> = sqlx::query_as(sql)
-        .bind(projection.as_str())
-        .fetch_optional(&mut **tx)
-        .await?;
+    let row: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT transaction_id, sequence FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
+    )
+    .bind(projection.as_str())
+    .fetch_optional(&mut **tx)
+    .await?;
     Ok(row.map(|(transaction_id, sequence)| Position {
         transaction_id,
         sequence,
@@ -301,28 +297,57 @@ impl ViewStore for PostgresViewStore {
         })
     }
 
-    async fn apply(
-        &self,
-        projection: ProjectionName,
-        from: Position,
-        to: Position,
-        changes: &[ViewChange],
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if lock_checkpoint(&mut tx, projection, true).await? != Some(from) {
-            return Ok(false);
+    async fn apply(&self, batches: &[ProjectionBatch]) -> Result<bool, StoreError> {
+        if batches.is_empty() {
+            return Ok(true);
         }
-        for change in changes {
+        let names: Vec<&str> = batches.iter().map(|b| b.projection.as_str()).collect();
+        let mut tx = self.pool.begin().await?;
+        // SKIP LOCKED: a process applying any of these makes this one give
+        // up at once (and read again later) rather than wait and then find
+        // its batch stale.
+        let locked: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT name, transaction_id, sequence FROM projection_checkpoints \
+             WHERE name = ANY($1) FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&names)
+        .fetch_all(&mut *tx)
+        .await?;
+        for batch in batches {
+            let at = locked
+                .iter()
+                .find(|(name, ..)| name == batch.projection.as_str())
+                .map(|&(_, transaction_id, sequence)| Position {
+                    transaction_id,
+                    sequence,
+                });
+            if at != Some(batch.from) {
+                return Ok(false);
+            }
+        }
+        for change in batches.iter().flat_map(|batch| &batch.changes) {
             apply_change(&mut tx, change).await?;
         }
-        set_checkpoint(&mut tx, projection, to).await?;
+        let transaction_ids: Vec<i64> = batches.iter().map(|b| b.to.transaction_id).collect();
+        let sequences: Vec<i64> = batches.iter().map(|b| b.to.sequence).collect();
+        sqlx::query(
+            "UPDATE projection_checkpoints c SET transaction_id = n.transaction_id, \
+             sequence = n.sequence, updated_at = now() \
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS n(name, transaction_id, sequence) \
+             WHERE c.name = n.name",
+        )
+        .bind(&names)
+        .bind(&transaction_ids)
+        .bind(&sequences)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
 
     async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        lock_checkpoint(&mut tx, projection, false).await?;
+        lock_checkpoint(&mut tx, projection).await?;
         for table in tables(projection) {
             sqlx::query(&format!("DELETE FROM {table}"))
                 .execute(&mut *tx)

@@ -12,8 +12,8 @@ use super::views::{count, from_json, money, status, tables, to_json};
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
-    InventoryView, OrderFilter, OrderView, ProductView, ProjectionName, ReservationView,
-    ViewChange, ViewStore,
+    InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
+    ReservationView, ViewChange, ViewStore,
 };
 
 use super::sqlite::SqliteDatabase;
@@ -289,21 +289,19 @@ impl ViewStore for SqliteViewStore {
         })
     }
 
-    async fn apply(
-        &self,
-        projection: ProjectionName,
-        from: Position,
-        to: Position,
-        changes: &[ViewChange],
-    ) -> Result<bool, StoreError> {
+    async fn apply(&self, batches: &[ProjectionBatch]) -> Result<bool, StoreError> {
         let mut tx = self.database.begin_write().await?;
-        if read_checkpoint(&mut tx, projection).await? != Some(from) {
-            return Ok(false);
+        for batch in batches {
+            if read_checkpoint(&mut tx, batch.projection).await? != Some(batch.from) {
+                return Ok(false);
+            }
         }
-        for change in changes {
-            apply_change(&mut tx, change).await?;
+        for batch in batches {
+            for change in &batch.changes {
+                apply_change(&mut tx, change).await?;
+            }
+            set_checkpoint(&mut tx, batch.projection, batch.to).await?;
         }
-        set_checkpoint(&mut tx, projection, to).await?;
         tx.commit().await?;
         Ok(true)
     }
