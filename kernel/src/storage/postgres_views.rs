@@ -15,7 +15,7 @@ use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
     InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
-    ReservationView, ViewChange, ViewStore,
+    ReservationView, ViewChange, ViewStore, net,
 };
 
 /// [`ViewStore`] on Postgres.
@@ -244,6 +244,123 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
     Ok(())
 }
 
+/// Writes `changes`, netted by [`net`] (each row at most once per kind),
+/// kind by kind: one statement for all stock rows, one for the new
+/// reservations, one for the released ones, one for all order status
+/// changes. Product changes and new orders go row by row (one of each per
+/// product or order created, never per step).
+async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result<(), StoreError> {
+    let mut stock = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut reserved = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    let mut released: Vec<Uuid> = Vec::new();
+    let mut statuses = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for change in changes {
+        match change {
+            ViewChange::InsertProduct(_)
+            | ViewChange::UpdateProduct { .. }
+            | ViewChange::InsertOrder(_) => apply_change(&mut *tx, &change).await?,
+            ViewChange::AdjustInventory {
+                product_id,
+                on_hand_delta,
+                reserved_delta,
+                version,
+                at,
+            } => {
+                stock.0.push(product_id);
+                stock.1.push(on_hand_delta);
+                stock.2.push(reserved_delta);
+                stock.3.push(version as i32);
+                stock.4.push(at);
+            }
+            ViewChange::InsertReservation(r) => {
+                reserved.0.push(r.reservation_id);
+                reserved.1.push(r.product_id);
+                reserved.2.push(r.owner);
+                reserved.3.push(r.quantity as i32);
+                reserved.4.push(r.expires_at);
+                reserved.5.push(r.created_at);
+            }
+            ViewChange::DeleteReservation { reservation_id } => released.push(reservation_id),
+            ViewChange::SetOrderStatus {
+                order_id,
+                status,
+                reason,
+                version,
+                at,
+            } => {
+                statuses.0.push(order_id);
+                statuses.1.push(status.as_str());
+                statuses.2.push(reason);
+                statuses.3.push(version as i32);
+                statuses.4.push(at);
+            }
+        }
+    }
+    if !stock.0.is_empty() {
+        sqlx::query(
+            "INSERT INTO inventory_views (product_id, on_hand, reserved, version, updated_at) \
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::integer[], \
+             $5::timestamptz[]) \
+             ON CONFLICT (product_id) DO UPDATE SET \
+             on_hand = inventory_views.on_hand + excluded.on_hand, \
+             reserved = inventory_views.reserved + excluded.reserved, \
+             version = excluded.version, updated_at = excluded.updated_at",
+        )
+        .bind(stock.0)
+        .bind(stock.1)
+        .bind(stock.2)
+        .bind(stock.3)
+        .bind(stock.4)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !reserved.0.is_empty() {
+        sqlx::query(&format!(
+            "INSERT INTO reservation_views ({RESERVATION_COLUMNS}) \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::integer[], \
+             $5::timestamptz[], $6::timestamptz[])"
+        ))
+        .bind(reserved.0)
+        .bind(reserved.1)
+        .bind(reserved.2)
+        .bind(reserved.3)
+        .bind(reserved.4)
+        .bind(reserved.5)
+        .execute(&mut *tx)
+        .await?;
+    }
+    if !released.is_empty() {
+        sqlx::query("DELETE FROM reservation_views WHERE reservation_id = ANY($1)")
+            .bind(released)
+            .execute(&mut *tx)
+            .await?;
+    }
+    if !statuses.0.is_empty() {
+        sqlx::query(
+            "UPDATE order_views o SET status = n.status, reason = coalesce(n.reason, o.reason), \
+             version = n.version, updated_at = n.updated_at \
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::timestamptz[]) \
+             AS n(order_id, status, reason, version, updated_at) \
+             WHERE o.order_id = n.order_id",
+        )
+        .bind(statuses.0)
+        .bind(statuses.1)
+        .bind(statuses.2)
+        .bind(statuses.3)
+        .bind(statuses.4)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
 /// Locks the checkpoint row of `projection` and returns it; `None` when
 /// `skip_locked` and another transaction holds it.
 async fn lock_checkpoint(
@@ -325,9 +442,11 @@ impl ViewStore for PostgresViewStore {
                 return Ok(false);
             }
         }
-        for change in batches.iter().flat_map(|batch| &batch.changes) {
-            apply_change(&mut tx, change).await?;
-        }
+        apply_netted(
+            &mut tx,
+            net(batches.iter().flat_map(|batch| &batch.changes)),
+        )
+        .await?;
         let transaction_ids: Vec<i64> = batches.iter().map(|b| b.to.transaction_id).collect();
         let sequences: Vec<i64> = batches.iter().map(|b| b.to.sequence).collect();
         sqlx::query(

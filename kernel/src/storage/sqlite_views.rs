@@ -13,7 +13,7 @@ use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
     InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
-    ReservationView, ViewChange, ViewStore,
+    ReservationView, ViewChange, ViewStore, net,
 };
 
 use super::sqlite::SqliteDatabase;
@@ -296,10 +296,10 @@ impl ViewStore for SqliteViewStore {
                 return Ok(false);
             }
         }
+        for change in net(batches.iter().flat_map(|batch| &batch.changes)) {
+            apply_change(&mut tx, &change).await?;
+        }
         for batch in batches {
-            for change in &batch.changes {
-                apply_change(&mut tx, change).await?;
-            }
             set_checkpoint(&mut tx, batch.projection, batch.to).await?;
         }
         tx.commit().await?;
