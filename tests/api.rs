@@ -1990,6 +1990,40 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
         "{PRODUCTS} products' stock in a few batches, not a read each: {stock_reads}"
     );
 
+    // A cart of many lines: its products are read once to check them and
+    // once to price them, not once per line (20 reads for these 10).
+    let items: Vec<Value> = products
+        .iter()
+        .take(10)
+        .map(|id| json!({ "productId": id, "quantity": 2 }))
+        .collect();
+    let before = events.stream_reads();
+    let response = schema
+        .execute(
+            async_graphql::Request::new(
+                "mutation ($input: CreateCartInput!) { createCart(input: $input) { \
+                 cart { id lines { quantity } } errors { code message } } }",
+            )
+            .variables(async_graphql::Variables::from_json(
+                json!({ "input": { "items": items } }),
+            ))
+            .data(Principal::customer(customer)),
+        )
+        .await;
+    ensure!(response.errors.is_empty(), "{:?}", response.errors);
+    let data = response.data.into_json()?;
+    ensure!(
+        data["createCart"]["cart"]["lines"]
+            .as_array()
+            .is_some_and(|lines| lines.len() == 10),
+        "{data}"
+    );
+    let cart_reads = events.stream_reads() - before;
+    ensure!(
+        cart_reads <= 2,
+        "a cart of 10 lines checked and priced in {cart_reads} stream reads"
+    );
+
     // Nested lists count against the complexity limit per node: each
     // order's events as ten, so a page of 500 orders' event ids costs more
     // than 5,000 and a limit of 5,000 refuses it.

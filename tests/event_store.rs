@@ -750,9 +750,10 @@ async fn cached_loads_read_only_what_is_new_and_see_other_writers(
     theirs
         .append(id, 12, &[deposit(5)], EventMetadata::default(), None)
         .await?;
-    let incremental = AggregateRepository::<Account>::cached(Arc::clone(&store), cache)
-        .load(id)
-        .await?;
+    let incremental =
+        AggregateRepository::<Account>::cached(Arc::clone(&store), Arc::clone(&cache))
+            .load(id)
+            .await?;
     ensure!(
         incremental
             == Loaded {
@@ -764,6 +765,32 @@ async fn cached_loads_read_only_what_is_new_and_see_other_writers(
                 version: 13,
             },
         "{incremental:?}"
+    );
+
+    // Several at once, in the order asked (a repeat and a missing stream
+    // among them), each from its cached version: the same as one by one.
+    let other = Uuid::now_v7();
+    theirs
+        .append(other, 0, &opening, EventMetadata::default(), None)
+        .await?;
+    theirs
+        .append(id, 13, &[deposit(7)], EventMetadata::default(), None)
+        .await?;
+    let missing = Uuid::now_v7();
+    let many = ours.load_many(&[id, other, missing, id]).await?;
+    let mut one_by_one = Vec::new();
+    for each in [id, other, missing, id] {
+        one_by_one.push(uncached.load(each).await?);
+    }
+    ensure!(many == one_by_one, "{many:?} vs {one_by_one:?}");
+    let marked_many = AggregateRepository::<Account>::cached(Arc::clone(&store), cache)
+        .load_many(&[id])
+        .await?;
+    ensure!(
+        marked_many
+            .first()
+            .is_some_and(|loaded| loaded.version == 14 && loaded.state.balance_cents == 1_000_012),
+        "only what is new read onto the cached state: {marked_many:?}"
     );
     Ok(())
 }

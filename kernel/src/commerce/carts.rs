@@ -168,24 +168,23 @@ impl Carts {
 
     /// Prices every line from the catalog as it is now.
     pub async fn price(&self, cart: Cart) -> Result<PricedCart, CommandError> {
-        let mut entries = Vec::with_capacity(cart.lines.len());
-        for &product_id in cart.lines.keys() {
-            let entry = match self.commerce.load_product(product_id).await {
-                Ok(product) => match product.state.sellable_price(product_id) {
-                    Ok(details) => CatalogEntry::Sellable {
+        let ids: Vec<Uuid> = cart.lines.keys().copied().collect();
+        let products = self.commerce.load_products(&ids).await?;
+        let mut entries = Vec::with_capacity(ids.len());
+        for (product_id, product) in ids.into_iter().zip(products) {
+            let sellable = product.and_then(|product| {
+                product
+                    .state
+                    .sellable_price(product_id)
+                    .map(|details| CatalogEntry::Sellable {
                         sku: details.sku.clone(),
                         name: details.name.clone(),
                         unit_price: details.price,
-                    },
-                    Err(refusal) => CatalogEntry::Unavailable {
-                        reason: refusal.to_string(),
-                    },
-                },
-                Err(CommandError::Domain(refusal)) => CatalogEntry::Unavailable {
-                    reason: refusal.to_string(),
-                },
-                Err(other) => return Err(other),
-            };
+                    })
+            });
+            let entry = sellable.unwrap_or_else(|refusal| CatalogEntry::Unavailable {
+                reason: refusal.to_string(),
+            });
             entries.push((product_id, entry));
         }
         let (lines, subtotal) = price_lines(&cart, |product_id| {
@@ -298,20 +297,26 @@ impl Carts {
     /// Checks each product named: it must exist and be sellable, unless the
     /// change only removes its line.
     async fn resolve(&self, items: &[CartItem]) -> Result<Vec<ItemChange>, CommandError> {
-        let mut changes = Vec::with_capacity(items.len());
-        for item in items {
-            let mut change = ItemChange {
+        let mut changes: Vec<ItemChange> = items
+            .iter()
+            .map(|item| ItemChange {
                 product_id: item.product_id,
                 quantity: item.quantity,
                 mode: item.mode,
                 currency: None,
-            };
-            if !change.removes() {
-                let product = self.commerce.load_product(item.product_id).await?;
-                let details = product.state.sellable_price(item.product_id)?;
-                change.currency = Some(details.price.currency());
-            }
-            changes.push(change);
+            })
+            .collect();
+        let named: Vec<Uuid> = changes
+            .iter()
+            .filter(|change| !change.removes())
+            .map(|change| change.product_id)
+            .collect();
+        let products = self.commerce.load_products(&named).await?;
+        let named_changes = changes.iter_mut().filter(|change| !change.removes());
+        for (change, product) in named_changes.zip(products) {
+            let product = product?;
+            let details = product.state.sellable_price(change.product_id)?;
+            change.currency = Some(details.price.currency());
         }
         Ok(changes)
     }

@@ -100,13 +100,34 @@ impl Commerce {
     /// The product as its stream says it is now (authoritative, not a view).
     pub async fn load_product(&self, product_id: Uuid) -> Result<Written<Product>, CommandError> {
         let loaded = self.repository::<Product>().load(product_id).await?;
-        if loaded.state.details.is_none() {
-            return Err(DomainError::NotFound {
-                kind: "product",
-                id: product_id,
-            }
-            .into());
-        }
-        Ok(Written::unchanged(product_id, loaded))
+        Ok(existing_product(product_id, loaded)?)
     }
+
+    /// [`Self::load_product`] for each of `product_ids`, in their order, in
+    /// one read of the store: a cart's or an order's lines at once.
+    pub async fn load_products(
+        &self,
+        product_ids: &[Uuid],
+    ) -> Result<Vec<Result<Written<Product>, DomainError>>, CommandError> {
+        let loaded = self.repository::<Product>().load_many(product_ids).await?;
+        Ok(product_ids
+            .iter()
+            .zip(loaded)
+            .map(|(&product_id, loaded)| existing_product(product_id, loaded))
+            .collect())
+    }
+}
+
+/// `loaded` if its stream holds a product.
+fn existing_product(
+    product_id: Uuid,
+    loaded: Loaded<Product>,
+) -> Result<Written<Product>, DomainError> {
+    if loaded.state.details.is_none() {
+        return Err(DomainError::NotFound {
+            kind: "product",
+            id: product_id,
+        });
+    }
+    Ok(Written::unchanged(product_id, loaded))
 }

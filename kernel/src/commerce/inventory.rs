@@ -142,11 +142,12 @@ impl Commerce {
             streams: Vec::with_capacity(per_product.len()),
             reservations: Vec::with_capacity(per_product.len()),
         };
-        for (product_id, quantity) in per_product {
-            let loaded = self
-                .repository::<Inventory>()
-                .load(Inventory::stream_id(product_id))
-                .await?;
+        let streams: Vec<Uuid> = per_product
+            .keys()
+            .map(|&id| Inventory::stream_id(id))
+            .collect();
+        let stocks = self.repository::<Inventory>().load_many(&streams).await?;
+        for ((product_id, quantity), loaded) in per_product.into_iter().zip(stocks) {
             let request = ReserveRequest {
                 reservation_id: Uuid::now_v7(),
                 owner: owner.to_string(),

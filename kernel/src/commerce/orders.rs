@@ -91,9 +91,11 @@ impl Commerce {
         &self,
         lines: &[(Uuid, u32)],
     ) -> Result<Vec<(CatalogPrice, u32)>, CommandError> {
+        let ids: Vec<Uuid> = lines.iter().map(|(product_id, _)| *product_id).collect();
+        let products = self.load_products(&ids).await?;
         let mut priced = Vec::with_capacity(lines.len());
-        for (product_id, quantity) in lines {
-            let product = self.load_product(*product_id).await?;
+        for ((product_id, quantity), product) in lines.iter().zip(products) {
+            let product = product?;
             let details = product.state.sellable_price(*product_id)?;
             priced.push((
                 CatalogPrice {
@@ -185,6 +187,17 @@ impl Commerce {
         .await
     }
 
+    /// The inventory of each product `order` holds a reservation of, in
+    /// the order of its reservations, in one read.
+    async fn reserved_stocks(&self, order: &Order) -> Result<Vec<Loaded<Inventory>>, CommandError> {
+        let streams: Vec<Uuid> = order
+            .reservations
+            .iter()
+            .map(|reserved| Inventory::stream_id(reserved.product_id))
+            .collect();
+        Ok(self.repository::<Inventory>().load_many(&streams).await?)
+    }
+
     /// Decides a transition of the order `loaded`: its events, and every
     /// stream to append atomically (the order's at its loaded version, and
     /// the inventory streams the transition touches). Appends nothing, so the
@@ -220,11 +233,8 @@ impl Commerce {
             }
             OrderTransition::Confirm => {
                 let events = order.confirm(order_id)?;
-                for reserved in &order.reservations {
-                    let stock = self
-                        .repository::<Inventory>()
-                        .load(Inventory::stream_id(reserved.product_id))
-                        .await?;
+                let stocks = self.reserved_stocks(order).await?;
+                for (reserved, stock) in order.reservations.iter().zip(stocks) {
                     let sold = stock
                         .state
                         .commit(reserved.product_id, reserved.reservation_id)?;
@@ -242,11 +252,8 @@ impl Commerce {
                 } else {
                     order.fail(order_id, reason)?
                 };
-                for reserved in &order.reservations {
-                    let stock = self
-                        .repository::<Inventory>()
-                        .load(Inventory::stream_id(reserved.product_id))
-                        .await?;
+                let stocks = self.reserved_stocks(order).await?;
+                for (reserved, stock) in order.reservations.iter().zip(stocks) {
                     // Already gone (expired, say): nothing left to give back.
                     match stock.state.release(
                         reserved.product_id,
