@@ -8,7 +8,7 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
@@ -24,17 +24,14 @@ use commerce_kernel::domain::money::{Currency, Money};
 use commerce_kernel::domain::order::Address;
 use commerce_kernel::domain::saga::{ORDER_FULFILMENT, Saga};
 use commerce_kernel::event_store::{
-    AppendRequest, EventFilter, NewEvent, Position, StoreError, StreamSelection,
+    AppendRequest, EventFilter, NewEvent, Position, StreamSelection,
 };
 use commerce_kernel::live::LiveUpdates;
-use commerce_kernel::projections::{
-    InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName, Projector,
-    ReservationView, ViewStore,
-};
+use commerce_kernel::projections::Projector;
 use commerce_plugin_host::{EngineConfig, PluginRegistry};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
-use support::counting::CountingEvents;
+use support::counting::{CountingEvents, CountingViews};
 use support::kernel::{RunningKernel, TEST_JWT_SECRET, error_code, payload_codes};
 use support::shop::{self, AdminClient as _};
 use support::{TestDatabase, run_suite_except};
@@ -1778,83 +1775,13 @@ async fn customers_see_no_internal_references_in_their_orders(
     kernel.stop().await
 }
 
-/// A view store that counts the stock reads going through it.
-struct CountingViews {
-    inner: Arc<dyn ViewStore>,
-    inventory_reads: AtomicU64,
-}
-
-#[async_trait::async_trait]
-impl ViewStore for CountingViews {
-    async fn checkpoint(&self, projection: ProjectionName) -> Result<Position, StoreError> {
-        self.inner.checkpoint(projection).await
-    }
-    async fn apply(&self, batches: &[ProjectionBatch]) -> Result<bool, StoreError> {
-        self.inner.apply(batches).await
-    }
-    async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError> {
-        self.inner.reset(projection).await
-    }
-    async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError> {
-        self.inner.product(product_id).await
-    }
-    async fn products(
-        &self,
-        after: Option<Uuid>,
-        limit: u32,
-    ) -> Result<Vec<ProductView>, StoreError> {
-        self.inner.products(after, limit).await
-    }
-    async fn inventory(&self, product_id: Uuid) -> Result<Option<InventoryView>, StoreError> {
-        self.inventory_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.inventory(product_id).await
-    }
-    async fn inventories(&self, product_ids: &[Uuid]) -> Result<Vec<InventoryView>, StoreError> {
-        self.inventory_reads.fetch_add(1, Ordering::SeqCst);
-        self.inner.inventories(product_ids).await
-    }
-    async fn reservation(
-        &self,
-        reservation_id: Uuid,
-    ) -> Result<Option<ReservationView>, StoreError> {
-        self.inner.reservation(reservation_id).await
-    }
-    async fn expired_reservations(
-        &self,
-        now: chrono::DateTime<chrono::Utc>,
-        limit: u32,
-    ) -> Result<Vec<ReservationView>, StoreError> {
-        self.inner.expired_reservations(now, limit).await
-    }
-    async fn order(&self, order_id: Uuid) -> Result<Option<OrderView>, StoreError> {
-        self.inner.order(order_id).await
-    }
-    async fn count_products(&self) -> Result<u64, StoreError> {
-        self.inner.count_products().await
-    }
-    async fn orders(
-        &self,
-        filter: &OrderFilter,
-        before: Option<Uuid>,
-        limit: u32,
-    ) -> Result<Vec<OrderView>, StoreError> {
-        self.inner.orders(filter, before, limit).await
-    }
-    async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {
-        self.inner.count_orders(filter).await
-    }
-}
-
 async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
     const PRODUCTS: usize = 40;
     const ORDERS: usize = 40;
     let events = Arc::new(CountingEvents::new(db.event_store()));
-    let views = Arc::new(CountingViews {
-        inner: db.database.view_store(),
-        inventory_reads: AtomicU64::new(0),
-    });
+    let views = Arc::new(CountingViews::new(db.database.view_store()));
     let commerce = Commerce::new(events.clone(), views.clone());
     let projector = Projector::new(events.clone(), views.clone());
     let plugins_dir = tempfile::tempdir()?;

@@ -13,11 +13,13 @@ use commerce_kernel::commerce::{
 };
 use commerce_kernel::domain::DomainError;
 use commerce_kernel::domain::catalog::ProductUpdate;
-use commerce_kernel::domain::inventory::Inventory;
+use commerce_kernel::domain::inventory::{Inventory, InventoryEvent};
 use commerce_kernel::domain::money::{Currency, Money};
 use commerce_kernel::domain::order::{Address, OrderStatus};
+use commerce_kernel::event_store::repository::encode;
 use commerce_kernel::event_store::{AppendRequest, NewEvent, StreamSelection};
-use commerce_kernel::projections::{OrderFilter, ProjectionName, Projector};
+use commerce_kernel::projections::{OrderFilter, ProjectionName, Projector, ViewStore as _};
+use support::counting::CountingViews;
 use support::{TestDatabase, run_suite};
 use uuid::Uuid;
 
@@ -35,6 +37,7 @@ fn main() {
         projections_rebuild_to_the_same_views,
         two_projectors_on_one_database_apply_every_event_once,
         an_event_one_projection_cannot_read_holds_back_only_that_projection,
+        a_projection_far_behind_does_not_hold_back_the_others,
     ]);
 }
 
@@ -859,5 +862,62 @@ async fn an_event_one_projection_cannot_read_holds_back_only_that_projection(
             .await?,
         "the orders projection moved past an event it could not read"
     );
+    Ok(())
+}
+
+/// The projections share rounds, but one far behind (here the stock views,
+/// rebuilt over more than two batches of events) must not hold back the
+/// others: a product created meanwhile reaches the catalog view before the
+/// stock views have finished their replay.
+async fn a_projection_far_behind_does_not_hold_back_the_others(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let store = db.event_store();
+    let views = Arc::new(CountingViews::new(db.database.view_store()));
+    let commerce = Commerce::new(Arc::clone(&store), views.clone());
+    let projector = Projector::new(Arc::clone(&store), views.clone());
+    let product = product_with_stock(&commerce, "2", 0).await?;
+    // More than two batches of stock events, in two appends.
+    for half in 0..2 {
+        let restocks = (0..600)
+            .map(|_| {
+                encode(&InventoryEvent::StockAdjusted {
+                    product_id: product,
+                    delta: 1,
+                    reason: "restock".into(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        store
+            .append(AppendRequest::single(
+                Inventory::stream_id(product),
+                "inventory",
+                half * 600,
+                restocks,
+            ))
+            .await?;
+    }
+    projector.catch_up().await?;
+    views.reset(ProjectionName::Inventory).await?;
+    let newer = product_with_stock(&commerce, "3", 0).await?;
+
+    let before = views.applied().len();
+    projector.catch_up().await?;
+    let applied = views.applied().split_off(before);
+    let catalog_at = applied
+        .iter()
+        .position(|batch| batch.contains(&ProjectionName::Products))
+        .context("the catalog view never moved")?;
+    let stock_done_at = applied
+        .iter()
+        .rposition(|batch| batch.contains(&ProjectionName::Inventory))
+        .context("the stock views were not replayed")?;
+    ensure!(
+        catalog_at < stock_done_at,
+        "the catalog waited for the stock replay: {applied:?}"
+    );
+    ensure!(views.product(newer).await?.is_some());
+    let stock = views.inventory(product).await?.context("no stock view")?;
+    ensure!(stock.on_hand == 1_200, "on hand {}", stock.on_hand);
     Ok(())
 }

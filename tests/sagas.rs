@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use chrono::Utc;
 use commerce_kernel::commerce::{
-    CommandContext, CommandError, Commerce, NewProduct, PlaceOrderInput, Sagas,
+    CommandContext, CommandError, Commerce, NewProduct, OrderTransition, PlaceOrderInput, Sagas,
 };
 use commerce_kernel::domain::DomainError;
 use commerce_kernel::domain::inventory::Inventory;
@@ -52,7 +52,8 @@ fn main() {
         a_compensation_that_keeps_failing_parks_the_saga_until_retried,
         a_saga_past_its_deadline_is_compensated,
         a_paused_former_owner_cannot_write_after_losing_its_lease,
-        a_drive_reads_the_saga_stream_once_not_before_every_step,
+        a_drive_reads_the_saga_and_order_streams_once_not_before_every_step,
+        an_order_moved_under_a_drive_is_read_again_before_the_drive_writes_it,
         a_cancel_after_the_next_step_was_decided_stops_it_before_its_call,
         hostile_provider_text_still_ends_the_saga,
         a_payment_only_authorized_is_captured_before_the_order_is_confirmed,
@@ -1072,11 +1073,12 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
     Ok(())
 }
 
-/// Between steps a drive keeps the saga as its own last write left it: the
-/// saga's stream is read once when the drive starts, not before every step.
+/// Between steps a drive keeps the saga and the order as its own last
+/// writes left them: each stream is read once when the drive starts, not
+/// before every step.
 /// (That a request arriving meanwhile is still honoured is what the
 /// cancellation tests show.)
-async fn a_drive_reads_the_saga_stream_once_not_before_every_step(
+async fn a_drive_reads_the_saga_and_order_streams_once_not_before_every_step(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
     let shop = shop_without_runner(&db, db.database.saga_store()).await?;
@@ -1098,6 +1100,14 @@ async fn a_drive_reads_the_saga_stream_once_not_before_every_step(
     ensure!(
         reads == 1,
         "the runner read the saga's stream {reads} times for {} steps",
+        saga.state.steps.len()
+    );
+    // The order too: read for the first step, then kept as each write
+    // (reserved, paid, shipped) left it.
+    let reads = events.reads_of(order_id);
+    ensure!(
+        reads == 1,
+        "the runner read the order's stream {reads} times for {} steps",
         saga.state.steps.len()
     );
     Ok(())
@@ -1162,6 +1172,75 @@ async fn a_cancel_after_the_next_step_was_decided_stops_it_before_its_call(
         shop.payments(order_id)
     );
     ensure!(shop.order_state(order_id).await?.status == Some(OrderStatus::Cancelled));
+    shop.expect_stock(product, 2).await?;
+    Ok(())
+}
+
+/// A drive keeps the order as its own writes left it. An order moved by
+/// someone else meanwhile (here an admin cancels it directly, between the
+/// payment and the shipment) turns the drive's next write of the order into
+/// a version conflict: the drive reads the order again, finds it cancelled,
+/// and undoes what it did instead of recording a shipment on it.
+async fn an_order_moved_under_a_drive_is_read_again_before_the_drive_writes_it(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let shop = shop_without_runner(&db, db.database.saga_store()).await?;
+    let product = shop.product("5", 2).await?;
+    let runner = Runner::start(
+        &shop.sagas,
+        &shop.registry,
+        LEASE,
+        FaultHooks::from_setting(Some("before-start:shipment=4000")).map_err(anyhow::Error::msg)?,
+    );
+    let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
+    shop.wait_for(order_id, |saga| {
+        step_status(saga, "payment") == Some(StepStatus::Succeeded)
+    })
+    .await?;
+    // The drive waits at the shipment's start, holding the order as its
+    // payment write left it (PAID).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shop.commerce
+        .transition_order(
+            order_id,
+            OrderTransition::Cancel {
+                reason: "cancelled by the shop".into(),
+            },
+            None,
+            &context(),
+        )
+        .await?;
+    let saga = shop.settled(order_id).await?;
+    let conflicts = runner.metrics.conflict_retries.load(Ordering::Relaxed);
+    runner.stop().await;
+    ensure!(
+        conflicts >= 1,
+        "no version conflict: the drive did not write on the order it kept"
+    );
+    ensure!(
+        saga.state.status == Some(SagaStatus::Compensated),
+        "{saga:#?}"
+    );
+    let order = shop.order_state(order_id).await?;
+    ensure!(order.status == Some(OrderStatus::Cancelled), "{order:#?}");
+    ensure!(
+        order.shipment_reference.is_none(),
+        "a shipment was recorded on a cancelled order: {order:#?}"
+    );
+    ensure!(
+        shop.shipping
+            .shipments()
+            .iter()
+            .filter(|shipment| shipment.order_id == order_id.to_string())
+            .all(|shipment| shipment.cancelled),
+        "{:?}",
+        shop.shipping.shipments()
+    );
+    ensure!(
+        shop.payments(order_id) == [("refunded".to_string(), true)],
+        "{:?}",
+        shop.payments(order_id)
+    );
     shop.expect_stock(product, 2).await?;
     Ok(())
 }

@@ -1,12 +1,18 @@
 //! An event store that counts the stream reads going through it, per
-//! stream, for tests that prove what a path does not read.
+//! stream, and a view store that counts stock reads and logs applied
+//! batches, for tests that prove what a path does not read or write.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use commerce_kernel::event_store::{
     AppendOutcome, AppendRequest, Backend, EventFilter, EventStore, Position, RecordedEvent,
     StoreError, StreamSelection,
+};
+use commerce_kernel::projections::{
+    InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
+    ReservationView, ViewStore,
 };
 use uuid::Uuid;
 
@@ -94,5 +100,99 @@ impl EventStore for CountingEvents {
     }
     async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
         self.inner.stream_version(aggregate_id).await
+    }
+}
+
+/// A view store that counts the stock reads going through it and logs
+/// which projections each applied batch moved.
+pub struct CountingViews {
+    inner: Arc<dyn ViewStore>,
+    pub inventory_reads: AtomicU64,
+    applied: Mutex<Vec<Vec<ProjectionName>>>,
+}
+
+impl CountingViews {
+    pub fn new(inner: Arc<dyn ViewStore>) -> Self {
+        CountingViews {
+            inner,
+            inventory_reads: AtomicU64::new(0),
+            applied: Mutex::default(),
+        }
+    }
+
+    /// The projections of each apply that was written, in order.
+    pub fn applied(&self) -> Vec<Vec<ProjectionName>> {
+        self.applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl ViewStore for CountingViews {
+    async fn checkpoint(&self, projection: ProjectionName) -> Result<Position, StoreError> {
+        self.inner.checkpoint(projection).await
+    }
+    async fn apply(&self, batches: &[ProjectionBatch]) -> Result<bool, StoreError> {
+        let written = self.inner.apply(batches).await?;
+        if written {
+            self.applied
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(batches.iter().map(|batch| batch.projection).collect());
+        }
+        Ok(written)
+    }
+    async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError> {
+        self.inner.reset(projection).await
+    }
+    async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError> {
+        self.inner.product(product_id).await
+    }
+    async fn products(
+        &self,
+        after: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<ProductView>, StoreError> {
+        self.inner.products(after, limit).await
+    }
+    async fn inventory(&self, product_id: Uuid) -> Result<Option<InventoryView>, StoreError> {
+        self.inventory_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.inventory(product_id).await
+    }
+    async fn inventories(&self, product_ids: &[Uuid]) -> Result<Vec<InventoryView>, StoreError> {
+        self.inventory_reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.inventories(product_ids).await
+    }
+    async fn reservation(
+        &self,
+        reservation_id: Uuid,
+    ) -> Result<Option<ReservationView>, StoreError> {
+        self.inner.reservation(reservation_id).await
+    }
+    async fn expired_reservations(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> Result<Vec<ReservationView>, StoreError> {
+        self.inner.expired_reservations(now, limit).await
+    }
+    async fn order(&self, order_id: Uuid) -> Result<Option<OrderView>, StoreError> {
+        self.inner.order(order_id).await
+    }
+    async fn count_products(&self) -> Result<u64, StoreError> {
+        self.inner.count_products().await
+    }
+    async fn orders(
+        &self,
+        filter: &OrderFilter,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<OrderView>, StoreError> {
+        self.inner.orders(filter, before, limit).await
+    }
+    async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {
+        self.inner.count_orders(filter).await
     }
 }

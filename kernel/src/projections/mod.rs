@@ -179,11 +179,13 @@ pub struct ProjectionBatch {
     pub changes: Vec<ViewChange>,
 }
 
-/// Why a round failed, and which projection's event it could not project
-/// (`None`: the store failed, for all of them).
+/// Why a round failed: which projection could not project or write its
+/// batch, and the position it got stuck at (`None`: the store failed, for
+/// all of them).
 #[derive(Debug)]
 struct RoundFailure {
     projection: Option<ProjectionName>,
+    at: Option<Position>,
     error: StoreError,
 }
 
@@ -191,9 +193,27 @@ impl RoundFailure {
     fn of_all(error: StoreError) -> Self {
         RoundFailure {
             projection: None,
+            at: None,
             error,
         }
     }
+}
+
+/// A projection left out of the shared rounds, and when to try it alone.
+struct Failing {
+    retry_at: tokio::time::Instant,
+    /// It rejoins once its checkpoint has passed this position.
+    at: Position,
+}
+
+/// What [`Projector::next_batch`] did.
+struct BatchStep {
+    /// Events of the log the batch went through.
+    applied: usize,
+    /// Whether more may follow (the batch was full).
+    more: bool,
+    /// Projections already past this full batch: they go on on their own.
+    ahead: Vec<ProjectionName>,
 }
 
 /// The changes `projection` makes for `event` (none for other aggregate types).
@@ -602,84 +622,158 @@ impl Projector {
     /// [`ViewStore::apply`] per batch for all of them, instead of one each.
     /// Each starts from the checkpoint this process last wrote for it when
     /// it has one, else from the stored checkpoint.
+    ///
+    /// A shared read starts at the furthest-behind checkpoint. So that a
+    /// projection far behind (rebuilt, say) does not hold the others back,
+    /// those a full batch did not reach go on as a group of their own, and
+    /// the groups take a batch each in turn.
     async fn catch_up_from_written(
         &self,
         projections: &[ProjectionName],
     ) -> Result<usize, RoundFailure> {
+        let mut groups = vec![projections.to_vec()];
+        let mut applied = 0;
+        while !groups.is_empty() {
+            let mut next = Vec::new();
+            for group in groups {
+                let step = self.next_batch(&group).await?;
+                applied += step.applied;
+                if step.more {
+                    next.push(
+                        group
+                            .iter()
+                            .copied()
+                            .filter(|p| !step.ahead.contains(p))
+                            .collect(),
+                    );
+                }
+                if !step.ahead.is_empty() {
+                    next.push(step.ahead);
+                }
+            }
+            groups = next;
+        }
+        Ok(applied)
+    }
+
+    /// Reads and applies the next batch of `group`'s events.
+    async fn next_batch(&self, group: &[ProjectionName]) -> Result<BatchStep, RoundFailure> {
+        let done = BatchStep {
+            applied: 0,
+            more: false,
+            ahead: Vec::new(),
+        };
         let filter = EventFilter {
-            any_aggregate_type: projections
+            any_aggregate_type: group
                 .iter()
                 .map(|p| p.aggregate_type().to_string())
                 .collect(),
             ..EventFilter::default()
         };
-        let mut applied = 0;
-        loop {
-            let mut froms = Vec::with_capacity(projections.len());
-            for &projection in projections {
-                let written = self.lock_written().get(&projection).copied();
-                let from = match written {
-                    Some(from) => from,
-                    None => self
-                        .views
-                        .checkpoint(projection)
-                        .await
-                        .map_err(RoundFailure::of_all)?,
-                };
-                froms.push((projection, from));
+        let mut froms = Vec::with_capacity(group.len());
+        for &projection in group {
+            let written = self.lock_written().get(&projection).copied();
+            let from = match written {
+                Some(from) => from,
+                None => self
+                    .views
+                    .checkpoint(projection)
+                    .await
+                    .map_err(RoundFailure::of_all)?,
+            };
+            froms.push((projection, from));
+        }
+        let Some(start) = froms.iter().map(|(_, from)| *from).min() else {
+            return Ok(done);
+        };
+        let events = self
+            .store
+            .read_all_matching(&filter, start, BATCH_SIZE)
+            .await
+            .map_err(RoundFailure::of_all)?;
+        let Some(last) = events.last() else {
+            return Ok(done);
+        };
+        let to = last.position;
+        // A batch shorter than asked for reached what the log shows now:
+        // no second read to find it empty (an append meanwhile wakes the
+        // projector again).
+        let full = events.len() >= BATCH_SIZE as usize;
+        let mut batches = Vec::with_capacity(froms.len());
+        let mut ahead = Vec::new();
+        for (projection, from) in froms {
+            if from >= to {
+                // Already past this batch; if it was full, the projection
+                // may have more of its own further on.
+                if full {
+                    ahead.push(projection);
+                }
+                continue;
             }
-            let Some(start) = froms.iter().map(|(_, from)| *from).min() else {
-                return Ok(applied);
-            };
-            let events = self
-                .store
-                .read_all_matching(&filter, start, BATCH_SIZE)
-                .await
-                .map_err(RoundFailure::of_all)?;
-            let Some(last) = events.last() else {
-                return Ok(applied);
-            };
-            let to = last.position;
-            let mut batches = Vec::with_capacity(froms.len());
-            for (projection, from) in froms {
-                // A projection ahead of this batch (rebuilt siblings start
-                // further back) sits it out.
-                if from >= to {
-                    continue;
-                }
-                let mut changes = Vec::new();
-                for event in events.iter().filter(|event| event.position > from) {
-                    changes.extend(project(projection, event).map_err(|error| RoundFailure {
-                        projection: Some(projection),
-                        error,
-                    })?);
-                }
-                // Moved to `to` even without changes of its own: the
-                // events it skipped are of other types, and a checkpoint
-                // at the head answers read-your-writes without a log read.
-                batches.push(ProjectionBatch {
-                    projection,
-                    from,
-                    to,
-                    changes,
+            let mut changes = Vec::new();
+            for event in events.iter().filter(|event| event.position > from) {
+                changes.extend(project(projection, event).map_err(|error| RoundFailure {
+                    projection: Some(projection),
+                    at: Some(event.position),
+                    error,
+                })?);
+            }
+            // Moved to `to` even without changes of its own: the events it
+            // skipped are of other types, and a checkpoint at the head
+            // answers read-your-writes without a log read.
+            batches.push(ProjectionBatch {
+                projection,
+                from,
+                to,
+                changes,
+            });
+        }
+        let applied = match self.views.apply(&batches).await {
+            Ok(applied) => applied,
+            // One projection's rows refused (or the store failing): find
+            // which, so the others go on without it.
+            Err(_) if batches.len() > 1 => self.apply_one_by_one(&batches).await?,
+            Err(error) => {
+                return Err(RoundFailure {
+                    projection: batches.first().map(|batch| batch.projection),
+                    at: Some(to),
+                    error,
                 });
             }
-            if !self
-                .views
-                .apply(&batches)
-                .await
-                .map_err(RoundFailure::of_all)?
-            {
-                // Another process is applying, or was: read where it got.
-                self.lock_written().clear();
-                return Ok(applied);
-            }
-            let mut written = self.lock_written();
-            for batch in &batches {
-                written.insert(batch.projection, batch.to);
-            }
-            applied += events.len();
+        };
+        if !applied {
+            // Another process is applying, or was: read where it got.
+            self.lock_written().clear();
+            return Ok(done);
         }
+        let mut written = self.lock_written();
+        for batch in &batches {
+            written.insert(batch.projection, batch.to);
+        }
+        Ok(BatchStep {
+            applied: events.len(),
+            more: full,
+            ahead,
+        })
+    }
+
+    /// Applies `batches` each in a transaction of its own; the first that
+    /// fails is reported as that projection's failure.
+    async fn apply_one_by_one(&self, batches: &[ProjectionBatch]) -> Result<bool, RoundFailure> {
+        for batch in batches {
+            match self.views.apply(std::slice::from_ref(batch)).await {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(error) => {
+                    return Err(RoundFailure {
+                        projection: Some(batch.projection),
+                        at: Some(batch.to),
+                        error,
+                    });
+                }
+            }
+        }
+        Ok(true)
     }
 
     fn lock_written(&self) -> std::sync::MutexGuard<'_, HashMap<ProjectionName, Position>> {
@@ -696,7 +790,7 @@ impl Projector {
     /// it gets past that event.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut woken = false;
-        let mut failing: HashMap<ProjectionName, tokio::time::Instant> = HashMap::new();
+        let mut failing: HashMap<ProjectionName, Failing> = HashMap::new();
         loop {
             if !woken {
                 // A timer round: another process may have moved (or reset)
@@ -708,20 +802,30 @@ impl Projector {
                 .filter(|p| !failing.contains_key(p))
                 .collect();
             if let Err(failure) = self.catch_up_from_written(&together).await {
-                self.note_failure(&failure, &mut failing);
+                self.note_failure(failure, &mut failing);
             }
             let now = tokio::time::Instant::now();
-            let due: Vec<ProjectionName> = failing
+            let due: Vec<(ProjectionName, Position)> = failing
                 .iter()
-                .filter(|(_, at)| **at <= now)
-                .map(|(p, _)| *p)
+                .filter(|(_, failed)| failed.retry_at <= now)
+                .map(|(p, failed)| (*p, failed.at))
                 .collect();
-            for projection in due {
+            for (projection, at) in due {
                 match self.catch_up_from_written(&[projection]).await {
                     Ok(_) => {
-                        failing.remove(&projection);
+                        // Back in the shared rounds only once past where it
+                        // failed (a refused or empty round proves nothing).
+                        let passed = self
+                            .lock_written()
+                            .get(&projection)
+                            .is_some_and(|written| *written >= at);
+                        if passed {
+                            failing.remove(&projection);
+                        } else if let Some(failed) = failing.get_mut(&projection) {
+                            failed.retry_at = now + FAILING_RETRY;
+                        }
                     }
-                    Err(failure) => self.note_failure(&failure, &mut failing),
+                    Err(failure) => self.note_failure(failure, &mut failing),
                 }
             }
             self.rounds
@@ -737,18 +841,20 @@ impl Projector {
         }
     }
 
-    fn note_failure(
-        &self,
-        failure: &RoundFailure,
-        failing: &mut HashMap<ProjectionName, tokio::time::Instant>,
-    ) {
+    fn note_failure(&self, failure: RoundFailure, failing: &mut HashMap<ProjectionName, Failing>) {
         self.lock_written().clear();
-        match failure.projection {
-            Some(projection) => {
-                failing.insert(projection, tokio::time::Instant::now() + FAILING_RETRY);
+        match (failure.projection, failure.at) {
+            (Some(projection), Some(at)) => {
                 tracing::warn!(projection = projection.as_str(), error = %failure.error, "projection failed; retrying it on its own");
+                failing.insert(
+                    projection,
+                    Failing {
+                        retry_at: tokio::time::Instant::now() + FAILING_RETRY,
+                        at,
+                    },
+                );
             }
-            None => tracing::warn!(error = %failure.error, "projections failed; retrying"),
+            _ => tracing::warn!(error = %failure.error, "projections failed; retrying"),
         }
     }
 
@@ -829,7 +935,10 @@ impl Projector {
     ) -> Result<bool, StoreError> {
         let head = self.store.head().await?;
         self.views.reset(projection).await?;
-        self.catch_up().await?;
+        self.lock_written().remove(&projection);
+        self.catch_up_from_written(&[projection])
+            .await
+            .map_err(|failure| failure.error)?;
         self.wait_for(&[projection], head, timeout).await
     }
 

@@ -52,7 +52,7 @@ use super::hooks::FaultHooks;
 use super::{Claim, Committed, SagaStore};
 use crate::commerce::{CommandContext, CommandError, Commerce, OrderTransition, Sagas};
 use crate::domain::money::{Currency, Money};
-use crate::domain::order::{Order, PlacedOrder};
+use crate::domain::order::{Order, OrderEvent, PlacedOrder};
 use crate::domain::saga::{
     CompensationCause, MAX_REASON_CHARS, Next, ParkCause, Phase, Saga, SagaEvent, StepAction,
     StepError, StepRetry, StepState, StepStatus,
@@ -185,6 +185,13 @@ impl RunnerMetrics {
 /// again. A step that only gives the saga back (nothing due) hands over the
 /// version it saw, and the store makes the saga due at once if the stream
 /// moved past it. What a drive keeps ends with the drive.
+///
+/// It keeps the order the same way, as the drive's own last write left it
+/// (reserved, paid, shipped), so the steps after the first read no order
+/// stream either. Every write of the order's events carries that version,
+/// so an order moved by anyone else (an admin's transition, say) turns the
+/// write into a conflict, after which the order is read again. What a call
+/// sends a provider (lines, total, address) never changes once placed.
 #[derive(Debug, Default)]
 struct Driving(Mutex<HashMap<Uuid, Drive>>);
 
@@ -193,6 +200,8 @@ struct Drive {
     fencing_token: i64,
     /// The saga as this drive's last write left it.
     kept: Option<Loaded<Saga>>,
+    /// The order as this drive's last write left it (or as last read).
+    order: Option<Loaded<Order>>,
 }
 
 impl Driving {
@@ -203,6 +212,7 @@ impl Driving {
             Drive {
                 fencing_token: claim.fencing_token,
                 kept: None,
+                order: None,
             },
         );
         DrivingGuard {
@@ -239,9 +249,29 @@ impl Driving {
         }
     }
 
-    /// Drops what `claim`'s drive kept: the next step reads the stream.
+    /// The order `claim`'s drive kept, if any (taken, like the saga).
+    fn take_order(&self, claim: Claim) -> Option<Loaded<Order>> {
+        self.lock()
+            .get_mut(&claim.saga_id)
+            .filter(|drive| drive.fencing_token == claim.fencing_token)
+            .and_then(|drive| drive.order.take())
+    }
+
+    /// Keeps `order` for `claim`'s next step (nothing if the drive ended).
+    fn keep_order(&self, claim: Claim, order: Loaded<Order>) {
+        if let Some(drive) = self
+            .lock()
+            .get_mut(&claim.saga_id)
+            .filter(|drive| drive.fencing_token == claim.fencing_token)
+        {
+            drive.order = Some(order);
+        }
+    }
+
+    /// Drops what `claim`'s drive kept: the next step reads the streams.
     fn forget(&self, claim: Claim) {
         let _ = self.take_kept(claim);
+        let _ = self.take_order(claim);
     }
 }
 
@@ -791,6 +821,42 @@ impl SagaRunner {
         Ok(self.commerce().repository::<Order>().load(order_id).await?)
     }
 
+    /// The order as `claim`'s drive kept it, else as its stream says
+    /// ([`Driving`]), and whether it was kept; taken: a step that writes
+    /// keeps what it leaves.
+    ///
+    /// A kept order's version is checked by the write of the order's next
+    /// events, but a refusal is recorded without the order's stream: a
+    /// refusal decided on a kept order is decided again on the order read
+    /// afresh before it is written.
+    async fn order_for(
+        &self,
+        claim: Claim,
+        order_id: Uuid,
+    ) -> Result<(Loaded<Order>, bool), CommandError> {
+        match self.driving.take_order(claim) {
+            Some(kept) => Ok((kept, true)),
+            None => Ok((self.load_order(order_id).await?, false)),
+        }
+    }
+
+    /// [`Self::record`], keeping `order` (what the write leaves of it) for
+    /// the drive's next step once the write is in.
+    async fn record_with_order(
+        &self,
+        claim: Claim,
+        loaded: Loaded<Saga>,
+        events: &[SagaEvent],
+        other_streams: Vec<crate::event_store::StreamAppend>,
+        order: Loaded<Order>,
+    ) -> Result<Flow, CommandError> {
+        let flow = self.record(claim, loaded, events, other_streams).await?;
+        if let Flow::Continue = flow {
+            self.driving.keep_order(claim, order);
+        }
+        Ok(flow)
+    }
+
     /// The plugin a step calls, if it is active on this process.
     fn plugin(&self, step: &StepState) -> Result<Arc<LoadedPlugin>, PluginError> {
         let name = step.definition.action.plugin().unwrap_or_default();
@@ -880,7 +946,7 @@ impl SagaRunner {
         }
         advance(&mut loaded, &events);
 
-        let order = self.load_order(order_id).await?;
+        let (order, kept) = self.order_for(claim, order_id).await?;
         self.settings.hooks.at("before-call", step.name()).await;
         let timeout = step.definition.retry.timeout();
         if !self.hold_for_call(claim, timeout).await? {
@@ -897,7 +963,7 @@ impl SagaRunner {
         };
         self.settings.hooks.at("after-call", step.name()).await;
         match self
-            .record_outcome(claim, index, attempt, &outcome, (loaded, order))
+            .record_outcome(claim, index, attempt, &outcome, (loaded, order, kept))
             .await
         {
             Err(error) if !matches!(classify(&error), WriteFailure::Refused) => {
@@ -930,7 +996,7 @@ impl SagaRunner {
         index: usize,
         attempt: u32,
         outcome: &Attempt,
-        as_called: (Loaded<Saga>, Loaded<Order>),
+        as_called: (Loaded<Saga>, Loaded<Order>, bool),
     ) -> Result<Flow, CommandError> {
         let mut retry = WriteRetry::new(MAX_OUTCOME_WRITE_RETRIES);
         let mut as_called = Some(as_called);
@@ -954,14 +1020,14 @@ impl SagaRunner {
         index: usize,
         attempt: u32,
         outcome: &Attempt,
-        as_called: Option<(Loaded<Saga>, Loaded<Order>)>,
+        as_called: Option<(Loaded<Saga>, Loaded<Order>, bool)>,
     ) -> Result<Flow, CommandError> {
-        let (loaded, order) = match as_called {
-            Some(both) => both,
+        let (loaded, mut order, kept) = match as_called {
+            Some(all) => all,
             None => {
                 let loaded = self.sagas.load(claim.saga_id).await?;
                 let order = self.load_order(loaded.state.order_id).await?;
-                (loaded, order)
+                (loaded, order, false)
             }
         };
         let Some(step) = loaded.state.steps.get(index).cloned() else {
@@ -976,30 +1042,45 @@ impl SagaRunner {
             return Ok(Flow::Continue);
         }
         let order_id = loaded.state.order_id;
-        let (events, streams) = match outcome {
-            Ok(output) => match self.order_effect(order_id, &order, &step, output).await {
-                Ok(streams) => (
-                    vec![SagaEvent::StepSucceeded {
-                        step: step.name().to_string(),
-                        output: output.clone(),
-                    }],
-                    streams,
-                ),
-                Err(CommandError::Domain(refused)) => {
-                    // The call worked but its answer does not fit the order
-                    // (a different amount, say): undo it.
-                    let error =
-                        StepError::new("unusable_result", &refused.to_string(), false, true);
-                    (vec![forward_failure(&step, attempt, error)], Vec::new())
+        let (events, streams, order_events) = match outcome {
+            Ok(output) => {
+                let mut effect = self.order_effect(order_id, &order, &step, output).await;
+                if kept && matches!(effect, Err(CommandError::Domain(_))) {
+                    order = self.load_order(order_id).await?;
+                    effect = self.order_effect(order_id, &order, &step, output).await;
                 }
-                Err(other) => return Err(other),
-            },
+                match effect {
+                    Ok((streams, order_events)) => (
+                        vec![SagaEvent::StepSucceeded {
+                            step: step.name().to_string(),
+                            output: output.clone(),
+                        }],
+                        streams,
+                        order_events,
+                    ),
+                    Err(CommandError::Domain(refused)) => {
+                        // The call worked but its answer does not fit the order
+                        // (a different amount, say): undo it.
+                        let error =
+                            StepError::new("unusable_result", &refused.to_string(), false, true);
+                        (
+                            vec![forward_failure(&step, attempt, error)],
+                            Vec::new(),
+                            Vec::new(),
+                        )
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
             Err(error) => (
                 vec![forward_failure(&step, attempt, error.clone())],
                 Vec::new(),
+                Vec::new(),
             ),
         };
-        self.record(claim, loaded, &events, streams).await
+        let order_after = order_after(order, &order_events);
+        self.record_with_order(claim, loaded, &events, streams, order_after)
+            .await
     }
 
     /// A built-in step: the step's record and the order's change in one append.
@@ -1020,24 +1101,29 @@ impl SagaRunner {
             reaches_outside: false,
         };
         let order_id = loaded.state.order_id;
-        let order = self.load_order(order_id).await?;
-        let planned = self
+        let (mut order, kept) = self.order_for(claim, order_id).await?;
+        let mut planned = self
             .commerce()
             .plan_transition(order_id, &order, &transition)
             .await;
+        if kept && matches!(planned, Err(CommandError::Domain(_))) {
+            order = self.load_order(order_id).await?;
+            planned = self
+                .commerce()
+                .plan_transition(order_id, &order, &transition)
+                .await;
+        }
+        let mut kept_order = None;
         let (events, streams) = match planned {
             Ok(planned) => {
+                let after = order_after(order.clone(), &planned.events);
                 let output = match &transition {
                     OrderTransition::ReserveInventory => {
-                        let order_after =
-                            planned.events.iter().fold(order.state.clone(), |mut o, e| {
-                                crate::domain::Aggregate::apply(&mut o, e);
-                                o
-                            });
-                        json!({ "reservations": order_after.reservations })
+                        json!({ "reservations": after.state.reservations })
                     }
                     _ => json!({}),
                 };
+                kept_order = Some(after);
                 let mut events = vec![
                     started,
                     SagaEvent::StepSucceeded {
@@ -1069,7 +1155,10 @@ impl SagaRunner {
             }
             Err(other) => return Err(other),
         };
-        self.record(claim, loaded, &events, streams).await
+        // Refused: the order is as it was.
+        let kept_order = kept_order.unwrap_or(order);
+        self.record_with_order(claim, loaded, &events, streams, kept_order)
+            .await
     }
 
     /// The order's events that record a call's result (paid, shipped).
@@ -1079,7 +1168,7 @@ impl SagaRunner {
         order: &Loaded<Order>,
         step: &StepState,
         output: &Value,
-    ) -> Result<Vec<crate::event_store::StreamAppend>, CommandError> {
+    ) -> Result<(Vec<crate::event_store::StreamAppend>, Vec<OrderEvent>), CommandError> {
         let transition = match &step.definition.action {
             StepAction::Payment { .. } => OrderTransition::MarkPaid {
                 payment_reference: text(output, "reference"),
@@ -1088,13 +1177,13 @@ impl SagaRunner {
             StepAction::Shipment { .. } => OrderTransition::Ship {
                 shipment_reference: text(output, "reference"),
             },
-            _ => return Ok(Vec::new()),
+            _ => return Ok((Vec::new(), Vec::new())),
         };
-        Ok(self
+        let planned = self
             .commerce()
             .plan_transition(order_id, order, &transition)
-            .await?
-            .streams)
+            .await?;
+        Ok((planned.streams, planned.events))
     }
 
     /// A plugin step's forward call: the charge (captured, if the provider
@@ -1227,6 +1316,7 @@ impl SagaRunner {
         }
         advance(&mut loaded, &started);
 
+        self.driving.take_order(claim);
         let order = self.load_order(loaded.state.order_id).await?;
         let retry = loaded
             .state
@@ -1504,6 +1594,7 @@ impl SagaRunner {
         cause: CompensationCause,
     ) -> Result<Flow, CommandError> {
         let order_id = loaded.state.order_id;
+        self.driving.take_order(claim);
         let order = self.load_order(order_id).await?;
         // Checked by the order like any reason: cleaned first, so the
         // saga's own last write is never refused for its wording.
@@ -1582,6 +1673,16 @@ fn forward_failure(step: &StepState, attempt: u32, error: StepError) -> SagaEven
         error,
         retry_at,
     }
+}
+
+/// `order` with `events` (the next ones of its stream) folded in: what a
+/// write of them leaves.
+fn order_after(mut order: Loaded<Order>, events: &[OrderEvent]) -> Loaded<Order> {
+    for event in events {
+        crate::domain::Aggregate::apply(&mut order.state, event);
+        order.version += 1;
+    }
+    order
 }
 
 /// `loaded` after `events` were appended to it.

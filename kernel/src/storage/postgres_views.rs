@@ -361,8 +361,8 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
     Ok(())
 }
 
-/// Locks the checkpoint row of `projection` and returns it; `None` when
-/// `skip_locked` and another transaction holds it.
+/// Locks the checkpoint row of `projection` (waiting for a batch in
+/// progress) and returns it.
 async fn lock_checkpoint(
     tx: &mut Transaction<'_, Postgres>,
     projection: ProjectionName,
