@@ -22,6 +22,8 @@ pub struct CountingEvents {
     reads: Mutex<HashMap<Uuid, u64>>,
     /// Read calls, whatever their number of streams.
     calls: Mutex<u64>,
+    /// Reads of the global log (`read_all_matching`).
+    log_reads: AtomicU64,
 }
 
 impl CountingEvents {
@@ -30,7 +32,13 @@ impl CountingEvents {
             inner,
             reads: Mutex::default(),
             calls: Mutex::default(),
+            log_reads: AtomicU64::new(0),
         }
+    }
+
+    /// Reads of the global log so far.
+    pub fn log_reads(&self) -> u64 {
+        self.log_reads.load(Ordering::SeqCst)
     }
 
     /// Stream read calls so far.
@@ -90,6 +98,7 @@ impl EventStore for CountingEvents {
         after: Position,
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.log_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read_all_matching(filter, after, limit).await
     }
     async fn count_matching(&self, filter: &EventFilter) -> Result<u64, StoreError> {

@@ -148,9 +148,9 @@ impl Sagas {
         context: &CommandContext,
     ) -> Result<Option<Written<Saga>>, CommandError> {
         let saga_id = Saga::id_for(ORDER_FULFILMENT, order_id);
-        if self.store.get(saga_id).await?.is_some() {
-            return Ok(None);
-        }
+        // No look for an existing saga first: the start itself writes
+        // nothing and says so when the saga exists, and almost every start
+        // is of a new order's saga.
         self.commerce.load_order(order_id).await?;
         let definition = self.definitions(ORDER_FULFILMENT).await?.state.effective();
         let now = Utc::now();

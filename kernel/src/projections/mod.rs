@@ -202,7 +202,8 @@ impl RoundFailure {
 /// A projection left out of the shared rounds, and when to try it alone.
 struct Failing {
     retry_at: tokio::time::Instant,
-    /// It rejoins once its checkpoint has passed this position.
+    /// It rejoins once it has applied its events up to this position
+    /// ([`Projector::has_reached`]).
     at: Position,
 }
 
@@ -609,8 +610,8 @@ impl Projector {
     }
 
     /// Applies every readable event the projections have not applied yet.
-    /// Returns how many events of the log this call went through; stops
-    /// early (without error) when another process is applying.
+    /// Returns how many events of the log this call went through; a group
+    /// stops early (without error) when another process is applying it.
     pub async fn catch_up(&self) -> Result<usize, StoreError> {
         self.lock_written().clear();
         self.catch_up_from_written(&ProjectionName::ALL)
@@ -618,42 +619,44 @@ impl Projector {
             .map_err(|failure| failure.error)
     }
 
-    /// Catches `projections` up together: one read of the log and one
-    /// [`ViewStore::apply`] per batch for all of them, instead of one each.
-    /// Each starts from the checkpoint this process last wrote for it when
-    /// it has one, else from the stored checkpoint.
-    ///
-    /// A shared read starts at the furthest-behind checkpoint. So that a
-    /// projection far behind (rebuilt, say) does not hold the others back,
-    /// those a full batch did not reach go on as a group of their own, and
-    /// the groups take a batch each in turn.
+    /// Rounds of `projections` ([`Self::round`]) until none has more.
     async fn catch_up_from_written(
         &self,
         projections: &[ProjectionName],
     ) -> Result<usize, RoundFailure> {
-        let mut groups = vec![projections.to_vec()];
         let mut applied = 0;
-        while !groups.is_empty() {
-            let mut next = Vec::new();
-            for group in groups {
-                let step = self.next_batch(&group).await?;
-                applied += step.applied;
-                if step.more {
-                    next.push(
-                        group
-                            .iter()
-                            .copied()
-                            .filter(|p| !step.ahead.contains(p))
-                            .collect(),
-                    );
-                }
-                if !step.ahead.is_empty() {
-                    next.push(step.ahead);
-                }
+        loop {
+            let (events, more) = self.round(projections).await?;
+            applied += events;
+            if !more {
+                return Ok(applied);
             }
-            groups = next;
         }
-        Ok(applied)
+    }
+
+    /// One round of `projections` together: one read of the log and one
+    /// [`ViewStore::apply`] per batch for all of them, instead of one each.
+    /// Each starts from the checkpoint this process last wrote for it when
+    /// it has one, else from the stored checkpoint. Returns how many events
+    /// the round went through and whether more may follow.
+    ///
+    /// A shared read starts at the furthest-behind checkpoint. So that a
+    /// projection far behind (rebuilt, say) does not hold the others back,
+    /// those a full batch did not reach take a batch of their own in the
+    /// same round; every round reads all of them again, so what is written
+    /// during a long replay reaches the others' views at the next round.
+    async fn round(&self, projections: &[ProjectionName]) -> Result<(usize, bool), RoundFailure> {
+        let mut pending = vec![projections.to_vec()];
+        let (mut applied, mut more) = (0, false);
+        while let Some(group) = pending.pop() {
+            let step = self.next_batch(&group).await?;
+            applied += step.applied;
+            more |= step.more;
+            if !step.ahead.is_empty() {
+                pending.push(step.ahead);
+            }
+        }
+        Ok((applied, more))
     }
 
     /// Reads and applies the next batch of `group`'s events.
@@ -742,9 +745,14 @@ impl Projector {
             }
         };
         if !applied {
-            // Another process is applying, or was: read where it got.
+            // Another process is applying, or was: read where it got. The
+            // projections ahead of this batch were not part of it.
             self.lock_written().clear();
-            return Ok(done);
+            return Ok(BatchStep {
+                applied: 0,
+                more: false,
+                ahead,
+            });
         }
         let mut written = self.lock_written();
         for batch in &batches {
@@ -757,15 +765,18 @@ impl Projector {
         })
     }
 
-    /// Applies `batches` each in a transaction of its own; the first that
-    /// fails is reported as that projection's failure.
+    /// Applies `batches` each in a transaction of its own, after their
+    /// shared apply failed. If some apply and one does not, that projection
+    /// is at fault; if none does, the store is (the failure is everyone's).
     async fn apply_one_by_one(&self, batches: &[ProjectionBatch]) -> Result<bool, RoundFailure> {
+        let mut first_failure = None;
+        let mut any_written = false;
         for batch in batches {
             match self.views.apply(std::slice::from_ref(batch)).await {
-                Ok(true) => {}
+                Ok(true) => any_written = true,
                 Ok(false) => return Ok(false),
                 Err(error) => {
-                    return Err(RoundFailure {
+                    first_failure.get_or_insert(RoundFailure {
                         projection: Some(batch.projection),
                         at: Some(batch.to),
                         error,
@@ -773,21 +784,26 @@ impl Projector {
                 }
             }
         }
-        Ok(true)
+        match first_failure {
+            None => Ok(true),
+            Some(failure) if any_written => Err(failure),
+            Some(failure) => Err(RoundFailure::of_all(failure.error)),
+        }
     }
 
     fn lock_written(&self) -> std::sync::MutexGuard<'_, HashMap<ProjectionName, Position>> {
         self.written.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Catches the projections up, then waits for a nudge, the poll interval
-    /// or shutdown. Errors are logged and retried on the next round.
+    /// Runs rounds of the projections: the next at once while a round says
+    /// more may follow, else after a nudge, the poll interval or shutdown.
+    /// Errors are logged and retried on the next round.
     ///
-    /// The projections share each round. One that cannot project an event
-    /// (a corrupt or unknown event) would hold back the others, whose
-    /// shared reads start at the furthest-behind checkpoint: it is left out
-    /// of the shared rounds and tried alone every [`FAILING_RETRY`] until
-    /// it gets past that event.
+    /// A projection that fails on its own (an event it cannot project, rows
+    /// its store refuses) would hold back the others, whose shared reads
+    /// start at the furthest-behind checkpoint: it is left out of the shared
+    /// rounds and caught up alone every [`FAILING_RETRY`], and rejoins once
+    /// it has applied its events up to where it failed.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut woken = false;
         let mut failing: HashMap<ProjectionName, Failing> = HashMap::new();
@@ -801,9 +817,13 @@ impl Projector {
                 .into_iter()
                 .filter(|p| !failing.contains_key(p))
                 .collect();
-            if let Err(failure) = self.catch_up_from_written(&together).await {
-                self.note_failure(failure, &mut failing);
-            }
+            let more = match self.round(&together).await {
+                Ok((_, more)) => more,
+                Err(failure) => {
+                    self.note_failure(failure, &mut failing);
+                    false
+                }
+            };
             let now = tokio::time::Instant::now();
             let due: Vec<(ProjectionName, Position)> = failing
                 .iter()
@@ -811,25 +831,33 @@ impl Projector {
                 .map(|(p, failed)| (*p, failed.at))
                 .collect();
             for (projection, at) in due {
-                match self.catch_up_from_written(&[projection]).await {
-                    Ok(_) => {
-                        // Back in the shared rounds only once past where it
-                        // failed (a refused or empty round proves nothing).
-                        let passed = self
-                            .lock_written()
-                            .get(&projection)
-                            .is_some_and(|written| *written >= at);
-                        if passed {
-                            failing.remove(&projection);
-                        } else if let Some(failed) = failing.get_mut(&projection) {
+                let caught_up = match self.catch_up_from_written(&[projection]).await {
+                    Ok(_) => self.has_reached(projection, at).await,
+                    Err(failure) => {
+                        self.note_failure(failure, &mut failing);
+                        continue;
+                    }
+                };
+                match caught_up {
+                    Ok(true) => {
+                        failing.remove(&projection);
+                    }
+                    Ok(false) | Err(_) => {
+                        if let Some(failed) = failing.get_mut(&projection) {
                             failed.retry_at = now + FAILING_RETRY;
                         }
                     }
-                    Err(failure) => self.note_failure(failure, &mut failing),
                 }
             }
             self.rounds
                 .send_modify(|rounds| *rounds = rounds.wrapping_add(1));
+            if more {
+                woken = true;
+                if shutdown.has_changed().unwrap_or(true) {
+                    return;
+                }
+                continue;
+            }
             tokio::select! {
                 _ = self.wake.notified() => woken = true,
                 _ = tokio::time::sleep(POLL_INTERVAL) => woken = false,
