@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use anyhow::{Context as _, ensure};
-use serde_json::Value;
+use serde_json::{Value, json};
 use support::kernel::{RunningKernel, TEST_JWT_SECRET};
 use support::{TestDatabase, run_suite};
 
@@ -81,6 +81,15 @@ async fn a_short_closed_loop_confirms_every_order_with_one_charge_each(
     let kernel = RunningKernel::start(&db, &[]).await?;
     let report = loadtest(&kernel, &["--clients", "4", "--lines", "2"]).await?;
     ensure!(report["clients"] == 4, "{report}");
+    // Again on the shop as the first run left it: its catalog, not a new one.
+    loadtest(&kernel, &["--clients", "2", "--use-catalog"]).await?;
+    let listed = kernel
+        .graphql("{ products(first: 100) { totalCount } }", json!({}))
+        .await?;
+    ensure!(
+        listed["data"]["products"]["totalCount"] == 5,
+        "the second run made a catalog of its own: {listed}"
+    );
     kernel.stop().await
 }
 

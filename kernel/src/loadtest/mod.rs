@@ -67,8 +67,13 @@ pub struct Options {
     pub duration: Duration,
     /// Orders before the window: placed and audited, not measured.
     pub warmup: Duration,
-    /// Products in the catalog the load test creates.
+    /// Products in the catalog the load test creates (or takes, with
+    /// `use_catalog`).
     pub products: usize,
+    /// Take the first `products` products of the kernel's catalog (sellable
+    /// in EUR, with stock) instead of creating new ones: to load-test a
+    /// shop as it is, with its history (an aged database, say).
+    pub use_catalog: bool,
     /// Lines per cart, each a different product.
     pub lines: usize,
     /// Customers orders are spread over in open loop (each has one
@@ -104,6 +109,9 @@ The admin and customer tokens are minted with the configured secret
   --duration SECS         measured window (default 20)
   --warmup SECS           orders before the window, audited only (default 2)
   --products N            products to create (default 20)
+  --use-catalog           take the first --products products of the
+                          kernel's catalog instead (sellable in EUR, with
+                          stock): a shop as it is, with its history
   --lines N               lines per order (default 2)
   --customers N           customers in open loop (default 64)
   --stock N               stock per product (default 100000000)
@@ -127,6 +135,7 @@ impl Options {
             duration: Duration::from_secs(20),
             warmup: Duration::from_secs(2),
             products: 20,
+            use_catalog: false,
             lines: 2,
             customers: 64,
             stock: 100_000_000,
@@ -139,6 +148,10 @@ impl Options {
         let usage = |problem: String| LoadtestError::Usage(problem);
         let mut rest = args.iter();
         while let Some(flag) = rest.next() {
+            if flag == "--use-catalog" {
+                options.use_catalog = true;
+                continue;
+            }
             let value = rest
                 .next()
                 .ok_or_else(|| usage(format!("{flag} needs a value")))?;
@@ -233,7 +246,11 @@ pub async fn run(options: &Options, tokens: Tokens) -> Result<Report, LoadtestEr
         // (compile) the component: that work must not fall in the window.
         tokio::time::sleep(PLUGIN_FOLLOW).await;
     }
-    let products = create_catalog(storefront, &tokens.admin, options).await?;
+    let products = if options.use_catalog {
+        existing_catalog(storefront, &tokens.admin, options).await?
+    } else {
+        create_catalog(storefront, &tokens.admin, options).await?
+    };
     let mut customers = Vec::with_capacity(tokens.customers.len());
     for (index, token) in tokens.customers.into_iter().enumerate() {
         let storefront = storefronts[index % storefronts.len()].clone();
@@ -654,6 +671,52 @@ async fn install_plugins(
 const CREATE_PRODUCT: &str = "mutation ($sku: String!, $name: String!, $amount: Decimal!) { createProduct(input: { sku: $sku, name: $name, price: { amount: $amount, currency: \"EUR\" } }) { product { id } errors { code message } } }";
 const ADJUST: &str = "mutation ($id: UUID!, $delta: Int!) { adjustInventory(input: { productId: $id, delta: $delta, reason: \"load test stock\" }) { errors { code message } } }";
 
+const FIRST_PRODUCTS: &str = "query ($first: Int!) { products(first: $first) { edges { node { id active price { currency } inventory { available } } } } }";
+
+/// The first `options.products` products of the kernel's catalog; an error
+/// unless each is active, priced in EUR and in stock (a cart takes one
+/// currency, and an order on a product without stock fails).
+async fn existing_catalog(
+    storefront: &Storefront,
+    admin: &str,
+    options: &Options,
+) -> Result<Vec<Uuid>, LoadtestError> {
+    let first = i64::try_from(options.products).unwrap_or(i64::MAX);
+    let body = storefront
+        .graphql(admin, FIRST_PRODUCTS, json!({ "first": first }))
+        .await
+        .map_err(|error| LoadtestError::Setup(format!("listing the catalog: {error}")))?;
+    let edges = body["data"]["products"]["edges"]
+        .as_array()
+        .ok_or_else(|| LoadtestError::Setup(format!("products answered {body}")))?;
+    let mut products = Vec::with_capacity(edges.len());
+    for edge in edges {
+        let node = &edge["node"];
+        let usable = node["active"] == true
+            && node["price"]["currency"] == "EUR"
+            && node["inventory"]["available"]
+                .as_i64()
+                .is_some_and(|n| n > 0);
+        let id = node["id"].as_str().and_then(|id| id.parse().ok());
+        match id {
+            Some(id) if usable => products.push(id),
+            _ => {
+                return Err(LoadtestError::Setup(format!(
+                    "--use-catalog: product {node} is not active, in EUR and in stock"
+                )));
+            }
+        }
+    }
+    if products.len() < options.products {
+        return Err(LoadtestError::Setup(format!(
+            "--use-catalog: the catalog has {} products, --products asks for {}",
+            products.len(),
+            options.products
+        )));
+    }
+    Ok(products)
+}
+
 /// Creates `options.products` products priced in EUR, each with
 /// `options.stock` units; their ids.
 async fn create_catalog(
@@ -710,6 +773,9 @@ mod tests {
         assert_eq!(options.arrivals, Arrivals::Open { per_second: 500.0 });
         assert_eq!(options.duration, Duration::from_secs(60));
         assert_eq!(options.lines, 3);
+        assert!(!options.use_catalog);
+        let options = parse(&["--use-catalog", "--products", "5"]).expect("valid");
+        assert!(options.use_catalog && options.products == 5);
         for bad in [
             &["--clients"][..],
             &["--clients", "0"],
