@@ -1123,24 +1123,7 @@ async fn a_drive_reads_the_saga_and_order_streams_once_not_before_every_step(
 async fn a_cancel_after_the_next_step_was_decided_stops_it_before_its_call(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
-    let shop = shop_without_runner(&db, db.database.saga_store()).await?;
-    let product = shop.product("5", 2).await?;
-    let runner = Runner::start(
-        &shop.sagas,
-        &shop.registry,
-        LEASE,
-        // Longer than the lease: the heartbeat keeps it while the drive
-        // waits, and the cancel has all the time it needs to land.
-        FaultHooks::from_setting(Some("before-start:shipment=4000")).map_err(anyhow::Error::msg)?,
-    );
-    let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
-    shop.wait_for(order_id, |saga| {
-        step_status(saga, "payment") == Some(StepStatus::Succeeded)
-    })
-    .await?;
-    // The drive waits at the shipment's start, holding the saga as its
-    // payment write left it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (shop, runner, product, order_id) = paid_and_waiting_before_shipment(&db).await?;
     shop.sagas
         .cancel_order(order_id, "changed my mind", &context())
         .await?;
@@ -1184,22 +1167,7 @@ async fn a_cancel_after_the_next_step_was_decided_stops_it_before_its_call(
 async fn an_order_moved_under_a_drive_is_read_again_before_the_drive_writes_it(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
-    let shop = shop_without_runner(&db, db.database.saga_store()).await?;
-    let product = shop.product("5", 2).await?;
-    let runner = Runner::start(
-        &shop.sagas,
-        &shop.registry,
-        LEASE,
-        FaultHooks::from_setting(Some("before-start:shipment=4000")).map_err(anyhow::Error::msg)?,
-    );
-    let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
-    shop.wait_for(order_id, |saga| {
-        step_status(saga, "payment") == Some(StepStatus::Succeeded)
-    })
-    .await?;
-    // The drive waits at the shipment's start, holding the order as its
-    // payment write left it (PAID).
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (shop, runner, product, order_id) = paid_and_waiting_before_shipment(&db).await?;
     shop.commerce
         .transition_order(
             order_id,
@@ -1243,6 +1211,31 @@ async fn an_order_moved_under_a_drive_is_read_again_before_the_drive_writes_it(
     );
     shop.expect_stock(product, 2).await?;
     Ok(())
+}
+
+/// A shop whose runner paid an order (one unit of a product with two in
+/// stock) and now waits at the shipment's start, holding the saga and the
+/// order as its payment write left them. It waits longer than the lease:
+/// the heartbeat keeps it, and whatever the test does meanwhile has all the
+/// time it needs to land.
+async fn paid_and_waiting_before_shipment(
+    db: &TestDatabase,
+) -> anyhow::Result<(Shop, Runner, Uuid, Uuid)> {
+    let shop = shop_without_runner(db, db.database.saga_store()).await?;
+    let product = shop.product("5", 2).await?;
+    let runner = Runner::start(
+        &shop.sagas,
+        &shop.registry,
+        LEASE,
+        FaultHooks::from_setting(Some("before-start:shipment=4000")).map_err(anyhow::Error::msg)?,
+    );
+    let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
+    shop.wait_for(order_id, |saga| {
+        step_status(saga, "payment") == Some(StepStatus::Succeeded)
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok((shop, runner, product, order_id))
 }
 
 fn saga_id_of(order_id: Uuid) -> Uuid {
