@@ -5,6 +5,7 @@
 mod support;
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
@@ -20,7 +21,7 @@ use commerce_kernel::event_store::repository::encode;
 use commerce_kernel::event_store::{AppendRequest, EventStore, NewEvent, StreamSelection};
 use commerce_kernel::projections::{OrderFilter, ProjectionName, Projector, ViewStore as _};
 use support::counting::{CountingEvents, CountingViews};
-use support::{TestDatabase, run_suite};
+use support::{TestDatabase, run_suite, wait_until_readable};
 use uuid::Uuid;
 
 fn main() {
@@ -38,6 +39,7 @@ fn main() {
         two_projectors_on_one_database_apply_every_event_once,
         an_event_one_projection_cannot_read_holds_back_only_that_projection,
         a_projection_far_behind_does_not_hold_back_the_others,
+        read_your_writes_trusts_what_this_process_projected,
     ]);
 }
 
@@ -835,7 +837,16 @@ async fn an_event_one_projection_cannot_read_holds_back_only_that_projection(
     let unreadable = unreadable.last_position;
     services.projector.nudge();
     let product = product_with_stock(&services.commerce, "4", 7).await?;
-    let stocked = services.commerce.store().head().await?;
+    // The stock event's own position: the log's readable head may still be
+    // behind it while another transaction is open.
+    let stocked = services
+        .commerce
+        .store()
+        .read_stream(Inventory::stream_id(product), StreamSelection::default())
+        .await?
+        .last()
+        .map(|event| event.position)
+        .context("no stock event")?;
     services.projector.nudge();
     ensure!(
         services
@@ -861,6 +872,65 @@ async fn an_event_one_projection_cannot_read_holds_back_only_that_projection(
             .has_reached(ProjectionName::Orders, unreadable)
             .await?,
         "the orders projection moved past an event it could not read"
+    );
+    Ok(())
+}
+
+/// A read-your-writes wait for a position this process's projector has
+/// already applied is answered without reading any checkpoint; one it has
+/// not applied yet is not answered from memory.
+async fn read_your_writes_trusts_what_this_process_projected(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let store = db.event_store();
+    let views = Arc::new(CountingViews::new(db.database.view_store()));
+    let commerce = Commerce::new(Arc::clone(&store), views.clone());
+    let projector = Projector::new(Arc::clone(&store), views.clone());
+    let both = [ProjectionName::Products, ProjectionName::Inventory];
+    let stock_position = |product| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .read_stream(Inventory::stream_id(product), StreamSelection::default())
+                .await?
+                .last()
+                .map(|event| event.position)
+                .context("no stock event")
+        }
+    };
+
+    let product = product_with_stock(&commerce, "5", 3).await?;
+    let stocked = stock_position(product).await?;
+    // Readable first, so that the round below surely applies it.
+    wait_until_readable(store.as_ref(), stocked).await?;
+    projector.catch_up().await?;
+    let before = views.checkpoint_reads.load(Ordering::SeqCst);
+    ensure!(
+        projector
+            .wait_for(&both, stocked, Duration::from_secs(5))
+            .await?
+    );
+    let reads = views.checkpoint_reads.load(Ordering::SeqCst) - before;
+    ensure!(
+        reads == 0,
+        "{reads} checkpoint reads for a write projected here"
+    );
+
+    // Written after the last round: not reached yet, whatever was written.
+    let later = product_with_stock(&commerce, "6", 4).await?;
+    let later_stocked = stock_position(later).await?;
+    ensure!(
+        !projector
+            .wait_for(&both, later_stocked, Duration::from_millis(50))
+            .await?,
+        "a write no round has projected was reported as projected"
+    );
+    wait_until_readable(store.as_ref(), later_stocked).await?;
+    projector.catch_up().await?;
+    ensure!(
+        projector
+            .wait_for(&both, later_stocked, Duration::from_secs(5))
+            .await?
     );
     Ok(())
 }

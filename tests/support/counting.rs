@@ -1,5 +1,5 @@
 //! An event store that counts the stream reads going through it, per
-//! stream, and a view store that counts stock reads and logs applied
+//! stream, and a view store that counts stock and checkpoint reads and logs applied
 //! batches, for tests that prove what a path does not read or write.
 
 use std::collections::HashMap;
@@ -117,6 +117,7 @@ impl EventStore for CountingEvents {
 pub struct CountingViews {
     inner: Arc<dyn ViewStore>,
     pub inventory_reads: AtomicU64,
+    pub checkpoint_reads: AtomicU64,
     applied: Mutex<Vec<Vec<ProjectionName>>>,
 }
 
@@ -125,6 +126,7 @@ impl CountingViews {
         CountingViews {
             inner,
             inventory_reads: AtomicU64::new(0),
+            checkpoint_reads: AtomicU64::new(0),
             applied: Mutex::default(),
         }
     }
@@ -141,6 +143,7 @@ impl CountingViews {
 #[async_trait::async_trait]
 impl ViewStore for CountingViews {
     async fn checkpoint(&self, projection: ProjectionName) -> Result<Position, StoreError> {
+        self.checkpoint_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.checkpoint(projection).await
     }
     async fn apply(&self, batches: &[ProjectionBatch]) -> Result<bool, StoreError> {

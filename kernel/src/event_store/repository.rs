@@ -62,24 +62,15 @@ impl<A: Aggregate> AggregateRepository<A> {
 
     /// The aggregate as it is now. A missing stream loads as the default state at version 0.
     pub async fn load(&self, id: Uuid) -> Result<Loaded<A>, StoreError> {
-        let Some(cache) = &self.cache else {
+        if self.cache.is_none() {
             return self.load_selected(id, StreamSelection::default()).await;
-        };
-        let start = cache.get::<A>(id).unwrap_or_else(|| Loaded {
-            state: A::default(),
-            version: 0,
-        });
-        let selection = StreamSelection {
-            after_version: Some(start.version).filter(|version| *version > 0),
-            ..StreamSelection::default()
-        };
-        let recorded = self.store.read_stream(id, selection).await?;
-        if recorded.is_empty() {
-            return Ok(start);
         }
-        let loaded = Self::fold_onto(id, start, &recorded)?;
-        cache.put(id, &loaded);
-        Ok(loaded)
+        // From the cached version, as a read of several streams: the store
+        // may merge it with other callers' (see `storage::stream_reads`).
+        self.load_many(&[id])
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt(format!("stream {id} missing from its own load")))
     }
 
     /// The aggregates `ids` as they are now, in the order of `ids`, in one

@@ -910,8 +910,23 @@ impl Projector {
         Ok(next.first().is_none_or(|event| event.position > position))
     }
 
+    /// Whether this process's projector moved `projection`'s checkpoint to
+    /// `position` or past it: reached, known without a read. Checkpoints
+    /// only move forward, except when a projection is rebuilt: a rebuild
+    /// here forgets what was written, and one in another process is seen at
+    /// the next timer round, which forgets it all (see `written`). Until
+    /// then a read-your-writes wait may be answered from before the reset,
+    /// as a read of the view an instant earlier would have been.
+    fn written_past(&self, projection: ProjectionName, position: Position) -> bool {
+        self.lock_written()
+            .get(&projection)
+            .is_some_and(|written| *written >= position)
+    }
+
     /// Read-your-writes: waits until each of `projections` has reached
     /// `position`, or `timeout` passes. Returns whether they all did.
+    /// What this process's projector wrote is trusted first (see
+    /// [`Self::written_past`]); the store is asked about the rest.
     pub async fn wait_for(
         &self,
         projections: &[ProjectionName],
@@ -927,16 +942,24 @@ impl Projector {
             }
         }
         let mut rounds = self.rounds.subscribe();
+        // With a horizon this process runs the projector loop, whose next
+        // round (nudged below) usually takes the write past: the store is
+        // asked only when that round did not.
+        let mut trust_rounds = self.horizon.is_some();
         loop {
             rounds.mark_unchanged();
             self.nudge();
-            let mut still = Vec::with_capacity(pending.len());
-            for projection in pending {
-                if !self.has_reached(projection, position).await? {
-                    still.push(projection);
+            pending.retain(|&projection| !self.written_past(projection, position));
+            if !trust_rounds {
+                let mut still = Vec::with_capacity(pending.len());
+                for projection in pending {
+                    if !self.has_reached(projection, position).await? {
+                        still.push(projection);
+                    }
                 }
+                pending = still;
             }
-            pending = still;
+            trust_rounds = false;
             if pending.is_empty() {
                 return Ok(true);
             }

@@ -11,6 +11,7 @@ pub mod postgres_views;
 pub mod sagas;
 pub mod sqlite;
 pub mod sqlite_views;
+pub mod stream_reads;
 mod views;
 
 use std::path::PathBuf;

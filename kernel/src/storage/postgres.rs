@@ -12,6 +12,7 @@
 //! transaction anywhere in the cluster pauses readers, which is why the pool
 //! sets `idle_in_transaction_session_timeout`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,6 +27,7 @@ use crate::event_store::{
     Position, RecordedEvent, StoreError, StreamSelection, StreamVersion, validate,
     validate_stream_ids,
 };
+use crate::storage::stream_reads::{StreamReadBatcher, StreamsAfter};
 use crate::storage::{EVENT_COLUMNS, log_count_query, log_query};
 
 /// How long a session may sit idle inside a transaction before Postgres ends it.
@@ -43,6 +45,9 @@ const UNIQUE_VIOLATION_STATE: &str = "23505";
 #[derive(Clone, Debug)]
 pub struct PostgresDatabase {
     pool: PgPool,
+    /// Shared by every event store of this database, so that all of the
+    /// process's stream reads can be merged.
+    stream_reads: Arc<StreamReadBatcher<PostgresStreamReads>>,
 }
 
 impl PostgresDatabase {
@@ -74,12 +79,17 @@ impl PostgresDatabase {
             })
             .connect_with(options)
             .await?;
-        Ok(PostgresDatabase { pool })
+        Ok(Self::from_pool(pool))
     }
 
     /// Wraps an existing pool (tests and tools that manage their own).
     pub fn from_pool(pool: PgPool) -> Self {
-        PostgresDatabase { pool }
+        PostgresDatabase {
+            stream_reads: Arc::new(StreamReadBatcher::new(PostgresStreamReads {
+                pool: pool.clone(),
+            })),
+            pool,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -97,6 +107,7 @@ impl PostgresDatabase {
     pub fn event_store(&self) -> PostgresEventStore {
         PostgresEventStore {
             pool: self.pool.clone(),
+            stream_reads: Arc::clone(&self.stream_reads),
         }
     }
 
@@ -114,6 +125,7 @@ impl PostgresDatabase {
 #[derive(Clone, Debug)]
 pub struct PostgresEventStore {
     pool: PgPool,
+    stream_reads: Arc<StreamReadBatcher<PostgresStreamReads>>,
 }
 
 impl PostgresEventStore {
@@ -650,6 +662,45 @@ fn to_recorded(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>, StoreError> {
     rows.into_iter().map(RecordedEvent::try_from).collect()
 }
 
+/// [`EventStore::read_streams_after`] as one statement, for the
+/// [`StreamReadBatcher`] to run for one read or for several merged.
+#[derive(Debug)]
+pub struct PostgresStreamReads {
+    pool: PgPool,
+}
+
+#[async_trait]
+impl StreamsAfter for PostgresStreamReads {
+    async fn read(
+        &self,
+        streams: &[(Uuid, u32)],
+    ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
+        let ids: Vec<Uuid> = streams.iter().map(|(id, _)| *id).collect();
+        let versions: Vec<i32> = streams
+            .iter()
+            .map(|(_, version)| i32::try_from(*version).unwrap_or(i32::MAX))
+            .collect();
+        // One read for every stream, and readability in the same snapshot.
+        // One index range per stream: `OFFSET 0` keeps the planner from
+        // flattening the LATERAL into a join, which the generic plan of a
+        // prepared statement ran as a hash join over the whole table.
+        let rows: Vec<ReadableEventRow> = sqlx::query_as(&format!(
+            "SELECT {EVENT_COLUMNS}, {READABLE} AS readable \
+             FROM unnest($1::uuid[], $2::integer[]) AS s(stream, after_version) \
+             CROSS JOIN LATERAL (SELECT * FROM events \
+               WHERE aggregate_id = s.stream AND version > s.after_version OFFSET 0) e \
+             ORDER BY transaction_id, sequence"
+        ))
+        .bind(ids)
+        .bind(versions)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|row| Ok((RecordedEvent::try_from(row.event)?, row.readable)))
+            .collect()
+    }
+}
+
 /// Events a log reader may see now: those of transactions below the oldest one
 /// still running (the read horizon), all of which have finished.
 const READABLE: &str = "transaction_id < pg_snapshot_xmin(pg_current_snapshot())::text::bigint";
@@ -753,28 +804,7 @@ impl EventStore for PostgresEventStore {
     ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
         let ids: Vec<Uuid> = streams.iter().map(|(id, _)| *id).collect();
         validate_stream_ids(&ids)?;
-        let versions: Vec<i32> = streams
-            .iter()
-            .map(|(_, version)| i32::try_from(*version).unwrap_or(i32::MAX))
-            .collect();
-        // One read for every stream, and readability in the same snapshot.
-        // One index range per stream: `OFFSET 0` keeps the planner from
-        // flattening the LATERAL into a join, which the generic plan of a
-        // prepared statement ran as a hash join over the whole table.
-        let rows: Vec<ReadableEventRow> = sqlx::query_as(&format!(
-            "SELECT {EVENT_COLUMNS}, {READABLE} AS readable \
-             FROM unnest($1::uuid[], $2::integer[]) AS s(stream, after_version) \
-             CROSS JOIN LATERAL (SELECT * FROM events \
-               WHERE aggregate_id = s.stream AND version > s.after_version OFFSET 0) e \
-             ORDER BY transaction_id, sequence"
-        ))
-        .bind(ids)
-        .bind(versions)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.into_iter()
-            .map(|row| Ok((RecordedEvent::try_from(row.event)?, row.readable)))
-            .collect()
+        self.stream_reads.read(streams).await
     }
 
     async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {
