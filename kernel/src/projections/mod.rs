@@ -10,6 +10,7 @@
 //! row is taken with a lock, so one applies a batch while the others skip.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -570,6 +571,9 @@ pub struct Projector {
     /// ([`ViewStore::apply`]), and the next round reads it again; rounds
     /// on the poll timer always read it (a reset elsewhere, a quiet shop).
     written: Arc<Mutex<HashMap<ProjectionName, Position>>>,
+    /// Counts this process's resets (rebuilds), so that a batch applied
+    /// just before one does not record its checkpoint after it.
+    resets: Arc<AtomicU64>,
 }
 
 impl Projector {
@@ -581,6 +585,7 @@ impl Projector {
             rounds: Arc::new(watch::Sender::new(0)),
             horizon: None,
             written: Arc::default(),
+            resets: Arc::default(),
         }
     }
 
@@ -661,6 +666,7 @@ impl Projector {
 
     /// Reads and applies the next batch of `group`'s events.
     async fn next_batch(&self, group: &[ProjectionName]) -> Result<BatchStep, RoundFailure> {
+        let resets = self.resets.load(Ordering::Acquire);
         let done = BatchStep {
             applied: 0,
             more: false,
@@ -755,8 +761,12 @@ impl Projector {
             });
         }
         let mut written = self.lock_written();
-        for batch in &batches {
-            written.insert(batch.projection, batch.to);
+        // A reset since this batch began may have come after its apply:
+        // what it wrote is gone, so it must not count as written.
+        if self.resets.load(Ordering::Acquire) == resets {
+            for batch in &batches {
+                written.insert(batch.projection, batch.to);
+            }
         }
         Ok(BatchStep {
             applied: events.len(),
@@ -913,9 +923,11 @@ impl Projector {
     /// Whether this process's projector moved `projection`'s checkpoint to
     /// `position` or past it: reached, known without a read. Checkpoints
     /// only move forward, except when a projection is rebuilt: a rebuild
-    /// here forgets what was written, and one in another process is seen at
-    /// the next timer round, which forgets it all (see `written`). Until
-    /// then a read-your-writes wait may be answered from before the reset,
+    /// here forgets what was written (and a batch applied just before it
+    /// does not record it afterwards, see `resets`). A rebuild in another
+    /// process is seen at this process's next round, whose apply finds the
+    /// checkpoint moved, is refused and forgets what was written. Until
+    /// then a read-your-writes wait may be answered from before that reset,
     /// as a read of the view an instant earlier would have been.
     fn written_past(&self, projection: ProjectionName, position: Position) -> bool {
         self.lock_written()
@@ -986,6 +998,7 @@ impl Projector {
     ) -> Result<bool, StoreError> {
         let head = self.store.head().await?;
         self.views.reset(projection).await?;
+        self.resets.fetch_add(1, Ordering::AcqRel);
         self.lock_written().remove(&projection);
         self.catch_up_from_written(&[projection])
             .await

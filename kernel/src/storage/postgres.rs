@@ -804,7 +804,11 @@ impl EventStore for PostgresEventStore {
     ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
         let ids: Vec<Uuid> = streams.iter().map(|(id, _)| *id).collect();
         validate_stream_ids(&ids)?;
-        self.stream_reads.read(streams).await
+        // A stream named twice is read once, from the lower version.
+        let mut unique: Vec<(Uuid, u32)> = streams.to_vec();
+        unique.sort_unstable();
+        unique.dedup_by_key(|(id, _)| *id);
+        self.stream_reads.read(&unique).await
     }
 
     async fn stream_version(&self, aggregate_id: Uuid) -> Result<u32, StoreError> {

@@ -5,13 +5,17 @@
 //! streams: a live order feed catching up after a wake-up, a command loading
 //! its aggregates from their cached versions. Each costs a round trip and
 //! the database's per-statement work, which at this size is most of its
-//! cost. The batcher lets a few statements run at once ([`MAX_IN_FLIGHT`]).
-//! A read that finds a slot free and nobody queued runs at once, from the
-//! caller's own task. Otherwise it queues; the batcher's task takes every
-//! read queued, waits for the next free slot, and runs them as one
-//! statement over the union of their streams, each stream from the lowest
-//! version asked. An idle kernel's reads therefore go out at once, alone,
-//! as before; a busy one's share statements.
+//! cost. The batcher lets a few statements run at once ([`MAX_IN_FLIGHT`]
+//! per process). A read that finds a slot free and nobody queued runs at
+//! once. Otherwise it queues; the batcher's task takes every read queued,
+//! waits for the next free slot, and runs them as one statement over the
+//! union of their streams, each stream from the lowest version asked. An
+//! idle kernel's reads therefore go out at once, alone, as before; a busy
+//! one's share statements.
+//!
+//! Every statement runs in a task of its own, which holds its slot until
+//! the statement ends: a caller that stops polling (a subscription whose
+//! client reads slowly) cannot keep a slot from the others.
 //!
 //! Each read still sees everything committed before it was asked for: a
 //! queued read is only ever put into a statement that starts after it was
@@ -19,24 +23,26 @@
 //! log shows an event yet) is decided by that statement's snapshot, as it
 //! would be for a read of its own at that moment.
 //!
-//! When a merged statement fails, every read in it is run again on its own,
-//! so each caller gets the error its own read gives (and none is lost when
-//! the failure was another caller's doing). When the batcher's task is gone
-//! (its runtime shut down), reads run on their own too.
+//! When a merged statement fails, its reads are run again one by one in
+//! the same slot, so each caller gets the error its own read gives (and
+//! none is lost when the failure was another caller's doing). When the
+//! batcher's task is gone (its runtime shut down), the next read starts
+//! another.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
-use crate::event_store::{RecordedEvent, StoreError};
+use crate::event_store::{MAX_STREAMS_PER_READ, RecordedEvent, StoreError};
 
-/// Merged statements running at once. Two keeps both of this machine's
-/// cores busy while the rest queue, and the queue is what gets merged.
+/// Statements of stream reads running at once, per process. Two keeps both
+/// of this machine's cores busy while the rest queue, and the queue is what
+/// gets merged.
 pub const MAX_IN_FLIGHT: usize = 2;
 
 /// Most reads merged into one statement.
@@ -44,21 +50,21 @@ const MAX_READS_PER_STATEMENT: usize = 256;
 
 /// Events of streams after given versions, each with whether the global
 /// log shows it yet: the contract of
-/// [`EventStore::read_streams_after`](crate::event_store::EventStore::read_streams_after),
-/// as one statement of a backend.
+/// [`EventStore::read_streams_after`](crate::event_store::EventStore::read_streams_after)
+/// for streams named once each, as one statement of a backend.
 #[async_trait]
 pub trait StreamsAfter: Send + Sync + 'static {
     async fn read(&self, streams: &[(Uuid, u32)])
     -> Result<Vec<(RecordedEvent, bool)>, StoreError>;
 }
 
-/// What a read gets back from the batcher: its events, or `None` when it
-/// must read on its own (the merged statement failed).
-type Reply = Option<Vec<(RecordedEvent, bool)>>;
+type Events = Vec<(RecordedEvent, bool)>;
 
 struct QueuedRead {
     streams: Vec<(Uuid, u32)>,
-    reply: oneshot::Sender<Reply>,
+    reply: oneshot::Sender<Result<Events, StoreError>>,
+    /// `None` once the read is in a statement.
+    waiting: Option<Waiting>,
 }
 
 /// Merges concurrent stream reads into shared statements (see the module
@@ -66,16 +72,16 @@ struct QueuedRead {
 /// read's runtime, and ends when the batcher is dropped.
 pub struct StreamReadBatcher<R: StreamsAfter> {
     shared: Arc<Shared<R>>,
-    queue: OnceLock<mpsc::UnboundedSender<QueuedRead>>,
+    queue: Mutex<Option<mpsc::UnboundedSender<QueuedRead>>>,
 }
 
-/// What the callers and the batcher's task share.
+/// What the callers, the batcher's task and the statements' tasks share.
 struct Shared<R> {
     reader: R,
     /// A permit per statement that may run now.
     slots: Arc<Semaphore>,
-    /// Reads queued and not yet taken into a statement.
-    queued: AtomicUsize,
+    /// Reads queued and not yet in a running statement.
+    queued: Arc<AtomicUsize>,
     statements: AtomicU64,
 }
 
@@ -93,105 +99,158 @@ impl<R: StreamsAfter> StreamReadBatcher<R> {
             shared: Arc::new(Shared {
                 reader,
                 slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-                queued: AtomicUsize::new(0),
+                queued: Arc::new(AtomicUsize::new(0)),
                 statements: AtomicU64::new(0),
             }),
-            queue: OnceLock::new(),
+            queue: Mutex::new(None),
         }
     }
 
-    /// Statements run so far for reads, alone or merged (a read retried on
-    /// its own after a merged statement failed is not counted).
+    /// Statements run so far for reads, alone or merged (a read run again
+    /// on its own after a merged statement failed is not counted).
     pub fn statements(&self) -> u64 {
         self.shared.statements.load(Ordering::Relaxed)
     }
 
-    /// The events of each of `streams` after its version, in log order,
-    /// each with whether the global log shows it yet: what
-    /// [`StreamsAfter::read`] returns for `streams` alone.
-    pub async fn read(
-        &self,
-        streams: &[(Uuid, u32)],
-    ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
-        // A free slot and nobody waiting: the read goes out now, from this
-        // task, without a hand-over to the batcher's (which costs wake-ups).
+    /// The events of each of `streams` (each named once) after its
+    /// version, in log order, each with whether the global log shows it
+    /// yet: what [`StreamsAfter::read`] returns for `streams` alone.
+    pub async fn read(&self, streams: &[(Uuid, u32)]) -> Result<Events, StoreError> {
+        // A free slot and nobody waiting: the read goes out now, without a
+        // hand-over to the batcher's task (which costs wake-ups).
         if self.shared.queued.load(Ordering::Acquire) == 0
-            && let Ok(_slot) = self.shared.slots.try_acquire()
+            && let Ok(slot) = Arc::clone(&self.shared.slots).try_acquire_owned()
         {
             self.shared.statements.fetch_add(1, Ordering::Relaxed);
-            return self.shared.reader.read(streams).await;
+            let shared = Arc::clone(&self.shared);
+            let streams = streams.to_vec();
+            let statement = tokio::spawn(async move {
+                let events = shared.reader.read(&streams).await;
+                drop(slot);
+                events
+            });
+            return match statement.await {
+                Ok(events) => events,
+                Err(error) => Err(StoreError::Corrupt(format!(
+                    "a stream read's task ended without an answer: {error}"
+                ))),
+            };
         }
         let (reply, answer) = oneshot::channel();
-        let queued = QueuedRead {
+        let read = QueuedRead {
             streams: streams.to_vec(),
             reply,
+            waiting: Some(Waiting::new(&self.shared.queued)),
         };
-        if let Some(queue) = self.queue() {
-            self.shared.queued.fetch_add(1, Ordering::AcqRel);
-            match queue.send(queued) {
-                Ok(()) => {
-                    if let Ok(Some(events)) = answer.await {
-                        return Ok(events);
-                    }
-                }
-                Err(_) => {
-                    self.shared.queued.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
+        if self.enqueue(read)
+            && let Ok(events) = answer.await
+        {
+            return events;
         }
+        // No runtime, or the batcher's task ended with its runtime while
+        // this read waited.
         self.shared.reader.read(streams).await
     }
 
-    /// The queue of the batcher's task, started now if this is the first
-    /// read to queue; `None` outside a Tokio runtime.
-    fn queue(&self) -> Option<&mpsc::UnboundedSender<QueuedRead>> {
-        if let Some(queue) = self.queue.get() {
-            return Some(queue);
-        }
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        Some(self.queue.get_or_init(|| {
-            let (queue, queued) = mpsc::unbounded_channel();
-            runtime.spawn(serve(Arc::clone(&self.shared), queued));
-            queue
-        }))
+    /// Hands `read` to the batcher's task, starting one if there is none
+    /// (or it ended with its runtime); `false` outside a Tokio runtime.
+    fn enqueue(&self, read: QueuedRead) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let read = match queue.as_ref() {
+            Some(sender) => match sender.send(read) {
+                Ok(()) => return true,
+                // Its task ended with its runtime.
+                Err(mpsc::error::SendError(read)) => read,
+            },
+            None => read,
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let (sender, receiver) = mpsc::unbounded_channel();
+        runtime.spawn(serve(Arc::clone(&self.shared), receiver));
+        let sent = sender.send(read).is_ok();
+        *queue = Some(sender);
+        sent
+    }
+}
+
+/// Counts a read in `queued` from the moment it is queued until it goes
+/// into a statement or is dropped, wherever it is then (in the channel, in
+/// the batcher's task, or gone with a runtime that shut down).
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn new(queued: &Arc<AtomicUsize>) -> Waiting {
+        queued.fetch_add(1, Ordering::AcqRel);
+        Waiting(Arc::clone(queued))
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// The batcher's task: takes the reads queued, waits for a free slot, and
-/// runs them, with every read queued by then, as one statement.
+/// runs them, with every read queued by then, as one statement in a task
+/// of its own.
 async fn serve<R: StreamsAfter>(
     shared: Arc<Shared<R>>,
-    mut queued: mpsc::UnboundedReceiver<QueuedRead>,
+    mut receiver: mpsc::UnboundedReceiver<QueuedRead>,
 ) {
+    // Reads left over when a statement was full.
+    let mut waiting: VecDeque<QueuedRead> = VecDeque::new();
     loop {
-        let mut reads = Vec::new();
-        if queued.recv_many(&mut reads, MAX_READS_PER_STATEMENT).await == 0 {
-            // Every sender is gone: the batcher was dropped.
-            return;
+        if waiting.is_empty() {
+            let mut reads = Vec::new();
+            if receiver
+                .recv_many(&mut reads, MAX_READS_PER_STATEMENT)
+                .await
+                == 0
+            {
+                // Every sender is gone: the batcher was dropped.
+                return;
+            }
+            waiting.extend(reads);
         }
         let Ok(slot) = Arc::clone(&shared.slots).acquire_owned().await else {
             return;
         };
         // Those queued while every slot was busy go too.
-        while reads.len() < MAX_READS_PER_STATEMENT {
-            match queued.try_recv() {
-                Ok(read) => reads.push(read),
-                Err(_) => break,
-            }
+        while let Ok(read) = receiver.try_recv() {
+            waiting.push_back(read);
         }
-        shared.queued.fetch_sub(reads.len(), Ordering::AcqRel);
+        let mut reads = Vec::new();
+        let mut streams = 0;
+        while let Some(read) = waiting.front() {
+            let full = reads.len() == MAX_READS_PER_STATEMENT
+                || (streams > 0 && streams + read.streams.len() > MAX_STREAMS_PER_READ);
+            if full {
+                break;
+            }
+            streams += read.streams.len();
+            reads.extend(waiting.pop_front());
+        }
+        // The statement starts now: these reads are no longer waiting.
+        for read in &mut reads {
+            read.waiting = None;
+        }
         shared.statements.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::clone(&shared);
-        tokio::spawn(async move {
-            run_merged(&shared.reader, reads).await;
-            drop(slot);
-        });
+        tokio::spawn(run_merged(shared, reads, slot));
     }
 }
 
 /// Reads the union of `reads`' streams, each from the lowest version any of
-/// them asked for, and answers each read with its own part.
-async fn run_merged<R: StreamsAfter>(reader: &R, reads: Vec<QueuedRead>) {
+/// them asked for, and answers each read with its own part; if that fails,
+/// runs each read on its own, still in `slot`.
+async fn run_merged<R: StreamsAfter>(
+    shared: Arc<Shared<R>>,
+    reads: Vec<QueuedRead>,
+    slot: OwnedSemaphorePermit,
+) {
     let mut merged: HashMap<Uuid, u32> = HashMap::new();
     for read in &reads {
         for &(stream, after) in &read.streams {
@@ -202,26 +261,37 @@ async fn run_merged<R: StreamsAfter>(reader: &R, reads: Vec<QueuedRead>) {
         }
     }
     let streams: Vec<(Uuid, u32)> = merged.into_iter().collect();
-    let events = reader.read(&streams).await.ok();
-    for read in reads {
-        let part = events.as_ref().map(|events| part_of(events, &read.streams));
-        // A caller that gave up no longer listens; nothing to do then.
-        let _ = read.reply.send(part);
+    match shared.reader.read(&streams).await {
+        Ok(events) => {
+            for read in reads {
+                // A caller that gave up no longer listens: nothing to do.
+                let _ = read.reply.send(Ok(part_of(&events, &read.streams)));
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, reads = reads.len(), "a merged stream read failed; reading them one by one");
+            for read in reads {
+                if read.reply.is_closed() {
+                    continue;
+                }
+                let events = shared.reader.read(&read.streams).await;
+                let _ = read.reply.send(events);
+            }
+        }
     }
+    drop(slot);
 }
 
 /// The events of `events` (in log order) that a read of `streams` returns:
 /// those of its streams after its versions, in the same order.
-fn part_of(
-    events: &[(RecordedEvent, bool)],
-    streams: &[(Uuid, u32)],
-) -> Vec<(RecordedEvent, bool)> {
+fn part_of(events: &[(RecordedEvent, bool)], streams: &[(Uuid, u32)]) -> Events {
+    let after: HashMap<Uuid, u32> = streams.iter().copied().collect();
     events
         .iter()
         .filter(|(event, _)| {
-            streams
-                .iter()
-                .any(|&(stream, after)| event.aggregate_id == stream && event.version > after)
+            after
+                .get(&event.aggregate_id)
+                .is_some_and(|after| event.version > *after)
         })
         .cloned()
         .collect()
@@ -240,12 +310,14 @@ mod tests {
     use super::*;
     use crate::event_store::{EventMetadata, Position};
 
-    /// Streams in memory, read as a backend would read them; counts its
-    /// reads, and fails the next `fail` of them.
-    #[derive(Default)]
+    /// Streams in memory, read as a backend would read them: what a read
+    /// returns is what the log held when it started. Counts its reads;
+    /// each read ends only with a pass (`passes`, plenty unless a test
+    /// takes them away).
     struct Memory {
-        log: Vec<(RecordedEvent, bool)>,
+        log: Mutex<Vec<(RecordedEvent, bool)>>,
         reads: AtomicU64,
+        passes: tokio::sync::Semaphore,
         /// Reads of more streams than this fail (one caller's reads here
         /// are of 3 streams: only merged ones fail).
         fail_over: Mutex<Option<usize>>,
@@ -284,8 +356,10 @@ mod tests {
                 *readable = false;
             }
             Memory {
-                log,
-                ..Memory::default()
+                log: Mutex::new(log),
+                reads: AtomicU64::new(0),
+                passes: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
+                fail_over: Mutex::new(None),
             }
         }
     }
@@ -297,14 +371,45 @@ mod tests {
             streams: &[(Uuid, u32)],
         ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
             self.reads.fetch_add(1, Ordering::Relaxed);
+            let seen = self.log();
             // Yield as a round trip would, so reads queue meanwhile.
             tokio::task::yield_now().await;
+            if let Ok(pass) = self.passes.acquire().await {
+                pass.forget();
+            }
             if let Ok(fail_over) = self.fail_over.lock()
                 && fail_over.is_some_and(|most| streams.len() > most)
             {
                 return Err(StoreError::Corrupt("the statement failed".into()));
             }
-            Ok(alone(&self.log, streams))
+            Ok(alone(&seen, streams))
+        }
+    }
+
+    impl Memory {
+        fn log(&self) -> Vec<(RecordedEvent, bool)> {
+            self.log.lock().expect("log").clone()
+        }
+
+        /// Appends the next event of `stream`.
+        fn append(&self, stream: Uuid) -> Uuid {
+            let mut log = self.log.lock().expect("log");
+            let mut event = log
+                .iter()
+                .rev()
+                .find(|(event, _)| event.aggregate_id == stream)
+                .map(|(event, _)| event.clone())
+                .expect("an existing stream");
+            let sequence = log.len() as i64 + 1;
+            event.id = Uuid::now_v7();
+            event.version += 1;
+            event.position = Position {
+                transaction_id: sequence,
+                sequence,
+            };
+            let id = event.id;
+            log.push((event, true));
+            id
         }
     }
 
@@ -380,7 +485,7 @@ mod tests {
         assert_eq!(batcher.statements(), statements);
         for (read, answer) in reads.iter().zip(answers) {
             let answer = answer.expect("a merged read answers");
-            let alone = alone(&memory.log, read);
+            let alone = alone(&memory.log(), read);
             assert!(!alone.is_empty());
             assert_eq!(ids(&answer), ids(&alone), "read of {read:?}");
         }
@@ -394,12 +499,12 @@ mod tests {
         for after in 0..=3 {
             let read = [(streams[0], after), (streams[1], 0)];
             let answer = batcher.read(&read).await.expect("read");
-            assert_eq!(ids(&answer), ids(&alone(&memory.log, &read)));
+            assert_eq!(ids(&answer), ids(&alone(&memory.log(), &read)));
         }
         assert_eq!(memory.reads.load(Ordering::Relaxed), 4);
         assert_eq!(batcher.statements(), 4);
         // Nothing had to queue: the batcher's task never started.
-        assert!(batcher.queue.get().is_none());
+        assert!(batcher.queue.lock().expect("queue").is_none());
     }
 
     #[tokio::test]
@@ -414,7 +519,7 @@ mod tests {
 
         for (read, answer) in reads.iter().zip(answers) {
             let answer = answer.expect("the read on its own succeeds");
-            assert_eq!(ids(&answer), ids(&alone(&memory.log, read)));
+            assert_eq!(ids(&answer), ids(&alone(&memory.log(), read)));
         }
         // Two reads alone, the failed merged statement of the other 14,
         // then each of those on its own.
@@ -444,31 +549,61 @@ mod tests {
         .await
         .expect("answered");
         for answer in earlier.into_iter().chain([answer]) {
-            assert_eq!(ids(&answer.expect("read")), ids(&alone(&memory.log, &read)));
+            assert_eq!(
+                ids(&answer.expect("read")),
+                ids(&alone(&memory.log(), &read))
+            );
         }
         assert_eq!(batcher.statements(), MAX_IN_FLIGHT as u64 + 1);
         assert_eq!(memory.reads.load(Ordering::Relaxed), batcher.statements());
     }
 
+    /// Lets the spawned tasks run until `done` holds (at most 1,000 turns).
+    async fn until(done: impl Fn() -> bool) {
+        for _ in 0..1_000 {
+            if done() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("never happened");
+    }
+
     #[tokio::test]
-    async fn a_read_waits_behind_queued_reads_instead_of_taking_a_freed_slot() {
-        let streams: Vec<Uuid> = (0..4).map(|_| Uuid::now_v7()).collect();
+    async fn a_read_queued_while_a_merged_statement_runs_waits_for_the_next_one() {
+        let streams: Vec<Uuid> = (0..2).map(|_| Uuid::now_v7()).collect();
         let memory = Arc::new(Memory::with(&streams, 2, 0));
         let batcher = StreamReadBatcher::new(Arc::clone(&memory));
-        let read = [(streams[1], 0)];
+        memory
+            .passes
+            .forget_permits(tokio::sync::Semaphore::MAX_PERMITS);
+        let read = [(streams[0], 0), (streams[1], 0)];
         let running = occupy_both_slots(&batcher, &read).await;
-        let mut queued = Box::pin(batcher.read(&read));
-        assert!((&mut queued).now_or_never().is_none());
-        // A slot frees while a read is queued: a new read joins the queue.
-        let mut running = running.into_iter();
-        drop(running.next());
-        let mut later = Box::pin(batcher.read(&read));
-        assert!((&mut later).now_or_never().is_none());
-        let (first, second, rest) =
-            futures_util::future::join3(queued, later, join_all(running)).await;
-        for answer in [first, second].into_iter().chain(rest) {
-            assert_eq!(ids(&answer.expect("read")), ids(&alone(&memory.log, &read)));
-        }
-        assert_eq!(batcher.statements(), MAX_IN_FLIGHT as u64 + 1);
+        let mut first = Box::pin(batcher.read(&read));
+        assert!((&mut first).now_or_never().is_none());
+        until(|| memory.reads.load(Ordering::Relaxed) == 2).await;
+        // One slot frees: the queued read's statement starts, and holds.
+        memory.passes.add_permits(1);
+        until(|| memory.reads.load(Ordering::Relaxed) == 3).await;
+
+        let appended = memory.append(streams[0]);
+        let mut second = Box::pin(batcher.read(&read));
+        assert!((&mut second).now_or_never().is_none());
+        memory.passes.add_permits(100);
+        let (first, second, _) =
+            futures_util::future::join3(first, second, join_all(running)).await;
+
+        let saw = |answer: Result<Events, StoreError>| {
+            answer
+                .expect("read")
+                .iter()
+                .any(|(event, _)| event.id == appended)
+        };
+        assert!(
+            !saw(first),
+            "the statement under way started before the append"
+        );
+        assert!(saw(second), "a read asked for after the append must see it");
+        assert_eq!(batcher.statements(), MAX_IN_FLIGHT as u64 + 2);
     }
 }
