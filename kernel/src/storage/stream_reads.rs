@@ -119,21 +119,22 @@ impl<R: StreamsAfter> StreamReadBatcher<R> {
         // A free slot and nobody waiting: the read goes out now, without a
         // hand-over to the batcher's task (which costs wake-ups).
         if self.shared.queued.load(Ordering::Acquire) == 0
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
             && let Ok(slot) = Arc::clone(&self.shared.slots).try_acquire_owned()
         {
             self.shared.statements.fetch_add(1, Ordering::Relaxed);
             let shared = Arc::clone(&self.shared);
             let streams = streams.to_vec();
-            let statement = tokio::spawn(async move {
+            let statement = runtime.spawn(async move {
                 let events = shared.reader.read(&streams).await;
                 drop(slot);
                 events
             });
             return match statement.await {
                 Ok(events) => events,
-                Err(error) => Err(StoreError::Corrupt(format!(
-                    "a stream read's task ended without an answer: {error}"
-                ))),
+                Err(ended) if ended.is_panic() => std::panic::resume_unwind(ended.into_panic()),
+                // Cancelled: its runtime is shutting down.
+                Err(_) => Err(StoreError::Database(sqlx::Error::WorkerCrashed)),
             };
         }
         let (reply, answer) = oneshot::channel();
@@ -268,18 +269,65 @@ async fn run_merged<R: StreamsAfter>(
                 let _ = read.reply.send(Ok(part_of(&events, &read.streams)));
             }
         }
-        Err(error) => {
-            tracing::warn!(%error, reads = reads.len(), "a merged stream read failed; reading them one by one");
-            for read in reads {
-                if read.reply.is_closed() {
-                    continue;
-                }
-                let events = shared.reader.read(&read.streams).await;
-                let _ = read.reply.send(events);
+        // Alone, the read's own error.
+        Err(error) if reads.len() == 1 => {
+            if let Some(read) = reads.into_iter().next() {
+                let _ = read.reply.send(Err(error));
             }
         }
+        Err(error) => match Unreachable::of(&error) {
+            // The database is out of reach: each read alone would fail the
+            // same way, each after as long a wait, all in this slot.
+            Some(unreachable) => {
+                for read in reads {
+                    let _ = read.reply.send(Err(unreachable.error()));
+                }
+            }
+            None => {
+                tracing::warn!(%error, reads = reads.len(), "a merged stream read failed; reading them one by one");
+                for read in reads {
+                    if read.reply.is_closed() {
+                        continue;
+                    }
+                    let events = shared.reader.read(&read.streams).await;
+                    let _ = read.reply.send(events);
+                }
+            }
+        },
     }
     drop(slot);
+}
+
+/// A failure that says the database could not be reached (no connection
+/// in time, the pool closed, the connection broken): every read merged
+/// into the failed statement gets an error of the same kind.
+enum Unreachable {
+    PoolTimedOut,
+    PoolClosed,
+    Io(std::io::ErrorKind, String),
+}
+
+impl Unreachable {
+    fn of(error: &StoreError) -> Option<Unreachable> {
+        match error {
+            StoreError::Database(sqlx::Error::PoolTimedOut) => Some(Unreachable::PoolTimedOut),
+            StoreError::Database(sqlx::Error::PoolClosed) => Some(Unreachable::PoolClosed),
+            StoreError::Database(sqlx::Error::Io(io)) => {
+                Some(Unreachable::Io(io.kind(), io.to_string()))
+            }
+            _ => None,
+        }
+    }
+
+    fn error(&self) -> StoreError {
+        StoreError::Database(match self {
+            Unreachable::PoolTimedOut => sqlx::Error::PoolTimedOut,
+            Unreachable::PoolClosed => sqlx::Error::PoolClosed,
+            Unreachable::Io(kind, text) => {
+                sqlx::Error::Io(std::io::Error::new(*kind, text.clone()))
+            }
+        })
+    }
 }
 
 /// The events of `events` (in log order) that a read of `streams` returns:
@@ -319,8 +367,13 @@ mod tests {
         reads: AtomicU64,
         passes: tokio::sync::Semaphore,
         /// Reads of more streams than this fail (one caller's reads here
-        /// are of 3 streams: only merged ones fail).
+        /// are of 3 streams: only merged ones fail), with this error.
         fail_over: Mutex<Option<usize>>,
+        failure: fn() -> StoreError,
+        /// Reads running now, the most at once, the most streams in one.
+        in_flight: AtomicUsize,
+        most_in_flight: AtomicUsize,
+        widest: AtomicUsize,
     }
 
     impl Memory {
@@ -360,6 +413,10 @@ mod tests {
                 reads: AtomicU64::new(0),
                 passes: tokio::sync::Semaphore::new(tokio::sync::Semaphore::MAX_PERMITS),
                 fail_over: Mutex::new(None),
+                failure: || StoreError::Corrupt("the statement failed".into()),
+                in_flight: AtomicUsize::new(0),
+                most_in_flight: AtomicUsize::new(0),
+                widest: AtomicUsize::new(0),
             }
         }
     }
@@ -371,16 +428,20 @@ mod tests {
             streams: &[(Uuid, u32)],
         ) -> Result<Vec<(RecordedEvent, bool)>, StoreError> {
             self.reads.fetch_add(1, Ordering::Relaxed);
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most_in_flight.fetch_max(now, Ordering::SeqCst);
+            self.widest.fetch_max(streams.len(), Ordering::SeqCst);
             let seen = self.log();
             // Yield as a round trip would, so reads queue meanwhile.
             tokio::task::yield_now().await;
             if let Ok(pass) = self.passes.acquire().await {
                 pass.forget();
             }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
             if let Ok(fail_over) = self.fail_over.lock()
                 && fail_over.is_some_and(|most| streams.len() > most)
             {
-                return Err(StoreError::Corrupt("the statement failed".into()));
+                return Err((self.failure)());
             }
             Ok(alone(&seen, streams))
         }
@@ -526,6 +587,59 @@ mod tests {
         assert_eq!(batcher.statements(), MAX_IN_FLIGHT as u64 + 1);
         let retried = memory.reads.load(Ordering::Relaxed) - batcher.statements();
         assert_eq!(retried, 16 - MAX_IN_FLIGHT as u64);
+        // The retries ran in the failed statement's slot.
+        assert!(memory.most_in_flight.load(Ordering::SeqCst) <= MAX_IN_FLIGHT);
+        assert_eq!(batcher.shared.queued.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_merged_statement_that_could_not_reach_the_database_is_not_retried() {
+        let streams: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+        let mut memory = Memory::with(&streams, 3, 0);
+        memory.failure = || StoreError::Database(sqlx::Error::PoolTimedOut);
+        let memory = Arc::new(memory);
+        *memory.fail_over.lock().expect("lock") = Some(3);
+        let batcher = StreamReadBatcher::new(Arc::clone(&memory));
+        let reads = overlapping_reads(&streams, 16);
+
+        let answers = join_all(reads.iter().map(|read| batcher.read(read))).await;
+
+        let timed_out = answers
+            .iter()
+            .filter(|answer| matches!(answer, Err(StoreError::Database(sqlx::Error::PoolTimedOut))))
+            .count();
+        assert_eq!(timed_out, 16 - MAX_IN_FLIGHT);
+        assert_eq!(memory.reads.load(Ordering::Relaxed), batcher.statements());
+    }
+
+    #[tokio::test]
+    async fn a_merged_statement_reads_at_most_max_streams_per_read() {
+        let streams: Vec<Uuid> = (0..1_200).map(|_| Uuid::now_v7()).collect();
+        let memory = Arc::new(Memory::with(&streams, 1, 0));
+        let batcher = StreamReadBatcher::new(Arc::clone(&memory));
+        let reads: Vec<Vec<(Uuid, u32)>> = streams
+            .chunks(400)
+            .map(|chunk| chunk.iter().map(|&stream| (stream, 0)).collect())
+            .collect();
+        let small = [(streams[0], 0)];
+        let running = occupy_both_slots(&batcher, &small).await;
+
+        let (answers, _) = futures_util::future::join(
+            join_all(reads.iter().map(|read| batcher.read(read))),
+            join_all(running),
+        )
+        .await;
+
+        for (read, answer) in reads.iter().zip(answers) {
+            assert_eq!(
+                ids(&answer.expect("read")),
+                ids(&alone(&memory.log(), read))
+            );
+        }
+        assert!(memory.widest.load(Ordering::SeqCst) <= MAX_STREAMS_PER_READ);
+        // 400 + 400 together, the last 400 in a statement of its own.
+        assert_eq!(batcher.statements(), MAX_IN_FLIGHT as u64 + 2);
+        assert_eq!(batcher.shared.queued.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]
@@ -556,6 +670,7 @@ mod tests {
         }
         assert_eq!(batcher.statements(), MAX_IN_FLIGHT as u64 + 1);
         assert_eq!(memory.reads.load(Ordering::Relaxed), batcher.statements());
+        assert_eq!(batcher.shared.queued.load(Ordering::SeqCst), 0);
     }
 
     /// Lets the spawned tasks run until `done` holds (at most 1,000 turns).
