@@ -26,7 +26,9 @@ use commerce_kernel::domain::saga::{
 };
 use commerce_kernel::event_store::repository::encode;
 use commerce_kernel::event_store::repository::{AggregateRepository, Loaded};
-use commerce_kernel::event_store::{AppendOutcome, AppendRequest, StoreError, StreamAppend};
+use commerce_kernel::event_store::{
+    AppendOutcome, AppendRequest, EventMetadata, NewEvent, StoreError, StreamAppend,
+};
 use commerce_kernel::sagas::hooks::FaultHooks;
 use commerce_kernel::sagas::runner::{RunnerMetrics, RunnerSettings, SagaRunner};
 use commerce_kernel::sagas::{
@@ -36,7 +38,7 @@ use commerce_plugin_artifacts as artifacts;
 use commerce_plugin_host::{EngineConfig, PluginRegistry, sha256_hex};
 use support::counting::CountingEvents;
 use support::fakes::{FakePayments, FakeShipping, HOSTILE_DECLINES};
-use support::{TestDatabase, run_suite};
+use support::{BackendKind, TestDatabase, run_suite};
 use uuid::Uuid;
 
 fn main() {
@@ -52,6 +54,7 @@ fn main() {
         a_compensation_that_keeps_failing_parks_the_saga_until_retried,
         a_saga_past_its_deadline_is_compensated,
         a_paused_former_owner_cannot_write_after_losing_its_lease,
+        steps_recorded_at_once_each_keep_their_own_outcome,
         a_drive_reads_the_saga_and_order_streams_once_not_before_every_step,
         an_order_moved_under_a_drive_is_read_again_before_the_drive_writes_it,
         a_cancel_after_the_next_step_was_decided_stops_it_before_its_call,
@@ -1070,6 +1073,182 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
         unchanged == row,
         "{unchanged:?} after refused writes, was {row:?}"
     );
+    Ok(())
+}
+
+/// Many sagas' steps recorded at the same moment (on Postgres, several go
+/// in one statement): each gets the outcome it would get alone, and one
+/// that is refused or conflicts writes nothing, neither its events nor its
+/// row, while the others are written.
+async fn steps_recorded_at_once_each_keep_their_own_outcome(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    const SAGAS: usize = 24;
+    let store = db.database.saga_store();
+    let events = db.event_store();
+    let saga_type = format!("merge-test-{}", Uuid::now_v7().simple());
+    let started = |saga_id| InstanceUpdate {
+        saga_id,
+        status: SagaStatus::Running,
+        current_step: None,
+        version: 1,
+        next_run_at: Some(Utc::now()),
+        now: Utc::now(),
+    };
+    let event = |name: &str| NewEvent::new(name, serde_json::json!({ "test": name }));
+    let mut saga_ids = Vec::new();
+    for _ in 0..SAGAS {
+        let saga_id = Uuid::now_v7();
+        let first = AppendRequest::single(saga_id, "saga", 0, vec![event("Started")]);
+        store
+            .start(started(saga_id), &saga_type, Uuid::now_v7(), first)
+            .await?
+            .context("a new saga starts")?;
+        saga_ids.push(saga_id);
+    }
+    // A stream several sagas write at once, as orders share a product's
+    // inventory stream.
+    let shared = Uuid::now_v7();
+    events
+        .append(AppendRequest::single(
+            shared,
+            "shared",
+            0,
+            vec![event("Opened")],
+        ))
+        .await?;
+    let claims = store
+        .claim("merge-runner", Duration::from_secs(60), SAGAS as u32, &[])
+        .await?;
+    ensure!(claims.len() == SAGAS, "claimed {}", claims.len());
+    let claim_of = |saga_id: Uuid| {
+        claims
+            .iter()
+            .copied()
+            .find(|c| c.saga_id == saga_id)
+            .expect("claimed")
+    };
+    let before: Vec<SagaInstance> = {
+        let mut rows = Vec::new();
+        for &saga_id in &saga_ids {
+            rows.push(store.get(saga_id).await?.context("row")?);
+        }
+        rows
+    };
+
+    // By index: 0 a plain step; 1 under a claim superseded since; 2 behind
+    // its own stream; 3 also writing the shared stream, all at its version 1.
+    let kind = |i: usize| i % 4;
+    let commits = saga_ids.iter().enumerate().map(|(i, &saga_id)| {
+        let mut claim = claim_of(saga_id);
+        if kind(i) == 1 {
+            claim.fencing_token -= 1;
+        }
+        let expected = if kind(i) == 2 { 0 } else { 1 };
+        let mut streams = vec![StreamAppend {
+            aggregate_id: saga_id,
+            aggregate_type: "saga".into(),
+            expected_version: expected,
+            events: vec![event("StepStarted"), event("StepSucceeded")],
+        }];
+        if kind(i) == 3 {
+            streams.push(StreamAppend {
+                aggregate_id: shared,
+                aggregate_type: "shared".into(),
+                expected_version: 1,
+                events: vec![event("Taken")],
+            });
+        }
+        let request = AppendRequest {
+            streams,
+            metadata: EventMetadata {
+                actor: Some(format!("saga-{i}")),
+                ..Default::default()
+            },
+            idempotency_key: None,
+        };
+        let update = InstanceUpdate {
+            saga_id,
+            status: SagaStatus::Compensating,
+            current_step: Some(format!("step-{i}")),
+            version: expected + 2,
+            next_run_at: None,
+            now: Utc::now(),
+        };
+        let store = Arc::clone(&store);
+        async move { store.commit(Some(claim), update, request).await }
+    });
+    let outcomes = futures_util::future::join_all(commits).await;
+
+    let mut shared_written = 0;
+    let mut transactions = Vec::new();
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let saga_id = saga_ids[i];
+        let stream = events.read_streams(&[saga_id]).await?;
+        let row = store.get(saga_id).await?.context("row")?;
+        let written = match (kind(i), outcome) {
+            (0 | 3, Ok(Committed::Written(outcome))) => {
+                transactions.push(outcome.last_position.transaction_id);
+                true
+            }
+            (1, Ok(Committed::LeaseLost)) => false,
+            (
+                2,
+                Err(StoreError::VersionConflict {
+                    aggregate_id,
+                    expected: 0,
+                    actual: 1,
+                }),
+            ) if aggregate_id == saga_id => false,
+            (
+                3,
+                Err(StoreError::VersionConflict {
+                    aggregate_id,
+                    expected: 1,
+                    actual: 2,
+                }),
+            ) if aggregate_id == shared => false,
+            (kind, outcome) => bail!("saga {i} (kind {kind}): {outcome:?}"),
+        };
+        if written {
+            shared_written += usize::from(kind(i) == 3);
+            ensure!(stream.len() == 3, "saga {i}: {} events", stream.len());
+            ensure!(
+                stream[2].metadata.actor.as_deref() == Some(&format!("saga-{i}")[..]),
+                "saga {i}: its own metadata"
+            );
+            ensure!(
+                row.version == 3
+                    && row.status == SagaStatus::Compensating
+                    && row.current_step == Some(format!("step-{i}"))
+                    && row.next_run_at.is_none(),
+                "saga {i}: {row:?}"
+            );
+        } else {
+            ensure!(
+                stream.len() == 1,
+                "saga {i} refused, yet {} events",
+                stream.len()
+            );
+            ensure!(row == before[i], "saga {i} refused, yet {row:?}");
+        }
+    }
+    ensure!(
+        shared_written == 1,
+        "{shared_written} writers of the shared stream"
+    );
+    ensure!(events.read_streams(&[shared]).await?.len() == 2);
+    if db.kind == BackendKind::Postgres {
+        // Steps queued behind the first went out together.
+        transactions.sort_unstable();
+        transactions.dedup();
+        ensure!(
+            transactions.len() < SAGAS / 4 + 1,
+            "{} transactions for {} steps written",
+            transactions.len(),
+            SAGAS / 4 + 1
+        );
+    }
     Ok(())
 }
 

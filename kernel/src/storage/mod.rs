@@ -5,9 +5,11 @@
 //! [`ViewStore`], the cart lifecycle record and the saga instances). Which backend
 //! runs is decided once, from configuration ([`DatabaseConfig`]).
 
+mod batcher;
 pub mod cart_activity;
 pub mod postgres;
 pub mod postgres_views;
+mod saga_commits;
 pub mod sagas;
 pub mod sqlite;
 pub mod sqlite_views;

@@ -294,19 +294,13 @@ impl PostgresEventStore {
             )
             .await),
             // The stream is ahead: a concurrent writer took the next version.
-            Err(error)
-                if error
-                    .as_database_error()
-                    .is_some_and(|e| e.constraint() == Some(STREAM_VERSION_CONSTRAINT)) =>
-            {
-                Err(Self::stream_conflict(
-                    &self.pool,
-                    stream.aggregate_id,
-                    &stream.aggregate_type,
-                    expected,
-                )
-                .await)
-            }
+            Err(error) if is_stream_version_taken(&error) => Err(Self::stream_conflict(
+                &self.pool,
+                stream.aggregate_id,
+                &stream.aggregate_type,
+                expected,
+            )
+            .await),
             Err(error) => Err(append_error(error, &[stream.aggregate_id], &[expected])),
         }
     }
@@ -404,6 +398,16 @@ pub(crate) enum Gated {
     Refused,
 }
 
+/// What one run of a gated statement did, before any conflict is looked up.
+#[derive(Debug)]
+pub(crate) enum GatedRun {
+    Done(Gated),
+    /// A stream was not at its expected version (or another writer took
+    /// its next one): nothing was written. The streams (id, type, expected
+    /// version), for [`PostgresEventStore::first_conflict`].
+    Conflict(Vec<(Uuid, String, i32)>),
+}
+
 /// A gated append's row: streams ready, last position.
 type GatedRow = (Option<bool>, Option<i64>, Option<i64>);
 
@@ -414,58 +418,52 @@ pub(crate) type GatedQuery<'q> =
 
 impl PostgresEventStore {
     /// Runs `statement` (made by [`gated_append_statement`]) for `request`,
-    /// with the gate's parameters bound by `bind_gate`. Idempotency keys are
-    /// not supported here (they need `append_events`).
+    /// with the gate's parameters bound by `bind_gate`, and looks up which
+    /// stream conflicted if one did. Idempotency keys are not supported
+    /// here (they need `append_events`).
     pub(crate) async fn append_gated<'q>(
         pool: &PgPool,
         statement: &'q str,
         request: AppendRequest,
         bind_gate: impl FnOnce(GatedQuery<'q>) -> GatedQuery<'q>,
     ) -> Result<Gated, StoreError> {
-        validate(&request)?;
-        if request.idempotency_key.is_some() {
-            return Err(StoreError::invalid(
-                "idempotency_key",
-                "a gated append takes no idempotency key",
-            ));
+        match Self::run_gated(pool, statement, request, bind_gate).await? {
+            GatedRun::Done(gated) => Ok(gated),
+            GatedRun::Conflict(streams) => Err(Self::first_conflict(pool, &streams).await),
         }
+    }
+
+    /// [`Self::append_gated`] without the look-up of a conflict.
+    pub(crate) async fn run_gated<'q>(
+        pool: &PgPool,
+        statement: &'q str,
+        request: AppendRequest,
+        bind_gate: impl FnOnce(GatedQuery<'q>) -> GatedQuery<'q>,
+    ) -> Result<GatedRun, StoreError> {
+        validate_gated(&request)?;
         let resulting_versions = request.resulting_versions();
-        let streams: Vec<(Uuid, String, i32)> = request
-            .streams
-            .iter()
-            .map(|s| {
-                (
-                    s.aggregate_id,
-                    s.aggregate_type.clone(),
-                    s.expected_version as i32,
-                )
-            })
-            .collect();
+        let streams = gated_streams(&request);
         let args = AppendArguments::from_request(request);
         let (stream_ids, expected_versions) =
             (args.stream_ids.clone(), args.expected_versions.clone());
         let query = args.bind_to(sqlx::query_as(statement));
         let result: Result<GatedRow, sqlx::Error> = bind_gate(query).fetch_one(pool).await;
         match result {
-            Ok((_, Some(transaction_id), Some(sequence))) => Ok(Gated::Written(AppendOutcome {
-                stream_versions: resulting_versions,
-                last_position: Position {
-                    transaction_id,
-                    sequence,
-                },
-                replayed: false,
-            })),
-            Ok((Some(true), _, _)) => Ok(Gated::Refused),
-            // A stream was not at its expected version.
-            Ok(_) => Err(Self::first_conflict(pool, &streams).await),
-            // A concurrent writer took a stream's next version.
-            Err(error)
-                if error
-                    .as_database_error()
-                    .is_some_and(|e| e.constraint() == Some(STREAM_VERSION_CONSTRAINT)) =>
-            {
-                Err(Self::first_conflict(pool, &streams).await)
+            Ok((_, Some(transaction_id), Some(sequence))) => {
+                Ok(GatedRun::Done(Gated::Written(AppendOutcome {
+                    stream_versions: resulting_versions,
+                    last_position: Position {
+                        transaction_id,
+                        sequence,
+                    },
+                    replayed: false,
+                })))
             }
+            Ok((Some(true), _, _)) => Ok(GatedRun::Done(Gated::Refused)),
+            // A stream was not at its expected version.
+            Ok(_) => Ok(GatedRun::Conflict(streams)),
+            // A concurrent writer took a stream's next version.
+            Err(error) if is_stream_version_taken(&error) => Ok(GatedRun::Conflict(streams)),
             Err(error) => Err(append_error(error, &stream_ids, &expected_versions)),
         }
     }
@@ -473,7 +471,10 @@ impl PostgresEventStore {
     /// The conflict of the first of `streams` (id, type, expected version)
     /// that is not as expected now; the first stream's if all are (they
     /// were not when the append ran).
-    async fn first_conflict(pool: &PgPool, streams: &[(Uuid, String, i32)]) -> StoreError {
+    pub(crate) async fn first_conflict(
+        pool: &PgPool,
+        streams: &[(Uuid, String, i32)],
+    ) -> StoreError {
         let mut first = None;
         for (aggregate_id, aggregate_type, expected) in streams {
             let conflict =
@@ -489,6 +490,41 @@ impl PostgresEventStore {
         }
         first.unwrap_or_else(|| StoreError::Corrupt("a gated append named no stream".into()))
     }
+}
+
+/// A gated append's request is valid and has no idempotency key.
+pub(crate) fn validate_gated(request: &AppendRequest) -> Result<(), StoreError> {
+    validate(request)?;
+    if request.idempotency_key.is_some() {
+        return Err(StoreError::invalid(
+            "idempotency_key",
+            "a gated append takes no idempotency key",
+        ));
+    }
+    Ok(())
+}
+
+/// The streams of a gated append as its conflict look-up takes them.
+pub(crate) fn gated_streams(request: &AppendRequest) -> Vec<(Uuid, String, i32)> {
+    request
+        .streams
+        .iter()
+        .map(|s| {
+            (
+                s.aggregate_id,
+                s.aggregate_type.clone(),
+                s.expected_version as i32,
+            )
+        })
+        .collect()
+}
+
+/// Whether `error` is the insert of a stream's version another writer
+/// took first.
+pub(crate) fn is_stream_version_taken(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .is_some_and(|e| e.constraint() == Some(STREAM_VERSION_CONSTRAINT))
 }
 
 /// An append request as the parallel arrays `append_events` takes.

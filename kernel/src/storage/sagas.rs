@@ -39,9 +39,11 @@ use chrono::{DateTime, Utc};
 use sqlx::{Encode, QueryBuilder, Type};
 use uuid::Uuid;
 
+use super::batcher::Batcher;
 use super::postgres::{
     GATE_FIRST_PARAMETER, Gated, PostgresDatabase, PostgresEventStore, gated_append_statement,
 };
+use super::saga_commits::{self, SagaCommit, SagaCommits};
 use super::sqlite::{SqliteDatabase, SqliteEventStore};
 use crate::domain::saga::SagaStatus;
 use crate::event_store::{AppendOutcome, AppendRequest, StoreError, clamp_limit};
@@ -85,7 +87,7 @@ const INSERT: &str = "INSERT INTO saga_instances (saga_id, saga_type, correlatio
      ON CONFLICT (saga_id) DO NOTHING";
 
 /// What the statements say differently per backend.
-struct Fragments {
+pub(super) struct Fragments {
     /// The database's clock in microseconds since the Unix epoch.
     now: &'static str,
     greatest: &'static str,
@@ -94,7 +96,7 @@ struct Fragments {
     lock_claimed: &'static str,
 }
 
-const POSTGRES: Fragments = Fragments {
+pub(super) const POSTGRES: Fragments = Fragments {
     now: "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT",
     greatest: "GREATEST",
     least: "LEAST",
@@ -110,7 +112,7 @@ const SQLITE: Fragments = Fragments {
 
 impl Fragments {
     /// `sql` with `{NOW}`, `{GREATEST}` and `{LEAST}` filled in.
-    fn fill(&self, sql: &str) -> String {
+    pub(super) fn fill(&self, sql: &str) -> String {
         sql.replace("{NOW}", self.now)
             .replace("{GREATEST}", self.greatest)
             .replace("{LEAST}", self.least)
@@ -216,7 +218,7 @@ fn placeholders(first: usize, count: usize) -> String {
 }
 
 /// `at` as microseconds after `now`, the writer's clock (negative when past).
-fn offset(at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<i64> {
+pub(super) fn offset(at: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Option<i64> {
     at.map(|at| (at - now).num_microseconds().unwrap_or(i64::MAX))
 }
 
@@ -328,13 +330,17 @@ macro_rules! bind_update {
             .bind($update.status.as_str())
             .bind($update.current_step)
             .bind(i64::from($update.version))
-            .bind(offset($update.next_run_at, $update.now));
+            .bind($crate::storage::sagas::offset(
+                $update.next_run_at,
+                $update.now,
+            ));
         match $fence {
             Some(claim) => query.bind(claim.fencing_token),
             None => query,
         }
     }};
 }
+pub(super) use bind_update;
 
 /// The saga store on Postgres.
 pub struct PostgresSagaStore {
@@ -342,9 +348,8 @@ pub struct PostgresSagaStore {
     statements: Statements,
     /// `start` as one gated append: the row is the gate.
     gated_start: String,
-    /// `commit` as one gated append, unfenced and fenced.
-    gated_commit: String,
-    gated_commit_fenced: String,
+    /// Steps recorded, alone or many in one statement.
+    commits: Batcher<SagaCommits>,
 }
 
 impl PostgresSagaStore {
@@ -353,11 +358,15 @@ impl PostgresSagaStore {
             let sql = shift_parameters(&POSTGRES.fill(sql), GATE_FIRST_PARAMETER - 1);
             gated_append_statement(&format!("{sql}{returning}"))
         };
+        let commits = SagaCommits::new(
+            database.pool().clone(),
+            gate(UPDATE, " AND {READY} RETURNING 1"),
+            gate(&format!("{UPDATE}{FENCE}"), " AND {READY} RETURNING 1"),
+        );
         PostgresSagaStore {
             statements: Statements::new(&POSTGRES),
             gated_start: gate(INSERT, " RETURNING 1"),
-            gated_commit: gate(UPDATE, " AND {READY} RETURNING 1"),
-            gated_commit_fenced: gate(&format!("{UPDATE}{FENCE}"), " AND {READY} RETURNING 1"),
+            commits: commits.batcher(),
             database,
         }
     }
@@ -389,17 +398,13 @@ impl PostgresSagaStore {
         update: InstanceUpdate,
         request: AppendRequest,
     ) -> Result<Committed, StoreError> {
-        let statement = match fence {
-            Some(_) => &self.gated_commit_fenced,
-            None => &self.gated_commit,
-        };
         let saga_id = update.saga_id;
-        let gated =
-            PostgresEventStore::append_gated(self.database.pool(), statement, request, |query| {
-                bind_update!(query, update, fence)
-            })
-            .await?;
-        match (gated, fence) {
+        let commit = SagaCommit {
+            fence,
+            update,
+            request,
+        };
+        match (saga_commits::record(&self.commits, commit).await?, fence) {
             (Gated::Written(outcome), _) => Ok(Committed::Written(outcome)),
             (Gated::Refused, Some(_)) => Ok(Committed::LeaseLost),
             (Gated::Refused, None) => Err(missing_row(saga_id)),

@@ -1,44 +1,23 @@
 //! The [`StreamReadBatcher`]: concurrent reads of streams merged into one
-//! statement.
+//! statement, by a [`Batcher`].
 //!
-//! Under load most of a kernel's statements are small reads of a few
-//! streams: a live order feed catching up after a wake-up, a command loading
-//! its aggregates from their cached versions. Each costs a round trip and
-//! the database's per-statement work, which at this size is most of its
-//! cost. The batcher lets a few statements run at once ([`MAX_IN_FLIGHT`]
-//! per process). A read that finds a slot free and nobody queued runs at
-//! once. Otherwise it queues; the batcher's task takes every read queued,
-//! waits for the next free slot, and runs them as one statement over the
-//! union of their streams, each stream from the lowest version asked. An
-//! idle kernel's reads therefore go out at once, alone, as before; a busy
-//! one's share statements.
-//!
-//! Every statement runs in a task of its own, which holds its slot until
-//! the statement ends: a caller that stops polling (a subscription whose
-//! client reads slowly) cannot keep a slot from the others.
-//!
-//! Each read still sees everything committed before it was asked for: a
-//! queued read is only ever put into a statement that starts after it was
-//! queued, never onto one already running. Readability (whether the global
-//! log shows an event yet) is decided by that statement's snapshot, as it
-//! would be for a read of its own at that moment.
-//!
-//! When a merged statement fails, its reads are run again one by one in
-//! the same slot, so each caller gets the error its own read gives (and
-//! none is lost when the failure was another caller's doing). When the
-//! batcher's task is gone (its runtime shut down), the next read starts
-//! another.
+//! Under load most of a kernel's reads are of a few streams: a live order
+//! feed catching up after a wake-up, a command loading its aggregates from
+//! their cached versions. On Postgres two such statements may run at once
+//! per process ([`MAX_IN_FLIGHT`]); reads asked for meanwhile queue and go
+//! as one statement over the union of their streams, each stream from the
+//! lowest version asked, and each caller gets its own part. Readability
+//! (whether the global log shows an event yet) is decided by that
+//! statement's snapshot, as it would be for a read of its own at that
+//! moment.
 
-use std::collections::{HashMap, VecDeque};
-use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::event_store::{MAX_STREAMS_PER_READ, RecordedEvent, StoreError};
+use crate::storage::batcher::{Batcher, Lost, Merge};
 
 /// Statements of stream reads running at once, per process. Two keeps both
 /// of this machine's cores busy while the rest queue, and the queue is what
@@ -60,33 +39,14 @@ pub trait StreamsAfter: Send + Sync + 'static {
 
 type Events = Vec<(RecordedEvent, bool)>;
 
-struct QueuedRead {
-    streams: Vec<(Uuid, u32)>,
-    reply: oneshot::Sender<Result<Events, StoreError>>,
-    /// `None` once the read is in a statement.
-    waiting: Option<Waiting>,
-}
-
 /// Merges concurrent stream reads into shared statements (see the module
-/// docs). Its task starts on the first read that has to queue, on that
-/// read's runtime, and ends when the batcher is dropped.
+/// docs).
 pub struct StreamReadBatcher<R: StreamsAfter> {
-    shared: Arc<Shared<R>>,
-    queue: Mutex<Option<mpsc::UnboundedSender<QueuedRead>>>,
+    batcher: Batcher<MergedReads<R>>,
 }
 
-/// What the callers, the batcher's task and the statements' tasks share.
-struct Shared<R> {
-    reader: R,
-    /// A permit per statement that may run now.
-    slots: Arc<Semaphore>,
-    /// Reads queued and not yet in a running statement.
-    queued: Arc<AtomicUsize>,
-    statements: AtomicU64,
-}
-
-impl<R: StreamsAfter> fmt::Debug for StreamReadBatcher<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+impl<R: StreamsAfter> std::fmt::Debug for StreamReadBatcher<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StreamReadBatcher")
             .field("statements", &self.statements())
             .finish_non_exhaustive()
@@ -96,237 +56,75 @@ impl<R: StreamsAfter> fmt::Debug for StreamReadBatcher<R> {
 impl<R: StreamsAfter> StreamReadBatcher<R> {
     pub fn new(reader: R) -> Self {
         StreamReadBatcher {
-            shared: Arc::new(Shared {
-                reader,
-                slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-                queued: Arc::new(AtomicUsize::new(0)),
-                statements: AtomicU64::new(0),
-            }),
-            queue: Mutex::new(None),
+            batcher: Batcher::new(MergedReads(reader)),
         }
     }
 
     /// Statements run so far for reads, alone or merged (a read run again
     /// on its own after a merged statement failed is not counted).
     pub fn statements(&self) -> u64 {
-        self.shared.statements.load(Ordering::Relaxed)
+        self.batcher.statements()
     }
 
     /// The events of each of `streams` (each named once) after its
     /// version, in log order, each with whether the global log shows it
     /// yet: what [`StreamsAfter::read`] returns for `streams` alone.
     pub async fn read(&self, streams: &[(Uuid, u32)]) -> Result<Events, StoreError> {
-        // A free slot and nobody waiting: the read goes out now, without a
-        // hand-over to the batcher's task (which costs wake-ups).
-        if self.shared.queued.load(Ordering::Acquire) == 0
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-            && let Ok(slot) = Arc::clone(&self.shared.slots).try_acquire_owned()
-        {
-            self.shared.statements.fetch_add(1, Ordering::Relaxed);
-            let shared = Arc::clone(&self.shared);
-            let streams = streams.to_vec();
-            let statement = runtime.spawn(async move {
-                let events = shared.reader.read(&streams).await;
-                drop(slot);
-                events
-            });
-            return match statement.await {
-                Ok(events) => events,
-                Err(ended) if ended.is_panic() => std::panic::resume_unwind(ended.into_panic()),
-                // Cancelled: its runtime is shutting down.
-                Err(_) => Err(StoreError::Database(sqlx::Error::WorkerCrashed)),
-            };
+        match self.batcher.run(streams.to_vec()).await {
+            Ok(events) => events,
+            // The batcher's task ended with its runtime while this read
+            // waited: read on this one.
+            Err(Lost) => self.batcher.merge().0.read(streams).await,
         }
-        let (reply, answer) = oneshot::channel();
-        let read = QueuedRead {
-            streams: streams.to_vec(),
-            reply,
-            waiting: Some(Waiting::new(&self.shared.queued)),
-        };
-        if self.enqueue(read)
-            && let Ok(events) = answer.await
-        {
-            return events;
-        }
-        // No runtime, or the batcher's task ended with its runtime while
-        // this read waited.
-        self.shared.reader.read(streams).await
     }
+}
 
-    /// Hands `read` to the batcher's task, starting one if there is none
-    /// (or it ended with its runtime); `false` outside a Tokio runtime.
-    fn enqueue(&self, read: QueuedRead) -> bool {
-        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        let read = match queue.as_ref() {
-            Some(sender) => match sender.send(read) {
-                Ok(()) => return true,
-                // Its task ended with its runtime.
-                Err(mpsc::error::SendError(read)) => read,
-            },
-            None => read,
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+/// Reads as the [`Batcher`] merges them.
+struct MergedReads<R>(R);
+
+#[async_trait]
+impl<R: StreamsAfter> Merge for MergedReads<R> {
+    type Request = Vec<(Uuid, u32)>;
+    type Answer = Events;
+    /// Streams in the statement so far.
+    type Fill = usize;
+
+    const IN_FLIGHT: usize = MAX_IN_FLIGHT;
+    const MAX_PER_STATEMENT: usize = MAX_READS_PER_STATEMENT;
+
+    fn admit(&self, streams: &mut usize, read: &Self::Request) -> bool {
+        if *streams > 0 && *streams + read.len() > MAX_STREAMS_PER_READ {
             return false;
-        };
-        let (sender, receiver) = mpsc::unbounded_channel();
-        runtime.spawn(serve(Arc::clone(&self.shared), receiver));
-        let sent = sender.send(read).is_ok();
-        *queue = Some(sender);
-        sent
-    }
-}
-
-/// Counts a read in `queued` from the moment it is queued until it goes
-/// into a statement or is dropped, wherever it is then (in the channel, in
-/// the batcher's task, or gone with a runtime that shut down).
-struct Waiting(Arc<AtomicUsize>);
-
-impl Waiting {
-    fn new(queued: &Arc<AtomicUsize>) -> Waiting {
-        queued.fetch_add(1, Ordering::AcqRel);
-        Waiting(Arc::clone(queued))
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// The batcher's task: takes the reads queued, waits for a free slot, and
-/// runs them, with every read queued by then, as one statement in a task
-/// of its own.
-async fn serve<R: StreamsAfter>(
-    shared: Arc<Shared<R>>,
-    mut receiver: mpsc::UnboundedReceiver<QueuedRead>,
-) {
-    // Reads left over when a statement was full.
-    let mut waiting: VecDeque<QueuedRead> = VecDeque::new();
-    loop {
-        if waiting.is_empty() {
-            let mut reads = Vec::new();
-            if receiver
-                .recv_many(&mut reads, MAX_READS_PER_STATEMENT)
-                .await
-                == 0
-            {
-                // Every sender is gone: the batcher was dropped.
-                return;
-            }
-            waiting.extend(reads);
         }
-        let Ok(slot) = Arc::clone(&shared.slots).acquire_owned().await else {
-            return;
-        };
-        // Those queued while every slot was busy go too.
-        while let Ok(read) = receiver.try_recv() {
-            waiting.push_back(read);
-        }
-        let mut reads = Vec::new();
-        let mut streams = 0;
-        while let Some(read) = waiting.front() {
-            let full = reads.len() == MAX_READS_PER_STATEMENT
-                || (streams > 0 && streams + read.streams.len() > MAX_STREAMS_PER_READ);
-            if full {
-                break;
-            }
-            streams += read.streams.len();
-            reads.extend(waiting.pop_front());
-        }
-        // The statement starts now: these reads are no longer waiting.
-        for read in &mut reads {
-            read.waiting = None;
-        }
-        shared.statements.fetch_add(1, Ordering::Relaxed);
-        let shared = Arc::clone(&shared);
-        tokio::spawn(run_merged(shared, reads, slot));
-    }
-}
-
-/// Reads the union of `reads`' streams, each from the lowest version any of
-/// them asked for, and answers each read with its own part; if that fails,
-/// runs each read on its own, still in `slot`.
-async fn run_merged<R: StreamsAfter>(
-    shared: Arc<Shared<R>>,
-    reads: Vec<QueuedRead>,
-    slot: OwnedSemaphorePermit,
-) {
-    let mut merged: HashMap<Uuid, u32> = HashMap::new();
-    for read in &reads {
-        for &(stream, after) in &read.streams {
-            merged
-                .entry(stream)
-                .and_modify(|lowest| *lowest = (*lowest).min(after))
-                .or_insert(after);
-        }
-    }
-    let streams: Vec<(Uuid, u32)> = merged.into_iter().collect();
-    match shared.reader.read(&streams).await {
-        Ok(events) => {
-            for read in reads {
-                // A caller that gave up no longer listens: nothing to do.
-                let _ = read.reply.send(Ok(part_of(&events, &read.streams)));
-            }
-        }
-        // Alone, the read's own error.
-        Err(error) if reads.len() == 1 => {
-            if let Some(read) = reads.into_iter().next() {
-                let _ = read.reply.send(Err(error));
-            }
-        }
-        Err(error) => match Unreachable::of(&error) {
-            // The database is out of reach: each read alone would fail the
-            // same way, each after as long a wait, all in this slot.
-            Some(unreachable) => {
-                for read in reads {
-                    let _ = read.reply.send(Err(unreachable.error()));
-                }
-            }
-            None => {
-                tracing::warn!(%error, reads = reads.len(), "a merged stream read failed; reading them one by one");
-                for read in reads {
-                    if read.reply.is_closed() {
-                        continue;
-                    }
-                    let events = shared.reader.read(&read.streams).await;
-                    let _ = read.reply.send(events);
-                }
-            }
-        },
-    }
-    drop(slot);
-}
-
-/// A failure that says the database could not be reached (no connection
-/// in time, the pool closed, the connection broken): every read merged
-/// into the failed statement gets an error of the same kind.
-enum Unreachable {
-    PoolTimedOut,
-    PoolClosed,
-    Io(std::io::ErrorKind, String),
-}
-
-impl Unreachable {
-    fn of(error: &StoreError) -> Option<Unreachable> {
-        match error {
-            StoreError::Database(sqlx::Error::PoolTimedOut) => Some(Unreachable::PoolTimedOut),
-            StoreError::Database(sqlx::Error::PoolClosed) => Some(Unreachable::PoolClosed),
-            StoreError::Database(sqlx::Error::Io(io)) => {
-                Some(Unreachable::Io(io.kind(), io.to_string()))
-            }
-            _ => None,
-        }
+        *streams += read.len();
+        true
     }
 
-    fn error(&self) -> StoreError {
-        StoreError::Database(match self {
-            Unreachable::PoolTimedOut => sqlx::Error::PoolTimedOut,
-            Unreachable::PoolClosed => sqlx::Error::PoolClosed,
-            Unreachable::Io(kind, text) => {
-                sqlx::Error::Io(std::io::Error::new(*kind, text.clone()))
+    async fn one(&self, read: Self::Request) -> Result<Events, StoreError> {
+        self.0.read(&read).await
+    }
+
+    /// Reads the union of `reads`' streams, each from the lowest version any
+    /// of them asked for, and gives each read its own part.
+    async fn merged(
+        &self,
+        reads: &[Self::Request],
+    ) -> Result<Vec<Result<Events, StoreError>>, StoreError> {
+        let mut merged: HashMap<Uuid, u32> = HashMap::new();
+        for read in reads {
+            for &(stream, after) in read {
+                merged
+                    .entry(stream)
+                    .and_modify(|lowest| *lowest = (*lowest).min(after))
+                    .or_insert(after);
             }
-        })
+        }
+        let streams: Vec<(Uuid, u32)> = merged.into_iter().collect();
+        let events = self.0.read(&streams).await?;
+        Ok(reads
+            .iter()
+            .map(|read| Ok(part_of(&events, read)))
+            .collect())
     }
 }
 
@@ -349,7 +147,8 @@ fn part_of(events: &[(RecordedEvent, bool)], streams: &[(Uuid, u32)]) -> Events 
 mod tests {
     use std::future::Future;
     use std::pin::Pin;
-    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
 
     use chrono::Utc;
     use futures_util::FutureExt as _;
@@ -565,7 +364,7 @@ mod tests {
         assert_eq!(memory.reads.load(Ordering::Relaxed), 4);
         assert_eq!(batcher.statements(), 4);
         // Nothing had to queue: the batcher's task never started.
-        assert!(batcher.queue.lock().expect("queue").is_none());
+        assert!(!batcher.batcher.task_started());
     }
 
     #[tokio::test]
@@ -589,7 +388,7 @@ mod tests {
         assert_eq!(retried, 16 - MAX_IN_FLIGHT as u64);
         // The retries ran in the failed statement's slot.
         assert!(memory.most_in_flight.load(Ordering::SeqCst) <= MAX_IN_FLIGHT);
-        assert_eq!(batcher.shared.queued.load(Ordering::SeqCst), 0);
+        assert_eq!(batcher.batcher.queued(), 0);
     }
 
     #[tokio::test]
@@ -639,7 +438,7 @@ mod tests {
         assert!(memory.widest.load(Ordering::SeqCst) <= MAX_STREAMS_PER_READ);
         // 400 + 400 together, the last 400 in a statement of its own.
         assert_eq!(batcher.statements(), MAX_IN_FLIGHT as u64 + 2);
-        assert_eq!(batcher.shared.queued.load(Ordering::SeqCst), 0);
+        assert_eq!(batcher.batcher.queued(), 0);
     }
 
     #[tokio::test]
@@ -670,7 +469,7 @@ mod tests {
         }
         assert_eq!(batcher.statements(), MAX_IN_FLIGHT as u64 + 1);
         assert_eq!(memory.reads.load(Ordering::Relaxed), batcher.statements());
-        assert_eq!(batcher.shared.queued.load(Ordering::SeqCst), 0);
+        assert_eq!(batcher.batcher.queued(), 0);
     }
 
     /// Lets the spawned tasks run until `done` holds (at most 1,000 turns).

@@ -1,0 +1,375 @@
+//! [`SagaCommits`]: saga steps of many sagas recorded in one statement and
+//! one commit (group commit), on Postgres, by a [`Batcher`].
+//!
+//! Each step a runner records is a gated append: the saga's row is updated
+//! (fenced by the runner's claim) and the step's events appended, together
+//! or not at all. Alone that is one statement and one commit, with its WAL
+//! flush, per step; an order takes six. The batcher runs one such statement
+//! at a time per process; the steps recorded meanwhile queue and go
+//! together as one statement, in which each keeps its own all-or-nothing:
+//! - each item's streams are checked in the statement's snapshot (each at
+//!   its expected version and not past it); an item with one that is not
+//!   writes nothing, and its caller looks the conflict up afterwards;
+//! - each item's row is updated only if its streams are ready and its
+//!   fence holds; its events are inserted only if its row was;
+//! - items in one statement share no stream and no saga ([`Merge::admit`]),
+//!   so they cannot conflict with each other.
+//!
+//! Only a writer outside the statement can still make an insert fail (it
+//! took a stream's next version after the snapshot, on another process or
+//! outside the saga runner). That fails the statement as a whole, and the
+//! batcher records each of its steps again on its own, as before.
+//!
+//! One statement at a time keeps this process's steps from racing each
+//! other on a shared stream (inventory). The SQLite store does not use
+//! this: it has a single writer, and its commits are already short.
+
+use std::collections::HashSet;
+
+use async_trait::async_trait;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::batcher::{Batcher, Lost, Merge};
+use super::postgres::{Gated, GatedRun, PostgresEventStore, gated_streams, validate_gated};
+use super::sagas::{POSTGRES, bind_update, offset};
+use crate::event_store::{AppendOutcome, AppendRequest, Position, StoreError};
+use crate::sagas::{Claim, InstanceUpdate};
+
+/// Most steps recorded in one statement.
+const MAX_STEPS_PER_STATEMENT: usize = 64;
+
+/// Most events in one statement (a step that alone has more goes alone).
+const MAX_EVENTS_PER_STATEMENT: usize = 1_000;
+
+/// A saga step to record: its row's new state and its events, fenced by
+/// the claim it was decided under (none: a request from the API).
+#[derive(Debug)]
+pub(crate) struct SagaCommit {
+    pub fence: Option<Claim>,
+    pub update: InstanceUpdate,
+    pub request: AppendRequest,
+}
+
+/// Many sagas' steps in one statement. Parameters: the items (one per
+/// step, numbered by ordinality from 1), their streams and their events,
+/// each tied to its item by number.
+const MERGED: &str = "\
+WITH items AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+                         $6::bigint[], $7::uuid[], $8::uuid[], $9::text[])
+        WITH ORDINALITY AS i(saga_id, status, step, version, due_in, fence,
+                             correlation_id, causation_id, actor, item)
+),
+streams AS (
+    SELECT * FROM unnest($10::bigint[], $11::uuid[], $12::text[], $13::integer[])
+        AS s(item, id, type, expected)
+),
+ready AS (
+    SELECT i.item, NOT EXISTS (
+        SELECT 1 FROM streams s
+        WHERE s.item = i.item AND (
+            (s.expected > 0 AND NOT EXISTS (
+                SELECT 1 FROM events p
+                WHERE p.aggregate_id = s.id AND p.version = s.expected
+                  AND p.aggregate_type = s.type))
+            OR EXISTS (
+                SELECT 1 FROM events n
+                WHERE n.aggregate_id = s.id AND n.version = s.expected + 1))
+    ) AS ok
+    FROM items i
+),
+gate AS (
+    UPDATE saga_instances r
+    SET status = i.status, current_step = i.step, version = i.version,
+        next_run_at = CASE WHEN i.due_in IS NULL THEN NULL
+            ELSE COALESCE({LEAST}(r.next_run_at, {NOW} + i.due_in), {NOW} + i.due_in) END,
+        updated_at = {NOW}, deferrals = 0
+    FROM items i JOIN ready USING (item)
+    WHERE r.saga_id = i.saga_id AND ready.ok AND (i.fence IS NULL OR r.fencing_token = i.fence)
+    RETURNING i.item
+),
+inserted AS (
+    INSERT INTO events (id, aggregate_id, aggregate_type, event_type, schema_version, event_data,
+                        version, correlation_id, causation_id, actor, created_at)
+    SELECT e.id, e.stream, s.type, e.type, e.schema_version, e.data,
+           e.version, i.correlation_id, i.causation_id, i.actor, statement_timestamp()
+    FROM unnest($14::bigint[], $15::uuid[], $16::uuid[], $17::text[], $18::integer[],
+                $19::integer[], $20::jsonb[])
+             WITH ORDINALITY AS e(item, id, stream, type, version, schema_version, data, ord)
+    JOIN streams s ON s.item = e.item AND s.id = e.stream
+    JOIN items i ON i.item = e.item
+    WHERE e.item IN (SELECT item FROM gate)
+    ORDER BY e.ord
+    RETURNING aggregate_id, transaction_id, sequence
+)
+SELECT i.item, ready.ok, g.item IS NOT NULL, max(x.transaction_id), max(x.sequence)
+FROM items i
+JOIN ready USING (item)
+LEFT JOIN gate g ON g.item = i.item
+LEFT JOIN streams s ON s.item = i.item
+LEFT JOIN inserted x ON x.aggregate_id = s.id
+GROUP BY i.item, ready.ok, g.item
+ORDER BY i.item";
+
+/// A row of [`MERGED`]: item, streams ready, row written, last position.
+type MergedRow = (i64, bool, bool, Option<i64>, Option<i64>);
+
+/// Records saga steps on Postgres, one at a time or many in one statement
+/// (see the module docs).
+pub(crate) struct SagaCommits {
+    pool: PgPool,
+    /// One step alone: the gated append of the store, unfenced and fenced.
+    single: String,
+    single_fenced: String,
+    merged: String,
+}
+
+impl SagaCommits {
+    /// With the store's statements for one step alone.
+    pub fn new(pool: PgPool, single: String, single_fenced: String) -> Self {
+        SagaCommits {
+            pool,
+            single,
+            single_fenced,
+            merged: POSTGRES.fill(MERGED),
+        }
+    }
+
+    /// The batcher that runs them: one statement at a time.
+    pub fn batcher(self) -> Batcher<SagaCommits> {
+        Batcher::new(self)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// Records `commit` through `batcher`: written, refused (the fence no
+/// longer holds, or the row is missing), or the conflict of a stream.
+pub(crate) async fn record(
+    batcher: &Batcher<SagaCommits>,
+    commit: SagaCommit,
+) -> Result<Gated, StoreError> {
+    let outcome = match batcher.run(commit).await {
+        Ok(outcome) => outcome?,
+        // Unknown whether it was written: the caller reloads the saga, and
+        // its versions tell.
+        Err(Lost) => return Err(StoreError::Database(sqlx::Error::WorkerCrashed)),
+    };
+    match outcome {
+        GatedRun::Done(gated) => Ok(gated),
+        GatedRun::Conflict(streams) => {
+            Err(PostgresEventStore::first_conflict(batcher.merge().pool(), &streams).await)
+        }
+    }
+}
+
+/// Stream and saga ids in a statement so far, and its events.
+#[derive(Default)]
+pub(crate) struct Fill {
+    ids: HashSet<Uuid>,
+    events: usize,
+}
+
+#[async_trait]
+impl Merge for SagaCommits {
+    type Request = SagaCommit;
+    type Answer = GatedRun;
+    type Fill = Fill;
+
+    const IN_FLIGHT: usize = 1;
+    const MAX_PER_STATEMENT: usize = MAX_STEPS_PER_STATEMENT;
+
+    fn admit(&self, fill: &mut Fill, commit: &SagaCommit) -> bool {
+        let events = commit.request.event_count();
+        if fill.events > 0 && fill.events + events > MAX_EVENTS_PER_STATEMENT {
+            return false;
+        }
+        let mut ids = commit
+            .request
+            .streams
+            .iter()
+            .map(|s| s.aggregate_id)
+            .chain([commit.update.saga_id]);
+        if ids.any(|id| fill.ids.contains(&id)) {
+            return false;
+        }
+        fill.ids.extend(
+            commit
+                .request
+                .streams
+                .iter()
+                .map(|s| s.aggregate_id)
+                .chain([commit.update.saga_id]),
+        );
+        fill.events += events;
+        true
+    }
+
+    async fn one(&self, commit: SagaCommit) -> Result<GatedRun, StoreError> {
+        let SagaCommit {
+            fence,
+            update,
+            request,
+        } = commit;
+        let statement = match fence {
+            Some(_) => &self.single_fenced,
+            None => &self.single,
+        };
+        PostgresEventStore::run_gated(&self.pool, statement, request, |query| {
+            bind_update!(query, update, fence)
+        })
+        .await
+    }
+
+    async fn merged(
+        &self,
+        commits: &[SagaCommit],
+    ) -> Result<Vec<Result<GatedRun, StoreError>>, StoreError> {
+        let mut answers: Vec<Option<Result<GatedRun, StoreError>>> = Vec::new();
+        let mut args = MergedArguments::default();
+        for commit in commits {
+            match validate_gated(&commit.request) {
+                Ok(()) => {
+                    answers.push(None);
+                    args.push(commit);
+                }
+                Err(invalid) => answers.push(Some(Err(invalid))),
+            }
+        }
+        let rows: Vec<MergedRow> = if args.items() == 0 {
+            Vec::new()
+        } else {
+            args.bind_to(sqlx::query_as(&self.merged))
+                .fetch_all(&self.pool)
+                .await?
+        };
+        let mut rows = rows.into_iter();
+        Ok(answers
+            .into_iter()
+            .zip(commits)
+            .map(|(answer, commit)| match answer {
+                Some(invalid) => invalid,
+                None => match rows.next() {
+                    Some(row) => Ok(item_outcome(row, &commit.request)),
+                    None => Err(StoreError::Corrupt(
+                        "a merged saga commit returned fewer rows than it had items".into(),
+                    )),
+                },
+            })
+            .collect())
+    }
+}
+
+/// What a [`MERGED`] row says of its item's `request`.
+fn item_outcome(row: MergedRow, request: &AppendRequest) -> GatedRun {
+    match row {
+        (_, _, true, Some(transaction_id), Some(sequence)) => {
+            GatedRun::Done(Gated::Written(AppendOutcome {
+                stream_versions: request.resulting_versions(),
+                last_position: Position {
+                    transaction_id,
+                    sequence,
+                },
+                replayed: false,
+            }))
+        }
+        (_, true, false, _, _) => GatedRun::Done(Gated::Refused),
+        _ => GatedRun::Conflict(gated_streams(request)),
+    }
+}
+
+/// [`MERGED`]'s parameters: parallel arrays per item, per stream, per event.
+#[derive(Default)]
+struct MergedArguments {
+    saga_ids: Vec<Uuid>,
+    statuses: Vec<String>,
+    steps: Vec<Option<String>>,
+    versions: Vec<i64>,
+    due_in: Vec<Option<i64>>,
+    fences: Vec<Option<i64>>,
+    correlation_ids: Vec<Option<Uuid>>,
+    causation_ids: Vec<Option<Uuid>>,
+    actors: Vec<Option<String>>,
+    stream_items: Vec<i64>,
+    stream_ids: Vec<Uuid>,
+    stream_types: Vec<String>,
+    expected_versions: Vec<i32>,
+    event_items: Vec<i64>,
+    event_ids: Vec<Uuid>,
+    event_streams: Vec<Uuid>,
+    event_types: Vec<String>,
+    event_versions: Vec<i32>,
+    schema_versions: Vec<i32>,
+    event_data: Vec<Value>,
+}
+
+impl MergedArguments {
+    fn items(&self) -> usize {
+        self.saga_ids.len()
+    }
+
+    /// Adds a validated `commit` as the next item.
+    fn push(&mut self, commit: &SagaCommit) {
+        let item = self.items() as i64 + 1;
+        let update = &commit.update;
+        self.saga_ids.push(update.saga_id);
+        self.statuses.push(update.status.as_str().to_string());
+        self.steps.push(update.current_step.clone());
+        self.versions.push(i64::from(update.version));
+        self.due_in.push(offset(update.next_run_at, update.now));
+        self.fences
+            .push(commit.fence.map(|claim| claim.fencing_token));
+        let metadata = &commit.request.metadata;
+        self.correlation_ids.push(metadata.correlation_id);
+        self.causation_ids.push(metadata.causation_id);
+        self.actors.push(metadata.actor.clone());
+        for stream in &commit.request.streams {
+            // Validated: every version fits in an `i32`.
+            let expected = stream.expected_version as i32;
+            self.stream_items.push(item);
+            self.stream_ids.push(stream.aggregate_id);
+            self.stream_types.push(stream.aggregate_type.clone());
+            self.expected_versions.push(expected);
+            for (offset, event) in stream.events.iter().enumerate() {
+                self.event_items.push(item);
+                self.event_ids.push(event.id);
+                self.event_streams.push(stream.aggregate_id);
+                self.event_types.push(event.event_type.clone());
+                self.event_versions.push(expected + offset as i32 + 1);
+                self.schema_versions.push(event.schema_version as i32);
+                self.event_data.push(event.data.clone());
+            }
+        }
+    }
+
+    fn bind_to<'q>(
+        self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, MergedRow, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, MergedRow, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.saga_ids)
+            .bind(self.statuses)
+            .bind(self.steps)
+            .bind(self.versions)
+            .bind(self.due_in)
+            .bind(self.fences)
+            .bind(self.correlation_ids)
+            .bind(self.causation_ids)
+            .bind(self.actors)
+            .bind(self.stream_items)
+            .bind(self.stream_ids)
+            .bind(self.stream_types)
+            .bind(self.expected_versions)
+            .bind(self.event_items)
+            .bind(self.event_ids)
+            .bind(self.event_streams)
+            .bind(self.event_types)
+            .bind(self.event_versions)
+            .bind(self.schema_versions)
+            .bind(self.event_data)
+    }
+}
