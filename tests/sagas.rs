@@ -32,7 +32,7 @@ use commerce_kernel::event_store::{
 use commerce_kernel::sagas::hooks::FaultHooks;
 use commerce_kernel::sagas::runner::{RunnerMetrics, RunnerSettings, SagaRunner};
 use commerce_kernel::sagas::{
-    Claim, Committed, InstanceUpdate, SagaCursor, SagaFilter, SagaInstance, SagaStore,
+    Claim, Committed, InstanceUpdate, LeaseChange, SagaCursor, SagaFilter, SagaInstance, SagaStore,
 };
 use commerce_plugin_artifacts as artifacts;
 use commerce_plugin_host::{EngineConfig, PluginRegistry, sha256_hex};
@@ -1021,6 +1021,7 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
             version: expected_version + 1,
             next_run_at: Some(Utc::now()),
             now: Utc::now(),
+            lease: LeaseChange::Keep,
         };
         let claim = Claim {
             saga_id,
@@ -1079,33 +1080,74 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
 /// Many sagas' steps recorded at the same moment (on Postgres, several go
 /// in one statement): each gets the outcome it would get alone, and one
 /// that is refused or conflicts writes nothing, neither its events nor its
-/// row, while the others are written.
+/// row, while the others are written. A step may also hold its lease for a
+/// call or give the saga back in the same write.
 async fn steps_recorded_at_once_each_keep_their_own_outcome(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
-    const SAGAS: usize = 24;
+    /// Sagas whose lease ran out before their step is recorded.
+    const LAPSED: usize = 6;
+    /// Sagas of each kind below.
+    const EACH: usize = 4;
+    /// Kinds of steps: a plain step; one under a claim superseded since; one
+    /// behind its own stream; one also writing a stream the others of its
+    /// kind write too (all at its version 1); one holding the lease for a
+    /// call; one giving the saga back.
+    const KINDS: usize = 6;
     let store = db.database.saga_store();
     let events = db.event_store();
     let saga_type = format!("merge-test-{}", Uuid::now_v7().simple());
-    let started = |saga_id| InstanceUpdate {
-        saga_id,
-        status: SagaStatus::Running,
-        current_step: None,
-        version: 1,
-        next_run_at: Some(Utc::now()),
-        now: Utc::now(),
-    };
     let event = |name: &str| NewEvent::new(name, serde_json::json!({ "test": name }));
-    let mut saga_ids = Vec::new();
-    for _ in 0..SAGAS {
-        let saga_id = Uuid::now_v7();
-        let first = AppendRequest::single(saga_id, "saga", 0, vec![event("Started")]);
+    let start = |count: usize| {
+        let store = Arc::clone(&store);
+        let saga_type = saga_type.clone();
+        async move {
+            let mut saga_ids = Vec::new();
+            for _ in 0..count {
+                let saga_id = Uuid::now_v7();
+                let started = InstanceUpdate {
+                    saga_id,
+                    status: SagaStatus::Running,
+                    current_step: None,
+                    version: 1,
+                    next_run_at: Some(Utc::now()),
+                    now: Utc::now(),
+                    lease: LeaseChange::Keep,
+                };
+                let first = AppendRequest::single(
+                    saga_id,
+                    "saga",
+                    0,
+                    vec![NewEvent::new("Started", serde_json::json!({}))],
+                );
+                store
+                    .start(started, &saga_type, Uuid::now_v7(), first)
+                    .await?
+                    .context("a new saga starts")?;
+                saga_ids.push(saga_id);
+            }
+            anyhow::Ok(saga_ids)
+        }
+    };
+    // Claimed first, for a moment only.
+    let mut saga_ids = start(LAPSED).await?;
+    let mut claims = store
+        .claim("merge-runner", Duration::from_millis(1), LAPSED as u32, &[])
+        .await?;
+    let lapsing = saga_ids.clone();
+    saga_ids.extend(start(EACH * KINDS).await?);
+    claims.extend(
         store
-            .start(started(saga_id), &saga_type, Uuid::now_v7(), first)
-            .await?
-            .context("a new saga starts")?;
-        saga_ids.push(saga_id);
-    }
+            .claim(
+                "merge-runner",
+                Duration::from_secs(60),
+                (EACH * KINDS) as u32,
+                &lapsing,
+            )
+            .await?,
+    );
+    ensure!(claims.len() == saga_ids.len(), "claimed {}", claims.len());
+    tokio::time::sleep(Duration::from_millis(50)).await;
     // A stream several sagas write at once, as orders share a product's
     // inventory stream.
     let shared = Uuid::now_v7();
@@ -1117,10 +1159,6 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
             vec![event("Opened")],
         ))
         .await?;
-    let claims = store
-        .claim("merge-runner", Duration::from_secs(60), SAGAS as u32, &[])
-        .await?;
-    ensure!(claims.len() == SAGAS, "claimed {}", claims.len());
     let claim_of = |saga_id: Uuid| {
         claims
             .iter()
@@ -1128,30 +1166,26 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
             .find(|c| c.saga_id == saga_id)
             .expect("claimed")
     };
-    let before: Vec<SagaInstance> = {
-        let mut rows = Vec::new();
-        for &saga_id in &saga_ids {
-            rows.push(store.get(saga_id).await?.context("row")?);
-        }
-        rows
-    };
+    let mut before = Vec::new();
+    for &saga_id in &saga_ids {
+        before.push(store.get(saga_id).await?.context("row")?);
+    }
 
-    // By index: 0 a plain step; 1 under a claim superseded since; 2 behind
-    // its own stream; 3 also writing the shared stream, all at its version 1.
-    let kind = |i: usize| i % 4;
+    // The lapsed ones hold for a call; the others by kind.
+    let kind = |i: usize| (i >= LAPSED).then(|| (i - LAPSED) % KINDS);
     let commits = saga_ids.iter().enumerate().map(|(i, &saga_id)| {
         let mut claim = claim_of(saga_id);
-        if kind(i) == 1 {
+        if kind(i) == Some(1) {
             claim.fencing_token -= 1;
         }
-        let expected = if kind(i) == 2 { 0 } else { 1 };
+        let expected = if kind(i) == Some(2) { 0 } else { 1 };
         let mut streams = vec![StreamAppend {
             aggregate_id: saga_id,
             aggregate_type: "saga".into(),
             expected_version: expected,
             events: vec![event("StepStarted"), event("StepSucceeded")],
         }];
-        if kind(i) == 3 {
+        if kind(i) == Some(3) {
             streams.push(StreamAppend {
                 aggregate_id: shared,
                 aggregate_type: "shared".into(),
@@ -1174,6 +1208,11 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
             version: expected + 2,
             next_run_at: None,
             now: Utc::now(),
+            lease: match kind(i) {
+                None | Some(4) => LeaseChange::Hold(Duration::from_secs(120)),
+                Some(5) => LeaseChange::Release,
+                Some(_) => LeaseChange::Keep,
+            },
         };
         let store = Arc::clone(&store);
         async move { store.commit(Some(claim), update, request).await }
@@ -1187,13 +1226,13 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
         let stream = events.read_streams(&[saga_id]).await?;
         let row = store.get(saga_id).await?.context("row")?;
         let written = match (kind(i), outcome) {
-            (0 | 3, Ok(Committed::Written(outcome))) => {
+            (Some(0 | 3 | 4 | 5), Ok(Committed::Written(outcome))) => {
                 transactions.push(outcome.last_position.transaction_id);
                 true
             }
-            (1, Ok(Committed::LeaseLost)) => false,
+            (None | Some(1), Ok(Committed::LeaseLost)) => false,
             (
-                2,
+                Some(2),
                 Err(StoreError::VersionConflict {
                     aggregate_id,
                     expected: 0,
@@ -1201,36 +1240,53 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
                 }),
             ) if aggregate_id == saga_id => false,
             (
-                3,
+                Some(3),
                 Err(StoreError::VersionConflict {
                     aggregate_id,
                     expected: 1,
                     actual: 2,
                 }),
             ) if aggregate_id == shared => false,
-            (kind, outcome) => bail!("saga {i} (kind {kind}): {outcome:?}"),
+            (kind, outcome) => bail!("saga {i} (kind {kind:?}): {outcome:?}"),
         };
-        if written {
-            shared_written += usize::from(kind(i) == 3);
-            ensure!(stream.len() == 3, "saga {i}: {} events", stream.len());
-            ensure!(
-                stream[2].metadata.actor.as_deref() == Some(&format!("saga-{i}")[..]),
-                "saga {i}: its own metadata"
-            );
-            ensure!(
-                row.version == 3
-                    && row.status == SagaStatus::Compensating
-                    && row.current_step == Some(format!("step-{i}"))
-                    && row.next_run_at.is_none(),
-                "saga {i}: {row:?}"
-            );
-        } else {
+        if !written {
             ensure!(
                 stream.len() == 1,
                 "saga {i} refused, yet {} events",
                 stream.len()
             );
             ensure!(row == before[i], "saga {i} refused, yet {row:?}");
+            continue;
+        }
+        shared_written += usize::from(kind(i) == Some(3));
+        ensure!(stream.len() == 3, "saga {i}: {} events", stream.len());
+        ensure!(
+            stream[2].metadata.actor.as_deref() == Some(&format!("saga-{i}")[..]),
+            "saga {i}: its own metadata"
+        );
+        ensure!(
+            row.version == 3
+                && row.status == SagaStatus::Compensating
+                && row.current_step == Some(format!("step-{i}"))
+                && row.next_run_at.is_none(),
+            "saga {i}: {row:?}"
+        );
+        let lease_left = row.lease_expires_at.map(|at| at - Utc::now());
+        match kind(i) {
+            Some(4) => ensure!(
+                row.lease_owner.is_some()
+                    && lease_left.is_some_and(|left| left > chrono::Duration::seconds(100)),
+                "saga {i} holds its lease for the call: {row:?}"
+            ),
+            Some(5) => ensure!(
+                row.lease_owner.is_none() && row.lease_expires_at.is_none(),
+                "saga {i} is given back: {row:?}"
+            ),
+            _ => ensure!(
+                row.lease_owner == before[i].lease_owner
+                    && row.lease_expires_at == before[i].lease_expires_at,
+                "saga {i} keeps its lease as it was: {row:?}"
+            ),
         }
     }
     ensure!(
@@ -1238,15 +1294,16 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
         "{shared_written} writers of the shared stream"
     );
     ensure!(events.read_streams(&[shared]).await?.len() == 2);
+    let written = transactions.len();
+    ensure!(written == 3 * EACH + 1, "{written} written");
     if db.kind == BackendKind::Postgres {
         // Steps queued behind the first went out together.
         transactions.sort_unstable();
         transactions.dedup();
         ensure!(
-            transactions.len() < SAGAS / 4 + 1,
-            "{} transactions for {} steps written",
+            transactions.len() < written,
+            "{} transactions for {written} steps written",
             transactions.len(),
-            SAGAS / 4 + 1
         );
     }
     Ok(())
@@ -2080,20 +2137,21 @@ async fn a_former_owner_paused_past_its_lease_makes_no_provider_call(
     const SHORT_LEASE: Duration = Duration::from_secs(1);
     let shop = shop_without_runner(&db, db.database.saga_store()).await?;
     let product = shop.product("3", 5).await?;
-    // Process A stops for 3 s right before the payment call, heartbeat and
-    // claims included (its store does nothing once paused), as a process
-    // the operating system stopped.
+    // Process A stops for 3 s right before it records the payment's start
+    // (the write that would make its lease last over the call), heartbeat
+    // and claims included (its store does nothing once paused), as a
+    // process the operating system stopped.
     let frozen = FlakySagaStore::new(db.database.saga_store());
     let sagas_a = Sagas::new(shop.commerce.clone(), frozen.clone());
     let a = Runner::start(
         &sagas_a,
         &shop.registry,
         SHORT_LEASE,
-        FaultHooks::from_setting(Some("before-call:payment=3000")).map_err(anyhow::Error::msg)?,
+        FaultHooks::from_setting(Some("before-start:payment=3000")).map_err(anyhow::Error::msg)?,
     );
     let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
     shop.wait_for(order_id, |saga| {
-        saga.step("payment").is_some_and(|s| s.attempts >= 1)
+        step_status(saga, "reserve-inventory") == Some(StepStatus::Succeeded)
     })
     .await?;
     let started = tokio::time::Instant::now();
@@ -2112,7 +2170,8 @@ async fn a_former_owner_paused_past_its_lease_makes_no_provider_call(
         saga.state.status == Some(SagaStatus::Completed),
         "{saga:#?}"
     );
-    // A wakes up and finds its lease gone before calling.
+    // A wakes up, and its record of the call's start is refused: it never
+    // calls.
     tokio::time::sleep_until(started + Duration::from_millis(3_500)).await;
     eventually(Duration::from_secs(5), "A gives up", || async {
         Ok(a.metrics.leases_lost.load(Ordering::Relaxed) >= 1)

@@ -39,6 +39,7 @@ pub use inventory::{InventoryChange, ReservationMade};
 pub use orders::{OrderChange, OrderTransition, PlaceOrderInput};
 pub use plugins::{FOLLOW_INTERVAL, PluginSummary, Plugins};
 pub use sagas::Sagas;
+pub(crate) use sagas::ends_drive;
 
 /// Why a command did not happen. Nothing was written in any case.
 #[derive(Debug, thiserror::Error)]

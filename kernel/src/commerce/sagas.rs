@@ -7,6 +7,7 @@
 //! its `saga_instances` row that makes it due at once.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
@@ -20,7 +21,7 @@ use crate::domain::saga::{
 use crate::domain::{Aggregate, DomainError};
 use crate::event_store::repository::Loaded;
 use crate::event_store::{AppendRequest, EventMetadata, StoreError, StreamAppend};
-use crate::sagas::{Claim, Committed, InstanceUpdate, SagaStore};
+use crate::sagas::{Claim, Committed, InstanceUpdate, LeaseChange, SagaStore};
 
 /// Saga commands, sharing the command handlers and the saga store.
 #[derive(Clone)]
@@ -46,7 +47,15 @@ pub(crate) fn instance_update(
         version,
         next_run_at,
         now,
+        lease: LeaseChange::Keep,
     }
+}
+
+/// Whether a saga in state `saga` is due again only if someone asks (it is
+/// final or parked): the write that brings it there ends its drive.
+pub(crate) fn ends_drive(saga: &Saga) -> bool {
+    saga.status
+        .is_some_and(|s| s.is_final() || s == SagaStatus::Parked)
 }
 
 impl Sagas {
@@ -307,7 +316,7 @@ impl Sagas {
                     return Ok(Written::unchanged(saga_id, loaded));
                 }
                 let (committed, written) = self
-                    .commit(None, saga_id, loaded, &events, Vec::new(), context)
+                    .commit(None, None, saga_id, loaded, &events, Vec::new(), context)
                     .await?;
                 match committed {
                     Committed::Written(_) => Ok(written),
@@ -324,10 +333,15 @@ impl Sagas {
 
     /// Appends `events` to the saga (with `other_streams`, atomically) and
     /// updates its row: due now while there is work, never once it is final
-    /// or parked. With `fence`, only while that claim holds.
+    /// or parked. With `fence`, only while that claim holds; then a write
+    /// that ends the drive ([`ends_drive`]) gives the saga back, and with
+    /// `hold` the lease is made to last that much longer at least (the
+    /// write is refused if it already ran out), both in the same statement.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn commit(
         &self,
         fence: Option<Claim>,
+        hold: Option<Duration>,
         saga_id: Uuid,
         loaded: Loaded<Saga>,
         events: &[SagaEvent],
@@ -340,11 +354,14 @@ impl Sagas {
         for event in events {
             after.apply(event);
         }
-        let done = after
-            .status
-            .is_some_and(|s| s.is_final() || s == SagaStatus::Parked);
+        let done = ends_drive(&after);
         let version = loaded.version + events.len() as u32;
-        let update = instance_update(saga_id, &after, version, (!done).then_some(now), now);
+        let mut update = instance_update(saga_id, &after, version, (!done).then_some(now), now);
+        update.lease = match (done, hold) {
+            (true, _) => LeaseChange::Release,
+            (false, Some(at_least)) => LeaseChange::Hold(at_least),
+            (false, None) => LeaseChange::Keep,
+        };
         let mut streams = vec![stream_append::<Saga>(saga_id, loaded.version, events)?];
         streams.extend(other_streams);
         let request = AppendRequest {

@@ -12,8 +12,10 @@
 //!   once another runner has claimed the saga the token no longer matches
 //!   and the write is refused whole ([`Committed::LeaseLost`]), so a paused
 //!   former owner cannot write. Before each plugin call the runner extends
-//!   its lease over the call's deadline ([`SagaStore::hold`]), or does not
-//!   call at all;
+//!   its lease over the call's deadline (with the write that records the
+//!   call's start, [`LeaseChange::Hold`], or [`SagaStore::hold`]), or does
+//!   not call at all; the write that ends a drive gives the saga back
+//!   ([`LeaseChange::Release`]);
 //! - the index behind the admin queries (by order, by status).
 //!
 //! Lease and due times are the database's clock: the kernel processes'
@@ -70,6 +72,24 @@ pub struct InstanceUpdate {
     pub version: u32,
     pub next_run_at: Option<DateTime<Utc>>,
     pub now: DateTime<Utc>,
+    /// What a fenced write does to its claim's lease as well (a write
+    /// without a fence leaves the lease alone whatever this says).
+    pub lease: LeaseChange,
+}
+
+/// What a fenced write does to the lease of the claim it carries, in the
+/// same statement, so that neither costs a write of its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LeaseChange {
+    #[default]
+    Keep,
+    /// Makes sure the lease holds for at least this much longer, as
+    /// [`SagaStore::hold`] does before a plugin call; the write is refused
+    /// ([`Committed::LeaseLost`]) when the lease already ran out.
+    Hold(Duration),
+    /// Gives the saga back: the write ends the drive (the saga is final or
+    /// parked, so it is due again only if someone asks).
+    Release,
 }
 
 /// The outcome of a fenced write.

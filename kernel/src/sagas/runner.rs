@@ -50,7 +50,7 @@ use uuid::Uuid;
 
 use super::hooks::FaultHooks;
 use super::{Claim, Committed, SagaStore};
-use crate::commerce::{CommandContext, CommandError, Commerce, OrderTransition, Sagas};
+use crate::commerce::{CommandContext, CommandError, Commerce, OrderTransition, Sagas, ends_drive};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{Order, OrderEvent, PlacedOrder};
 use crate::domain::saga::{
@@ -774,7 +774,9 @@ impl SagaRunner {
         }
     }
 
-    /// Appends `events` (and `other_streams`) under the claim.
+    /// Appends `events` (and `other_streams`) under the claim. A write that
+    /// ends the drive ([`ends_drive`]) gives the saga back with it, and the
+    /// drive stops.
     async fn record(
         &self,
         claim: Claim,
@@ -782,10 +784,25 @@ impl SagaRunner {
         events: &[SagaEvent],
         other_streams: Vec<crate::event_store::StreamAppend>,
     ) -> Result<Flow, CommandError> {
+        self.record_holding(claim, loaded, events, other_streams, None)
+            .await
+    }
+
+    /// [`Self::record`], making the lease last at least `hold` longer in
+    /// the same write (refused if it already ran out).
+    async fn record_holding(
+        &self,
+        claim: Claim,
+        loaded: Loaded<Saga>,
+        events: &[SagaEvent],
+        other_streams: Vec<crate::event_store::StreamAppend>,
+        hold: Option<Duration>,
+    ) -> Result<Flow, CommandError> {
         let (committed, written) = self
             .sagas
             .commit(
                 Some(claim),
+                hold,
                 claim.saga_id,
                 loaded,
                 events,
@@ -795,6 +812,15 @@ impl SagaRunner {
             .await?;
         match committed {
             Committed::Written(_) => {
+                for event in events {
+                    if let SagaEvent::Parked { cause, .. } = event {
+                        self.metrics.count_park(*cause);
+                    }
+                }
+                if ends_drive(&written.state) {
+                    // Given back by that write.
+                    return Ok(Flow::Stop);
+                }
                 self.driving.keep(
                     claim,
                     Loaded {
@@ -802,11 +828,6 @@ impl SagaRunner {
                         version: written.version,
                     },
                 );
-                for event in events {
-                    if let SagaEvent::Parked { cause, .. } = event {
-                        self.metrics.count_park(*cause);
-                    }
-                }
                 Ok(Flow::Continue)
             }
             Committed::LeaseLost => {
@@ -927,8 +948,11 @@ impl SagaRunner {
 
         // A call: record its start first, so a crash during it is known.
         // That write is also where a decision taken on a kept saga that a
-        // request has since moved past fails its version check.
+        // request has since moved past fails its version check, and it
+        // makes the lease last over the call (or, if it already ran out,
+        // is refused: then nothing is called).
         self.settings.hooks.at("before-start", step.name()).await;
+        let timeout = step.definition.retry.timeout();
         let mut loaded = loaded;
         let events = [SagaEvent::StepStarted {
             step: step.name().to_string(),
@@ -938,8 +962,9 @@ impl SagaRunner {
             plugin_version: Some(plugin.manifest().version.clone()),
             reaches_outside: plugin.reaches_outside(),
         }];
+        let hold = timeout + CALL_LEASE_MARGIN;
         let flow = self
-            .record(claim, loaded.clone(), &events, Vec::new())
+            .record_holding(claim, loaded.clone(), &events, Vec::new(), Some(hold))
             .await?;
         if let Flow::Stop = flow {
             return Ok(flow);
@@ -948,10 +973,6 @@ impl SagaRunner {
 
         let (order, kept) = self.order_for(claim, order_id).await?;
         self.settings.hooks.at("before-call", step.name()).await;
-        let timeout = step.definition.retry.timeout();
-        if !self.hold_for_call(claim, timeout).await? {
-            return Ok(Flow::Stop);
-        }
         let outcome = match tokio::time::timeout(
             timeout,
             self.invoke_forward(&plugin, claim.saga_id, &loaded.state, &step, &order.state),

@@ -33,9 +33,9 @@ use uuid::Uuid;
 
 use super::batcher::{Batcher, Lost, Merge};
 use super::postgres::{Gated, GatedRun, PostgresEventStore, gated_streams, validate_gated};
-use super::sagas::{POSTGRES, bind_update, offset};
+use super::sagas::{POSTGRES, bind_update, holds, offset, releases};
 use crate::event_store::{AppendOutcome, AppendRequest, Position, StoreError};
-use crate::sagas::{Claim, InstanceUpdate};
+use crate::sagas::{Claim, InstanceUpdate, LeaseChange};
 
 /// Most steps recorded in one statement.
 const MAX_STEPS_PER_STATEMENT: usize = 64;
@@ -52,18 +52,21 @@ pub(crate) struct SagaCommit {
     pub request: AppendRequest,
 }
 
-/// Many sagas' steps in one statement. Parameters: the items (one per
-/// step, numbered by ordinality from 1), their streams and their events,
-/// each tied to its item by number.
+/// Many sagas' steps in one statement, each item's row written as
+/// `UPDATE_FENCED` (or without a fence `UPDATE`) in `storage/sagas.rs`
+/// writes it alone. Parameters: the items (one per step, numbered by
+/// ordinality from 1), their streams and their events, each tied to its
+/// item by number.
 const MERGED: &str = "\
 WITH items AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
-                         $6::bigint[], $7::uuid[], $8::uuid[], $9::text[])
+                         $6::bigint[], $7::uuid[], $8::uuid[], $9::text[], $10::boolean[],
+                         $11::bigint[])
         WITH ORDINALITY AS i(saga_id, status, step, version, due_in, fence,
-                             correlation_id, causation_id, actor, item)
+                             correlation_id, causation_id, actor, release, hold, item)
 ),
 streams AS (
-    SELECT * FROM unnest($10::bigint[], $11::uuid[], $12::text[], $13::integer[])
+    SELECT * FROM unnest($12::bigint[], $13::uuid[], $14::text[], $15::integer[])
         AS s(item, id, type, expected)
 ),
 ready AS (
@@ -85,9 +88,14 @@ gate AS (
     SET status = i.status, current_step = i.step, version = i.version,
         next_run_at = CASE WHEN i.due_in IS NULL THEN NULL
             ELSE COALESCE({LEAST}(r.next_run_at, {NOW} + i.due_in), {NOW} + i.due_in) END,
-        updated_at = {NOW}, deferrals = 0
+        updated_at = {NOW}, deferrals = 0,
+        lease_owner = CASE WHEN i.release THEN NULL ELSE r.lease_owner END,
+        lease_expires_at = CASE WHEN i.release THEN NULL WHEN i.hold IS NULL THEN r.lease_expires_at
+            ELSE {GREATEST}(r.lease_expires_at, {NOW} + i.hold) END
     FROM items i JOIN ready USING (item)
-    WHERE r.saga_id = i.saga_id AND ready.ok AND (i.fence IS NULL OR r.fencing_token = i.fence)
+    WHERE r.saga_id = i.saga_id AND ready.ok
+      AND (i.fence IS NULL OR (r.fencing_token = i.fence
+                               AND (i.hold IS NULL OR r.lease_expires_at > {NOW})))
     RETURNING i.item
 ),
 inserted AS (
@@ -95,8 +103,8 @@ inserted AS (
                         version, correlation_id, causation_id, actor, created_at)
     SELECT e.id, e.stream, s.type, e.type, e.schema_version, e.data,
            e.version, i.correlation_id, i.causation_id, i.actor, statement_timestamp()
-    FROM unnest($14::bigint[], $15::uuid[], $16::uuid[], $17::text[], $18::integer[],
-                $19::integer[], $20::jsonb[])
+    FROM unnest($16::bigint[], $17::uuid[], $18::uuid[], $19::text[], $20::integer[],
+                $21::integer[], $22::jsonb[])
              WITH ORDINALITY AS e(item, id, stream, type, version, schema_version, data, ord)
     JOIN streams s ON s.item = e.item AND s.id = e.stream
     JOIN items i ON i.item = e.item
@@ -294,6 +302,8 @@ struct MergedArguments {
     correlation_ids: Vec<Option<Uuid>>,
     causation_ids: Vec<Option<Uuid>>,
     actors: Vec<Option<String>>,
+    releases: Vec<bool>,
+    holds: Vec<Option<i64>>,
     stream_items: Vec<i64>,
     stream_ids: Vec<Uuid>,
     stream_types: Vec<String>,
@@ -327,6 +337,13 @@ impl MergedArguments {
         self.correlation_ids.push(metadata.correlation_id);
         self.causation_ids.push(metadata.causation_id);
         self.actors.push(metadata.actor.clone());
+        // Without a fence the lease is left alone.
+        let lease = match commit.fence {
+            Some(_) => update.lease,
+            None => LeaseChange::Keep,
+        };
+        self.releases.push(releases(lease));
+        self.holds.push(holds(lease));
         for stream in &commit.request.streams {
             // Validated: every version fits in an `i32`.
             let expected = stream.expected_version as i32;
@@ -360,6 +377,8 @@ impl MergedArguments {
             .bind(self.correlation_ids)
             .bind(self.causation_ids)
             .bind(self.actors)
+            .bind(self.releases)
+            .bind(self.holds)
             .bind(self.stream_items)
             .bind(self.stream_ids)
             .bind(self.stream_types)

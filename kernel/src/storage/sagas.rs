@@ -48,7 +48,7 @@ use super::sqlite::{SqliteDatabase, SqliteEventStore};
 use crate::domain::saga::SagaStatus;
 use crate::event_store::{AppendOutcome, AppendRequest, StoreError, clamp_limit};
 use crate::sagas::{
-    Claim, Committed, InstanceUpdate, SagaCursor, SagaFilter, SagaInstance, SagaStore,
+    Claim, Committed, InstanceUpdate, LeaseChange, SagaCursor, SagaFilter, SagaInstance, SagaStore,
 };
 
 const COLUMNS: &str = "saga_id, saga_type, correlation_id, status, current_step, version, \
@@ -78,7 +78,19 @@ const UPDATE: &str = "UPDATE saga_instances SET status = $2, current_step = $3, 
      ELSE COALESCE({LEAST}(next_run_at, {NOW} + $5), {NOW} + $5) END, \
      updated_at = {NOW}, deferrals = 0 WHERE saga_id = $1";
 
-const FENCE: &str = " AND fencing_token = $6";
+/// [`UPDATE`] under a claim: only while `$6` is still the fencing token,
+/// and with the claim's lease changed in the same write ([`LeaseChange`]):
+/// `$7` true gives the saga back; `$8`, when not NULL, makes the lease hold
+/// that long from now at least, and refuses the write if it already ran
+/// out.
+const UPDATE_FENCED: &str = "UPDATE saga_instances SET status = $2, current_step = $3, version = $4, \
+     next_run_at = CASE WHEN $5 IS NULL THEN NULL \
+     ELSE COALESCE({LEAST}(next_run_at, {NOW} + $5), {NOW} + $5) END, \
+     updated_at = {NOW}, deferrals = 0, \
+     lease_owner = CASE WHEN $7 THEN NULL ELSE lease_owner END, \
+     lease_expires_at = CASE WHEN $7 THEN NULL WHEN $8 IS NULL THEN lease_expires_at \
+     ELSE {GREATEST}(lease_expires_at, {NOW} + $8) END \
+     WHERE saga_id = $1 AND fencing_token = $6 AND ($8 IS NULL OR lease_expires_at > {NOW})";
 
 /// The row a saga starts with: `$1`..`$7` as bound by `start`.
 const INSERT: &str = "INSERT INTO saga_instances (saga_id, saga_type, correlation_id, status, \
@@ -139,7 +151,7 @@ impl Statements {
         Statements {
             insert: fill(INSERT),
             update: fill(UPDATE),
-            update_fenced: fill(&format!("{UPDATE}{FENCE}")),
+            update_fenced: fill(UPDATE_FENCED),
             // Due, and not leased or the lease ran out.
             claim: fill(&format!(
                 "UPDATE saga_instances \
@@ -322,9 +334,10 @@ macro_rules! bind_insert {
     };
 }
 
-/// Binds [`UPDATE`]'s parameters, and [`FENCE`]'s with a claim.
+/// Binds [`UPDATE`]'s parameters, or with a claim [`UPDATE_FENCED`]'s.
 macro_rules! bind_update {
     ($query:expr, $update:expr, $fence:expr) => {{
+        let lease = $update.lease;
         let query = $query
             .bind($update.saga_id)
             .bind($update.status.as_str())
@@ -335,12 +348,28 @@ macro_rules! bind_update {
                 $update.now,
             ));
         match $fence {
-            Some(claim) => query.bind(claim.fencing_token),
+            Some(claim) => query
+                .bind(claim.fencing_token)
+                .bind($crate::storage::sagas::releases(lease))
+                .bind($crate::storage::sagas::holds(lease)),
             None => query,
         }
     }};
 }
 pub(super) use bind_update;
+
+/// Whether `lease` gives the saga back.
+pub(super) fn releases(lease: LeaseChange) -> bool {
+    lease == LeaseChange::Release
+}
+
+/// How long `lease` makes the lease hold at least, in microseconds.
+pub(super) fn holds(lease: LeaseChange) -> Option<i64> {
+    match lease {
+        LeaseChange::Hold(at_least) => Some(duration_micros(at_least)),
+        LeaseChange::Keep | LeaseChange::Release => None,
+    }
+}
 
 /// The saga store on Postgres.
 pub struct PostgresSagaStore {
@@ -361,7 +390,7 @@ impl PostgresSagaStore {
         let commits = SagaCommits::new(
             database.pool().clone(),
             gate(UPDATE, " AND {READY} RETURNING 1"),
-            gate(&format!("{UPDATE}{FENCE}"), " AND {READY} RETURNING 1"),
+            gate(UPDATE_FENCED, " AND {READY} RETURNING 1"),
         );
         PostgresSagaStore {
             statements: Statements::new(&POSTGRES),
@@ -734,7 +763,7 @@ mod tests {
         let store_gates = [
             POSTGRES.fill(INSERT),
             POSTGRES.fill(UPDATE),
-            POSTGRES.fill(&format!("{UPDATE}{FENCE}")),
+            POSTGRES.fill(UPDATE_FENCED),
         ];
         for gate in store_gates {
             let shifted = shift_parameters(&gate, GATE_FIRST_PARAMETER - 1);
