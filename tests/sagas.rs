@@ -1092,8 +1092,9 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
     /// Kinds of steps: a plain step; one under a claim superseded since; one
     /// behind its own stream; one also writing a stream the others of its
     /// kind write too (all at its version 1); one holding the lease for a
-    /// call; one giving the saga back.
-    const KINDS: usize = 6;
+    /// call; one giving the saga back; one both behind and under a
+    /// superseded claim (refused as the latter, as alone).
+    const KINDS: usize = 7;
     let store = db.database.saga_store();
     let events = db.event_store();
     let saga_type = format!("merge-test-{}", Uuid::now_v7().simple());
@@ -1175,10 +1176,10 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
     let kind = |i: usize| (i >= LAPSED).then(|| (i - LAPSED) % KINDS);
     let commits = saga_ids.iter().enumerate().map(|(i, &saga_id)| {
         let mut claim = claim_of(saga_id);
-        if kind(i) == Some(1) {
+        if matches!(kind(i), Some(1 | 6)) {
             claim.fencing_token -= 1;
         }
-        let expected = if kind(i) == Some(2) { 0 } else { 1 };
+        let expected = if matches!(kind(i), Some(2 | 6)) { 0 } else { 1 };
         let mut streams = vec![StreamAppend {
             aggregate_id: saga_id,
             aggregate_type: "saga".into(),
@@ -1230,7 +1231,7 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
                 transactions.push(outcome.last_position.transaction_id);
                 true
             }
-            (None | Some(1), Ok(Committed::LeaseLost)) => false,
+            (None | Some(1 | 6), Ok(Committed::LeaseLost)) => false,
             (
                 Some(2),
                 Err(StoreError::VersionConflict {
@@ -2134,24 +2135,34 @@ async fn a_drive_task_that_panics_is_taken_over(db: Arc<TestDatabase>) -> anyhow
 async fn a_former_owner_paused_past_its_lease_makes_no_provider_call(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
+    // Paused right before it records the payment's start (the write that
+    // makes its lease last over the call), and right after that write.
+    paused_former_owner_makes_no_call(&db, "before-start").await?;
+    paused_former_owner_makes_no_call(&db, "before-call").await
+}
+
+/// Process A stops for 3 s at `when` of the payment step, heartbeat and
+/// claims included (its store does nothing once paused), as a process the
+/// operating system stopped; its lease (1 s, or the payment's deadline
+/// plus the margin once its start is recorded) lapses meanwhile and
+/// process B takes the saga over. A must not call the provider after.
+async fn paused_former_owner_makes_no_call(db: &TestDatabase, when: &str) -> anyhow::Result<()> {
     const SHORT_LEASE: Duration = Duration::from_secs(1);
-    let shop = shop_without_runner(&db, db.database.saga_store()).await?;
+    let shop = shop_without_runner(db, db.database.saga_store()).await?;
     let product = shop.product("3", 5).await?;
-    // Process A stops for 3 s right before it records the payment's start
-    // (the write that would make its lease last over the call), heartbeat
-    // and claims included (its store does nothing once paused), as a
-    // process the operating system stopped.
     let frozen = FlakySagaStore::new(db.database.saga_store());
     let sagas_a = Sagas::new(shop.commerce.clone(), frozen.clone());
     let a = Runner::start(
         &sagas_a,
         &shop.registry,
         SHORT_LEASE,
-        FaultHooks::from_setting(Some("before-start:payment=3000")).map_err(anyhow::Error::msg)?,
+        FaultHooks::from_setting(Some(&format!("{when}:payment=3000")))
+            .map_err(anyhow::Error::msg)?,
     );
     let order_id = shop.order(vec![(product, 1)], "tok_visa", "DE").await?;
-    shop.wait_for(order_id, |saga| {
-        step_status(saga, "reserve-inventory") == Some(StepStatus::Succeeded)
+    shop.wait_for(order_id, |saga| match when {
+        "before-start" => step_status(saga, "reserve-inventory") == Some(StepStatus::Succeeded),
+        _ => saga.step("payment").is_some_and(|s| s.attempts >= 1),
     })
     .await?;
     let started = tokio::time::Instant::now();
@@ -2168,10 +2179,10 @@ async fn a_former_owner_paused_past_its_lease_makes_no_provider_call(
         .await?;
     ensure!(
         saga.state.status == Some(SagaStatus::Completed),
-        "{saga:#?}"
+        "{when}: {saga:#?}"
     );
-    // A wakes up, and its record of the call's start is refused: it never
-    // calls.
+    // A wakes up and finds its lease gone: its record of the call's start
+    // is refused, or its lease cannot be held again. It never calls.
     tokio::time::sleep_until(started + Duration::from_millis(3_500)).await;
     eventually(Duration::from_secs(5), "A gives up", || async {
         Ok(a.metrics.leases_lost.load(Ordering::Relaxed) >= 1)
@@ -2180,7 +2191,7 @@ async fn a_former_owner_paused_past_its_lease_makes_no_provider_call(
     let key = Saga::step_key(Saga::id_for(ORDER_FULFILMENT, order_id), "payment");
     ensure!(
         shop.payments.requests_with_key(&key) == 1,
-        "only the owner called the provider: {} requests",
+        "{when}: only the owner called the provider: {} requests",
         shop.payments.requests_with_key(&key)
     );
     ensure!(shop.payments(order_id) == [("captured".to_string(), false)]);

@@ -96,7 +96,8 @@ pub enum LeaseChange {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Committed {
     Written(AppendOutcome),
-    /// Another runner claimed the saga since: nothing was written.
+    /// Another runner claimed the saga since, or (for a write that holds
+    /// the lease) the lease ran out: nothing was written.
     LeaseLost,
 }
 

@@ -13,8 +13,11 @@
 //!
 //! The money rules (ARCHITECTURE.md, "Sagas"):
 //! - a plugin is called only while this process's lease on the saga holds
-//!   for the call's whole deadline ([`SagaStore::hold`]); a process that
-//!   lost its lease stops without calling;
+//!   for the call's whole deadline: the write that records the call's start
+//!   extends it ([`LeaseChange::Hold`](super::LeaseChange::Hold)), and is refused once the lease ran
+//!   out; if the call does not start right after that write, the lease is
+//!   checked and extended again ([`SagaStore::hold`]). A process that lost
+//!   its lease stops without calling;
 //! - a step whose plugin is not active here is given back for another
 //!   process ([`SagaStore::defer`]), never failed;
 //! - a charge answered `authorized` is captured before the step succeeds;
@@ -702,20 +705,8 @@ impl SagaRunner {
             self.record(claim, loaded, &events, Vec::new()).await
         };
         match parked.await {
-            Ok(Flow::Continue) => {
-                // Parked sagas are never due: give the claim back, with the
-                // version parked at, so a retry requested in between keeps
-                // the saga due.
-                let parked_at = self.driving.take_kept(claim).map(|saga| saga.version);
-                if let Err(error) = self
-                    .store()
-                    .release(claim, parked_at, None, Utc::now())
-                    .await
-                {
-                    tracing::warn!(saga_id = %claim.saga_id, %error, "could not give a parked saga back");
-                }
-            }
-            Ok(Flow::Stop) => {}
+            // Parked, and given back by that same write; or final already.
+            Ok(_) => {}
             Err(error) => {
                 tracing::warn!(saga_id = %claim.saga_id, %error, "could not park the saga; giving it back for later");
                 let later = Utc::now() + to_chrono(WRITE_BACKOFF_CAP);
@@ -953,6 +944,8 @@ impl SagaRunner {
         // is refused: then nothing is called).
         self.settings.hooks.at("before-start", step.name()).await;
         let timeout = step.definition.retry.timeout();
+        // Read before the write, so that nothing but the call follows it.
+        let (order, kept) = self.order_for(claim, order_id).await?;
         let mut loaded = loaded;
         let events = [SagaEvent::StepStarted {
             step: step.name().to_string(),
@@ -962,17 +955,30 @@ impl SagaRunner {
             plugin_version: Some(plugin.manifest().version.clone()),
             reaches_outside: plugin.reaches_outside(),
         }];
-        let hold = timeout + CALL_LEASE_MARGIN;
+        let held_from = Instant::now();
         let flow = self
-            .record_holding(claim, loaded.clone(), &events, Vec::new(), Some(hold))
+            .record_holding(
+                claim,
+                loaded.clone(),
+                &events,
+                Vec::new(),
+                Some(timeout + CALL_LEASE_MARGIN),
+            )
             .await?;
         if let Flow::Stop = flow {
             return Ok(flow);
         }
         advance(&mut loaded, &events);
-
-        let (order, kept) = self.order_for(claim, order_id).await?;
         self.settings.hooks.at("before-call", step.name()).await;
+        // The lease covers the call only if it starts right after that
+        // write. Anything that held this process up since (a pause of the
+        // whole process, say) eats into the margin: then the lease is
+        // checked and extended again, or nothing is called.
+        if held_from.elapsed() > CALL_LEASE_MARGIN / 2
+            && !self.hold_for_call(claim, timeout).await?
+        {
+            return Ok(Flow::Stop);
+        }
         let outcome = match tokio::time::timeout(
             timeout,
             self.invoke_forward(&plugin, claim.saga_id, &loaded.state, &step, &order.state),

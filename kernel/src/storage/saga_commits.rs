@@ -4,9 +4,10 @@
 //! Each step a runner records is a gated append: the saga's row is updated
 //! (fenced by the runner's claim) and the step's events appended, together
 //! or not at all. Alone that is one statement and one commit, with its WAL
-//! flush, per step; an order takes six. The batcher runs one such statement
-//! at a time per process; the steps recorded meanwhile queue and go
-//! together as one statement, in which each keeps its own all-or-nothing:
+//! flush, per step. The batcher runs two such statements at a time per
+//! process; the steps recorded meanwhile queue and go together as one
+//! statement, in which each keeps its own all-or-nothing and gets the
+//! answer it would get alone:
 //! - each item's streams are checked in the statement's snapshot (each at
 //!   its expected version and not past it); an item with one that is not
 //!   writes nothing, and its caller looks the conflict up afterwards;
@@ -15,14 +16,18 @@
 //! - items in one statement share no stream and no saga ([`Merge::admit`]),
 //!   so they cannot conflict with each other.
 //!
-//! Only a writer outside the statement can still make an insert fail (it
-//! took a stream's next version after the snapshot, on another process or
-//! outside the saga runner). That fails the statement as a whole, and the
-//! batcher records each of its steps again on its own, as before.
+//! Only steps that write nothing but their saga's and their order's
+//! streams are queued; a step that also writes stock goes out at once on
+//! its own ([`shares_streams`]). So the statements of one process never
+//! write the same stream. Only a writer outside them can still make an
+//! insert fail (a cancel requested through the API that took a saga
+//! stream's next version after the snapshot). That fails the statement as
+//! a whole; it is run once more (its new snapshot shows that write, so that
+//! step alone is refused), and if that fails too, the batcher records each
+//! of its steps again on its own.
 //!
-//! One statement at a time keeps this process's steps from racing each
-//! other on a shared stream (inventory). The SQLite store does not use
-//! this: it has a single writer, and its commits are already short.
+//! The SQLite store does not use this: it has a single writer, and its
+//! commits are already short.
 
 use std::collections::HashSet;
 
@@ -32,10 +37,20 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::batcher::{Batcher, Lost, Merge};
-use super::postgres::{Gated, GatedRun, PostgresEventStore, gated_streams, validate_gated};
+use super::postgres::{
+    Gated, GatedRun, PostgresEventStore, gated_streams, is_stream_version_taken, validate_gated,
+};
 use super::sagas::{POSTGRES, bind_update, holds, offset, releases};
+use crate::domain::Aggregate as _;
+use crate::domain::order::Order;
+use crate::domain::saga::Saga;
 use crate::event_store::{AppendOutcome, AppendRequest, Position, StoreError};
 use crate::sagas::{Claim, InstanceUpdate, LeaseChange};
+
+/// Step statements running at once, per process: while one commits, the
+/// next fills. Steps that would share a stream go out on their own instead
+/// ([`shares_streams`]), so two running statements never race each other.
+const IN_FLIGHT: usize = 2;
 
 /// Most steps recorded in one statement.
 const MAX_STEPS_PER_STATEMENT: usize = 64;
@@ -69,18 +84,24 @@ streams AS (
     SELECT * FROM unnest($12::bigint[], $13::uuid[], $14::text[], $15::integer[])
         AS s(item, id, type, expected)
 ),
-ready AS (
-    SELECT i.item, NOT EXISTS (
-        SELECT 1 FROM streams s
-        WHERE s.item = i.item AND (
-            (s.expected > 0 AND NOT EXISTS (
+checks AS (
+    SELECT i.item,
+        NOT EXISTS (
+            SELECT 1 FROM streams s
+            WHERE s.item = i.item AND s.expected > 0 AND NOT EXISTS (
                 SELECT 1 FROM events p
                 WHERE p.aggregate_id = s.id AND p.version = s.expected
-                  AND p.aggregate_type = s.type))
-            OR EXISTS (
-                SELECT 1 FROM events n
-                WHERE n.aggregate_id = s.id AND n.version = s.expected + 1))
-    ) AS ok
+                  AND p.aggregate_type = s.type)) AS at_expected,
+        NOT EXISTS (
+            SELECT 1 FROM streams s
+            JOIN events n ON n.aggregate_id = s.id AND n.version = s.expected + 1
+            WHERE s.item = i.item) AS not_past,
+        EXISTS (
+            SELECT 1 FROM saga_instances r
+            WHERE r.saga_id = i.saga_id
+              AND (i.fence IS NULL OR (r.fencing_token = i.fence
+                                       AND (i.hold IS NULL OR r.lease_expires_at > {NOW})))
+        ) AS fence_holds
     FROM items i
 ),
 gate AS (
@@ -92,8 +113,8 @@ gate AS (
         lease_owner = CASE WHEN i.release THEN NULL ELSE r.lease_owner END,
         lease_expires_at = CASE WHEN i.release THEN NULL WHEN i.hold IS NULL THEN r.lease_expires_at
             ELSE {GREATEST}(r.lease_expires_at, {NOW} + i.hold) END
-    FROM items i JOIN ready USING (item)
-    WHERE r.saga_id = i.saga_id AND ready.ok
+    FROM items i JOIN checks c USING (item)
+    WHERE r.saga_id = i.saga_id AND c.at_expected AND c.not_past
       AND (i.fence IS NULL OR (r.fencing_token = i.fence
                                AND (i.hold IS NULL OR r.lease_expires_at > {NOW})))
     RETURNING i.item
@@ -112,17 +133,19 @@ inserted AS (
     ORDER BY e.ord
     RETURNING aggregate_id, transaction_id, sequence
 )
-SELECT i.item, ready.ok, g.item IS NOT NULL, max(x.transaction_id), max(x.sequence)
+SELECT i.item, c.at_expected, c.not_past, c.fence_holds, g.item IS NOT NULL,
+       max(x.transaction_id), max(x.sequence)
 FROM items i
-JOIN ready USING (item)
+JOIN checks c USING (item)
 LEFT JOIN gate g ON g.item = i.item
 LEFT JOIN streams s ON s.item = i.item
 LEFT JOIN inserted x ON x.aggregate_id = s.id
-GROUP BY i.item, ready.ok, g.item
+GROUP BY i.item, c.at_expected, c.not_past, c.fence_holds, g.item
 ORDER BY i.item";
 
-/// A row of [`MERGED`]: item, streams ready, row written, last position.
-type MergedRow = (i64, bool, bool, Option<i64>, Option<i64>);
+/// A row of [`MERGED`]: item; its streams all at their expected versions
+/// and none past them; its fence holds; its row written; its last position.
+type MergedRow = (i64, bool, bool, bool, bool, Option<i64>, Option<i64>);
 
 /// Records saga steps on Postgres, one at a time or many in one statement
 /// (see the module docs).
@@ -161,11 +184,15 @@ pub(crate) async fn record(
     batcher: &Batcher<SagaCommits>,
     commit: SagaCommit,
 ) -> Result<Gated, StoreError> {
-    let outcome = match batcher.run(commit).await {
-        Ok(outcome) => outcome?,
-        // Unknown whether it was written: the caller reloads the saga, and
-        // its versions tell.
-        Err(Lost) => return Err(StoreError::Database(sqlx::Error::WorkerCrashed)),
+    let outcome = if shares_streams(&commit) {
+        batcher.merge().one(commit).await?
+    } else {
+        match batcher.run(commit).await {
+            Ok(outcome) => outcome?,
+            // Unknown whether it was written: the caller reloads the saga,
+            // and its versions tell.
+            Err(Lost) => return Err(StoreError::Database(sqlx::Error::WorkerCrashed)),
+        }
     };
     match outcome {
         GatedRun::Done(gated) => Ok(gated),
@@ -173,6 +200,17 @@ pub(crate) async fn record(
             Err(PostgresEventStore::first_conflict(batcher.merge().pool(), &streams).await)
         }
     }
+}
+
+/// Whether `commit` writes a stream other sagas write too: any but its
+/// own and its order's (stock, when a step reserves, commits or releases
+/// it). Such a step goes out at once, on its own, as it was decided: many
+/// orders write a popular product's stock, and a step that waited for a
+/// statement would more often find that another wrote first.
+fn shares_streams(commit: &SagaCommit) -> bool {
+    commit.request.streams.iter().any(|s| {
+        s.aggregate_type != Saga::AGGREGATE_TYPE && s.aggregate_type != Order::AGGREGATE_TYPE
+    })
 }
 
 /// Stream and saga ids in a statement so far, and its events.
@@ -188,7 +226,7 @@ impl Merge for SagaCommits {
     type Answer = GatedRun;
     type Fill = Fill;
 
-    const IN_FLIGHT: usize = 1;
+    const IN_FLIGHT: usize = IN_FLIGHT;
     const MAX_PER_STATEMENT: usize = MAX_STEPS_PER_STATEMENT;
 
     fn admit(&self, fill: &mut Fill, commit: &SagaCommit) -> bool {
@@ -238,44 +276,94 @@ impl Merge for SagaCommits {
         commits: &[SagaCommit],
     ) -> Result<Vec<Result<GatedRun, StoreError>>, StoreError> {
         let mut answers: Vec<Option<Result<GatedRun, StoreError>>> = Vec::new();
-        let mut args = MergedArguments::default();
-        for commit in commits {
+        // The valid ones, by saga id: rows are then locked in the order the
+        // heartbeat locks them too, which keeps the two from deadlocking.
+        let mut valid = Vec::new();
+        for (index, commit) in commits.iter().enumerate() {
             match validate_gated(&commit.request) {
                 Ok(()) => {
                     answers.push(None);
-                    args.push(commit);
+                    valid.push(index);
                 }
                 Err(invalid) => answers.push(Some(Err(invalid))),
             }
         }
-        let rows: Vec<MergedRow> = if args.items() == 0 {
-            Vec::new()
-        } else {
-            args.bind_to(sqlx::query_as(&self.merged))
-                .fetch_all(&self.pool)
-                .await?
-        };
-        let mut rows = rows.into_iter();
+        valid.sort_by_key(|&index| commits[index].update.saga_id);
+        if !valid.is_empty() {
+            let rows = self.run_merged(commits, &valid).await?;
+            if rows.len() != valid.len() {
+                return Err(StoreError::Corrupt(format!(
+                    "a merged saga commit of {} steps returned {} rows",
+                    valid.len(),
+                    rows.len()
+                )));
+            }
+            for (row, &index) in rows.into_iter().zip(&valid) {
+                answers[index] = Some(item_outcome(row, &commits[index].request));
+            }
+        }
         Ok(answers
             .into_iter()
-            .zip(commits)
-            .map(|(answer, commit)| match answer {
-                Some(invalid) => invalid,
-                None => match rows.next() {
-                    Some(row) => Ok(item_outcome(row, &commit.request)),
-                    None => Err(StoreError::Corrupt(
-                        "a merged saga commit returned fewer rows than it had items".into(),
-                    )),
-                },
+            .map(|answer| {
+                answer.unwrap_or_else(|| {
+                    Err(StoreError::Corrupt(
+                        "a merged saga commit left a step unanswered".into(),
+                    ))
+                })
             })
             .collect())
     }
 }
 
-/// What a [`MERGED`] row says of its item's `request`.
-fn item_outcome(row: MergedRow, request: &AppendRequest) -> GatedRun {
-    match row {
-        (_, _, true, Some(transaction_id), Some(sequence)) => {
+impl SagaCommits {
+    /// Runs [`MERGED`] for `commits[valid]`, in that order. Once more when
+    /// a writer outside it took a stream's next version first (its snapshot
+    /// then shows that write, so only that step is refused), or when it
+    /// was chosen to end a deadlock.
+    async fn run_merged(
+        &self,
+        commits: &[SagaCommit],
+        valid: &[usize],
+    ) -> Result<Vec<MergedRow>, StoreError> {
+        let mut tries = 0;
+        loop {
+            let mut args = MergedArguments::default();
+            for &index in valid {
+                args.push(&commits[index]);
+            }
+            let result = args
+                .bind_to(sqlx::query_as(&self.merged))
+                .fetch_all(&self.pool)
+                .await;
+            match result {
+                Ok(rows) => return Ok(rows),
+                Err(error) if tries == 0 && worth_another_try(&error) => tries += 1,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
+}
+
+/// A failure of a merged statement that it may not meet again.
+fn worth_another_try(error: &sqlx::Error) -> bool {
+    is_stream_version_taken(error)
+        || error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .is_some_and(|code| code == DEADLOCK_DETECTED)
+}
+
+/// SQLSTATE of a transaction ended to break a deadlock.
+const DEADLOCK_DETECTED: &str = "40P01";
+
+/// What a [`MERGED`] row says of its item's `request`: the answer the
+/// step's statement alone gives (`GATED_APPEND` in `postgres.rs`), where a
+/// stream behind its expected version is a conflict whatever the fence, a
+/// fence that no longer holds refuses the step before a stream ahead of it
+/// would make the insert fail.
+fn item_outcome(row: MergedRow, request: &AppendRequest) -> Result<GatedRun, StoreError> {
+    Ok(match row {
+        (_, _, _, _, true, Some(transaction_id), Some(sequence)) => {
             GatedRun::Done(Gated::Written(AppendOutcome {
                 stream_versions: request.resulting_versions(),
                 last_position: Position {
@@ -285,9 +373,17 @@ fn item_outcome(row: MergedRow, request: &AppendRequest) -> GatedRun {
                 replayed: false,
             }))
         }
-        (_, true, false, _, _) => GatedRun::Done(Gated::Refused),
-        _ => GatedRun::Conflict(gated_streams(request)),
-    }
+        (_, false, _, _, _, _, _) | (_, true, false, true, _, _, _) => {
+            GatedRun::Conflict(gated_streams(request))
+        }
+        (_, _, _, _, true, _, _) => {
+            return Err(StoreError::Corrupt(
+                "a merged saga commit wrote a row without its events".into(),
+            ));
+        }
+        // The fence failed, in the snapshot or when the row was updated.
+        _ => GatedRun::Done(Gated::Refused),
+    })
 }
 
 /// [`MERGED`]'s parameters: parallel arrays per item, per stream, per event.
