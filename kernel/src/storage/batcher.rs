@@ -26,7 +26,10 @@
 //! (and none is lost when the failure was another caller's doing), unless
 //! the database could not be reached at all: then each gets an error of
 //! the same kind. When the batcher's task is gone (its runtime shut down),
-//! the next request starts another.
+//! the next request starts another. A statement that panics passes the
+//! panic on to the caller of a request that ran alone at once; the callers
+//! of a queued statement get [`Lost`] instead (their replies are dropped
+//! with the task), as when its runtime shuts down.
 
 use std::collections::VecDeque;
 use std::fmt;
