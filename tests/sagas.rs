@@ -1218,7 +1218,12 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
         let store = Arc::clone(&store);
         async move { store.commit(Some(claim), update, request).await }
     });
-    let outcomes = futures_util::future::join_all(commits).await;
+    // Newest saga first: the store must not rely on the order it is asked
+    // in (a merged statement takes its steps by saga id).
+    let mut commits: Vec<_> = commits.collect();
+    commits.reverse();
+    let mut outcomes = futures_util::future::join_all(commits).await;
+    outcomes.reverse();
 
     let mut shared_written = 0;
     let mut transactions = Vec::new();

@@ -18,13 +18,14 @@
 //!
 //! Only steps that write nothing but their saga's and their order's
 //! streams are queued; a step that also writes stock goes out at once on
-//! its own ([`shares_streams`]). So the statements of one process never
-//! write the same stream. Only a writer outside them can still make an
-//! insert fail (a cancel requested through the API that took a saga
-//! stream's next version after the snapshot). That fails the statement as
-//! a whole; it is run once more (its new snapshot shows that write, so that
-//! step alone is refused), and if that fails too, the batcher records each
-//! of its steps again on its own.
+//! its own ([`shares_streams`]). So the runner's statements never write
+//! the same stream: each saga has one step in flight at a time. A request
+//! on a saga through the API (cancel, retry: no fence) can, and so can
+//! another process: if it takes a saga stream's next version after a
+//! statement's snapshot, that statement fails as a whole. It is run once
+//! more (its new snapshot shows that write, so that step alone is
+//! refused), and if that fails too, the batcher records each of its steps
+//! again on its own.
 //!
 //! The SQLite store does not use this: it has a single writer, and its
 //! commits are already short.
@@ -48,8 +49,9 @@ use crate::event_store::{AppendOutcome, AppendRequest, Position, StoreError};
 use crate::sagas::{Claim, InstanceUpdate, LeaseChange};
 
 /// Step statements running at once, per process: while one commits, the
-/// next fills. Steps that would share a stream go out on their own instead
-/// ([`shares_streams`]), so two running statements never race each other.
+/// next fills. Steps that write streams other sagas write go out on their
+/// own instead ([`shares_streams`]), so the runner's statements do not race
+/// each other.
 const IN_FLIGHT: usize = 2;
 
 /// Most steps recorded in one statement.
@@ -168,7 +170,7 @@ impl SagaCommits {
         }
     }
 
-    /// The batcher that runs them: one statement at a time.
+    /// The batcher that runs them, [`IN_FLIGHT`] statements at a time.
     pub fn batcher(self) -> Batcher<SagaCommits> {
         Batcher::new(self)
     }
@@ -276,8 +278,9 @@ impl Merge for SagaCommits {
         commits: &[SagaCommit],
     ) -> Result<Vec<Result<GatedRun, StoreError>>, StoreError> {
         let mut answers: Vec<Option<Result<GatedRun, StoreError>>> = Vec::new();
-        // The valid ones, by saga id: rows are then locked in the order the
-        // heartbeat locks them too, which keeps the two from deadlocking.
+        // The valid ones, by saga id: the rows are then usually locked in
+        // the order the heartbeat locks them too (the plan decides), which
+        // makes a deadlock between the two rare; one is retried.
         let mut valid = Vec::new();
         for (index, commit) in commits.iter().enumerate() {
             match validate_gated(&commit.request) {
@@ -291,15 +294,13 @@ impl Merge for SagaCommits {
         valid.sort_by_key(|&index| commits[index].update.saga_id);
         if !valid.is_empty() {
             let rows = self.run_merged(commits, &valid).await?;
-            if rows.len() != valid.len() {
-                return Err(StoreError::Corrupt(format!(
-                    "a merged saga commit of {} steps returned {} rows",
-                    valid.len(),
-                    rows.len()
-                )));
-            }
-            for (row, &index) in rows.into_iter().zip(&valid) {
-                answers[index] = Some(item_outcome(row, &commits[index].request));
+            // The statement committed: from here on, every step gets an
+            // answer of its own, never the statement's error (which would
+            // have the batcher run written steps again).
+            if rows.len() == valid.len() {
+                for (row, &index) in rows.into_iter().zip(&valid) {
+                    answers[index] = Some(item_outcome(row, &commits[index].request));
+                }
             }
         }
         Ok(answers
