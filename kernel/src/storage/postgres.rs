@@ -12,6 +12,7 @@
 //! transaction anywhere in the cluster pauses readers, which is why the pool
 //! sets `idle_in_transaction_session_timeout`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -322,19 +323,31 @@ impl PostgresEventStore {
         .await;
         match latest {
             Err(error) => StoreError::Database(error),
-            Ok(Some((_, existing))) if existing != requested_type => {
-                StoreError::AggregateTypeMismatch {
-                    aggregate_id,
-                    existing,
-                    requested: requested_type.to_string(),
-                }
-            }
-            Ok(latest) => StoreError::VersionConflict {
-                aggregate_id,
-                expected: u32::try_from(expected).unwrap_or(0),
-                actual: latest.map_or(0, |(version, _)| u32::try_from(version).unwrap_or(0)),
-            },
+            Ok(latest) => conflict_of(aggregate_id, requested_type, expected, latest),
         }
+    }
+}
+
+/// Why an append to `aggregate_id` as a `requested_type` at version
+/// `expected` did not apply, given the stream's `latest` event (version and
+/// type; `None`: no stream).
+fn conflict_of(
+    aggregate_id: Uuid,
+    requested_type: &str,
+    expected: i32,
+    latest: Option<(i32, String)>,
+) -> StoreError {
+    match latest {
+        Some((_, existing)) if existing != requested_type => StoreError::AggregateTypeMismatch {
+            aggregate_id,
+            existing,
+            requested: requested_type.to_string(),
+        },
+        latest => StoreError::VersionConflict {
+            aggregate_id,
+            expected: u32::try_from(expected).unwrap_or(0),
+            actual: latest.map_or(0, |(version, _)| u32::try_from(version).unwrap_or(0)),
+        },
     }
 }
 
@@ -470,15 +483,36 @@ impl PostgresEventStore {
 
     /// The conflict of the first of `streams` (id, type, expected version)
     /// that is not as expected now; the first stream's if all are (they
-    /// were not when the append ran).
+    /// were not when the append ran). One read for all of them.
     pub(crate) async fn first_conflict(
         pool: &PgPool,
         streams: &[(Uuid, String, i32)],
     ) -> StoreError {
+        let ids: Vec<Uuid> = streams.iter().map(|(id, _, _)| *id).collect();
+        let latest: Result<Vec<(Uuid, i32, String)>, sqlx::Error> = sqlx::query_as(
+            "SELECT s.id, e.version, e.aggregate_type \
+             FROM unnest($1::uuid[]) AS s(id) \
+             CROSS JOIN LATERAL (SELECT version, aggregate_type FROM events \
+               WHERE aggregate_id = s.id ORDER BY version DESC LIMIT 1) e",
+        )
+        .bind(ids)
+        .fetch_all(pool)
+        .await;
+        let latest: HashMap<Uuid, (i32, String)> = match latest {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|(id, version, kind)| (id, (version, kind)))
+                .collect(),
+            Err(error) => return StoreError::Database(error),
+        };
         let mut first = None;
         for (aggregate_id, aggregate_type, expected) in streams {
-            let conflict =
-                Self::stream_conflict(pool, *aggregate_id, aggregate_type, *expected).await;
+            let conflict = conflict_of(
+                *aggregate_id,
+                aggregate_type,
+                *expected,
+                latest.get(aggregate_id).cloned(),
+            );
             match conflict {
                 StoreError::VersionConflict {
                     expected, actual, ..
