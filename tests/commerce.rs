@@ -367,7 +367,8 @@ async fn orders_walk_the_state_machine_and_keep_their_history(
         )
         .await?;
     let order_id = placed.id;
-    let total = placed.state.placed.as_ref().context("placed")?.total;
+    let as_placed = placed.state.placed.clone().context("placed")?;
+    let total = as_placed.total;
     ensure!(total == eur("12.60")?, "total {total}");
 
     let actor = context();
@@ -455,6 +456,16 @@ async fn orders_walk_the_state_machine_and_keep_their_history(
         .await?
         .context("order view")?;
     ensure!(view.status == OrderStatus::Confirmed && view.total == total && view.version == 5);
+    // Everything placed is in the view as placed.
+    ensure!(
+        view.customer_id == as_placed.customer_id
+            && view.lines == as_placed.lines
+            && view.shipping_address == as_placed.shipping_address
+            && view.payment_method == as_placed.payment_method
+            && view.reason.is_none()
+            && view.created_at <= view.updated_at,
+        "{view:?} for {as_placed:?}"
+    );
     let stock_view = projector
         .views()
         .inventory(product)
