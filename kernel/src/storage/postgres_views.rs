@@ -245,11 +245,10 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
 }
 
 /// Writes `changes`, netted by [`net`] (each row at most once per kind),
-/// kind by kind: one statement for all new orders, one for all stock rows,
-/// one for the new reservations, one for the released ones, one for all
-/// order status changes (after the new orders, which they may update).
-/// Product changes go row by row (one or two per product created or
-/// repriced, never per order).
+/// kind by kind: one statement for all stock rows, one for the new
+/// reservations, one for the released ones, one for all order status
+/// changes. Product changes and new orders go row by row (one of each per
+/// product or order created, never per step).
 async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result<(), StoreError> {
     let mut stock = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut reserved = (
@@ -262,13 +261,11 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
     );
     let mut released: Vec<Uuid> = Vec::new();
     let mut statuses = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut orders = Vec::new();
     for change in changes {
         match change {
-            ViewChange::InsertProduct(_) | ViewChange::UpdateProduct { .. } => {
-                apply_change(&mut *tx, &change).await?
-            }
-            ViewChange::InsertOrder(order) => orders.push(*order),
+            ViewChange::InsertProduct(_)
+            | ViewChange::UpdateProduct { .. }
+            | ViewChange::InsertOrder(_) => apply_change(&mut *tx, &change).await?,
             ViewChange::AdjustInventory {
                 product_id,
                 on_hand_delta,
@@ -305,9 +302,6 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
                 statuses.4.push(at);
             }
         }
-    }
-    if !orders.is_empty() {
-        insert_orders(&mut *tx, orders).await?;
     }
     if !stock.0.is_empty() {
         sqlx::query(
@@ -364,63 +358,6 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
         .execute(&mut *tx)
         .await?;
     }
-    Ok(())
-}
-
-/// Inserts the views of `orders` (new orders) in one statement.
-async fn insert_orders(tx: &mut PgConnection, orders: Vec<OrderView>) -> Result<(), StoreError> {
-    let count = orders.len();
-    let mut ids = Vec::with_capacity(count);
-    let mut customers = Vec::with_capacity(count);
-    let mut statuses = Vec::with_capacity(count);
-    let mut amounts = Vec::with_capacity(count);
-    let mut currencies = Vec::with_capacity(count);
-    let mut reasons = Vec::with_capacity(count);
-    let mut lines = Vec::with_capacity(count);
-    let mut addresses = Vec::with_capacity(count);
-    let mut methods = Vec::with_capacity(count);
-    let mut versions = Vec::with_capacity(count);
-    let mut created = Vec::with_capacity(count);
-    let mut updated = Vec::with_capacity(count);
-    for order in orders {
-        ids.push(order.order_id);
-        customers.push(order.customer_id);
-        statuses.push(order.status.as_str());
-        amounts.push(order.total.amount().to_string());
-        currencies.push(order.total.currency().code().to_string());
-        lines.push(to_json(&order.lines)?);
-        addresses.push(to_json(&order.shipping_address)?);
-        reasons.push(order.reason);
-        methods.push(order.payment_method);
-        versions.push(order.version as i32);
-        created.push(order.created_at);
-        updated.push(order.updated_at);
-    }
-    sqlx::query(
-        "INSERT INTO order_views (order_id, customer_id, status, total_amount, currency, \
-         reason, lines, shipping_address, payment_method, version, created_at, updated_at) \
-         SELECT o.order_id, o.customer_id, o.status, o.total_amount::numeric, o.currency, \
-         o.reason, o.lines, o.shipping_address, o.payment_method, o.version, o.created_at, \
-         o.updated_at \
-         FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-         $7::jsonb[], $8::jsonb[], $9::text[], $10::integer[], $11::timestamptz[], \
-         $12::timestamptz[]) AS o(order_id, customer_id, status, total_amount, currency, \
-         reason, lines, shipping_address, payment_method, version, created_at, updated_at)",
-    )
-    .bind(ids)
-    .bind(customers)
-    .bind(statuses)
-    .bind(amounts)
-    .bind(currencies)
-    .bind(reasons)
-    .bind(lines)
-    .bind(addresses)
-    .bind(methods)
-    .bind(versions)
-    .bind(created)
-    .bind(updated)
-    .execute(tx)
-    .await?;
     Ok(())
 }
 
