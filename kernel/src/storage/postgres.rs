@@ -567,12 +567,7 @@ struct AppendArguments {
     stream_ids: Vec<Uuid>,
     stream_types: Vec<String>,
     expected_versions: Vec<i32>,
-    event_ids: Vec<Uuid>,
-    event_streams: Vec<Uuid>,
-    event_types: Vec<String>,
-    event_versions: Vec<i32>,
-    schema_versions: Vec<i32>,
-    event_data: Vec<Value>,
+    events: EventColumns,
     metadata: EventMetadata,
 }
 
@@ -585,33 +580,20 @@ impl AppendArguments {
             stream_ids: Vec::with_capacity(request.streams.len()),
             stream_types: Vec::with_capacity(request.streams.len()),
             expected_versions: Vec::with_capacity(request.streams.len()),
-            event_ids: Vec::with_capacity(event_count),
-            event_streams: Vec::with_capacity(event_count),
-            event_types: Vec::with_capacity(event_count),
-            event_versions: Vec::with_capacity(event_count),
-            schema_versions: Vec::with_capacity(event_count),
-            event_data: Vec::with_capacity(event_count),
+            events: EventColumns::with_capacity(event_count),
             metadata: request.metadata,
         };
         for stream in request.streams {
+            let expected = stream.expected_version as i32;
             args.stream_ids.push(stream.aggregate_id);
             args.stream_types.push(stream.aggregate_type);
-            args.expected_versions.push(stream.expected_version as i32);
-            for (offset, event) in stream.events.into_iter().enumerate() {
-                args.event_ids.push(event.id);
-                args.event_streams.push(stream.aggregate_id);
-                args.event_types.push(event.event_type);
-                args.event_versions
-                    .push(stream.expected_version as i32 + offset as i32 + 1);
-                args.schema_versions.push(event.schema_version as i32);
-                args.event_data.push(event.data);
-            }
+            args.expected_versions.push(expected);
+            args.events
+                .push(stream.aggregate_id, expected, stream.events);
         }
         args
     }
-}
 
-impl AppendArguments {
     /// Binds the streams, the events and the metadata, in this order: the
     /// parameters of [`GATED_APPEND`], and those of `append_events` after
     /// its idempotency key.
@@ -619,19 +601,72 @@ impl AppendArguments {
         self,
         query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
-        query
+        let query = query
             .bind(self.stream_ids)
             .bind(self.stream_types)
-            .bind(self.expected_versions)
-            .bind(self.event_ids)
-            .bind(self.event_streams)
-            .bind(self.event_types)
-            .bind(self.event_versions)
-            .bind(self.schema_versions)
-            .bind(self.event_data)
+            .bind(self.expected_versions);
+        self.events
+            .bind_to(query)
             .bind(self.metadata.correlation_id)
             .bind(self.metadata.causation_id)
             .bind(self.metadata.actor)
+    }
+}
+
+/// The events of an append as the parallel arrays the append statements
+/// take: ids, streams, event types, versions, schema versions, data.
+#[derive(Default)]
+pub(crate) struct EventColumns {
+    ids: Vec<Uuid>,
+    streams: Vec<Uuid>,
+    types: Vec<String>,
+    versions: Vec<i32>,
+    schema_versions: Vec<i32>,
+    data: Vec<Value>,
+}
+
+impl EventColumns {
+    fn with_capacity(events: usize) -> Self {
+        EventColumns {
+            ids: Vec::with_capacity(events),
+            streams: Vec::with_capacity(events),
+            types: Vec::with_capacity(events),
+            versions: Vec::with_capacity(events),
+            schema_versions: Vec::with_capacity(events),
+            data: Vec::with_capacity(events),
+        }
+    }
+
+    /// Adds `events` of `stream`, appended after its version `expected`.
+    /// Assumes a validated request, so every version fits in an `i32`.
+    pub(crate) fn push(
+        &mut self,
+        stream: Uuid,
+        expected: i32,
+        events: impl IntoIterator<Item = NewEvent>,
+    ) {
+        for (offset, event) in events.into_iter().enumerate() {
+            self.ids.push(event.id);
+            self.streams.push(stream);
+            self.types.push(event.event_type);
+            self.versions.push(expected + offset as i32 + 1);
+            self.schema_versions.push(event.schema_version as i32);
+            self.data.push(event.data);
+        }
+    }
+
+    /// Binds the six arrays, in the order of the type's docs.
+    pub(crate) fn bind_to<'q, O>(
+        self,
+        query: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+        query
+            .bind(self.ids)
+            .bind(self.streams)
+            .bind(self.types)
+            .bind(self.versions)
+            .bind(self.schema_versions)
+            .bind(self.data)
     }
 }
 

@@ -33,13 +33,13 @@
 use std::collections::HashSet;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::batcher::{Batcher, Lost, Merge};
 use super::postgres::{
-    Gated, GatedRun, PostgresEventStore, gated_streams, is_stream_version_taken, validate_gated,
+    EventColumns, Gated, GatedRun, PostgresEventStore, gated_streams, is_stream_version_taken,
+    validate_gated,
 };
 use super::sagas::{POSTGRES, bind_update, holds, offset, releases};
 use crate::domain::Aggregate as _;
@@ -406,12 +406,7 @@ struct MergedArguments {
     stream_types: Vec<String>,
     expected_versions: Vec<i32>,
     event_items: Vec<i64>,
-    event_ids: Vec<Uuid>,
-    event_streams: Vec<Uuid>,
-    event_types: Vec<String>,
-    event_versions: Vec<i32>,
-    schema_versions: Vec<i32>,
-    event_data: Vec<Value>,
+    events: EventColumns,
 }
 
 impl MergedArguments {
@@ -448,15 +443,10 @@ impl MergedArguments {
             self.stream_ids.push(stream.aggregate_id);
             self.stream_types.push(stream.aggregate_type.clone());
             self.expected_versions.push(expected);
-            for (offset, event) in stream.events.iter().enumerate() {
-                self.event_items.push(item);
-                self.event_ids.push(event.id);
-                self.event_streams.push(stream.aggregate_id);
-                self.event_types.push(event.event_type.clone());
-                self.event_versions.push(expected + offset as i32 + 1);
-                self.schema_versions.push(event.schema_version as i32);
-                self.event_data.push(event.data.clone());
-            }
+            self.event_items
+                .extend(std::iter::repeat_n(item, stream.events.len()));
+            self.events
+                .push(stream.aggregate_id, expected, stream.events.iter().cloned());
         }
     }
 
@@ -464,7 +454,7 @@ impl MergedArguments {
         self,
         query: sqlx::query::QueryAs<'q, sqlx::Postgres, MergedRow, sqlx::postgres::PgArguments>,
     ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, MergedRow, sqlx::postgres::PgArguments> {
-        query
+        let query = query
             .bind(self.saga_ids)
             .bind(self.statuses)
             .bind(self.steps)
@@ -480,12 +470,7 @@ impl MergedArguments {
             .bind(self.stream_ids)
             .bind(self.stream_types)
             .bind(self.expected_versions)
-            .bind(self.event_items)
-            .bind(self.event_ids)
-            .bind(self.event_streams)
-            .bind(self.event_types)
-            .bind(self.event_versions)
-            .bind(self.schema_versions)
-            .bind(self.event_data)
+            .bind(self.event_items);
+        self.events.bind_to(query)
     }
 }
