@@ -16,8 +16,10 @@
 # (shared_preload_libraries = 'pg_stat_statements' and
 # pg_stat_statements.track = all, then CREATE EXTENSION pg_stat_statements
 # in database postgres), Redis on 127.0.0.1:6379, and port 18499 free.
+# PG_PARAMS is appended to the kernel's database URL (for example
+# '?sslmode=disable' to see what TLS to the database costs).
 set -euo pipefail
-[ $# -eq 4 ] || { sed -n '2,18p' "$0" >&2; exit 2; }
+[ $# -eq 4 ] || { sed -n '2,20p' "$0" >&2; exit 2; }
 binary=$1 guests=$2 level=$3 seconds=$4
 PG="${PG:-postgres://postgres@127.0.0.1:5432}"
 db=bench_profile
@@ -25,7 +27,7 @@ psql "$PG/postgres" -qc "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >
 data=$(mktemp -d)
 export COMMERCE_JWT_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 export COMMERCE_DATA_DIR=$data COMMERCE_LOG=warn COMMERCE_PLUGINS_DIR=$data/plugins \
-  COMMERCE_DATABASE_URL=$PG/$db COMMERCE_REDIS_URL=redis://127.0.0.1:6379 \
+  COMMERCE_DATABASE_URL=$PG/$db${PG_PARAMS:-} COMMERCE_REDIS_URL=redis://127.0.0.1:6379 \
   COMMERCE_REDIS_KEY_PREFIX="profile$(date +%s%N):"
 COMMERCE_LISTEN_ADDR=127.0.0.1:18499 "$binary" >"$data/kernel.log" 2>&1 &
 kernel=$!

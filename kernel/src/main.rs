@@ -12,6 +12,13 @@ use commerce_kernel::config::{self, Config};
 use commerce_kernel::server::{self, KernelError};
 use commerce_kernel::storage::Database;
 
+/// The kernel allocates and frees small buffers on many threads for every
+/// request, statement and plugin call; with glibc's allocator that was a
+/// fifth of the kernel's CPU under load (`perf`, BENCHMARKS.md). Only the
+/// binary sets it: the library and its tests use the system allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage: commerce-kernel [COMMAND]
 

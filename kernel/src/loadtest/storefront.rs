@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// A failed call, by the code the report counts it under: a GraphQL error
 /// code (`INSUFFICIENT_STOCK`), `HTTP_<status>`, `TRANSPORT`, `TIMEOUT`,
@@ -167,8 +168,11 @@ impl LiveOrders {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static("graphql-transport-ws"),
         );
-        // Without Nagle's algorithm, as browsers open WebSockets.
-        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+        // Without Nagle's algorithm, as browsers open WebSockets. A small
+        // read buffer: tungstenite zeroes all of it before every read, and
+        // the load test is to measure the kernel, not its own memset.
+        let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
+        let (socket, _) = tokio_tungstenite::connect_async_with_config(request, Some(config), true)
             .await
             .map_err(|e| closed(&e))?;
         let (mut sink, mut stream) = socket.split();
