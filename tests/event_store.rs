@@ -16,30 +16,36 @@ use commerce_kernel::event_store::{
     EventStore, Loaded, NewEvent, Position, RecordedEvent, StoreError, StreamAppend,
     StreamSelection,
 };
+use commerce_kernel::storage::Database;
+use commerce_kernel::storage::connection_shelf::ConnectionShelf;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use support::{BackendKind, TestDatabase, run_suite, wait_until_readable};
+use support::{BackendKind, TestDatabase, run_suite_except, wait_until_readable};
 use uuid::Uuid;
 
 fn main() {
-    run_suite(&cases![
-        append_and_read_back,
-        stale_expected_version_is_a_typed_conflict,
-        concurrent_appends_at_one_version_have_one_winner,
-        multi_stream_append_is_all_or_nothing,
-        multi_stream_conflicts_are_typed,
-        batch_keeps_its_order_in_the_log,
-        idempotent_append_returns_the_original_outcome,
-        idempotent_appends_racing_write_once,
-        out_of_order_commits_are_never_skipped,
-        log_followers_see_every_event_once_under_concurrent_writers,
-        replay_equals_live_state,
-        cached_loads_read_only_what_is_new_and_see_other_writers,
-        streams_read_after_versions_in_log_order_saying_what_is_readable,
-        streams_read_as_of_version_and_time,
-        filters_narrow_the_log,
-        invalid_appends_are_rejected_and_write_nothing,
-    ]);
+    run_suite_except(
+        &cases![
+            append_and_read_back,
+            stale_expected_version_is_a_typed_conflict,
+            concurrent_appends_at_one_version_have_one_winner,
+            multi_stream_append_is_all_or_nothing,
+            multi_stream_conflicts_are_typed,
+            batch_keeps_its_order_in_the_log,
+            idempotent_append_returns_the_original_outcome,
+            idempotent_appends_racing_write_once,
+            out_of_order_commits_are_never_skipped,
+            log_followers_see_every_event_once_under_concurrent_writers,
+            replay_equals_live_state,
+            cached_loads_read_only_what_is_new_and_see_other_writers,
+            streams_read_after_versions_in_log_order_saying_what_is_readable,
+            streams_read_as_of_version_and_time,
+            filters_narrow_the_log,
+            invalid_appends_are_rejected_and_write_nothing,
+            statements_shelve_only_connections_they_left_clean,
+        ],
+        &["statements_shelve_only_connections_they_left_clean"],
+    );
 }
 
 fn event(event_type: &str, data: serde_json::Value) -> NewEvent {
@@ -1079,5 +1085,97 @@ async fn invalid_appends_are_rejected_and_write_nothing(
         "a rejected append wrote events"
     );
     ensure!(store.stream_version(id).await? == 1);
+    Ok(())
+}
+
+/// Postgres: a statement that ran to its end leaves its connection on the
+/// shelf for the next one (no round trip back to the pool); a failed or
+/// cancelled one gives it back to the pool, which checks it; the shelf
+/// holds no more than its capacity and lets the pool close.
+async fn statements_shelve_only_connections_they_left_clean(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let Database::Postgres(postgres) = &db.database else {
+        bail!("a Postgres case");
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url())
+        .await?;
+    let shelf = ConnectionShelf::new(pool, 2);
+    let backend = "SELECT pg_backend_pid()";
+
+    let (first,): (i32,) = sqlx::query_as(backend).fetch_one(&shelf).await?;
+    ensure!(
+        shelf.shelved() == 1,
+        "a finished statement shelves its connection"
+    );
+    let (second,): (i32,) = sqlx::query_as(backend).fetch_one(&shelf).await?;
+    ensure!(
+        first == second,
+        "the next statement takes the shelved connection"
+    );
+    let rows: Vec<(i32,)> = sqlx::query_as("SELECT generate_series(1, 3)")
+        .fetch_all(&shelf)
+        .await?;
+    ensure!(
+        rows == vec![(1,), (2,), (3,)],
+        "every row arrives: {rows:?}"
+    );
+    sqlx::query("SELECT 1").execute(&shelf).await?;
+    ensure!(shelf.shelved() == 1, "each kind of statement shelves");
+
+    let failed = sqlx::query("SELECT 1 / 0").execute(&shelf).await;
+    ensure!(failed.is_err(), "division by zero fails");
+    ensure!(
+        shelf.shelved() == 0,
+        "a failed statement's connection goes back to the pool"
+    );
+
+    sqlx::query("SELECT 1").execute(&shelf).await?;
+    ensure!(shelf.shelved() == 1);
+    let cancelled = tokio::time::timeout(
+        Duration::from_millis(50),
+        sqlx::query("SELECT pg_sleep(0.5)").execute(&shelf),
+    )
+    .await;
+    ensure!(cancelled.is_err(), "the sleep outlasts the timeout");
+    ensure!(
+        shelf.shelved() == 0,
+        "a statement dropped half-way gives its connection back to the pool"
+    );
+    let (one,): (i32,) = sqlx::query_as("SELECT 1").fetch_one(&shelf).await?;
+    ensure!(one == 1, "the next statement gets a clean connection");
+
+    let sleepers = (0..5).map(|_| sqlx::query("SELECT pg_sleep(0.05)").execute(&shelf));
+    for slept in futures_util::future::join_all(sleepers).await {
+        slept?;
+    }
+    ensure!(
+        shelf.shelved() == 2,
+        "at most the shelf's capacity waits on it, not {}",
+        shelf.shelved()
+    );
+
+    tokio::time::timeout(Duration::from_secs(5), shelf.close())
+        .await
+        .context("closing with connections on the shelf")?;
+    ensure!(shelf.shelved() == 0);
+    ensure!(
+        sqlx::query("SELECT 1").execute(&shelf).await.is_err(),
+        "a closed shelf runs nothing"
+    );
+
+    // sqlx's close waits for the connections in use, which shelved ones are
+    // to it: the database's close gives them back first.
+    for _ in 0..3 {
+        sqlx::query("SELECT 1")
+            .execute(postgres.connections())
+            .await?;
+    }
+    ensure!(postgres.connections().shelved() >= 1);
+    tokio::time::timeout(Duration::from_secs(5), db.database.close())
+        .await
+        .context("closing the database with connections on its shelf")?;
     Ok(())
 }

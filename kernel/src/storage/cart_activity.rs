@@ -197,7 +197,7 @@ impl CartActivityLog for PostgresCartActivity {
         }
         upsert(&newest_per_cart(entries))
             .build()
-            .execute(self.database.pool())
+            .execute(self.database.connections())
             .await?;
         Ok(())
     }
@@ -211,11 +211,11 @@ impl CartActivityLog for PostgresCartActivity {
         let cutoff = cutoff.timestamp_micros();
         let rows: Vec<AbandonedRow> = abandoned_list(cutoff, after, limit)
             .build_query_as()
-            .fetch_all(self.database.pool())
+            .fetch_all(self.database.connections())
             .await?;
         let counts = sqlx::query_as(COUNTS)
             .bind(cutoff)
-            .fetch_one(self.database.pool())
+            .fetch_one(self.database.connections())
             .await?;
         report(rows, counts)
     }

@@ -7,6 +7,7 @@
 
 mod batcher;
 pub mod cart_activity;
+pub mod connection_shelf;
 pub mod postgres;
 pub mod postgres_views;
 mod saga_commits;
@@ -90,9 +91,9 @@ impl Database {
     /// The read models on this backend.
     pub fn view_store(&self) -> Arc<dyn ViewStore> {
         match self {
-            Database::Postgres(db) => {
-                Arc::new(postgres_views::PostgresViewStore::new(db.pool().clone()))
-            }
+            Database::Postgres(db) => Arc::new(postgres_views::PostgresViewStore::new(
+                db.connections().clone(),
+            )),
             Database::Sqlite(db) => Arc::new(sqlite_views::SqliteViewStore::new(db.clone())),
         }
     }

@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::connection_shelf::ConnectionShelf;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -45,7 +46,7 @@ const UNIQUE_VIOLATION_STATE: &str = "23505";
 /// Connection pool and migrations for one Postgres database.
 #[derive(Clone, Debug)]
 pub struct PostgresDatabase {
-    pool: PgPool,
+    connections: ConnectionShelf,
     /// Shared by every event store of this database, so that all of the
     /// process's stream reads can be merged.
     stream_reads: Arc<StreamReadBatcher<PostgresStreamReads>>,
@@ -85,47 +86,58 @@ impl PostgresDatabase {
 
     /// Wraps an existing pool (tests and tools that manage their own).
     pub fn from_pool(pool: PgPool) -> Self {
+        // Half the pool at most, so transactions (which take theirs from
+        // the pool) always find connections.
+        let shelf_capacity = (pool.options().get_max_connections() / 2) as usize;
+        let connections = ConnectionShelf::new(pool, shelf_capacity);
         PostgresDatabase {
             stream_reads: Arc::new(StreamReadBatcher::new(PostgresStreamReads {
-                pool: pool.clone(),
+                connections: connections.clone(),
             })),
-            pool,
+            connections,
         }
     }
 
+    /// The pool: for transactions, migrations and tests.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.connections.pool()
+    }
+
+    /// Where single statements take their connection (see
+    /// [`ConnectionShelf`]).
+    pub fn connections(&self) -> &ConnectionShelf {
+        &self.connections
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // sqlx serialises concurrent migrators with an advisory lock.
         sqlx::migrate!("../migrations/postgres")
-            .run(&self.pool)
+            .run(self.pool())
             .await?;
         Ok(())
     }
 
     pub fn event_store(&self) -> PostgresEventStore {
         PostgresEventStore {
-            pool: self.pool.clone(),
+            connections: self.connections.clone(),
             stream_reads: Arc::clone(&self.stream_reads),
         }
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.connections).await?;
         Ok(())
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.connections.close().await;
     }
 }
 
 /// [`EventStore`] on Postgres.
 #[derive(Clone, Debug)]
 pub struct PostgresEventStore {
-    pool: PgPool,
+    connections: ConnectionShelf,
     stream_reads: Arc<StreamReadBatcher<PostgresStreamReads>>,
 }
 
@@ -275,7 +287,7 @@ impl PostgresEventStore {
             .bind(metadata.correlation_id)
             .bind(metadata.causation_id)
             .bind(metadata.actor)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.connections)
             .await;
         match result {
             Ok(Some((Some(transaction_id), Some(sequence)))) => Ok(AppendOutcome {
@@ -288,7 +300,7 @@ impl PostgresEventStore {
             }),
             // Nothing inserted: the stream is behind `expected` or of another type.
             Ok(_) => Err(Self::stream_conflict(
-                &self.pool,
+                &self.connections,
                 stream.aggregate_id,
                 &stream.aggregate_type,
                 expected,
@@ -296,7 +308,7 @@ impl PostgresEventStore {
             .await),
             // The stream is ahead: a concurrent writer took the next version.
             Err(error) if is_stream_version_taken(&error) => Err(Self::stream_conflict(
-                &self.pool,
+                &self.connections,
                 stream.aggregate_id,
                 &stream.aggregate_type,
                 expected,
@@ -309,7 +321,7 @@ impl PostgresEventStore {
     /// Why an append to `aggregate_id` as a `requested_type` at version
     /// `expected` did not apply, as the stream stands now.
     async fn stream_conflict(
-        pool: &PgPool,
+        connections: &ConnectionShelf,
         aggregate_id: Uuid,
         requested_type: &str,
         expected: i32,
@@ -319,7 +331,7 @@ impl PostgresEventStore {
              WHERE aggregate_id = $1 ORDER BY version DESC LIMIT 1",
         )
         .bind(aggregate_id)
-        .fetch_optional(pool)
+        .fetch_optional(connections)
         .await;
         match latest {
             Err(error) => StoreError::Database(error),
@@ -435,20 +447,20 @@ impl PostgresEventStore {
     /// stream conflicted if one did. Idempotency keys are not supported
     /// here (they need `append_events`).
     pub(crate) async fn append_gated<'q>(
-        pool: &PgPool,
+        connections: &ConnectionShelf,
         statement: &'q str,
         request: AppendRequest,
         bind_gate: impl FnOnce(GatedQuery<'q>) -> GatedQuery<'q>,
     ) -> Result<Gated, StoreError> {
-        match Self::run_gated(pool, statement, request, bind_gate).await? {
+        match Self::run_gated(connections, statement, request, bind_gate).await? {
             GatedRun::Done(gated) => Ok(gated),
-            GatedRun::Conflict(streams) => Err(Self::first_conflict(pool, &streams).await),
+            GatedRun::Conflict(streams) => Err(Self::first_conflict(connections, &streams).await),
         }
     }
 
     /// [`Self::append_gated`] without the look-up of a conflict.
     pub(crate) async fn run_gated<'q>(
-        pool: &PgPool,
+        connections: &ConnectionShelf,
         statement: &'q str,
         request: AppendRequest,
         bind_gate: impl FnOnce(GatedQuery<'q>) -> GatedQuery<'q>,
@@ -460,7 +472,7 @@ impl PostgresEventStore {
         let (stream_ids, expected_versions) =
             (args.stream_ids.clone(), args.expected_versions.clone());
         let query = args.bind_to(sqlx::query_as(statement));
-        let result: Result<GatedRow, sqlx::Error> = bind_gate(query).fetch_one(pool).await;
+        let result: Result<GatedRow, sqlx::Error> = bind_gate(query).fetch_one(connections).await;
         match result {
             Ok((_, Some(transaction_id), Some(sequence))) => {
                 Ok(GatedRun::Done(Gated::Written(AppendOutcome {
@@ -485,7 +497,7 @@ impl PostgresEventStore {
     /// that is not as expected now; the first stream's if all are (they
     /// were not when the append ran). One read for all of them.
     pub(crate) async fn first_conflict(
-        pool: &PgPool,
+        connections: &ConnectionShelf,
         streams: &[(Uuid, String, i32)],
     ) -> StoreError {
         let ids: Vec<Uuid> = streams.iter().map(|(id, _, _)| *id).collect();
@@ -496,7 +508,7 @@ impl PostgresEventStore {
                WHERE aggregate_id = s.id ORDER BY version DESC LIMIT 1) e",
         )
         .bind(ids)
-        .fetch_all(pool)
+        .fetch_all(connections)
         .await;
         let latest: HashMap<Uuid, (i32, String)> = match latest {
             Ok(rows) => rows
@@ -771,7 +783,7 @@ fn to_recorded(rows: Vec<EventRow>) -> Result<Vec<RecordedEvent>, StoreError> {
 /// [`StreamReadBatcher`] to run for one read or for several merged.
 #[derive(Debug)]
 pub struct PostgresStreamReads {
-    pool: PgPool,
+    connections: ConnectionShelf,
 }
 
 #[async_trait]
@@ -798,7 +810,7 @@ impl StreamsAfter for PostgresStreamReads {
         ))
         .bind(ids)
         .bind(versions)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.connections)
         .await?;
         rows.into_iter()
             .map(|row| Ok((RecordedEvent::try_from(row.event)?, row.readable)))
@@ -820,7 +832,7 @@ impl EventStore for PostgresEventStore {
         if request.streams.len() == 1 && request.idempotency_key.is_none() {
             self.append_single_stream(request).await
         } else {
-            Self::append_with(&self.pool, request).await
+            Self::append_with(&self.connections, request).await
         }
     }
 
@@ -848,7 +860,7 @@ impl EventStore for PostgresEventStore {
                 .after_version
                 .map(|v| i32::try_from(v).unwrap_or(i32::MAX)),
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.connections)
         .await?;
         to_recorded(rows)
     }
@@ -863,7 +875,7 @@ impl EventStore for PostgresEventStore {
              ORDER BY aggregate_id, version"
         ))
         .bind(aggregate_ids)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.connections)
         .await?;
         to_recorded(rows)
     }
@@ -875,14 +887,14 @@ impl EventStore for PostgresEventStore {
         limit: u32,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let mut query = log_query::<Postgres>(filter, after, limit, READABLE);
-        let rows: Vec<EventRow> = query.build_query_as().fetch_all(&self.pool).await?;
+        let rows: Vec<EventRow> = query.build_query_as().fetch_all(&self.connections).await?;
         to_recorded(rows)
     }
 
     async fn count_matching(&self, filter: &EventFilter) -> Result<u64, StoreError> {
         let count: i64 = log_count_query::<Postgres>(filter, READABLE)
             .build_query_scalar()
-            .fetch_one(&self.pool)
+            .fetch_one(&self.connections)
             .await?;
         Ok(count.max(0) as u64)
     }
@@ -893,7 +905,7 @@ impl EventStore for PostgresEventStore {
              WHERE {READABLE} \
              ORDER BY transaction_id DESC, sequence DESC LIMIT 1"
         ))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.connections)
         .await?;
         Ok(
             row.map_or(Position::START, |(transaction_id, sequence)| Position {
@@ -920,7 +932,7 @@ impl EventStore for PostgresEventStore {
         let version: Option<i32> =
             sqlx::query_scalar("SELECT max(version) FROM events WHERE aggregate_id = $1")
                 .bind(aggregate_id)
-                .fetch_one(&self.pool)
+                .fetch_one(&self.connections)
                 .await?;
         u32::try_from(version.unwrap_or(0))
             .map_err(|_| StoreError::Corrupt(format!("stream {aggregate_id}: negative version")))

@@ -3,10 +3,10 @@
 //! Amounts are NUMERIC, bound as decimal strings and read back as text, so no
 //! value ever passes through a float.
 
+use super::connection_shelf::ConnectionShelf;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -21,12 +21,12 @@ use crate::projections::{
 /// [`ViewStore`] on Postgres.
 #[derive(Clone, Debug)]
 pub struct PostgresViewStore {
-    pool: PgPool,
+    connections: ConnectionShelf,
 }
 
 impl PostgresViewStore {
-    pub fn new(pool: PgPool) -> Self {
-        PostgresViewStore { pool }
+    pub fn new(connections: ConnectionShelf) -> Self {
+        PostgresViewStore { connections }
     }
 }
 
@@ -403,7 +403,7 @@ impl ViewStore for PostgresViewStore {
             "SELECT transaction_id, sequence FROM projection_checkpoints WHERE name = $1",
         )
         .bind(projection.as_str())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.connections)
         .await?;
         let (transaction_id, sequence) = row.ok_or_else(|| {
             StoreError::Corrupt(format!("no checkpoint row for {}", projection.as_str()))
@@ -419,7 +419,7 @@ impl ViewStore for PostgresViewStore {
             return Ok(true);
         }
         let names: Vec<&str> = batches.iter().map(|b| b.projection.as_str()).collect();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.connections.pool().begin().await?;
         // SKIP LOCKED: a process applying any of these makes this one give
         // up at once (and read again later) rather than wait and then find
         // its batch stale.
@@ -465,7 +465,7 @@ impl ViewStore for PostgresViewStore {
     }
 
     async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.connections.pool().begin().await?;
         lock_checkpoint(&mut tx, projection).await?;
         for table in tables(projection) {
             sqlx::query(&format!("DELETE FROM {table}"))
@@ -482,7 +482,7 @@ impl ViewStore for PostgresViewStore {
             "SELECT {PRODUCT_COLUMNS} FROM product_views WHERE product_id = $1"
         ))
         .bind(product_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.connections)
         .await?;
         row.map(product_view).transpose()
     }
@@ -498,7 +498,7 @@ impl ViewStore for PostgresViewStore {
         ))
         .bind(after)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.connections)
         .await?;
         rows.into_iter().map(product_view).collect()
     }
@@ -508,7 +508,7 @@ impl ViewStore for PostgresViewStore {
             "SELECT on_hand, reserved, version, updated_at FROM inventory_views WHERE product_id = $1",
         )
         .bind(product_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.connections)
         .await?;
         row.map(|(on_hand, reserved, version, updated_at)| {
             inventory_view((product_id, on_hand, reserved, version, updated_at))
@@ -523,7 +523,7 @@ impl ViewStore for PostgresViewStore {
              WHERE product_id = ANY($1)",
         )
         .bind(product_ids)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.connections)
         .await?;
         rows.into_iter().map(inventory_view).collect()
     }
@@ -536,7 +536,7 @@ impl ViewStore for PostgresViewStore {
             "SELECT {RESERVATION_COLUMNS} FROM reservation_views WHERE reservation_id = $1"
         ))
         .bind(reservation_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.connections)
         .await?;
         row.map(reservation_view).transpose()
     }
@@ -552,7 +552,7 @@ impl ViewStore for PostgresViewStore {
         ))
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.connections)
         .await?;
         rows.into_iter().map(reservation_view).collect()
     }
@@ -562,7 +562,7 @@ impl ViewStore for PostgresViewStore {
             "SELECT {ORDER_COLUMNS} FROM order_views WHERE order_id = $1"
         ))
         .bind(order_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.connections)
         .await?;
         row.map(order_view).transpose()
     }
@@ -583,14 +583,14 @@ impl ViewStore for PostgresViewStore {
         .bind(filter.customer_id)
         .bind(before)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.connections)
         .await?;
         rows.into_iter().map(order_view).collect()
     }
 
     async fn count_products(&self) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar("SELECT count(*) FROM product_views")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.connections)
             .await?;
         Ok(count.max(0) as u64)
     }
@@ -602,7 +602,7 @@ impl ViewStore for PostgresViewStore {
         )
         .bind(filter.status.map(OrderStatus::as_str))
         .bind(filter.customer_id)
-        .fetch_one(&self.pool)
+        .fetch_one(&self.connections)
         .await?;
         Ok(count.max(0) as u64)
     }

@@ -32,8 +32,8 @@
 
 use std::collections::HashSet;
 
+use super::connection_shelf::ConnectionShelf;
 use async_trait::async_trait;
-use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::batcher::{Batcher, Lost, Merge};
@@ -152,7 +152,7 @@ type MergedRow = (i64, bool, bool, bool, bool, Option<i64>, Option<i64>);
 /// Records saga steps on Postgres, one at a time or many in one statement
 /// (see the module docs).
 pub(crate) struct SagaCommits {
-    pool: PgPool,
+    connections: ConnectionShelf,
     /// One step alone: the gated append of the store, unfenced and fenced.
     single: String,
     single_fenced: String,
@@ -161,9 +161,9 @@ pub(crate) struct SagaCommits {
 
 impl SagaCommits {
     /// With the store's statements for one step alone.
-    pub fn new(pool: PgPool, single: String, single_fenced: String) -> Self {
+    pub fn new(connections: ConnectionShelf, single: String, single_fenced: String) -> Self {
         SagaCommits {
-            pool,
+            connections,
             single,
             single_fenced,
             merged: POSTGRES.fill(MERGED),
@@ -175,8 +175,8 @@ impl SagaCommits {
         Batcher::new(self)
     }
 
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
+    pub fn connections(&self) -> &ConnectionShelf {
+        &self.connections
     }
 }
 
@@ -199,7 +199,7 @@ pub(crate) async fn record(
     match outcome {
         GatedRun::Done(gated) => Ok(gated),
         GatedRun::Conflict(streams) => {
-            Err(PostgresEventStore::first_conflict(batcher.merge().pool(), &streams).await)
+            Err(PostgresEventStore::first_conflict(batcher.merge().connections(), &streams).await)
         }
     }
 }
@@ -267,7 +267,7 @@ impl Merge for SagaCommits {
             Some(_) => &self.single_fenced,
             None => &self.single,
         };
-        PostgresEventStore::run_gated(&self.pool, statement, request, |query| {
+        PostgresEventStore::run_gated(&self.connections, statement, request, |query| {
             bind_update!(query, update, fence)
         })
         .await
@@ -334,7 +334,7 @@ impl SagaCommits {
             }
             let result = args
                 .bind_to(sqlx::query_as(&self.merged))
-                .fetch_all(&self.pool)
+                .fetch_all(&self.connections)
                 .await;
             match result {
                 Ok(rows) => return Ok(rows),

@@ -388,7 +388,7 @@ impl PostgresSagaStore {
             gated_append_statement(&format!("{sql}{returning}"))
         };
         let commits = SagaCommits::new(
-            database.pool().clone(),
+            database.connections().clone(),
             gate(UPDATE, " AND {READY} RETURNING 1"),
             gate(UPDATE_FENCED, " AND {READY} RETURNING 1"),
         );
@@ -408,7 +408,7 @@ impl PostgresSagaStore {
         request: AppendRequest,
     ) -> Result<Option<AppendOutcome>, StoreError> {
         let gated = PostgresEventStore::append_gated(
-            self.database.pool(),
+            self.database.connections(),
             &self.gated_start,
             request,
             |query| bind_insert!(query, instance, saga_type.to_string(), correlation_id),
@@ -514,7 +514,7 @@ fn missing_row(saga_id: Uuid) -> StoreError {
 
 /// The [`SagaStore`] methods, for a backend given as:
 /// - `$writer`: where a write of one statement runs;
-/// - `$reader`: the pool for reads;
+/// - `$reader`: where a read runs;
 /// - `$placed_before`: how an order's placement time is bound.
 ///
 /// `start` and `commit` are each backend's own (`start_saga`,
@@ -719,8 +719,8 @@ macro_rules! saga_store {
 
 saga_store!(
     PostgresSagaStore,
-    writer: |db| db.pool(),
-    reader: |db| db.pool(),
+    writer: |db| db.connections(),
+    reader: |db| db.connections(),
     placed_before: |time| time,
 );
 
