@@ -1088,10 +1088,10 @@ async fn invalid_appends_are_rejected_and_write_nothing(
     Ok(())
 }
 
-/// Postgres: a statement that ran to its end leaves its connection on the
-/// shelf for the next one (no round trip back to the pool); a failed or
-/// cancelled one gives it back to the pool, which checks it; the shelf
-/// holds no more than its capacity and lets the pool close.
+/// Postgres: a statement that ran to its end, or that the server refused,
+/// leaves its connection on the shelf for the next one (no round trip back
+/// to the pool); a cancelled one gives it back to the pool, which checks
+/// it; the shelf holds no more than its capacity and lets the pool close.
 async fn statements_shelve_only_connections_they_left_clean(
     db: Arc<TestDatabase>,
 ) -> anyhow::Result<()> {
@@ -1125,15 +1125,24 @@ async fn statements_shelve_only_connections_they_left_clean(
     sqlx::query("SELECT 1").execute(&shelf).await?;
     ensure!(shelf.shelved() == 1, "each kind of statement shelves");
 
-    let failed = sqlx::query("SELECT 1 / 0").execute(&shelf).await;
-    ensure!(failed.is_err(), "division by zero fails");
+    // The server's refusal leaves the connection in a known state: kept,
+    // and the next statement on it reads its own answer.
+    let refused = sqlx::query("SELECT 1 / 0").execute(&shelf).await;
     ensure!(
-        shelf.shelved() == 0,
-        "a failed statement's connection goes back to the pool"
+        matches!(refused, Err(sqlx::Error::Database(_))),
+        "division by zero is refused: {refused:?}"
     );
-
-    sqlx::query("SELECT 1").execute(&shelf).await?;
-    ensure!(shelf.shelved() == 1);
+    ensure!(
+        shelf.shelved() == 1,
+        "a refused statement's connection is kept"
+    );
+    let (after_refusal, answer): (i32, i32) = sqlx::query_as("SELECT pg_backend_pid(), 7")
+        .fetch_one(&shelf)
+        .await?;
+    ensure!(
+        after_refusal == first && answer == 7,
+        "the kept connection answers its next statement"
+    );
     let cancelled = tokio::time::timeout(
         Duration::from_millis(50),
         sqlx::query("SELECT pg_sleep(0.5)").execute(&shelf),

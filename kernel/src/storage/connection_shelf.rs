@@ -10,23 +10,32 @@
 //! its end is put on this shelf instead, and the next statement takes it
 //! from there without asking the pool.
 //!
-//! Only connections known to be clean are shelved. A statement that failed,
-//! or whose future was dropped half-way (a cancelled request), gives its
-//! connection back to the pool, which runs its check and closes it if it is
-//! broken. A shelved connection unused for [`SHELF_IDLE_LIMIT`] goes back to
-//! the pool on its next take (a restart or failover usually shows there:
-//! the pool tests a connection idle that long before handing it out), and
-//! one older than [`SHELF_AGE_LIMIT`] is given back after its statement, so
-//! that the pool's own lifetime rules still replace connections.
+//! Only connections in a known state are shelved: after a statement that
+//! ran to its end, or one the server refused (a conflict, say: sqlx reads
+//! the rest of that answer before the next statement). A connection whose
+//! statement broke off (an I/O error, or a future dropped half-way by a
+//! cancelled request) goes back to the pool, which checks it and closes it
+//! if it is broken.
+//!
+//! Kept fresh: a take pings a shelved connection unused for
+//! [`SHELF_IDLE_LIMIT`] before using it (a restart or failover usually shows
+//! there, as the pool's own `before_acquire` check does), and each take and
+//! shelving gives back to the pool the shelved connections that have been
+//! unused that long, so a burst does not leave connections on the shelf for
+//! good. One that has been out of the pool for [`SHELF_AGE_LIMIT`] goes back
+//! after its statement, so that the pool's idle and lifetime rules still
+//! replace connections (its lifetime may be exceeded by up to that limit).
 //!
 //! Transactions take their connection from the pool
-//! ([`ConnectionShelf::pool`]), as before. To leave them connections, the
-//! shelf holds at most half the pool's connections.
+//! ([`ConnectionShelf::pool`]), as before. The shelf keeps at most half of
+//! the pool's connections idle on it; connections in use by statements are
+//! taken from the pool as before, and compete with transactions as before.
 //!
 //! To sqlx a shelved connection is still in use, and closing the pool waits
 //! for every connection in use: close through [`ConnectionShelf::close`],
 //! which empties the shelf first and shelves nothing after.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -37,11 +46,11 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgQueryResult, PgRow, PgStatement, PgTypeInfo};
 use sqlx::{Describe, Execute, Executor, PgPool, Postgres};
 
-/// A shelved connection unused this long goes back to the pool, which
-/// tests it before handing it out again.
+/// A shelved connection unused this long is pinged before its next use, or
+/// given back to the pool when another take or shelving passes it.
 pub const SHELF_IDLE_LIMIT: Duration = Duration::from_secs(5);
-/// A connection this long in use goes back to the pool after its statement,
-/// where sqlx's lifetime rules apply to it.
+/// A connection out of the pool this long goes back to it after its
+/// statement, where sqlx's idle and lifetime rules apply to it.
 pub const SHELF_AGE_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// A sqlx pool with a shelf of ready connections in front of it; use
@@ -60,8 +69,9 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct Shelf {
-    /// Most recently shelved last: the next statement takes the warmest.
-    connections: Vec<Shelved>,
+    /// Most recently shelved last: the next statement takes the warmest,
+    /// and the stalest are at the front.
+    connections: VecDeque<Shelved>,
     /// Set by [`ConnectionShelf::close`]: nothing is shelved any more.
     closed: bool,
 }
@@ -70,7 +80,7 @@ struct Shelf {
 struct Shelved {
     connection: PoolConnection<Postgres>,
     shelved_at: Instant,
-    first_taken: Instant,
+    from_pool_at: Instant,
 }
 
 impl ConnectionShelf {
@@ -111,26 +121,32 @@ impl ConnectionShelf {
     /// A connection for one statement: the warmest shelved one, or one from
     /// the pool.
     async fn take(&self) -> Result<Taken, sqlx::Error> {
-        loop {
-            let Some(shelved) = self.inner.lock().connections.pop() else {
-                break;
-            };
-            if shelved.shelved_at.elapsed() < SHELF_IDLE_LIMIT {
+        let (shelved, stale) = {
+            let mut shelf = self.inner.lock();
+            let taken = shelf.connections.pop_back();
+            (taken, shelf.give_back_stale())
+        };
+        // Dropping a pool connection is sqlx's way back to its pool.
+        drop(stale);
+        if let Some(mut shelved) = shelved {
+            // Unused for a while: the server may have gone since.
+            let usable = shelved.shelved_at.elapsed() < SHELF_IDLE_LIMIT
+                || sqlx::Connection::ping(&mut *shelved.connection)
+                    .await
+                    .is_ok();
+            if usable {
                 return Ok(Taken {
                     connection: Some(shelved.connection),
-                    first_taken: shelved.first_taken,
+                    from_pool_at: shelved.from_pool_at,
                     clean: false,
                     home: Arc::clone(&self.inner),
                 });
             }
-            // Idle too long: back to the pool, which tests it before it is
-            // handed out again (dropping it there is the sqlx way back).
-            drop(shelved);
         }
         let connection = self.inner.pool.acquire().await?;
         Ok(Taken {
             connection: Some(connection),
-            first_taken: Instant::now(),
+            from_pool_at: Instant::now(),
             clean: false,
             home: Arc::clone(&self.inner),
         })
@@ -145,12 +161,29 @@ impl Inner {
     }
 }
 
+impl Shelf {
+    /// Takes off the shelf the connections unused for
+    /// [`SHELF_IDLE_LIMIT`], for the caller to give back to the pool once
+    /// the lock is released.
+    fn give_back_stale(&mut self) -> Vec<Shelved> {
+        let mut stale = Vec::new();
+        while self
+            .connections
+            .front()
+            .is_some_and(|oldest| oldest.shelved_at.elapsed() >= SHELF_IDLE_LIMIT)
+        {
+            stale.extend(self.connections.pop_front());
+        }
+        stale
+    }
+}
+
 /// A connection taken for one statement. Shelved again when dropped if the
-/// statement ran to its end ([`Taken::finished`]); otherwise given back to
-/// the pool, which checks it.
+/// statement left it in a known state ([`Taken::finished`]); otherwise given
+/// back to the pool, which checks it.
 struct Taken {
     connection: Option<PoolConnection<Postgres>>,
-    first_taken: Instant,
+    from_pool_at: Instant,
     clean: bool,
     home: Arc<Inner>,
 }
@@ -163,9 +196,12 @@ impl Taken {
             .ok_or(sqlx::Error::PoolClosed)
     }
 
-    /// Marks the statement as run to its end when `result` is a success.
+    /// Records how the statement ended: the connection is in a known state
+    /// after a success or an error the server sent (sqlx reads the rest of
+    /// that answer before the connection's next statement), not after
+    /// anything else (I/O, protocol, decoding on the connection).
     fn finished<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
-        self.clean = result.is_ok();
+        self.clean = matches!(result, Ok(_) | Err(sqlx::Error::Database(_)));
         result
     }
 }
@@ -175,18 +211,22 @@ impl Drop for Taken {
         let Some(connection) = self.connection.take() else {
             return;
         };
-        if !self.clean || self.first_taken.elapsed() >= SHELF_AGE_LIMIT {
+        if !self.clean || self.from_pool_at.elapsed() >= SHELF_AGE_LIMIT {
             // The pool's way back: it checks the connection first.
             return;
         }
-        let mut shelf = self.home.lock();
-        if !shelf.closed && shelf.connections.len() < self.home.capacity {
-            shelf.connections.push(Shelved {
-                connection,
-                shelved_at: Instant::now(),
-                first_taken: self.first_taken,
-            });
-        }
+        let stale = {
+            let mut shelf = self.home.lock();
+            if !shelf.closed && shelf.connections.len() < self.home.capacity {
+                shelf.connections.push_back(Shelved {
+                    connection,
+                    shelved_at: Instant::now(),
+                    from_pool_at: self.from_pool_at,
+                });
+            }
+            shelf.give_back_stale()
+        };
+        drop(stale);
     }
 }
 
@@ -202,7 +242,9 @@ impl<'s> Executor<'s> for &'_ ConnectionShelf {
     {
         // The results are gathered before they are handed on, so that the
         // connection is known to have reached the end of its statement
-        // before it is shelved. Every caller collects them anyway.
+        // before it is shelved. So `fetch` does not stream here, and a
+        // caller that stops early still reads everything: every caller
+        // collects the rows today.
         let shelf = self.clone();
         let results = async move {
             let mut taken = shelf.take().await?;

@@ -86,8 +86,8 @@ impl PostgresDatabase {
 
     /// Wraps an existing pool (tests and tools that manage their own).
     pub fn from_pool(pool: PgPool) -> Self {
-        // Half the pool at most, so transactions (which take theirs from
-        // the pool) always find connections.
+        // At most half the pool idle on the shelf, out of reach of
+        // transactions (which take theirs from the pool).
         let shelf_capacity = (pool.options().get_max_connections() / 2) as usize;
         let connections = ConnectionShelf::new(pool, shelf_capacity);
         PostgresDatabase {
