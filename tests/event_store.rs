@@ -17,7 +17,7 @@ use commerce_kernel::event_store::{
     StreamSelection,
 };
 use commerce_kernel::storage::Database;
-use commerce_kernel::storage::connection_shelf::ConnectionShelf;
+use commerce_kernel::storage::connection_shelf::{ConnectionShelf, SHELF_IDLE_LIMIT};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use support::{BackendKind, TestDatabase, run_suite_except, wait_until_readable};
@@ -43,8 +43,12 @@ fn main() {
             filters_narrow_the_log,
             invalid_appends_are_rejected_and_write_nothing,
             statements_shelve_only_connections_they_left_clean,
+            shelved_connections_unused_for_a_while_are_checked_or_given_back,
         ],
-        &["statements_shelve_only_connections_they_left_clean"],
+        &[
+            "statements_shelve_only_connections_they_left_clean",
+            "shelved_connections_unused_for_a_while_are_checked_or_given_back",
+        ],
     );
 }
 
@@ -1102,7 +1106,7 @@ async fn statements_shelve_only_connections_they_left_clean(
         .max_connections(4)
         .connect(&db.url())
         .await?;
-    let shelf = ConnectionShelf::new(pool, 2);
+    let shelf = ConnectionShelf::new(pool, 2, SHELF_IDLE_LIMIT);
     let backend = "SELECT pg_backend_pid()";
 
     let (first,): (i32,) = sqlx::query_as(backend).fetch_one(&shelf).await?;
@@ -1186,5 +1190,73 @@ async fn statements_shelve_only_connections_they_left_clean(
     tokio::time::timeout(Duration::from_secs(5), db.database.close())
         .await
         .context("closing the database with connections on its shelf")?;
+    Ok(())
+}
+
+/// Postgres: a shelved connection unused past the shelf's idle limit is
+/// pinged before its next statement, so one whose server process is gone
+/// (a restart, a failover) is replaced without failing the statement; a
+/// connection whose session the server ended is not kept; and the other
+/// stale ones go back to the pool as a take passes them.
+async fn shelved_connections_unused_for_a_while_are_checked_or_given_back(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let Database::Postgres(postgres) = &db.database else {
+        bail!("a Postgres case");
+    };
+    let idle_limit = Duration::from_millis(200);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url())
+        .await?;
+    let shelf = ConnectionShelf::new(pool, 2, idle_limit);
+    let backend = "SELECT pg_backend_pid()";
+
+    let (victim,): (i32,) = sqlx::query_as(backend).fetch_one(&shelf).await?;
+    ensure!(shelf.shelved() == 1);
+    let (terminated,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
+        .bind(victim)
+        .fetch_one(postgres.pool())
+        .await?;
+    ensure!(terminated, "the shelved connection's server process ends");
+    tokio::time::sleep(idle_limit + Duration::from_millis(100)).await;
+    let (replacement,): (i32,) = sqlx::query_as(backend)
+        .fetch_one(&shelf)
+        .await
+        .context("a statement after its shelved connection's server went away")?;
+    ensure!(replacement != victim, "the dead connection is not used");
+
+    // Ended while fresh on the shelf: its next statement fails (the server
+    // ended the session), and the connection is not shelved again.
+    ensure!(shelf.shelved() == 1);
+    let (terminated,): (bool,) = sqlx::query_as("SELECT pg_terminate_backend($1)")
+        .bind(replacement)
+        .fetch_one(postgres.pool())
+        .await?;
+    ensure!(terminated);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let failed = sqlx::query(backend).execute(&shelf).await;
+    ensure!(
+        failed.is_err(),
+        "a statement on a connection whose session ended fails"
+    );
+    ensure!(
+        shelf.shelved() == 0,
+        "a connection whose session ended is not kept: {failed:?}"
+    );
+
+    let sleepers = (0..2).map(|_| sqlx::query("SELECT pg_sleep(0.05)").execute(&shelf));
+    for slept in futures_util::future::join_all(sleepers).await {
+        slept?;
+    }
+    ensure!(shelf.shelved() == 2);
+    tokio::time::sleep(idle_limit + Duration::from_millis(100)).await;
+    sqlx::query("SELECT 1").execute(&shelf).await?;
+    ensure!(
+        shelf.shelved() == 1,
+        "the stale connection the statement did not use went back to the pool, {} left",
+        shelf.shelved()
+    );
+    shelf.close().await;
     Ok(())
 }

@@ -13,9 +13,9 @@
 //! Only connections in a known state are shelved: after a statement that
 //! ran to its end, or one the server refused (a conflict, say: sqlx reads
 //! the rest of that answer before the next statement). A connection whose
-//! statement broke off (an I/O error, or a future dropped half-way by a
-//! cancelled request) goes back to the pool, which checks it and closes it
-//! if it is broken.
+//! statement broke off (an I/O error, an error that ended the server's
+//! session, or a future dropped half-way by a cancelled request) goes back
+//! to the pool, which checks it and closes it if it is broken.
 //!
 //! Kept fresh: a take pings a shelved connection unused for
 //! [`SHELF_IDLE_LIMIT`] before using it (a restart or failover usually shows
@@ -43,7 +43,9 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use sqlx::Either;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgConnection, PgQueryResult, PgRow, PgStatement, PgTypeInfo};
+use sqlx::postgres::{
+    PgConnection, PgDatabaseError, PgQueryResult, PgRow, PgSeverity, PgStatement, PgTypeInfo,
+};
 use sqlx::{Describe, Execute, Executor, PgPool, Postgres};
 
 /// A shelved connection unused this long is pinged before its next use, or
@@ -64,6 +66,8 @@ pub struct ConnectionShelf {
 struct Inner {
     pool: PgPool,
     capacity: usize,
+    /// [`SHELF_IDLE_LIMIT`] in production.
+    idle_limit: Duration,
     shelf: Mutex<Shelf>,
 }
 
@@ -85,12 +89,15 @@ struct Shelved {
 
 impl ConnectionShelf {
     /// A shelf in front of `pool`, holding at most `capacity` connections
-    /// (0 turns it off: every statement then goes to the pool).
-    pub fn new(pool: PgPool, capacity: usize) -> ConnectionShelf {
+    /// (0 turns it off: every statement then goes to the pool) and checking
+    /// those unused for `idle_limit` ([`SHELF_IDLE_LIMIT`], shorter in
+    /// tests).
+    pub fn new(pool: PgPool, capacity: usize, idle_limit: Duration) -> ConnectionShelf {
         ConnectionShelf {
             inner: Arc::new(Inner {
                 pool,
                 capacity,
+                idle_limit,
                 shelf: Mutex::new(Shelf::default()),
             }),
         }
@@ -124,13 +131,13 @@ impl ConnectionShelf {
         let (shelved, stale) = {
             let mut shelf = self.inner.lock();
             let taken = shelf.connections.pop_back();
-            (taken, shelf.give_back_stale())
+            (taken, shelf.give_back_stale(self.inner.idle_limit))
         };
         // Dropping a pool connection is sqlx's way back to its pool.
         drop(stale);
         if let Some(mut shelved) = shelved {
             // Unused for a while: the server may have gone since.
-            let usable = shelved.shelved_at.elapsed() < SHELF_IDLE_LIMIT
+            let usable = shelved.shelved_at.elapsed() < self.inner.idle_limit
                 || sqlx::Connection::ping(&mut *shelved.connection)
                     .await
                     .is_ok();
@@ -162,15 +169,14 @@ impl Inner {
 }
 
 impl Shelf {
-    /// Takes off the shelf the connections unused for
-    /// [`SHELF_IDLE_LIMIT`], for the caller to give back to the pool once
-    /// the lock is released.
-    fn give_back_stale(&mut self) -> Vec<Shelved> {
+    /// Takes off the shelf the connections unused for `idle_limit`, for
+    /// the caller to give back to the pool once the lock is released.
+    fn give_back_stale(&mut self, idle_limit: Duration) -> Vec<Shelved> {
         let mut stale = Vec::new();
         while self
             .connections
             .front()
-            .is_some_and(|oldest| oldest.shelved_at.elapsed() >= SHELF_IDLE_LIMIT)
+            .is_some_and(|oldest| oldest.shelved_at.elapsed() >= idle_limit)
         {
             stale.extend(self.connections.pop_front());
         }
@@ -197,11 +203,21 @@ impl Taken {
     }
 
     /// Records how the statement ended: the connection is in a known state
-    /// after a success or an error the server sent (sqlx reads the rest of
-    /// that answer before the connection's next statement), not after
-    /// anything else (I/O, protocol, decoding on the connection).
+    /// after a success or an error the server sent about the statement
+    /// (sqlx reads the rest of that answer before the connection's next
+    /// statement); not after an error that ended the server's session
+    /// (`FATAL`, `PANIC`: a terminated backend, a shutdown), nor after
+    /// anything else (I/O, protocol).
     fn finished<T>(&mut self, result: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
-        self.clean = matches!(result, Ok(_) | Err(sqlx::Error::Database(_)));
+        self.clean = match &result {
+            Ok(_) => true,
+            Err(sqlx::Error::Database(error)) => error
+                .try_downcast_ref::<PgDatabaseError>()
+                .is_some_and(|error| {
+                    !matches!(error.severity(), PgSeverity::Fatal | PgSeverity::Panic)
+                }),
+            Err(_) => false,
+        };
         result
     }
 }
@@ -224,7 +240,7 @@ impl Drop for Taken {
                     from_pool_at: self.from_pool_at,
                 });
             }
-            shelf.give_back_stale()
+            shelf.give_back_stale(self.home.idle_limit)
         };
         drop(stale);
     }

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::connection_shelf::ConnectionShelf;
+use super::connection_shelf::{ConnectionShelf, SHELF_IDLE_LIMIT};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -89,7 +89,7 @@ impl PostgresDatabase {
         // At most half the pool idle on the shelf, out of reach of
         // transactions (which take theirs from the pool).
         let shelf_capacity = (pool.options().get_max_connections() / 2) as usize;
-        let connections = ConnectionShelf::new(pool, shelf_capacity);
+        let connections = ConnectionShelf::new(pool, shelf_capacity, SHELF_IDLE_LIMIT);
         PostgresDatabase {
             stream_reads: Arc::new(StreamReadBatcher::new(PostgresStreamReads {
                 connections: connections.clone(),
