@@ -136,11 +136,23 @@ impl ConnectionShelf {
         // Dropping a pool connection is sqlx's way back to its pool.
         drop(stale);
         if let Some(mut shelved) = shelved {
-            // Unused for a while: the server may have gone since.
-            let usable = shelved.shelved_at.elapsed() < self.inner.idle_limit
-                || sqlx::Connection::ping(&mut *shelved.connection)
-                    .await
-                    .is_ok();
+            // Unused for a while: the server may have gone since. Bounded
+            // like the pool's own check, which runs within its acquire
+            // timeout: a host that silently drops packets would otherwise
+            // hold the statement until TCP gives up.
+            let usable = shelved.shelved_at.elapsed() < self.inner.idle_limit || {
+                let limit = self.inner.pool.options().get_acquire_timeout();
+                let ping = sqlx::Connection::ping(&mut *shelved.connection);
+                match tokio::time::timeout(limit, ping).await {
+                    Ok(answered) => answered.is_ok(),
+                    Err(_) => {
+                        // Closed, not given back: the pool's own check on
+                        // its way back would wait as long again.
+                        shelved.connection.close_on_drop();
+                        false
+                    }
+                }
+            };
             if usable {
                 return Ok(Taken {
                     connection: Some(shelved.connection),
