@@ -1102,11 +1102,7 @@ async fn statements_shelve_only_connections_they_left_clean(
     let Database::Postgres(postgres) = &db.database else {
         bail!("a Postgres case");
     };
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&db.url())
-        .await?;
-    let shelf = ConnectionShelf::new(pool, 2, SHELF_IDLE_LIMIT);
+    let shelf = own_shelf(&db, SHELF_IDLE_LIMIT).await?;
     let backend = "SELECT pg_backend_pid()";
 
     let (first,): (i32,) = sqlx::query_as(backend).fetch_one(&shelf).await?;
@@ -1160,10 +1156,7 @@ async fn statements_shelve_only_connections_they_left_clean(
     let (one,): (i32,) = sqlx::query_as("SELECT 1").fetch_one(&shelf).await?;
     ensure!(one == 1, "the next statement gets a clean connection");
 
-    let sleepers = (0..5).map(|_| sqlx::query("SELECT pg_sleep(0.05)").execute(&shelf));
-    for slept in futures_util::future::join_all(sleepers).await {
-        slept?;
-    }
+    statements_at_once(&shelf, 5).await?;
     ensure!(
         shelf.shelved() == 2,
         "at most the shelf's capacity waits on it, not {}",
@@ -1207,11 +1200,7 @@ async fn shelved_connections_unused_for_a_while_are_checked_or_given_back(
     // Long enough that the steps meant to find a connection fresh do so on
     // a busy machine.
     let idle_limit = Duration::from_secs(1);
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&db.url())
-        .await?;
-    let shelf = ConnectionShelf::new(pool, 2, idle_limit);
+    let shelf = own_shelf(&db, idle_limit).await?;
     let backend = "SELECT pg_backend_pid()";
 
     let (victim,): (i32,) = sqlx::query_as(backend).fetch_one(&shelf).await?;
@@ -1246,10 +1235,7 @@ async fn shelved_connections_unused_for_a_while_are_checked_or_given_back(
         "a connection whose session ended is not kept: {failed:?}"
     );
 
-    let sleepers = (0..2).map(|_| sqlx::query("SELECT pg_sleep(0.05)").execute(&shelf));
-    for slept in futures_util::future::join_all(sleepers).await {
-        slept?;
-    }
+    statements_at_once(&shelf, 2).await?;
     ensure!(shelf.shelved() == 2);
     tokio::time::sleep(idle_limit + Duration::from_millis(100)).await;
     sqlx::query("SELECT 1").execute(&shelf).await?;
@@ -1259,5 +1245,24 @@ async fn shelved_connections_unused_for_a_while_are_checked_or_given_back(
         shelf.shelved()
     );
     shelf.close().await;
+    Ok(())
+}
+
+/// A shelf of capacity 2 over a pool of 4 connections of its own to `db`.
+async fn own_shelf(db: &TestDatabase, idle_limit: Duration) -> anyhow::Result<ConnectionShelf> {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&db.url())
+        .await?;
+    Ok(ConnectionShelf::new(pool, 2, idle_limit))
+}
+
+/// Runs `count` short statements at once through `shelf`, so that each
+/// takes a connection of its own.
+async fn statements_at_once(shelf: &ConnectionShelf, count: usize) -> anyhow::Result<()> {
+    let sleepers = (0..count).map(|_| sqlx::query("SELECT pg_sleep(0.05)").execute(shelf));
+    for slept in futures_util::future::join_all(sleepers).await {
+        slept?;
+    }
     Ok(())
 }
