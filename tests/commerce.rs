@@ -19,7 +19,7 @@ use commerce_kernel::domain::money::{Currency, Money};
 use commerce_kernel::domain::order::{Address, OrderStatus};
 use commerce_kernel::event_store::repository::encode;
 use commerce_kernel::event_store::{
-    AppendRequest, EventStore, NewEvent, Position, StreamSelection,
+    AppendRequest, EventStore, LogHorizon, NewEvent, Position, StreamSelection,
 };
 use commerce_kernel::projections::{OrderFilter, ProjectionName, Projector, ViewStore as _};
 use support::counting::{CountingEvents, CountingViews};
@@ -42,6 +42,7 @@ fn main() {
         an_event_one_projection_cannot_read_holds_back_only_that_projection,
         a_projection_far_behind_does_not_hold_back_the_others,
         read_your_writes_trusts_what_this_process_projected,
+        read_your_writes_waits_for_a_round_that_began_after_the_write,
     ]);
 }
 
@@ -956,6 +957,72 @@ async fn read_your_writes_trusts_what_this_process_projected(
             .await?
     );
     Ok(())
+}
+
+/// With the projector loop running, a read-your-writes wait is answered
+/// by the first round that began once the write was readable. A round
+/// already under way when the wait starts (it read the log before the
+/// write) ends without the write; that proves nothing, so the wait must
+/// not ask the store about it, and reads no checkpoint.
+async fn read_your_writes_waits_for_a_round_that_began_after_the_write(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let store = db.event_store();
+    let views = Arc::new(CountingViews::new(db.database.view_store()));
+    let commerce = Commerce::new(Arc::clone(&store), views.clone());
+    let horizon = LogHorizon::default();
+    let projector =
+        Projector::new(Arc::clone(&store), views.clone()).with_horizon(horizon.clone());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let follower = tokio::spawn(horizon.follow(Arc::clone(&store), stopped.clone()));
+    let runner = tokio::spawn(projector.clone().run(stopped));
+    let both = [ProjectionName::Products, ProjectionName::Inventory];
+    let checked = async {
+        let first = product_with_stock(&commerce, "5", 3).await?;
+        let first_at = created_at(store.as_ref(), first).await?;
+        ensure!(
+            projector
+                .wait_for(&both, first_at, Duration::from_secs(10))
+                .await?,
+            "the running projector never took the first product in"
+        );
+
+        // A round that has read the log and is still writing when the
+        // wait begins.
+        views.delay_next_apply(Duration::from_millis(300));
+        let second = product_with_stock(&commerce, "6", 3).await?;
+        projector.nudge();
+        tokio::time::timeout(Duration::from_secs(10), views.apply_entered.notified())
+            .await
+            .context("no round applied the second product")?;
+        let third = product_with_stock(&commerce, "7", 3).await?;
+        let third_at = created_at(store.as_ref(), third).await?;
+        wait_until_readable(store.as_ref(), third_at).await?;
+
+        let before = views.checkpoint_reads.load(Ordering::SeqCst);
+        ensure!(
+            projector
+                .wait_for(&both, third_at, Duration::from_secs(10))
+                .await?,
+            "the third product never reached the views"
+        );
+        let reads = views.checkpoint_reads.load(Ordering::SeqCst) - before;
+        ensure!(
+            reads == 0,
+            "{reads} checkpoint reads while this process's own rounds were projecting"
+        );
+        ensure!(
+            views.product(second).await?.is_some() && views.product(third).await?.is_some(),
+            "a product the wait reported as projected is missing"
+        );
+        Ok(())
+    }
+    .await;
+    let _ = stop.send(true);
+    projector.nudge();
+    let _ = runner.await;
+    let _ = follower.await;
+    checked
 }
 
 /// The projections share rounds, but one far behind (here the stock views,

@@ -119,6 +119,10 @@ pub struct CountingViews {
     pub inventory_reads: AtomicU64,
     pub checkpoint_reads: AtomicU64,
     applied: Mutex<Vec<Vec<ProjectionName>>>,
+    /// When set, the next apply first notifies `apply_entered`, then waits
+    /// this long: a projector round held between its log read and its write.
+    next_apply_delay: Mutex<Option<std::time::Duration>>,
+    pub apply_entered: tokio::sync::Notify,
 }
 
 impl CountingViews {
@@ -128,7 +132,17 @@ impl CountingViews {
             inventory_reads: AtomicU64::new(0),
             checkpoint_reads: AtomicU64::new(0),
             applied: Mutex::default(),
+            next_apply_delay: Mutex::default(),
+            apply_entered: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Holds the next apply for `delay` (see `apply_entered`).
+    pub fn delay_next_apply(&self, delay: std::time::Duration) {
+        *self
+            .next_apply_delay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(delay);
     }
 
     /// The projections of each apply that was written, in order.
@@ -147,6 +161,15 @@ impl ViewStore for CountingViews {
         self.inner.checkpoint(projection).await
     }
     async fn apply(&self, batches: &[ProjectionBatch]) -> Result<bool, StoreError> {
+        let delay = self
+            .next_apply_delay
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(delay) = delay {
+            self.apply_entered.notify_one();
+            tokio::time::sleep(delay).await;
+        }
         let written = self.inner.apply(batches).await?;
         if written {
             self.applied

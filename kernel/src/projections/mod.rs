@@ -37,9 +37,9 @@ const WAIT_STEP: Duration = Duration::from_millis(3);
 /// How often a projection that failed to project an event is tried again,
 /// on its own (see [`Projector::run`]).
 const FAILING_RETRY: Duration = Duration::from_secs(1);
-/// With a [`LogHorizon`], how long a read-your-writes wait trusts this
-/// process's projector to report progress before looking anyway (another
-/// process may be the one applying).
+/// With a [`LogHorizon`], how long a read-your-writes wait gives this
+/// process's projector to begin a round before looking in the store
+/// anyway (the loop may not be running here).
 const PROGRESS_WAIT: Duration = Duration::from_millis(20);
 
 /// The kernel's projections.
@@ -560,7 +560,10 @@ pub struct Projector {
     store: Arc<dyn EventStore>,
     views: Arc<dyn ViewStore>,
     wake: Arc<Notify>,
-    /// Counts the running loop's rounds, so waiters wake when one ends.
+    /// Numbers the running loop's rounds as they begin (the first is 1).
+    started: Arc<AtomicU64>,
+    /// The number of the loop's last ended round, so waiters wake when one
+    /// ends and can tell whether it began after what they wait for.
     rounds: Arc<watch::Sender<u64>>,
     /// The log's readable head, when the process follows it.
     horizon: Option<LogHorizon>,
@@ -582,6 +585,7 @@ impl Projector {
             store,
             views,
             wake: Arc::new(Notify::new()),
+            started: Arc::default(),
             rounds: Arc::new(watch::Sender::new(0)),
             horizon: None,
             written: Arc::default(),
@@ -818,6 +822,7 @@ impl Projector {
         let mut woken = false;
         let mut failing: HashMap<ProjectionName, Failing> = HashMap::new();
         loop {
+            let round = self.started.fetch_add(1, Ordering::SeqCst) + 1;
             if !woken {
                 // A timer round: another process may have moved (or reset)
                 // any checkpoint.
@@ -859,8 +864,7 @@ impl Projector {
                     }
                 }
             }
-            self.rounds
-                .send_modify(|rounds| *rounds = rounds.wrapping_add(1));
+            self.rounds.send_replace(round);
             if more {
                 woken = true;
                 if shutdown.has_changed().unwrap_or(true) {
@@ -954,15 +958,21 @@ impl Projector {
             }
         }
         let mut rounds = self.rounds.subscribe();
-        // With a horizon this process runs the projector loop, whose next
-        // round (nudged below) usually takes the write past: the store is
-        // asked only when that round did not.
-        let mut trust_rounds = self.horizon.is_some();
+        // With a horizon this process runs the projector loop, and a round
+        // that begins once `position` is readable reads the log past it.
+        // If such a round ends without taking a projection past, this
+        // process is not the one applying it (another process is, or the
+        // projection is failing, or the round's batch ended before it), and
+        // only then is the store asked. A round already under way proves
+        // nothing either way: it is waited out, and the nudge starts a
+        // fresh one after it. With no round under way and none ending in
+        // time, the loop is not running here, and the store is asked.
+        let mut ask_store = self.horizon.is_none();
         loop {
-            rounds.mark_unchanged();
+            let fresh_round = self.started.load(Ordering::SeqCst) + 1;
             self.nudge();
             pending.retain(|&projection| !self.written_past(projection, position));
-            if !trust_rounds {
+            if ask_store {
                 let mut still = Vec::with_capacity(pending.len());
                 for projection in pending {
                     if !self.has_reached(projection, position).await? {
@@ -971,7 +981,6 @@ impl Projector {
                 }
                 pending = still;
             }
-            trust_rounds = false;
             if pending.is_empty() {
                 return Ok(true);
             }
@@ -981,7 +990,12 @@ impl Projector {
             }
             if self.horizon.is_some() {
                 let wait = PROGRESS_WAIT.min(deadline - now);
-                let _ = tokio::time::timeout(wait, rounds.changed()).await;
+                let fresh_ended =
+                    tokio::time::timeout(wait, rounds.wait_for(|&ended| ended >= fresh_round))
+                        .await
+                        .is_ok();
+                let under_way = self.started.load(Ordering::SeqCst) > *rounds.borrow();
+                ask_store = fresh_ended || !under_way;
             } else {
                 tokio::time::sleep(WAIT_STEP).await;
             }

@@ -161,11 +161,18 @@ impl Statements {
                  {{SKIP}}ORDER BY next_run_at LIMIT $3{lock_claimed}) \
                  RETURNING saga_id, fencing_token, deferrals"
             )),
-            heartbeat: fill(
+            // Rows a step's write has locked right now are passed over
+            // (and tried again, see `heartbeat`): a heartbeat waiting for
+            // one while holding others could close a deadlock with a
+            // merged step statement, stalling both for Postgres's deadlock
+            // timeout while the log's horizon waits for them.
+            heartbeat: fill(&format!(
                 "UPDATE saga_instances \
-                 SET lease_expires_at = {GREATEST}(COALESCE(lease_expires_at, 0), {NOW} + $2) \
-                 WHERE lease_owner = $1 AND saga_id IN ",
-            ),
+                 SET lease_expires_at = {{GREATEST}}(COALESCE(lease_expires_at, 0), {{NOW}} + $2) \
+                 WHERE saga_id IN (SELECT saga_id FROM saga_instances \
+                 WHERE lease_owner = $1 AND saga_id IN ({{IDS}}){lock_claimed}) \
+                 RETURNING saga_id"
+            )),
             hold: fill(
                 "UPDATE saga_instances \
                  SET lease_expires_at = {GREATEST}(lease_expires_at, {NOW} + $3) \
@@ -208,6 +215,12 @@ const MAX_SKIPPED: usize = 200;
 
 /// Most sagas one heartbeat statement renews.
 const HEARTBEAT_CHUNK: usize = 500;
+/// Statements per chunk a heartbeat spends on sagas it did not renew
+/// (locked by a write at that moment, or no longer its own).
+const HEARTBEAT_TRIES: usize = 3;
+/// The wait before trying those again; a step's write holds its row for
+/// a few milliseconds.
+const HEARTBEAT_RETRY_WAIT: Duration = Duration::from_millis(20);
 
 /// At shutdown only: without an index on the lease (see the module docs)
 /// this reads the whole table once.
@@ -591,19 +604,32 @@ macro_rules! saga_store {
             ) -> Result<u64, StoreError> {
                 let mut renewed = 0;
                 for chunk in sagas.chunks(HEARTBEAT_CHUNK) {
-                    let $db = &self.database;
-                    // The owner and the lease are $1 and $2; the ids follow.
-                    let sql = format!(
-                        "{}({})",
-                        self.statements.heartbeat,
-                        placeholders(3, chunk.len())
-                    );
-                    let mut statement = sqlx::query(&sql).bind(owner).bind(duration_micros(lease));
-                    for saga_id in chunk {
-                        statement = statement.bind(*saga_id);
+                    let mut left: Vec<Uuid> = chunk.to_vec();
+                    for attempt in 0..HEARTBEAT_TRIES {
+                        if attempt > 0 {
+                            tokio::time::sleep(HEARTBEAT_RETRY_WAIT).await;
+                        }
+                        let $db = &self.database;
+                        // The owner and the lease are $1 and $2; the ids follow.
+                        let sql = self
+                            .statements
+                            .heartbeat
+                            .replace("{IDS}", &placeholders(3, left.len()));
+                        let mut statement = sqlx::query_scalar::<_, Uuid>(&sql)
+                            .bind(owner)
+                            .bind(duration_micros(lease));
+                        for saga_id in &left {
+                            statement = statement.bind(*saga_id);
+                        }
+                        let done = statement.fetch_all($writer).await?;
+                        renewed += done.len() as u64;
+                        // Passed over while a write held them, or no
+                        // longer this owner's: tried again, a few times.
+                        left.retain(|saga_id| !done.contains(saga_id));
+                        if left.is_empty() {
+                            break;
+                        }
                     }
-                    let done = statement.execute($writer).await?;
-                    renewed += done.rows_affected();
                 }
                 Ok(renewed)
             }
