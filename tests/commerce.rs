@@ -971,8 +971,7 @@ async fn read_your_writes_waits_for_a_round_that_began_after_the_write(
     let views = Arc::new(CountingViews::new(db.database.view_store()));
     let commerce = Commerce::new(Arc::clone(&store), views.clone());
     let horizon = LogHorizon::default();
-    let projector =
-        Projector::new(Arc::clone(&store), views.clone()).with_horizon(horizon.clone());
+    let projector = Projector::new(Arc::clone(&store), views.clone()).with_horizon(horizon.clone());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let follower = tokio::spawn(horizon.follow(Arc::clone(&store), stopped.clone()));
     let runner = tokio::spawn(projector.clone().run(stopped));

@@ -31,10 +31,10 @@ use commerce_kernel::event_store::{
 };
 use commerce_kernel::sagas::hooks::FaultHooks;
 use commerce_kernel::sagas::runner::{RunnerMetrics, RunnerSettings, SagaRunner};
-use commerce_kernel::storage::Database;
 use commerce_kernel::sagas::{
     Claim, Committed, InstanceUpdate, LeaseChange, SagaCursor, SagaFilter, SagaInstance, SagaStore,
 };
+use commerce_kernel::storage::Database;
 use commerce_plugin_artifacts as artifacts;
 use commerce_plugin_host::{EngineConfig, PluginRegistry, sha256_hex};
 use support::counting::CountingEvents;
@@ -43,37 +43,40 @@ use support::{BackendKind, TestDatabase, run_suite_except};
 use uuid::Uuid;
 
 fn main() {
-    run_suite_except(&cases![
-        an_order_is_confirmed_through_the_plugins,
-        a_declined_payment_releases_the_stock_and_fails_the_order,
-        an_order_out_of_stock_fails_before_any_payment,
-        two_buyers_for_the_last_item_one_confirmed_one_failed,
-        a_failed_shipment_refunds_the_payment_and_releases_the_stock,
-        a_slow_payment_is_retried_with_the_same_key_and_charged_once,
-        cancelling_runs_the_compensations_that_apply,
-        a_plugin_step_inserted_by_an_admin_applies_to_new_sagas_only,
-        a_compensation_that_keeps_failing_parks_the_saga_until_retried,
-        a_saga_past_its_deadline_is_compensated,
-        a_paused_former_owner_cannot_write_after_losing_its_lease,
-        steps_recorded_at_once_each_keep_their_own_outcome,
-        a_drive_reads_the_saga_and_order_streams_once_not_before_every_step,
-        an_order_moved_under_a_drive_is_read_again_before_the_drive_writes_it,
-        a_cancel_after_the_next_step_was_decided_stops_it_before_its_call,
-        hostile_provider_text_still_ends_the_saga,
-        a_payment_only_authorized_is_captured_before_the_order_is_confirmed,
-        an_unrecorded_charge_is_looked_up_and_refunded_never_forgotten,
-        an_unrecorded_shipment_is_looked_up_and_cancelled,
-        a_call_that_never_happened_is_neither_charged_nor_refunded,
-        a_plugin_of_contract_0_1_is_probed_by_repeating_the_call,
-        a_step_whose_plugin_is_not_here_waits_for_a_process_that_has_it,
-        failed_writes_and_releases_do_not_strand_a_saga,
-        a_drive_task_that_panics_is_taken_over,
-        a_call_that_succeeded_is_recorded_when_the_store_falters,
-        a_former_owner_paused_past_its_lease_makes_no_provider_call,
-        cancelling_as_the_saga_starts_ends_one_consistent_way,
-        a_spinning_pure_step_is_compensated_without_running_it_again,
-        a_heartbeat_does_not_wait_for_a_row_a_write_holds,
-    ], &["a_heartbeat_does_not_wait_for_a_row_a_write_holds"]);
+    run_suite_except(
+        &cases![
+            an_order_is_confirmed_through_the_plugins,
+            a_declined_payment_releases_the_stock_and_fails_the_order,
+            an_order_out_of_stock_fails_before_any_payment,
+            two_buyers_for_the_last_item_one_confirmed_one_failed,
+            a_failed_shipment_refunds_the_payment_and_releases_the_stock,
+            a_slow_payment_is_retried_with_the_same_key_and_charged_once,
+            cancelling_runs_the_compensations_that_apply,
+            a_plugin_step_inserted_by_an_admin_applies_to_new_sagas_only,
+            a_compensation_that_keeps_failing_parks_the_saga_until_retried,
+            a_saga_past_its_deadline_is_compensated,
+            a_paused_former_owner_cannot_write_after_losing_its_lease,
+            steps_recorded_at_once_each_keep_their_own_outcome,
+            a_drive_reads_the_saga_and_order_streams_once_not_before_every_step,
+            an_order_moved_under_a_drive_is_read_again_before_the_drive_writes_it,
+            a_cancel_after_the_next_step_was_decided_stops_it_before_its_call,
+            hostile_provider_text_still_ends_the_saga,
+            a_payment_only_authorized_is_captured_before_the_order_is_confirmed,
+            an_unrecorded_charge_is_looked_up_and_refunded_never_forgotten,
+            an_unrecorded_shipment_is_looked_up_and_cancelled,
+            a_call_that_never_happened_is_neither_charged_nor_refunded,
+            a_plugin_of_contract_0_1_is_probed_by_repeating_the_call,
+            a_step_whose_plugin_is_not_here_waits_for_a_process_that_has_it,
+            failed_writes_and_releases_do_not_strand_a_saga,
+            a_drive_task_that_panics_is_taken_over,
+            a_call_that_succeeded_is_recorded_when_the_store_falters,
+            a_former_owner_paused_past_its_lease_makes_no_provider_call,
+            cancelling_as_the_saga_starts_ends_one_consistent_way,
+            a_spinning_pure_step_is_compensated_without_running_it_again,
+            a_heartbeat_does_not_wait_for_a_row_a_write_holds,
+        ],
+        &["a_heartbeat_does_not_wait_for_a_row_a_write_holds"],
+    );
 }
 
 /// `payment-http` as built against `commerce:plugin@0.1.0`, before
@@ -1401,7 +1404,10 @@ async fn a_heartbeat_does_not_wait_for_a_row_a_write_holds(
     let renewed = store
         .heartbeat("heartbeat-runner", &saga_ids, Duration::from_secs(60))
         .await?;
-    ensure!(renewed == 3, "{renewed} leases renewed once the write ended");
+    ensure!(
+        renewed == 3,
+        "{renewed} leases renewed once the write ended"
+    );
     let left = lease_of(saga_ids[1]).await? - Utc::now();
     ensure!(
         left > chrono::Duration::seconds(50),
