@@ -987,8 +987,8 @@ async fn read_your_writes_waits_for_a_round_that_began_after_the_write(
         );
 
         // A round that has read the log and is still writing when the
-        // wait begins.
-        views.delay_next_apply(Duration::from_millis(300));
+        // wait begins, and for a while after.
+        views.hold_next_apply();
         let second = product_with_stock(&commerce, "6", 3).await?;
         projector.nudge();
         tokio::time::timeout(Duration::from_secs(10), views.apply_entered.notified())
@@ -999,12 +999,19 @@ async fn read_your_writes_waits_for_a_round_that_began_after_the_write(
         wait_until_readable(store.as_ref(), third_at).await?;
 
         let before = views.checkpoint_reads.load(Ordering::SeqCst);
-        ensure!(
-            projector
-                .wait_for(&both, third_at, Duration::from_secs(10))
-                .await?,
-            "the third product never reached the views"
-        );
+        let waiting = tokio::spawn({
+            let projector = projector.clone();
+            async move {
+                projector
+                    .wait_for(&both, third_at, Duration::from_secs(10))
+                    .await
+            }
+        });
+        // Longer than the wait's look for progress (20 ms), shorter than
+        // its patience with slow rounds (250 ms).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        views.release_apply();
+        ensure!(waiting.await??, "the third product never reached the views");
         let reads = views.checkpoint_reads.load(Ordering::SeqCst) - before;
         ensure!(
             reads == 0,
@@ -1013,6 +1020,30 @@ async fn read_your_writes_waits_for_a_round_that_began_after_the_write(
         ensure!(
             views.product(second).await?.is_some() && views.product(third).await?.is_some(),
             "a product the wait reported as projected is missing"
+        );
+
+        // This process's loop stuck in a round while another process
+        // applies the write: the wait asks the store after its patience
+        // rather than waiting out its deadline.
+        views.hold_next_apply();
+        product_with_stock(&commerce, "8", 3).await?;
+        projector.nudge();
+        tokio::time::timeout(Duration::from_secs(10), views.apply_entered.notified())
+            .await
+            .context("no round applied the fourth product")?;
+        let fifth = product_with_stock(&commerce, "9", 3).await?;
+        let fifth_at = created_at(store.as_ref(), fifth).await?;
+        wait_until_readable(store.as_ref(), fifth_at).await?;
+        Projector::new(Arc::clone(&store), db.database.view_store())
+            .catch_up()
+            .await?;
+        let answered = projector
+            .wait_for(&both, fifth_at, Duration::from_secs(3))
+            .await?;
+        views.release_apply();
+        ensure!(
+            answered,
+            "a write another process projected was reported lagging while this process's round was stuck"
         );
         Ok(())
     }

@@ -119,10 +119,12 @@ pub struct CountingViews {
     pub inventory_reads: AtomicU64,
     pub checkpoint_reads: AtomicU64,
     applied: Mutex<Vec<Vec<ProjectionName>>>,
-    /// When set, the next apply first notifies `apply_entered`, then waits
-    /// this long: a projector round held between its log read and its write.
-    next_apply_delay: Mutex<Option<std::time::Duration>>,
+    /// When set, the next apply notifies `apply_entered`, then waits for
+    /// [`Self::release_apply`]: a projector round held between its log
+    /// read and its write.
+    hold_next_apply: std::sync::atomic::AtomicBool,
     pub apply_entered: tokio::sync::Notify,
+    apply_released: tokio::sync::Notify,
 }
 
 impl CountingViews {
@@ -132,17 +134,21 @@ impl CountingViews {
             inventory_reads: AtomicU64::new(0),
             checkpoint_reads: AtomicU64::new(0),
             applied: Mutex::default(),
-            next_apply_delay: Mutex::default(),
+            hold_next_apply: std::sync::atomic::AtomicBool::new(false),
             apply_entered: tokio::sync::Notify::new(),
+            apply_released: tokio::sync::Notify::new(),
         }
     }
 
-    /// Holds the next apply for `delay` (see `apply_entered`).
-    pub fn delay_next_apply(&self, delay: std::time::Duration) {
-        *self
-            .next_apply_delay
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(delay);
+    /// Holds the next apply until [`Self::release_apply`] (see
+    /// `apply_entered`).
+    pub fn hold_next_apply(&self) {
+        self.hold_next_apply.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets the held apply go on.
+    pub fn release_apply(&self) {
+        self.apply_released.notify_one();
     }
 
     /// The projections of each apply that was written, in order.
@@ -161,14 +167,9 @@ impl ViewStore for CountingViews {
         self.inner.checkpoint(projection).await
     }
     async fn apply(&self, batches: &[ProjectionBatch]) -> Result<bool, StoreError> {
-        let delay = self
-            .next_apply_delay
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(delay) = delay {
+        if self.hold_next_apply.swap(false, Ordering::SeqCst) {
             self.apply_entered.notify_one();
-            tokio::time::sleep(delay).await;
+            self.apply_released.notified().await;
         }
         let written = self.inner.apply(batches).await?;
         if written {

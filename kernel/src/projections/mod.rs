@@ -37,10 +37,12 @@ const WAIT_STEP: Duration = Duration::from_millis(3);
 /// How often a projection that failed to project an event is tried again,
 /// on its own (see [`Projector::run`]).
 const FAILING_RETRY: Duration = Duration::from_secs(1);
-/// With a [`LogHorizon`], how long a read-your-writes wait gives this
-/// process's projector to begin a round before looking in the store
-/// anyway (the loop may not be running here).
+/// With a [`LogHorizon`], how often a read-your-writes wait looks whether
+/// this process's projector loop is running a round at all.
 const PROGRESS_WAIT: Duration = Duration::from_millis(20);
+/// With a [`LogHorizon`], how long a read-your-writes wait gives this
+/// process's rounds to take its write in before it asks the store anyway.
+const STORE_PATIENCE: Duration = Duration::from_millis(250);
 
 /// The kernel's projections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -960,16 +962,18 @@ impl Projector {
         let mut rounds = self.rounds.subscribe();
         // With a horizon this process runs the projector loop, and a round
         // that begins once `position` is readable reads the log past it.
-        // If such a round ends without taking a projection past, this
-        // process is not the one applying it (another process is, or the
-        // projection is failing, or the round's batch ended before it), and
-        // only then is the store asked. A round already under way proves
-        // nothing either way: it is waited out, and the nudge starts a
-        // fresh one after it. With no round under way and none ending in
-        // time, the loop is not running here, and the store is asked.
+        // The store is asked when such a round ended without taking a
+        // projection past (another process is applying it, or it is
+        // failing, or the round's batch ended before it), when no round is
+        // under way (the loop is not running here), or when rounds take
+        // longer than `STORE_PATIENCE` (a slow store, or a loop that died
+        // mid-round). A round already under way when the wait began read
+        // the log too early to prove anything; it is waited out, and the
+        // nudge starts a fresh one after it.
+        let mut fresh_round = self.started.load(Ordering::SeqCst) + 1;
+        let mut awaited_since = tokio::time::Instant::now();
         let mut ask_store = self.horizon.is_none();
         loop {
-            let fresh_round = self.started.load(Ordering::SeqCst) + 1;
             self.nudge();
             pending.retain(|&projection| !self.written_past(projection, position));
             if ask_store {
@@ -980,6 +984,11 @@ impl Projector {
                     }
                 }
                 pending = still;
+                // The store answered as of now: the next look needs a
+                // round that begins after it.
+                fresh_round = self.started.load(Ordering::SeqCst) + 1;
+                awaited_since = tokio::time::Instant::now();
+                ask_store = self.horizon.is_none();
             }
             if pending.is_empty() {
                 return Ok(true);
@@ -995,7 +1004,7 @@ impl Projector {
                         .await
                         .is_ok();
                 let under_way = self.started.load(Ordering::SeqCst) > *rounds.borrow();
-                ask_store = fresh_ended || !under_way;
+                ask_store = fresh_ended || !under_way || awaited_since.elapsed() >= STORE_PATIENCE;
             } else {
                 tokio::time::sleep(WAIT_STEP).await;
             }

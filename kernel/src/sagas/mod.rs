@@ -143,9 +143,12 @@ pub trait SagaStore: Send + Sync {
     /// Extends `owner`'s leases of `sagas` to at least `lease` from now;
     /// returns how many it extended. Sagas `owner` no longer holds are left
     /// alone, and a lease already longer (see [`hold`](Self::hold)) is kept.
-    /// It never waits for a saga's row: one a write holds at that moment is
-    /// tried again a few times within milliseconds, and otherwise left to
-    /// the next heartbeat (which comes well before the lease runs out).
+    /// On Postgres it never waits for a saga's row: one a write holds at
+    /// that moment is tried again a few times within milliseconds, and
+    /// otherwise left to the next heartbeat. A row held across two
+    /// heartbeats in a row may see its lease lapse; the fence keeps that
+    /// safe (the old owner's next write is refused, and the saga is taken
+    /// up again). On SQLite it waits for the database's write lock.
     async fn heartbeat(
         &self,
         owner: &str,
