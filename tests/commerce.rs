@@ -959,6 +959,35 @@ async fn read_your_writes_trusts_what_this_process_projected(
     Ok(())
 }
 
+/// Writes a product and holds the projector round that takes it in between
+/// its log read and its write (until `views.release_apply()`); returns the
+/// product.
+async fn hold_a_round(
+    commerce: &Commerce,
+    projector: &Projector,
+    views: &CountingViews,
+) -> anyhow::Result<Uuid> {
+    views.hold_next_apply();
+    let product = product_with_stock(commerce, "6", 3).await?;
+    projector.nudge();
+    tokio::time::timeout(Duration::from_secs(10), views.apply_entered.notified())
+        .await
+        .context("no round took the product in")?;
+    Ok(product)
+}
+
+/// Writes a product and waits until the log shows it; returns the product
+/// and the position of its creation.
+async fn readable_product(
+    commerce: &Commerce,
+    store: &dyn EventStore,
+) -> anyhow::Result<(Uuid, Position)> {
+    let product = product_with_stock(commerce, "7", 3).await?;
+    let at = created_at(store, product).await?;
+    wait_until_readable(store, at).await?;
+    Ok((product, at))
+}
+
 /// With the projector loop running, a read-your-writes wait is answered
 /// by the first round that began once the write was readable. A round
 /// already under way when the wait starts (it read the log before the
@@ -988,15 +1017,8 @@ async fn read_your_writes_waits_for_a_round_that_began_after_the_write(
 
         // A round that has read the log and is still writing when the
         // wait begins, and for a while after.
-        views.hold_next_apply();
-        let second = product_with_stock(&commerce, "6", 3).await?;
-        projector.nudge();
-        tokio::time::timeout(Duration::from_secs(10), views.apply_entered.notified())
-            .await
-            .context("no round applied the second product")?;
-        let third = product_with_stock(&commerce, "7", 3).await?;
-        let third_at = created_at(store.as_ref(), third).await?;
-        wait_until_readable(store.as_ref(), third_at).await?;
+        let second = hold_a_round(&commerce, &projector, &views).await?;
+        let (third, third_at) = readable_product(&commerce, store.as_ref()).await?;
 
         let before = views.checkpoint_reads.load(Ordering::SeqCst);
         let waiting = tokio::spawn({
@@ -1025,15 +1047,8 @@ async fn read_your_writes_waits_for_a_round_that_began_after_the_write(
         // This process's loop stuck in a round while another process
         // applies the write: the wait asks the store after its patience
         // rather than waiting out its deadline.
-        views.hold_next_apply();
-        product_with_stock(&commerce, "8", 3).await?;
-        projector.nudge();
-        tokio::time::timeout(Duration::from_secs(10), views.apply_entered.notified())
-            .await
-            .context("no round applied the fourth product")?;
-        let fifth = product_with_stock(&commerce, "9", 3).await?;
-        let fifth_at = created_at(store.as_ref(), fifth).await?;
-        wait_until_readable(store.as_ref(), fifth_at).await?;
+        hold_a_round(&commerce, &projector, &views).await?;
+        let (_, fifth_at) = readable_product(&commerce, store.as_ref()).await?;
         Projector::new(Arc::clone(&store), db.database.view_store())
             .catch_up()
             .await?;

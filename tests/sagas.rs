@@ -1082,6 +1082,40 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
     Ok(())
 }
 
+/// Starts `count` sagas of `saga_type` straight in the store, each due now
+/// with one event, and returns their ids in the order started.
+async fn start_bare_sagas(
+    store: &Arc<dyn SagaStore>,
+    saga_type: &str,
+    count: usize,
+) -> anyhow::Result<Vec<Uuid>> {
+    let mut saga_ids = Vec::new();
+    for _ in 0..count {
+        let saga_id = Uuid::now_v7();
+        let started = InstanceUpdate {
+            saga_id,
+            status: SagaStatus::Running,
+            current_step: None,
+            version: 1,
+            next_run_at: Some(Utc::now()),
+            now: Utc::now(),
+            lease: LeaseChange::Keep,
+        };
+        let first = AppendRequest::single(
+            saga_id,
+            "saga",
+            0,
+            vec![NewEvent::new("Started", serde_json::json!({}))],
+        );
+        store
+            .start(started, saga_type, Uuid::now_v7(), first)
+            .await?
+            .context("a new saga starts")?;
+        saga_ids.push(saga_id);
+    }
+    Ok(saga_ids)
+}
+
 /// Many sagas' steps recorded at the same moment (on Postgres, several go
 /// in one statement): each gets the outcome it would get alone, and one
 /// that is refused or conflicts writes nothing, neither its events nor its
@@ -1104,44 +1138,13 @@ async fn steps_recorded_at_once_each_keep_their_own_outcome(
     let events = db.event_store();
     let saga_type = format!("merge-test-{}", Uuid::now_v7().simple());
     let event = |name: &str| NewEvent::new(name, serde_json::json!({ "test": name }));
-    let start = |count: usize| {
-        let store = Arc::clone(&store);
-        let saga_type = saga_type.clone();
-        async move {
-            let mut saga_ids = Vec::new();
-            for _ in 0..count {
-                let saga_id = Uuid::now_v7();
-                let started = InstanceUpdate {
-                    saga_id,
-                    status: SagaStatus::Running,
-                    current_step: None,
-                    version: 1,
-                    next_run_at: Some(Utc::now()),
-                    now: Utc::now(),
-                    lease: LeaseChange::Keep,
-                };
-                let first = AppendRequest::single(
-                    saga_id,
-                    "saga",
-                    0,
-                    vec![NewEvent::new("Started", serde_json::json!({}))],
-                );
-                store
-                    .start(started, &saga_type, Uuid::now_v7(), first)
-                    .await?
-                    .context("a new saga starts")?;
-                saga_ids.push(saga_id);
-            }
-            anyhow::Ok(saga_ids)
-        }
-    };
     // Claimed first, for a moment only.
-    let mut saga_ids = start(LAPSED).await?;
+    let mut saga_ids = start_bare_sagas(&store, &saga_type, LAPSED).await?;
     let mut claims = store
         .claim("merge-runner", Duration::from_millis(1), LAPSED as u32, &[])
         .await?;
     let lapsing = saga_ids.clone();
-    saga_ids.extend(start(EACH * KINDS).await?);
+    saga_ids.extend(start_bare_sagas(&store, &saga_type, EACH * KINDS).await?);
     claims.extend(
         store
             .claim(
@@ -1334,30 +1337,7 @@ async fn a_heartbeat_does_not_wait_for_a_row_a_write_holds(
     };
     let store = db.database.saga_store();
     let saga_type = format!("heartbeat-test-{}", Uuid::now_v7().simple());
-    let mut saga_ids = Vec::new();
-    for _ in 0..3 {
-        let saga_id = Uuid::now_v7();
-        let started = InstanceUpdate {
-            saga_id,
-            status: SagaStatus::Running,
-            current_step: None,
-            version: 1,
-            next_run_at: Some(Utc::now()),
-            now: Utc::now(),
-            lease: LeaseChange::Keep,
-        };
-        let first = AppendRequest::single(
-            saga_id,
-            "saga",
-            0,
-            vec![NewEvent::new("Started", serde_json::json!({}))],
-        );
-        store
-            .start(started, &saga_type, Uuid::now_v7(), first)
-            .await?
-            .context("a new saga starts")?;
-        saga_ids.push(saga_id);
-    }
+    let saga_ids = start_bare_sagas(&store, &saga_type, 3).await?;
     let claims = store
         .claim("heartbeat-runner", Duration::from_secs(5), 3, &[])
         .await?;
