@@ -23,6 +23,7 @@
 
 pub mod hooks;
 pub mod runner;
+mod stock_gate;
 
 use std::time::Duration;
 

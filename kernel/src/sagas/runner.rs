@@ -52,6 +52,7 @@ use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::hooks::FaultHooks;
+use super::stock_gate::StockGate;
 use super::{Claim, Committed, SagaStore};
 use crate::commerce::{CommandContext, CommandError, Commerce, OrderTransition, Sagas, ends_drive};
 use crate::domain::money::{Currency, Money};
@@ -392,6 +393,9 @@ pub struct SagaRunner {
     /// Set when the runner stops: drives end at their next step boundary.
     stopping: AtomicBool,
     metrics: Arc<RunnerMetrics>,
+    /// Keeps this process's reserve and confirm steps on one product from
+    /// racing each other for its stock stream.
+    stock_gate: StockGate,
 }
 
 impl SagaRunner {
@@ -410,6 +414,7 @@ impl SagaRunner {
             panics: Mutex::default(),
             stopping: AtomicBool::new(false),
             metrics: Arc::default(),
+            stock_gate: StockGate::default(),
         }
     }
 
@@ -1129,6 +1134,23 @@ impl SagaRunner {
         };
         let order_id = loaded.state.order_id;
         let (mut order, kept) = self.order_for(claim, order_id).await?;
+        // Held until the step is recorded: the next stock step on these
+        // products in this process plans on what this one wrote.
+        let stock_products: Vec<Uuid> = match transition {
+            OrderTransition::ReserveInventory => order
+                .state
+                .quantities_by_product()
+                .into_iter()
+                .map(|(product, _)| product)
+                .collect(),
+            _ => order
+                .state
+                .reservations
+                .iter()
+                .map(|reserved| reserved.product_id)
+                .collect(),
+        };
+        let _stock = self.stock_gate.enter(stock_products).await;
         let mut planned = self
             .commerce()
             .plan_transition(order_id, &order, &transition)
