@@ -87,6 +87,9 @@ const ORPHAN_AGE: chrono::Duration = chrono::Duration::seconds(30);
 const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
 /// A wait shorter than this is slept through rather than given back.
 const SHORT_WAIT: chrono::Duration = chrono::Duration::milliseconds(20);
+/// Longest a reserve or confirm step waits for its turn on a product
+/// (`StockGate`) before it goes on without it.
+const STOCK_PATIENCE: Duration = Duration::from_secs(2);
 /// Version conflicts in a row after which a saga is given back for later.
 const MAX_CONFLICTS: u32 = 40;
 /// The wait after a version conflict, doubled per conflict in a row.
@@ -1150,7 +1153,7 @@ impl SagaRunner {
                 .map(|reserved| reserved.product_id)
                 .collect(),
         };
-        let _stock = self.stock_gate.enter(stock_products).await;
+        let mut stock = Some(self.stock_gate.enter(stock_products, STOCK_PATIENCE).await);
         let mut planned = self
             .commerce()
             .plan_transition(order_id, &order, &transition)
@@ -1161,6 +1164,10 @@ impl SagaRunner {
                 .commerce()
                 .plan_transition(order_id, &order, &transition)
                 .await;
+        }
+        if planned.is_err() {
+            // Refused: no stock is written, the next step may go.
+            stock.take();
         }
         let mut kept_order = None;
         let (events, streams) = match planned {
@@ -1206,8 +1213,11 @@ impl SagaRunner {
         };
         // Refused: the order is as it was.
         let kept_order = kept_order.unwrap_or(order);
-        self.record_with_order(claim, loaded, &events, streams, kept_order)
-            .await
+        let flow = self
+            .record_with_order(claim, loaded, &events, streams, kept_order)
+            .await;
+        drop(stock);
+        flow
     }
 
     /// The order's events that record a call's result (paid, shipped).
