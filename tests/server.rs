@@ -598,7 +598,8 @@ async fn graphql_orders_show_their_history_and_past_versions(
         .text()
         .await?;
     ensure!(
-        metrics.contains("commerce_inventory_conflicts_total "),
+        metrics.contains("commerce_inventory_conflicts_total ")
+            && metrics.contains("commerce_saga_stock_turns_skipped_total 0"),
         "{metrics}"
     );
     kernel.stop().await

@@ -694,6 +694,10 @@ fn runner_metrics(runner: &RunnerMetrics) -> String {
         "commerce_saga_drive_panics_total",
         "Saga drive tasks that panicked (the saga's lease was left to lapse).",
         &runner.panics,
+    ) + &counter(
+        "commerce_saga_stock_turns_skipped_total",
+        "Reserve or confirm steps that stopped waiting for their turn on a product (a write on it took over 2 s) and went on without it.",
+        &runner.stock_turns_skipped,
     );
     text.push_str(
         "# HELP commerce_sagas_parked_total Sagas this process parked for a person, by cause.\n\

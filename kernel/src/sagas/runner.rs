@@ -159,6 +159,10 @@ pub struct RunnerMetrics {
     pub leases_lost: AtomicU64,
     /// Drive tasks that panicked (their saga's lease was left to lapse).
     pub panics: AtomicU64,
+    /// Reserve or confirm steps that stopped waiting for their turn on a
+    /// product (`StockGate`) and went on without it: a write on that
+    /// product took longer than `STOCK_PATIENCE`.
+    pub stock_turns_skipped: AtomicU64,
     /// Sagas this process parked, by [`ParkCause::ALL`] index.
     parked: [AtomicU64; ParkCause::ALL.len()],
 }
@@ -1153,7 +1157,13 @@ impl SagaRunner {
                 .map(|reserved| reserved.product_id)
                 .collect(),
         };
-        let mut stock = Some(self.stock_gate.enter(stock_products, STOCK_PATIENCE).await);
+        let held = self.stock_gate.enter(stock_products, STOCK_PATIENCE).await;
+        if !held.all_held() {
+            self.metrics
+                .stock_turns_skipped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let mut stock = Some(held);
         let mut planned = self
             .commerce()
             .plan_transition(order_id, &order, &transition)

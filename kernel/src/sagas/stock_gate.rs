@@ -42,6 +42,15 @@ pub(crate) struct StockGate {
 #[derive(Debug)]
 pub(crate) struct StockHeld {
     _products: Vec<OwnedMutexGuard<()>>,
+    /// Every product asked for is held (the wait did not run out).
+    all: bool,
+}
+
+impl StockHeld {
+    /// Whether the step got its turn on every product it asked for.
+    pub(crate) fn all_held(&self) -> bool {
+        self.all
+    }
 }
 
 impl StockGate {
@@ -84,7 +93,10 @@ impl StockGate {
                 }
             }
         }
-        StockHeld { _products: held }
+        StockHeld {
+            all: held.len() == products.len(),
+            _products: held,
+        }
     }
 }
 
@@ -101,6 +113,7 @@ mod tests {
         let gate = Arc::new(StockGate::default());
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         let first = gate.enter([b, a], PATIENCE).await;
+        assert!(first.all_held());
         let waiting = tokio::spawn({
             let gate = Arc::clone(&gate);
             async move {
@@ -149,6 +162,7 @@ mod tests {
         .await
         .expect("waited past its patience");
         assert!(started.elapsed() >= Duration::from_millis(100));
+        assert!(!late.all_held(), "a product it never got counted as held");
         // It holds what it got: b stays taken until it is let go.
         let b_again =
             tokio::time::timeout(Duration::from_millis(100), gate.enter([b], PATIENCE)).await;
