@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
+use commerce_kernel::api::guests::GuestSessions;
 use commerce_kernel::api::{Adapters, build_schema};
 use commerce_kernel::auth::Principal;
 use commerce_kernel::carts::embedded::EmbeddedCartStore;
@@ -29,14 +30,14 @@ use commerce_kernel::event_store::{
 use commerce_kernel::live::LiveUpdates;
 use commerce_kernel::projections::Projector;
 use commerce_plugin_host::{EngineConfig, PluginRegistry};
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::SinkExt as _;
 use serde_json::{Value, json};
 use support::counting::{CountingEvents, CountingViews};
 use support::kernel::{RunningKernel, TEST_JWT_SECRET, error_code, payload_codes};
 use support::shop::{self, AdminClient as _};
+use support::socket::{Frame, Protocol, Socket};
 use support::{TestDatabase, run_suite_except, wait_until_readable};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use uuid::Uuid;
 
 fn main() {
@@ -45,6 +46,7 @@ fn main() {
             requests_without_a_valid_token_are_refused,
             rs256_tokens_are_checked_against_the_jwks,
             customers_reach_only_their_own_carts_and_orders,
+            without_a_token_only_the_catalog_and_guest_sessions_answer,
             an_order_is_watched_live_to_confirmed_and_resumed_without_gaps,
             subscribers_see_orders_placed_on_another_kernel,
             every_limit_is_configurable_and_enforced,
@@ -75,7 +77,7 @@ fn now() -> i64 {
 
 async fn requests_without_a_valid_token_are_refused(db: Arc<TestDatabase>) -> anyhow::Result<()> {
     let kernel = RunningKernel::start(&db, &[]).await?;
-    let query = "{ products { totalCount } }";
+    let query = "{ orders { totalCount } }";
     let claims = |sub: &str, roles: Value, exp: i64| json!({ "sub": sub, "roles": roles, "iss": "commerce-kernel", "aud": "commerce-kernel", "exp": exp });
     let customer = Uuid::now_v7().to_string();
     let refused = [
@@ -109,10 +111,10 @@ async fn requests_without_a_valid_token_are_refused(db: Arc<TestDatabase>) -> an
             )?),
         ),
         (
-            "customer without a customer id",
+            "a subject with a control character",
             Some(signed(
                 TEST_JWT_SECRET,
-                claims("bob", json!(["customer"]), now() + 60),
+                claims("bo\u{7}b", json!(["customer"]), now() + 60),
             )?),
         ),
         ("garbage", Some("not.a.token".to_string())),
@@ -159,7 +161,7 @@ async fn requests_without_a_valid_token_are_refused(db: Arc<TestDatabase>) -> an
     )?;
     let (status, body) = kernel.graphql_as(Some(&good), query, json!({})).await?;
     ensure!(
-        status == 200 && body["data"]["products"]["totalCount"] == 0,
+        status == 200 && body["data"]["orders"]["totalCount"] == 0,
         "{body}"
     );
 
@@ -238,6 +240,81 @@ async fn rs256_tokens_are_checked_against_the_jwks(db: Arc<TestDatabase>) -> any
     let hs256 = signed(TEST_JWT_SECRET, claims.clone())?;
     let (status, body) = kernel.graphql_as(Some(&hs256), query, json!({})).await?;
     ensure!(status == 401, "HS256 with a JWKS: {status} {body}");
+
+    // A customer of an identity provider whose subjects are not UUIDs
+    // (Auth0's `auth0|…`) buys, as the customer id their subject maps to,
+    // and another subject of the same provider cannot see the order.
+    let as_subject = |subject: &str| {
+        let claims = json!({ "sub": subject, "roles": ["customer"], "iss": "https://idp.test/", "aud": "shop", "exp": now() + 60 });
+        jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, &key)
+    };
+    let (ada, eve) = (
+        as_subject("auth0|64f1c0ffee00000000000001")?,
+        as_subject("auth0|64f1c0ffee00000000000002")?,
+    );
+    let ada_id = commerce_kernel::auth::customer_id_of(
+        "https://idp.test/",
+        "auth0|64f1c0ffee00000000000001",
+    );
+    let admin = sign(Some("test-key-1"))?;
+    let (_, created) = kernel
+        .graphql_as(
+            Some(&admin),
+            "mutation { createProduct(input: { sku: \"IDP-1\", name: \"Mug\", price: { amount: \"9.50\", currency: \"EUR\" } }) { product { id } } }",
+            json!({}),
+        )
+        .await?;
+    let product = created["data"]["createProduct"]["product"]["id"].clone();
+    let (_, stocked) = kernel
+        .graphql_as(
+            Some(&admin),
+            "mutation ($id: UUID!) { adjustInventory(input: { productId: $id, delta: 5, reason: \"stock\" }) { errors { code } } }",
+            json!({ "id": product }),
+        )
+        .await?;
+    ensure!(
+        stocked["data"]["adjustInventory"]["errors"] == json!([]),
+        "{stocked}"
+    );
+    let (_, made) = kernel
+        .graphql_as(
+            Some(&ada),
+            CREATE_CART,
+            json!({ "input": { "items": [{ "productId": product, "quantity": 1 }] } }),
+        )
+        .await?;
+    let cart = &made["data"]["createCart"]["cart"];
+    ensure!(cart["customerId"] == json!(ada_id), "{made}");
+    let (_, placed) = kernel
+        .graphql_as(
+            Some(&ada),
+            PLACE_ORDER,
+            json!({ "cart": cart["id"], "address": shop::address("DE") }),
+        )
+        .await?;
+    let order = &placed["data"]["placeOrder"]["order"];
+    ensure!(order["customerId"] == json!(ada_id), "{placed}");
+    let read = "query ($id: UUID!) { order(id: $id) { id } }";
+    let (_, hers) = kernel
+        .graphql_as(Some(&ada), read, json!({ "id": order["id"] }))
+        .await?;
+    ensure!(hers["data"]["order"]["id"] == order["id"], "{hers}");
+    let (_, theirs) = kernel
+        .graphql_as(Some(&eve), read, json!({ "id": order["id"] }))
+        .await?;
+    ensure!(theirs["data"]["order"].is_null(), "{theirs}");
+    let (_, events) = kernel
+        .graphql_as(
+            Some(&admin),
+            "query ($id: UUID!) { aggregateEvents(aggregateId: $id) { edges { node { actor } } } }",
+            json!({ "id": order["id"] }),
+        )
+        .await?;
+    ensure!(
+        events["data"]["aggregateEvents"]["edges"][0]["node"]["actor"]
+            == "customer:auth0|64f1c0ffee00000000000001",
+        "the subject is on record: {events}"
+    );
     kernel.stop().await?;
     idp.abort();
     Ok(())
@@ -257,6 +334,54 @@ const OWN_DATA_FIELDS: &[&str] = &[
     "orderStatusChanged",
 ];
 const CATALOG_FIELDS: &[&str] = &["product", "products", "inventory"];
+/// Open to anyone who may start a guest session (without a token, too).
+const GUEST_FIELDS: &[&str] = &["createGuestSession"];
+
+/// A document selecting each of [`OWN_DATA_FIELDS`], as a caller without a
+/// token might send it.
+fn own_data_documents(id: Uuid) -> Vec<(&'static str, String)> {
+    vec![
+        ("order", format!("{{ order(id: \"{id}\") {{ id }} }}")),
+        ("orders", "{ orders { totalCount } }".to_string()),
+        ("cart", format!("{{ cart(id: \"{id}\") {{ id }} }}")),
+        (
+            "cancelOrder",
+            format!(
+                "mutation {{ cancelOrder(id: \"{id}\", reason: \"x\") {{ errors {{ code }} }} }}"
+            ),
+        ),
+        (
+            "createCart",
+            "mutation { createCart(input: { sessionId: \"s\" }) { errors { code } } }".to_string(),
+        ),
+        (
+            "upsertCartItems",
+            format!(
+                "mutation {{ upsertCartItems(cartId: \"{id}\", items: []) {{ errors {{ code }} }} }}"
+            ),
+        ),
+        (
+            "removeCartItem",
+            format!(
+                "mutation {{ removeCartItem(cartId: \"{id}\", productId: \"{id}\") {{ errors {{ code }} }} }}"
+            ),
+        ),
+        (
+            "clearCart",
+            format!("mutation {{ clearCart(cartId: \"{id}\") {{ errors {{ code }} }} }}"),
+        ),
+        (
+            "placeOrder",
+            format!(
+                "mutation {{ placeOrder(input: {{ cartId: \"{id}\", paymentMethod: \"x\", shippingAddress: {{ name: \"a\", line1: \"b\", city: \"c\", postalCode: \"1\", country: \"DE\" }} }}) {{ errors {{ code }} }} }}"
+            ),
+        ),
+        (
+            "orderStatusChanged",
+            format!("subscription {{ orderStatusChanged(orderId: \"{id}\") {{ status }} }}"),
+        ),
+    ]
+}
 
 /// Admin-only root fields, each with a document a customer sends.
 fn admin_only_documents(id: Uuid) -> Vec<(&'static str, String)> {
@@ -322,14 +447,10 @@ fn admin_only_documents(id: Uuid) -> Vec<(&'static str, String)> {
 fn root_fields() -> BTreeSet<String> {
     let sdl = commerce_kernel::api::sdl();
     let mut fields = BTreeSet::new();
-    for root in [
-        "type QueryRoot {",
-        "type MutationRoot {",
-        "type SubscriptionRoot {",
-    ] {
-        let Some(start) = sdl.find(root) else {
-            continue;
-        };
+    for root in ["type Query {", "type Mutation {", "type Subscription {"] {
+        let start = sdl
+            .find(root)
+            .unwrap_or_else(|| panic!("the schema has no `{root}`"));
         let body = &sdl[start + root.len()..];
         let body = &body[..body.find("\n}").unwrap_or(body.len())];
         let mut depth = 0usize;
@@ -371,6 +492,7 @@ async fn customers_reach_only_their_own_carts_and_orders(
     let classified: BTreeSet<String> = OWN_DATA_FIELDS
         .iter()
         .chain(CATALOG_FIELDS)
+        .chain(GUEST_FIELDS)
         .map(|s| s.to_string())
         .chain(
             admin_only_documents(Uuid::nil())
@@ -587,13 +709,15 @@ async fn customers_reach_only_their_own_carts_and_orders(
     );
     let untouched = kernel
         .graphql(
-            "{ plugins { totalCount } sagaDefinition { revision } }",
+            "{ plugins { edges { node { activeVersion { version } } } } sagaDefinition { revision } }",
             json!({}),
         )
         .await?;
     ensure!(
-        untouched["data"]
-            == json!({ "plugins": { "totalCount": 0 }, "sagaDefinition": { "revision": 0 } }),
+        untouched["data"]["sagaDefinition"] == json!({ "revision": 0 })
+            && untouched["data"]["plugins"]["edges"]
+                .as_array()
+                .is_some_and(|edges| edges.iter().all(|e| e["node"]["activeVersion"].is_null())),
         "{untouched}"
     );
     kernel.stop().await
@@ -698,6 +822,132 @@ fn check_story(updates: &[Value]) -> anyhow::Result<()> {
         "the last update does not show the saga completed"
     );
     Ok(())
+}
+
+/// Without a token, the catalog and guest sessions answer and nothing
+/// else does: every other root field is refused with 401, also when it hides
+/// in a fragment, an inline fragment, a batch or another operation of the
+/// document; and the catalog closes when the settings say so.
+async fn without_a_token_only_the_catalog_and_guest_sessions_answer(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let product = shop::stocked_product(&kernel, 3).await?;
+    let anonymous = |body: Value| {
+        let kernel = &kernel;
+        async move {
+            let response = kernel
+                .http
+                .post(kernel.url("/graphql"))
+                .json(&body)
+                .send()
+                .await?;
+            let status = response.status().as_u16();
+            let body: Value = response.json().await?;
+            anyhow::Ok((status, body))
+        }
+    };
+
+    let open = [
+        "{ products { totalCount edges { node { id name price { amount currency } inventory { available } } } } }".to_string(),
+        format!("{{ product(id: \"{product}\") {{ name }} }}"),
+        format!("{{ inventory(productId: \"{product}\") {{ available }} }}"),
+        "mutation { createGuestSession { session { token customerId } errors { code } } }".to_string(),
+        "{ __typename }".to_string(),
+    ];
+    for query in &open {
+        let (status, body) = anonymous(json!({ "query": query })).await?;
+        ensure!(
+            status == 200 && body.get("errors").is_none(),
+            "{query}: {status} {body}"
+        );
+    }
+    let (_, listed) = anonymous(json!({ "query": &open[0] })).await?;
+    ensure!(
+        listed["data"]["products"]["edges"][0]["node"]["inventory"]["available"] == 3,
+        "stock availability is public: {listed}"
+    );
+
+    // Every other root field, so a new one cannot skip this test.
+    let closed: Vec<(&str, String)> = own_data_documents(product)
+        .into_iter()
+        .chain(admin_only_documents(product))
+        .collect();
+    let classified: BTreeSet<String> = closed
+        .iter()
+        .map(|(field, _)| field.to_string())
+        .chain(
+            CATALOG_FIELDS
+                .iter()
+                .chain(GUEST_FIELDS)
+                .map(|f| f.to_string()),
+        )
+        .collect();
+    ensure!(
+        classified == root_fields(),
+        "unclassified: {:?}",
+        root_fields().difference(&classified).collect::<Vec<_>>()
+    );
+    let refused = |what: &str, (status, body): (u16, Value)| {
+        ensure!(
+            status == 401 && error_code(&body) == Some("UNAUTHENTICATED"),
+            "{what}: {status} {body}"
+        );
+        Ok(())
+    };
+    for (field, query) in &closed {
+        refused(field, anonymous(json!({ "query": query })).await?)?;
+    }
+    let smuggled = [
+        "{ products { totalCount } ...F } fragment F on Query { eventLogHead }",
+        "{ products { totalCount } ... on Query { orders { totalCount } } }",
+        "{ products { totalCount } ...A } fragment A on Query { ...B } fragment B on Query { sagas { totalCount } }",
+        "query Shop { products { totalCount } } query Log { eventLogHead }",
+    ];
+    for query in smuggled {
+        refused(query, anonymous(json!({ "query": query })).await?)?;
+    }
+    refused(
+        "an operation chosen by name",
+        anonymous(json!({ "query": smuggled[3], "operationName": "Log" })).await?,
+    )?;
+    let (status, _) = anonymous(json!({ "query": smuggled[3], "operationName": "Shop" })).await?;
+    ensure!(status == 200, "the public operation of the two: {status}");
+    refused(
+        "a batch",
+        anonymous(json!([{ "query": open[0] }, { "query": "{ eventLogHead }" }])).await?,
+    )?;
+
+    // Turned off: the catalog and guest sessions need a token too.
+    let closed_shop = RunningKernel::join(
+        &kernel,
+        &db,
+        &[
+            (config::PUBLIC_CATALOG, "false"),
+            (config::GUEST_SESSIONS, "false"),
+        ],
+    )
+    .await?;
+    for query in &open[..4] {
+        let response = closed_shop
+            .http
+            .post(closed_shop.url("/graphql"))
+            .json(&json!({ "query": query }))
+            .send()
+            .await?;
+        ensure!(response.status() == 401, "{query}: {}", response.status());
+    }
+    // With a token, a kernel without guest sessions says so.
+    let (_, body) = closed_shop
+        .graphql_as(
+            Some(&closed_shop.customer_token(Uuid::now_v7())?),
+            &open[3],
+            json!({}),
+        )
+        .await?;
+    ensure!(error_code(&body) == Some("FORBIDDEN"), "{body}");
+    closed_shop.stop().await?;
+    kernel.stop().await
 }
 
 async fn an_order_is_watched_live_to_confirmed_and_resumed_without_gaps(
@@ -1117,7 +1367,7 @@ async fn every_limit_is_configurable_and_enforced(db: Arc<TestDatabase>) -> anyh
         .graphql("{ __schema { queryType { name } } }", json!({}))
         .await?;
     ensure!(
-        schema["data"]["__schema"]["queryType"]["name"] == "QueryRoot",
+        schema["data"]["__schema"]["queryType"]["name"] == "Query",
         "{schema}"
     );
     ensure!(open.http.get(open.url("/graphql")).send().await?.status() == 200);
@@ -1399,7 +1649,7 @@ async fn hostile_documents_and_bodies_never_break_the_server(
         (format!("{{\"query\": \"{{ eventLogHead }}\", \"variables\": {}{}}}", "[".repeat(5_000), "]".repeat(5_000)), "application/json"),
         (format!("{{\"query\": \"query {} {{ eventLogHead }}\"}}", "($a: Int)".repeat(500)), "application/json"),
         (format!("{{\"query\": \"{{ eventLogHead {} }}\"}}", "@skip(if: false) ".repeat(2_000)), "application/json"),
-        ("{\"query\": \"fragment A on QueryRoot { ...B } fragment B on QueryRoot { ...A } { ...A }\"}".into(), "application/json"),
+        ("{\"query\": \"fragment A on Query { ...B } fragment B on Query { ...A } { ...A }\"}".into(), "application/json"),
         ("{\"query\": \"subscription { orderStatusChanged(orderId: \\\"00000000-0000-0000-0000-000000000000\\\") { cursor } }\"}".into(), "application/json"),
     ];
     fixed.push((
@@ -1511,140 +1761,6 @@ async fn hostile_documents_and_bodies_never_break_the_server(
     let still = kernel.graphql("{ eventLogHead }", json!({})).await?;
     ensure!(still["data"]["eventLogHead"].is_string(), "{still}");
     kernel.stop().await
-}
-
-/// The two WebSocket subprotocols the server speaks.
-#[derive(Clone, Copy, Debug)]
-enum Protocol {
-    /// `graphql-transport-ws` (the graphql-ws library).
-    TransportWs,
-    /// `graphql-ws` (the older subscriptions-transport-ws).
-    LegacyWs,
-}
-
-/// What the server sent for a subscription.
-#[derive(Debug)]
-enum Frame {
-    Next(Value),
-    Error(Value),
-    Complete,
-}
-
-/// A client of `/graphql` over WebSocket.
-struct Socket {
-    stream: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    protocol: Protocol,
-}
-
-/// Longest a test waits for one frame.
-const FRAME_TIMEOUT: Duration = Duration::from_secs(20);
-
-impl Socket {
-    /// Connects and sends `connection_init` with `payload`: the socket once
-    /// acknowledged, or why the server refused it.
-    async fn connect(
-        kernel: &RunningKernel,
-        protocol: Protocol,
-        payload: Value,
-    ) -> anyhow::Result<Result<Socket, String>> {
-        let mut request = format!("ws://{}/graphql", kernel.address).into_client_request()?;
-        let name = match protocol {
-            Protocol::TransportWs => "graphql-transport-ws",
-            Protocol::LegacyWs => "graphql-ws",
-        };
-        request
-            .headers_mut()
-            .insert("sec-websocket-protocol", name.parse()?);
-        let (stream, _) = tokio_tungstenite::connect_async(request).await?;
-        let mut socket = Socket { stream, protocol };
-        socket
-            .send(json!({ "type": "connection_init", "payload": payload }))
-            .await?;
-        loop {
-            match socket.receive().await? {
-                Err(reason) => return Ok(Err(reason)),
-                Ok(message) => match message["type"].as_str() {
-                    Some("connection_ack") => return Ok(Ok(socket)),
-                    Some("ka" | "ping") => continue,
-                    _ => return Ok(Err(message.to_string())),
-                },
-            }
-        }
-    }
-
-    async fn send(&mut self, message: Value) -> anyhow::Result<()> {
-        self.stream
-            .send(Message::Text(message.to_string().into()))
-            .await?;
-        Ok(())
-    }
-
-    /// The next JSON message, or the close reason.
-    async fn receive(&mut self) -> anyhow::Result<Result<Value, String>> {
-        loop {
-            let message = tokio::time::timeout(FRAME_TIMEOUT, self.stream.next())
-                .await
-                .context("no frame from the server")?;
-            match message {
-                None => return Ok(Err("closed".into())),
-                Some(Err(error)) => return Ok(Err(error.to_string())),
-                Some(Ok(Message::Text(text))) => return Ok(Ok(serde_json::from_str(&text)?)),
-                Some(Ok(Message::Close(frame))) => {
-                    return Ok(Err(
-                        frame.map_or("closed".into(), |f| format!("{} {}", f.code, f.reason))
-                    ));
-                }
-                Some(Ok(_)) => continue,
-            }
-        }
-    }
-
-    async fn subscribe(&mut self, id: &str, query: &str, variables: Value) -> anyhow::Result<()> {
-        let kind = match self.protocol {
-            Protocol::TransportWs => "subscribe",
-            Protocol::LegacyWs => "start",
-        };
-        self.send(json!({ "id": id, "type": kind, "payload": { "query": query, "variables": variables } }))
-            .await
-    }
-
-    async fn next_frame(&mut self) -> anyhow::Result<Frame> {
-        loop {
-            let message = match self.receive().await? {
-                Ok(message) => message,
-                Err(reason) => bail!("the socket closed: {reason}"),
-            };
-            match message["type"].as_str() {
-                // async-graphql sends a resolver's refusal as a result with errors.
-                Some("next" | "data") => {
-                    let payload = message["payload"].clone();
-                    return Ok(match payload.get("errors") {
-                        Some(errors) if errors.as_array().is_some_and(|e| !e.is_empty()) => {
-                            Frame::Error(errors.clone())
-                        }
-                        _ => Frame::Next(payload),
-                    });
-                }
-                Some("error") => {
-                    let payload = &message["payload"];
-                    let errors = if payload.is_array() {
-                        payload.clone()
-                    } else {
-                        payload
-                            .get("errors")
-                            .cloned()
-                            .unwrap_or_else(|| json!([payload]))
-                    };
-                    return Ok(Frame::Error(errors));
-                }
-                Some("complete") => return Ok(Frame::Complete),
-                Some("ka" | "ping" | "pong") => continue,
-                other => bail!("unexpected message {other:?}: {message}"),
-            }
-        }
-    }
 }
 
 /// Everything a customer can ask of their own order's record.
@@ -1803,6 +1919,7 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
         plugins: Plugins::new(commerce.clone(), registry),
         sagas: sagas.clone(),
         live: LiveUpdates::new(Duration::from_secs(1)),
+        guests: GuestSessions::off(),
     };
     let limits = GraphqlLimits::default();
     let schema = build_schema(adapters, limits);
@@ -1985,6 +2102,7 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
             ),
             sagas,
             live: LiveUpdates::new(Duration::from_secs(1)),
+            guests: GuestSessions::off(),
         },
         GraphqlLimits {
             max_complexity: 5_000,

@@ -100,6 +100,8 @@ impl Cluster {
             .env("COMMERCE_JWT_SECRET", TEST_JWT_SECRET)
             .env("COMMERCE_DATA_DIR", self.data.path())
             .env("COMMERCE_PLUGINS_DIR", plugins)
+            // The test installs the plugins it crashes in.
+            .env("COMMERCE_DEFAULT_PLUGINS", "false")
             .env("COMMERCE_LISTEN_ADDR", "127.0.0.1:0")
             .env("COMMERCE_SAGA_LEASE_MS", "1000")
             .env("COMMERCE_SAGA_POLL_MS", "50")
@@ -212,6 +214,7 @@ impl Kernel {
             keys: KeySource::Secret(TEST_JWT_SECRET.into()),
             issuer: "commerce-kernel".into(),
             audience: "commerce-kernel".into(),
+            guest_secret: None,
         })
         .await?;
         let admin = auth.mint("crash-test", Role::Admin, Duration::from_secs(600))?;

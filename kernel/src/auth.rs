@@ -14,7 +14,24 @@
 //! Each source accepts its one algorithm only, so a token cannot choose how
 //! it is checked (no `alg: none`, no HS256 signed with a public key).
 //! `iss`, `aud`, `exp` and `sub` are required and checked; `roles` must hold
-//! `customer` or `admin`. A customer's `sub` is their customer id (a UUID).
+//! `customer` or `admin`.
+//!
+//! A customer's id comes from their token's subject ([`customer_id_of`]):
+//! a `sub` that is a UUID is the customer id itself (tokens of
+//! `commerce-kernel token`, Keycloak's subjects), and any other subject
+//! (Auth0's `auth0|64f…`, Cognito's, Google's digits) maps to a UUIDv5 of
+//! the issuer and the subject, the pair OpenID Connect makes unique. The
+//! mapping never changes, so a customer keeps their carts and orders from
+//! token to token; the subject itself is on record as the `actor` of every
+//! event the customer's requests write (`customer:<sub>`).
+//!
+//! **Guest sessions.** A shop without an identity provider still sells to
+//! guests: [`Authenticator::mint_guest`] signs a short-lived customer token
+//! for a new random customer id, marked `"guest": true`, with the HS256
+//! secret, or, when an identity provider signs the other tokens, with
+//! `COMMERCE_GUEST_TOKEN_SECRET` (HS256 is then accepted for guest tokens
+//! alone, never for admins). A guest token grants what a customer token
+//! grants, for its own id only; its actor is `guest:<id>`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +54,8 @@ pub const JWKS_MIN_REFRESH: Duration = Duration::from_secs(30);
 pub const JWKS_MAX_AGE: Duration = Duration::from_secs(600);
 /// Longest a JWKS fetch may take.
 const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest token subject accepted, in bytes.
+pub const MAX_SUBJECT_BYTES: usize = 256;
 /// Name of the generated development secret inside the data directory.
 pub const SECRET_FILE: &str = "jwt-secret";
 
@@ -67,6 +86,20 @@ impl Role {
     }
 }
 
+/// Namespace of the customer ids of subjects that are not UUIDs.
+const CUSTOMER_SUBJECT_NAMESPACE: Uuid = Uuid::from_u128(0x3c8e_61d4_0b7a_4f59_a2e1_7d5c_90f4_1b28);
+
+/// The customer id of the subject `subject` of tokens from `issuer`: the
+/// subject itself when it is a UUID, else UUIDv5 of `<issuer> <subject>`.
+pub fn customer_id_of(issuer: &str, subject: &str) -> Uuid {
+    Uuid::parse_str(subject).unwrap_or_else(|_| {
+        Uuid::new_v5(
+            &CUSTOMER_SUBJECT_NAMESPACE,
+            format!("{issuer} {subject}").as_bytes(),
+        )
+    })
+}
+
 /// The authenticated caller of a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
@@ -74,6 +107,10 @@ pub struct Principal {
     pub subject: String,
     /// The strongest role the token grants.
     pub role: Role,
+    /// For customers, the id their subject maps to ([`customer_id_of`]).
+    customer: Option<Uuid>,
+    /// A guest session's token ([`Authenticator::mint_guest`]).
+    guest: bool,
 }
 
 impl Principal {
@@ -81,14 +118,24 @@ impl Principal {
         Principal {
             subject: subject.into(),
             role: Role::Admin,
+            customer: None,
+            guest: false,
         }
     }
 
+    /// A customer whose token's subject is their id.
     pub fn customer(customer_id: Uuid) -> Self {
         Principal {
             subject: customer_id.to_string(),
             role: Role::Customer,
+            customer: Some(customer_id),
+            guest: false,
         }
+    }
+
+    /// Whether the token is a guest session's.
+    pub fn is_guest(&self) -> bool {
+        self.guest
     }
 
     pub fn is_admin(&self) -> bool {
@@ -103,14 +150,20 @@ impl Principal {
     /// The customer this caller is, for customer tokens.
     pub fn customer_id(&self) -> Option<Uuid> {
         match self.role {
-            Role::Customer => Uuid::parse_str(&self.subject).ok(),
+            Role::Customer => self.customer,
             Role::Admin => None,
         }
     }
 
-    /// How commands record this caller (`admin:<sub>`, `customer:<sub>`).
+    /// How commands record this caller (`admin:<sub>`, `customer:<sub>`,
+    /// `guest:<id>`).
     pub fn actor(&self) -> String {
-        format!("{}:{}", self.role.as_str(), self.subject)
+        let kind = if self.guest {
+            "guest"
+        } else {
+            self.role.as_str()
+        };
+        format!("{kind}:{}", self.subject)
     }
 }
 
@@ -144,6 +197,9 @@ pub struct AuthConfig {
     pub issuer: String,
     /// Required `aud` (one of the token's audiences).
     pub audience: String,
+    /// Signs and checks guest tokens (HS256) when the other tokens come
+    /// from a JWKS; with an HS256 secret, that secret signs them.
+    pub guest_secret: Option<String>,
 }
 
 /// Why a request was not authenticated (401) or not authorized (403).
@@ -199,6 +255,17 @@ struct Claims {
     exp: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
+    /// A guest session's token.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    guest: bool,
+}
+
+/// A guest session: its token, the customer it names, and when it ends.
+#[derive(Debug, Clone)]
+pub struct GuestSession {
+    pub token: String,
+    pub customer_id: Uuid,
+    pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Checks tokens; cheap to clone and share.
@@ -210,6 +277,8 @@ pub struct Authenticator {
 struct Inner {
     keys: Keys,
     validation: Validation,
+    /// HS256 keys for guest tokens when `keys` is a JWKS, and their checks.
+    guest_keys: Option<(DecodingKey, EncodingKey, Validation)>,
     issuer: String,
     audience: String,
 }
@@ -241,16 +310,20 @@ impl Authenticator {
                 (Keys::Jwks(cache), Algorithm::RS256)
             }
         };
-        let mut validation = Validation::new(algorithm);
-        validation.set_issuer(&[&config.issuer]);
-        validation.set_audience(&[&config.audience]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-        validation.leeway = LEEWAY.as_secs();
-        validation.validate_nbf = true;
+        let validation = validation(algorithm, config);
+        let guest_keys = match (&keys, &config.guest_secret) {
+            (Keys::Jwks(_), Some(secret)) => Some((
+                DecodingKey::from_secret(secret.as_bytes()),
+                EncodingKey::from_secret(secret.as_bytes()),
+                self::validation(Algorithm::HS256, config),
+            )),
+            _ => None,
+        };
         Ok(Authenticator {
             inner: Arc::new(Inner {
                 keys,
                 validation,
+                guest_keys,
                 issuer: config.issuer.clone(),
                 audience: config.audience.clone(),
             }),
@@ -281,6 +354,17 @@ impl Authenticator {
             Keys::Hs256 { decoding, .. } => decode(token, decoding, &inner.validation)?,
             Keys::Jwks(cache) => {
                 let header = jsonwebtoken::decode_header(token).map_err(refusal)?;
+                if header.alg == Algorithm::HS256
+                    && let Some((decoding, _, validation)) = &inner.guest_keys
+                {
+                    let claims = decode(token, decoding, validation)?;
+                    if !claims.guest {
+                        return Err(AuthError::Invalid(
+                            "HS256 is accepted for guest tokens only".into(),
+                        ));
+                    }
+                    return principal(claims, &inner.issuer);
+                }
                 if header.alg != Algorithm::RS256 {
                     return Err(AuthError::Invalid(format!(
                         "algorithm {:?} is not accepted (RS256 only)",
@@ -291,7 +375,47 @@ impl Authenticator {
                 decode(token, &key, &inner.validation)?
             }
         };
-        principal(claims)
+        principal(claims, &inner.issuer)
+    }
+
+    /// Whether [`mint_guest`](Self::mint_guest) can sign guest sessions.
+    pub fn signs_guest_sessions(&self) -> bool {
+        matches!(self.inner.keys, Keys::Hs256 { .. }) || self.inner.guest_keys.is_some()
+    }
+
+    /// A guest session for a new customer id, valid for `ttl`. Refused when
+    /// the tokens come from an identity provider and no guest secret is set.
+    pub fn mint_guest(&self, ttl: Duration) -> Result<GuestSession, AuthSetupError> {
+        let encoding = match (&self.inner.keys, &self.inner.guest_keys) {
+            (Keys::Hs256 { encoding, .. }, _) => encoding,
+            (Keys::Jwks(_), Some((_, encoding, _))) => encoding,
+            (Keys::Jwks(_), None) => {
+                return Err(AuthSetupError::Mint(
+                    "guest sessions need COMMERCE_GUEST_TOKEN_SECRET when an identity provider \
+                     signs the tokens (COMMERCE_JWKS_URL)"
+                        .into(),
+                ));
+            }
+        };
+        let customer_id = Uuid::new_v4();
+        let now = chrono::Utc::now();
+        let expires_at = now + chrono::Duration::seconds(ttl.as_secs().min(i64::MAX as u64) as i64);
+        let claims = Claims {
+            sub: customer_id.to_string(),
+            roles: vec![Role::Customer.as_str().to_string()],
+            iss: Some(self.inner.issuer.clone()),
+            aud: Some(serde_json::Value::String(self.inner.audience.clone())),
+            exp: Some(expires_at.timestamp().max(0) as u64),
+            iat: Some(now.timestamp().max(0) as u64),
+            guest: true,
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, encoding)
+            .map_err(|e| AuthSetupError::Mint(e.to_string()))?;
+        Ok(GuestSession {
+            token,
+            customer_id,
+            expires_at,
+        })
     }
 
     /// A signed HS256 token for `subject` with `role`, valid for `ttl`.
@@ -302,10 +426,11 @@ impl Authenticator {
                 "tokens are signed by your identity provider when COMMERCE_JWKS_URL is set".into(),
             ));
         };
-        if role == Role::Customer && Uuid::parse_str(subject).is_err() {
-            return Err(AuthSetupError::Mint(
-                "a customer's subject is their customer id, a UUID".into(),
-            ));
+        let subject = subject.trim();
+        if subject.is_empty() || subject.len() > MAX_SUBJECT_BYTES {
+            return Err(AuthSetupError::Mint(format!(
+                "a subject is 1 to {MAX_SUBJECT_BYTES} bytes"
+            )));
         }
         let now = chrono::Utc::now().timestamp().max(0) as u64;
         let claims = Claims {
@@ -315,6 +440,7 @@ impl Authenticator {
             aud: Some(serde_json::Value::String(self.inner.audience.clone())),
             exp: Some(now + ttl.as_secs()),
             iat: Some(now),
+            guest: false,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, encoding)
             .map_err(|e| AuthSetupError::Mint(e.to_string()))
@@ -330,13 +456,25 @@ impl Keys {
     }
 }
 
+/// The checks every token passes: `algorithm`, the configured issuer and
+/// audience, the registered claims present, `exp` and `nbf` with leeway.
+fn validation(algorithm: Algorithm, config: &AuthConfig) -> Validation {
+    let mut validation = Validation::new(algorithm);
+    validation.set_issuer(&[&config.issuer]);
+    validation.set_audience(&[&config.audience]);
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    validation.leeway = LEEWAY.as_secs();
+    validation.validate_nbf = true;
+    validation
+}
+
 fn decode(token: &str, key: &DecodingKey, validation: &Validation) -> Result<Claims, AuthError> {
     jsonwebtoken::decode::<Claims>(token, key, validation)
         .map(|data| data.claims)
         .map_err(refusal)
 }
 
-fn principal(claims: Claims) -> Result<Principal, AuthError> {
+fn principal(claims: Claims, issuer: &str) -> Result<Principal, AuthError> {
     let roles: Vec<Role> = claims.roles.iter().filter_map(|r| Role::parse(r)).collect();
     let role = if roles.contains(&Role::Admin) {
         Role::Admin
@@ -346,19 +484,26 @@ fn principal(claims: Claims) -> Result<Principal, AuthError> {
         return Err(AuthError::NoRole);
     };
     let subject = claims.sub.trim();
-    if subject.is_empty() || subject.len() > 256 {
+    if subject.is_empty() || subject.len() > MAX_SUBJECT_BYTES {
+        return Err(AuthError::Invalid(format!(
+            "`sub` must be 1 to {MAX_SUBJECT_BYTES} bytes"
+        )));
+    }
+    if subject.chars().any(char::is_control) {
         return Err(AuthError::Invalid(
-            "`sub` must be 1 to 256 characters".into(),
+            "`sub` must not hold control characters".into(),
         ));
     }
-    if role == Role::Customer && Uuid::parse_str(subject).is_err() {
+    if claims.guest && (role != Role::Customer || Uuid::parse_str(subject).is_err()) {
         return Err(AuthError::Invalid(
-            "a customer token's `sub` must be the customer id (a UUID)".into(),
+            "a guest token names one customer id and grants nothing else".into(),
         ));
     }
     Ok(Principal {
         subject: subject.to_string(),
         role,
+        customer: (role == Role::Customer).then(|| customer_id_of(issuer, subject)),
+        guest: claims.guest,
     })
 }
 
@@ -563,6 +708,7 @@ mod tests {
             keys: KeySource::Secret(secret.into()),
             issuer: "iss-a".into(),
             audience: "aud-a".into(),
+            guest_secret: None,
         }
     }
 
@@ -639,6 +785,7 @@ mod tests {
             aud: Some("aud-a".into()),
             exp: Some(1_000),
             iat: None,
+            guest: false,
         };
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
@@ -678,6 +825,7 @@ mod tests {
                 aud: Some(serde_json::json!(["other", "aud-a"])),
                 exp: Some(chrono::Utc::now().timestamp() as u64 + 60),
                 iat: None,
+                guest: false,
             };
             jsonwebtoken::encode(
                 &Header::new(Algorithm::HS256),
@@ -690,17 +838,72 @@ mod tests {
             auth.verify(&sign("ops", &["viewer"])).await,
             Err(AuthError::NoRole)
         );
-        assert!(matches!(
-            auth.verify(&sign("not-a-uuid", &["customer"])).await,
-            Err(AuthError::Invalid(_))
-        ));
+        for refused in ["", "   ", "a\u{0}b", &"x".repeat(MAX_SUBJECT_BYTES + 1)] {
+            assert!(
+                matches!(
+                    auth.verify(&sign(refused, &["customer"])).await,
+                    Err(AuthError::Invalid(_))
+                ),
+                "{refused:?}"
+            );
+        }
         // Admin wins over customer; an audience list containing ours passes.
         let both = auth.verify(&sign("ops", &["customer", "admin"])).await;
         assert_eq!(both, Ok(Principal::admin("ops")));
         assert!(
-            auth.mint("not-a-uuid", Role::Customer, Duration::from_secs(1))
-                .is_err()
+            auth.mint(
+                &"x".repeat(MAX_SUBJECT_BYTES + 1),
+                Role::Customer,
+                Duration::from_secs(1)
+            )
+            .is_err()
         );
+    }
+
+    /// An identity provider's subject that is not a UUID (Auth0's
+    /// `auth0|…`) names a customer: the same one on every token, another
+    /// one for another subject or issuer; a UUID subject is its own id.
+    #[tokio::test]
+    async fn any_subject_maps_to_a_stable_customer_id() {
+        let auth = Authenticator::open(&config(SECRET)).await.unwrap();
+        let subject = "auth0|64f1c0ffee0123456789abcd";
+        let first = auth
+            .verify(
+                &auth
+                    .mint(subject, Role::Customer, Duration::from_secs(60))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let again = auth
+            .verify(
+                &auth
+                    .mint(subject, Role::Customer, Duration::from_secs(60))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let customer = first.customer_id().expect("a customer id");
+        assert_eq!(again.customer_id(), Some(customer));
+        assert_eq!(customer, customer_id_of("iss-a", subject));
+        assert_eq!(customer.get_version_num(), 5);
+        assert_eq!(first.subject, subject);
+        assert_eq!(first.actor(), format!("customer:{subject}"));
+        assert!(first.may_access(customer) && !first.may_access(Uuid::now_v7()));
+        assert_ne!(customer_id_of("iss-a", "auth0|other"), customer);
+        assert_ne!(customer_id_of("iss-b", subject), customer);
+        let id = Uuid::now_v7();
+        assert_eq!(customer_id_of("iss-a", &id.to_string()), id);
+        // An admin token has no customer id, whatever its subject.
+        let admin = auth
+            .verify(
+                &auth
+                    .mint(subject, Role::Admin, Duration::from_secs(60))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(admin.customer_id(), None);
     }
 
     #[test]

@@ -32,10 +32,34 @@ pub const CART_TTL_SECS: &str = "COMMERCE_CART_TTL_SECS";
 pub const CART_MAX_LINES: &str = "COMMERCE_CART_MAX_LINES";
 pub const PLUGINS_DIR: &str = "COMMERCE_PLUGINS_DIR";
 pub const PLUGIN_CONCURRENCY: &str = "COMMERCE_PLUGIN_CONCURRENCY";
+/// Whether a kernel on a database where no payment or shipping plugin was
+/// ever activated activates the bundled ones (default true).
+pub const DEFAULT_PLUGINS: &str = "COMMERCE_DEFAULT_PLUGINS";
 pub const JWT_SECRET: &str = "COMMERCE_JWT_SECRET";
 pub const JWKS_URL: &str = "COMMERCE_JWKS_URL";
 pub const JWT_ISSUER: &str = "COMMERCE_JWT_ISSUER";
 pub const JWT_AUDIENCE: &str = "COMMERCE_JWT_AUDIENCE";
+/// Signs guest session tokens when `COMMERCE_JWKS_URL` is set.
+pub const GUEST_TOKEN_SECRET: &str = "COMMERCE_GUEST_TOKEN_SECRET";
+/// Whether the kernel creates the demo catalog (`seed --demo`) when it
+/// starts, where it is missing (default false).
+pub const DEMO_CATALOG: &str = "COMMERCE_DEMO_CATALOG";
+/// Whether the catalog (`products`, `product`, `inventory`) answers
+/// requests without a token (default true).
+pub const PUBLIC_CATALOG: &str = "COMMERCE_PUBLIC_CATALOG";
+/// Whether `createGuestSession` answers (default true).
+pub const GUEST_SESSIONS: &str = "COMMERCE_GUEST_SESSIONS";
+/// How long a guest session's token lives, in seconds (default 86400).
+pub const GUEST_SESSION_TTL_SECS: &str = "COMMERCE_GUEST_SESSION_TTL_SECS";
+/// Guest sessions one client address may start per minute, per process
+/// (default 10).
+pub const GUEST_SESSIONS_PER_MINUTE: &str = "COMMERCE_GUEST_SESSIONS_PER_MINUTE";
+/// Browser origins that may call the API (`https://shop.example,
+/// http://localhost:3000`); none by default.
+pub const CORS_ORIGINS: &str = "COMMERCE_CORS_ORIGINS";
+/// Whether the client address is the last one a proxy appended to
+/// `X-Forwarded-For` (default false: the connection's peer).
+pub const TRUST_FORWARDED_FOR: &str = "COMMERCE_TRUST_FORWARDED_FOR";
 pub const GRAPHQL_MAX_DEPTH: &str = "COMMERCE_GRAPHQL_MAX_DEPTH";
 pub const GRAPHQL_MAX_COMPLEXITY: &str = "COMMERCE_GRAPHQL_MAX_COMPLEXITY";
 pub const GRAPHQL_MAX_PAGE_SIZE: &str = "COMMERCE_GRAPHQL_MAX_PAGE_SIZE";
@@ -87,6 +111,32 @@ pub struct Config {
     pub live_poll_interval: Duration,
     /// A `tracing` filter directive such as `info` or `commerce_kernel=debug`.
     pub log_filter: String,
+    /// What browsers and guests may do without an identity provider.
+    pub storefront: StorefrontConfig,
+    /// Create the demo catalog at start where it is missing.
+    pub demo_catalog: bool,
+}
+
+/// Access for storefronts that call the API from browsers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorefrontConfig {
+    /// The catalog answers requests without a token.
+    pub public_catalog: bool,
+    /// `createGuestSession`, when guest sessions are on.
+    pub guest_sessions: Option<GuestSessionConfig>,
+    /// Origins (`scheme://host[:port]`) whose pages may call the API.
+    pub cors_origins: Vec<String>,
+    /// Take the client address from `X-Forwarded-For` (behind a proxy).
+    pub trust_forwarded_for: bool,
+}
+
+/// How guest sessions are handed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestSessionConfig {
+    /// How long a guest token lives.
+    pub ttl: Duration,
+    /// Sessions one client address may start per minute in one process.
+    pub per_minute: u32,
 }
 
 /// Where plugins live and how many invocations may run at once.
@@ -96,6 +146,10 @@ pub struct PluginsConfig {
     pub dir: PathBuf,
     /// Plugin invocations running at once in this process; more wait.
     pub max_concurrent_invocations: u32,
+    /// Activate the bundled payment and shipping plugins (and install the
+    /// `order-limit` step) on a database where no payment or shipping
+    /// plugin was ever activated; see [`crate::commerce::bundled_plugins`].
+    pub activate_defaults: bool,
 }
 
 /// Bounds on GraphQL requests. Each is configurable; each refusal names it.
@@ -193,6 +247,7 @@ impl Config {
         let plugins = PluginsConfig {
             dir: get(PLUGINS_DIR).map_or_else(|| data_dir.join("plugins"), PathBuf::from),
             max_concurrent_invocations,
+            activate_defaults: flag(&get, DEFAULT_PLUGINS, true)?,
         };
 
         let lease_ms: u64 = parse_or(
@@ -286,7 +341,11 @@ impl Config {
             .or_else(|| get("RUST_LOG"))
             .unwrap_or_else(|| "info,sqlx=warn".to_string());
 
+        let storefront = storefront_config(&get)?;
+
         Ok(Config {
+            storefront,
+            demo_catalog: flag(&get, DEMO_CATALOG, false)?,
             listen_addr,
             database,
             carts,
@@ -347,10 +406,26 @@ fn auth_config(
             }
         },
     };
+    let guest_secret = get(GUEST_TOKEN_SECRET);
+    if let Some(secret) = &guest_secret {
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(invalid(
+                GUEST_TOKEN_SECRET,
+                format!("must be at least {MIN_SECRET_BYTES} bytes"),
+            ));
+        }
+        if !matches!(keys, KeySource::Jwks(_)) {
+            return Err(invalid(
+                GUEST_TOKEN_SECRET,
+                format!("is for {JWKS_URL} only: without it, the HS256 secret signs guest tokens"),
+            ));
+        }
+    }
     Ok(AuthConfig {
         keys,
         issuer: get(JWT_ISSUER).unwrap_or_else(|| "commerce-kernel".to_string()),
         audience: get(JWT_AUDIENCE).unwrap_or_else(|| "commerce-kernel".to_string()),
+        guest_secret,
     })
 }
 
@@ -389,6 +464,82 @@ fn flag(
         Some("false" | "0" | "no" | "off") => Ok(false),
         Some(other) => Err(invalid(name, format!("`{other}` is not true or false"))),
     }
+}
+
+fn storefront_config(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<StorefrontConfig, ConfigError> {
+    let guest_sessions = if flag(get, GUEST_SESSIONS, true)? {
+        let ttl_secs: u64 = parse_or(
+            get,
+            GUEST_SESSION_TTL_SECS,
+            86_400,
+            "a whole number of seconds",
+        )?;
+        if !(60..=30 * 86_400).contains(&ttl_secs) {
+            return Err(invalid(
+                GUEST_SESSION_TTL_SECS,
+                "must be between 60 and 2592000 seconds (30 days)",
+            ));
+        }
+        let per_minute: u32 = parse_or(get, GUEST_SESSIONS_PER_MINUTE, 10, "a whole number")?;
+        if !(1..=100_000).contains(&per_minute) {
+            return Err(invalid(
+                GUEST_SESSIONS_PER_MINUTE,
+                "must be between 1 and 100000",
+            ));
+        }
+        Some(GuestSessionConfig {
+            ttl: Duration::from_secs(ttl_secs),
+            per_minute,
+        })
+    } else {
+        None
+    };
+    let mut cors_origins = Vec::new();
+    for origin in get(CORS_ORIGINS).iter().flat_map(|list| list.split(',')) {
+        let origin = origin.trim().trim_end_matches('/');
+        if origin.is_empty() {
+            continue;
+        }
+        if !is_origin(origin) {
+            return Err(invalid(
+                CORS_ORIGINS,
+                format!(
+                    "`{origin}` is not an origin such as https://shop.example or http://localhost:3000 \
+                     (scheme, host and port only; no path, no wildcard)"
+                ),
+            ));
+        }
+        cors_origins.push(origin.to_ascii_lowercase());
+    }
+    Ok(StorefrontConfig {
+        public_catalog: flag(get, PUBLIC_CATALOG, true)?,
+        guest_sessions,
+        cors_origins,
+        trust_forwarded_for: flag(get, TRUST_FORWARDED_FOR, false)?,
+    })
+}
+
+/// `http(s)://host[:port]`, as a browser sends it in `Origin`.
+fn is_origin(text: &str) -> bool {
+    let Some((scheme, authority)) = text.split_once("://") else {
+        return false;
+    };
+    let host = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+                return false;
+            }
+            host
+        }
+        _ => authority,
+    };
+    matches!(scheme, "http" | "https")
+        && !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'))
 }
 
 /// `postgres://` and `postgresql://` select Postgres; `sqlite:` selects a file.

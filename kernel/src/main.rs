@@ -1,7 +1,7 @@
 //! `commerce-kernel`: runs the kernel (`serve`, the default), applies migrations
 //! (`migrate`), prints the GraphQL schema (`schema`), mints a development
-//! token (`token`), or puts a storefront's load on a running kernel
-//! (`loadtest`).
+//! token (`token`), creates a sample catalog (`seed --demo`), or puts a
+//! storefront's load on a running kernel (`loadtest`).
 
 use std::process::ExitCode;
 
@@ -28,7 +28,11 @@ commands:
   schema    print the GraphQL schema (SDL) to stdout
   token --sub <id> --role <customer|admin> [--ttl <seconds>]
             print a bearer token signed with the configured HS256 secret
-            (a customer's id is a UUID; default lifetime 86400 seconds)
+            (a customer's UUID subject is their id; any other subject maps to
+            one, see README; default lifetime 86400 seconds)
+  seed --demo
+            create a small sample catalog (prices in EUR and USD, stock),
+            unless it exists, and print it with a customer token to use
   loadtest [options]
             place orders on a running kernel as a storefront does and
             report orders/s, latencies and CPU per order (`loadtest --help`)
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         [] => "serve",
         [first, ..] if first == "token" => return token(&args[1..]),
         [first, ..] if first == "loadtest" => return loadtest(&args[1..]),
+        [first, ..] if first == "seed" => return seed(&args[1..]),
         [one] => one.as_str(),
         _ => {
             eprintln!("commerce-kernel: expected at most one command\n\n{USAGE}");
@@ -153,6 +158,109 @@ fn token(args: &[String]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `seed --demo`: the demo catalog, created where missing, then printed
+/// with a customer token.
+fn seed(args: &[String]) -> ExitCode {
+    use commerce_kernel::commerce::{CommandContext, Commerce};
+    if args != ["--demo"] {
+        eprintln!("commerce-kernel seed: the one seed is `seed --demo`\n\n{USAGE}");
+        return ExitCode::from(2);
+    }
+    let config = match config_from_env() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match multi_thread_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let seeded = runtime.block_on(async {
+        let database = Database::connect(&config.database)
+            .await
+            .map_err(|error| error.to_string())?;
+        database
+            .migrate()
+            .await
+            .map_err(|error| error.to_string())?;
+        let commerce = Commerce::new(database.event_store(), database.view_store());
+        let context = CommandContext {
+            actor: Some(format!("cli:{}", cli_user())),
+            correlation_id: Some(uuid::Uuid::now_v7()),
+        };
+        let seeded = commerce
+            .seed_demo_catalog(&context)
+            .await
+            .map_err(|error| error.to_string());
+        database.close().await;
+        let token = match Authenticator::open(&config.auth).await {
+            Ok(auth) => auth
+                .mint(
+                    "demo-customer",
+                    Role::Customer,
+                    Duration::from_secs(7 * 86_400),
+                )
+                .ok(),
+            Err(_) => None,
+        };
+        seeded.map(|seeded| (seeded, token))
+    });
+    let (products, token) = match seeded {
+        Ok(seeded) => seeded,
+        Err(error) => {
+            eprintln!("commerce-kernel seed: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let created = products.iter().filter(|p| p.created).count();
+    println!(
+        "Demo catalog: {} products, {created} created now, {} already there.",
+        products.len(),
+        products.len() - created
+    );
+    for product in &products {
+        let stock = if product.stocked {
+            format!("stocked with {}", commerce_kernel::commerce::DEMO_STOCK)
+        } else {
+            "stock left as it was".to_string()
+        };
+        println!(
+            "  {:<11} {:<24} {:>9}  {}  {stock}",
+            product.sku,
+            product.name,
+            // The demo's currencies have cents.
+            format!(
+                "{:.2} {}",
+                product.price.amount(),
+                product.price.currency().code()
+            ),
+            product.product_id
+        );
+    }
+    match token {
+        Some(token) => println!(
+            "\nA customer token (subject demo-customer, valid 7 days), for GraphiQL's headers pane:\n  \
+             {{\"Authorization\": \"Bearer {token}\"}}"
+        ),
+        None => println!(
+            "\nTokens come from your identity provider here; guests may also start a session with \
+             createGuestSession."
+        ),
+    }
+    println!(
+        "\nThe catalog needs no token:\n  {{ products {{ edges {{ node {{ id sku name price {{ amount currency }} inventory {{ available }} }} }} }} }}"
+    );
+    ExitCode::SUCCESS
+}
+
+/// Who runs a command-line tool, for the actor of what it records.
+fn cli_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .ok()
+        .filter(|user| !user.is_empty() && user.len() <= 64 && !user.contains(char::is_control))
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 /// `loadtest [options]`: runs a load test and prints its report.

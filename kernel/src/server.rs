@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
 use async_graphql::{BatchRequest, Data};
 use async_graphql_axum::{GraphQLBatchRequest, GraphQLProtocol, GraphQLWebSocket};
-use axum::extract::State;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -20,21 +20,28 @@ use axum::{Json, Router};
 use commerce_plugin_host::{EngineConfig, LoadError, PluginRegistry};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::api::access::AnonymousAccess;
+use crate::api::guests::{ClientAddress, GuestSessions};
 use crate::api::{self, ErrorCode, KernelSchema};
 use crate::auth::{AuthError, AuthSetupError, Authenticator};
 use crate::carts::{self, ActivityRecorder, CartStore, CartStoreError};
-use crate::commerce::{Carts, Commerce, Plugins, Sagas};
-use crate::config::{Config, ConfigError, GraphqlLimits, TEST_PAUSE_AT};
+use crate::commerce::{Carts, CommandContext, CommandError, Commerce, Plugins, Sagas};
+use crate::config::{Config, ConfigError, GraphqlLimits, StorefrontConfig, TEST_PAUSE_AT};
 use crate::event_store::StoreError;
 use crate::live::{LiveUpdates, NotifyingEventStore, NotifyingSagaStore};
 use crate::projections::Projector;
 use crate::sagas::hooks::FaultHooks;
 use crate::sagas::runner::{RunnerMetrics, RunnerSettings, SagaRunner};
 use crate::storage::Database;
+
+/// The actor of what the kernel records on its own, such as activating the
+/// bundled plugins on a fresh database.
+pub const SYSTEM_ACTOR: &str = "system";
 
 /// How long a health probe waits for a backing store before calling it down.
 const HEALTH_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -50,6 +57,8 @@ pub enum KernelError {
     Carts(#[from] CartStoreError),
     #[error("plugins: {0}")]
     Plugins(#[from] LoadError),
+    #[error("setting up the shop: {0}")]
+    Setup(#[from] CommandError),
     #[error("authentication: {0}")]
     Auth(#[from] AuthSetupError),
     #[error("cannot listen on {address}: {source}")]
@@ -80,6 +89,10 @@ pub struct AppState {
     /// Set once shutdown begins, so `/ready` sends load balancers elsewhere.
     draining: Arc<AtomicBool>,
     graphiql: bool,
+    /// What requests without a token may run.
+    anonymous: AnonymousAccess,
+    /// Browser origins and the client address source.
+    storefront: Arc<StorefrontConfig>,
 }
 
 impl AppState {
@@ -110,6 +123,7 @@ impl AppState {
             plugins: plugins.clone(),
             sagas: sagas.clone(),
             live: live.clone(),
+            guests: GuestSessions::new(auth.clone(), config.storefront.guest_sessions),
         };
         AppState {
             schema: api::build_schema(adapters, config.graphql),
@@ -126,13 +140,18 @@ impl AppState {
             database,
             draining: Arc::new(AtomicBool::new(false)),
             graphiql: config.graphiql,
+            anonymous: AnonymousAccess {
+                catalog: config.storefront.public_catalog,
+                guest_sessions: config.storefront.guest_sessions.is_some(),
+            },
+            storefront: Arc::new(config.storefront.clone()),
         }
     }
 }
 
 /// The kernel's routes with their limits.
 pub fn router(state: AppState, config: &Config) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/graphql", get(graphql_get).post(graphql))
         .route("/health", get(health))
         .route("/ready", get(ready))
@@ -141,9 +160,82 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             config.request_timeout,
-        ))
-        .layer(TraceLayer::new_for_http())
-        .with_state(state)
+        ));
+    let router = match cors(&config.storefront) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.layer(TraceLayer::new_for_http()).with_state(state)
+}
+
+/// Answers browsers' preflights and requests from the configured origins
+/// (`COMMERCE_CORS_ORIGINS`); other origins get no CORS headers, so their
+/// pages cannot read the answers. Credentials are bearer tokens, never
+/// cookies, so none are allowed.
+fn cors(storefront: &StorefrontConfig) -> Option<CorsLayer> {
+    let origins: Vec<HeaderValue> = storefront
+        .cors_origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    (!origins.is_empty()).then(|| {
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(Duration::from_secs(600))
+    })
+}
+
+/// Where a request comes from: the last address a trusted proxy appended
+/// to `X-Forwarded-For`, else the connection's peer.
+fn client_address(
+    storefront: &StorefrontConfig,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+) -> ClientAddress {
+    let forwarded = storefront
+        .trust_forwarded_for
+        .then(|| {
+            headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|value| value.to_str().ok())
+                .flat_map(|value| value.split(','))
+                .filter_map(|entry| entry.trim().parse::<std::net::IpAddr>().ok())
+                .next_back()
+        })
+        .flatten();
+    ClientAddress(
+        forwarded
+            .or(peer.map(|peer| peer.ip()))
+            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
+    )
+}
+
+/// Whether a WebSocket upgrade may proceed: a browser names its page's
+/// origin, which must be a configured one or the kernel's own (GraphiQL);
+/// clients that are not browsers send none.
+fn origin_allowed(storefront: &StorefrontConfig, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let origin = origin.to_ascii_lowercase();
+    if storefront.cors_origins.contains(&origin) {
+        return true;
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    host.is_some_and(|host| {
+        origin
+            .split_once("://")
+            .is_some_and(|(_, authority)| authority == host)
+    })
 }
 
 /// Opens the database (applying migrations) and the cart store, and serves
@@ -197,8 +289,29 @@ pub async fn serve(
         auth,
         config,
     );
-    // The plugin versions recorded as active, before the first request.
+    // The plugin versions recorded as active, before the first request;
+    // the bundled ones among them are in every process's directory.
+    state.plugins.place_bundled().await?;
     state.plugins.catch_up().await?;
+    if config.plugins.activate_defaults {
+        let system = CommandContext {
+            actor: Some(SYSTEM_ACTOR.to_string()),
+            correlation_id: None,
+        };
+        state.plugins.activate_defaults(&system).await?;
+    }
+    if config.demo_catalog {
+        let system = CommandContext {
+            actor: Some(SYSTEM_ACTOR.to_string()),
+            correlation_id: None,
+        };
+        let seeded = state.commerce.seed_demo_catalog(&system).await?;
+        tracing::info!(
+            products = seeded.len(),
+            created = seeded.iter().filter(|product| product.created).count(),
+            "demo catalog in place (COMMERCE_DEMO_CATALOG)"
+        );
+    }
     let draining = Arc::clone(&state.draining);
     // Background work of every kernel process: projections, the expiry sweep,
     // the plugin follower, the cart activity recorder and the saga runner.
@@ -297,7 +410,11 @@ pub async fn serve(
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, app).with_graceful_shutdown(graceful);
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(graceful);
     let grace = config.shutdown_timeout;
     let deadline = async move {
         if stopping_rx.wait_for(|stopping| *stopping).await.is_err() {
@@ -382,6 +499,7 @@ pub async fn shutdown_signal() {
 /// every error carrying a code.
 async fn graphql(
     State(state): State<AppState>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     request: Result<GraphQLBatchRequest<BadRequest>, BadRequest>,
 ) -> Response {
@@ -389,13 +507,27 @@ async fn graphql(
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
     let principal = match state.auth.authenticate_header(authorization).await {
-        Ok(principal) => principal,
+        Ok(principal) => Some(principal),
+        // No token at all: the catalog and guest sessions may still answer.
+        Err(AuthError::Missing) => None,
         Err(error) => return auth_refusal(&error),
     };
     let request = match request {
         Ok(request) => request.0,
         Err(refusal) => return refusal.into_response(),
     };
+    if principal.is_none() {
+        let open = match &request {
+            BatchRequest::Single(request) => state.anonymous.allows(request),
+            BatchRequest::Batch(requests) => requests
+                .iter()
+                .all(|request| state.anonymous.allows(request)),
+        };
+        if !open {
+            return auth_refusal(&AuthError::Missing);
+        }
+    }
+    let client = client_address(&state.storefront, &headers, peer.map(|peer| peer.0.0));
     if let BatchRequest::Batch(requests) = &request
         && requests.len() > state.limits.max_batch
     {
@@ -409,7 +541,12 @@ async fn graphql(
             ),
         );
     }
-    let response = state.schema.execute_batch(request.data(principal)).await;
+    let request = request.data(client);
+    let request = match principal {
+        Some(principal) => request.data(principal),
+        None => request,
+    };
+    let response = state.schema.execute_batch(request).await;
     async_graphql_axum::GraphQLResponse::from(response).into_response()
 }
 
@@ -477,10 +614,16 @@ const WEBSOCKET_READ_BUFFER_BYTES: usize = 4 * 1024;
 /// anything else gets GraphiQL (when enabled).
 async fn graphql_get(
     State(state): State<AppState>,
+    headers: HeaderMap,
     protocol: Result<GraphQLProtocol, StatusCode>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match (upgrade, protocol) {
+        (Ok(_), _) if !origin_allowed(&state.storefront, &headers) => (
+            StatusCode::FORBIDDEN,
+            "this origin may not open subscriptions (COMMERCE_CORS_ORIGINS)",
+        )
+            .into_response(),
         (Ok(upgrade), Ok(protocol)) => {
             let (schema, auth) = (state.schema.clone(), state.auth.clone());
             // The body limit does not reach inside a WebSocket: bound its

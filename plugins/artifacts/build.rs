@@ -20,6 +20,8 @@ const GUESTS: &[(&str, &str)] = &[
     ("misbehaving", "MISBEHAVING"),
     ("payment-http", "PAYMENT_HTTP"),
     ("shipping-http", "SHIPPING_HTTP"),
+    ("manual-payment", "MANUAL_PAYMENT"),
+    ("flat-rate-shipping", "FLAT_RATE_SHIPPING"),
 ];
 
 fn main() {
@@ -72,6 +74,11 @@ fn build() -> Result<(), String> {
     ] {
         command.env_remove(variable);
     }
+    // The same sources must give the same bytes on every machine: the
+    // kernel ships some of these components (plugins/defaults), and a test
+    // compares them with this build. Paths end up in panic messages, so
+    // the checkout's and cargo's own are written as fixed prefixes.
+    command.env("CARGO_ENCODED_RUSTFLAGS", remapped_paths(&guests)?);
     let output = command
         .output()
         .map_err(|error| format!("could not run cargo to build the guest plugins: {error}"))?;
@@ -102,6 +109,24 @@ fn build() -> Result<(), String> {
     }
     fs::write(out_dir.join("components.rs"), source)
         .map_err(|error| format!("could not write components.rs: {error}"))
+}
+
+/// `--remap-path-prefix` flags (in cargo's encoding, separated by 0x1f)
+/// that turn the guests' folder into `/guests` and cargo's home (where
+/// dependencies' sources are) into `/cargo`.
+fn remapped_paths(guests: &Path) -> Result<String, String> {
+    let guests = fs::canonicalize(guests)
+        .map_err(|error| format!("cannot resolve {}: {error}", guests.display()))?;
+    let cargo_home = match env::var_os("CARGO_HOME") {
+        Some(home) => PathBuf::from(home),
+        None => PathBuf::from(env_var("HOME")?).join(".cargo"),
+    };
+    let cargo_home = fs::canonicalize(&cargo_home).unwrap_or(cargo_home);
+    Ok([
+        format!("--remap-path-prefix={}=/guests", guests.display()),
+        format!("--remap-path-prefix={}=/cargo", cargo_home.display()),
+    ]
+    .join("\u{1f}"))
 }
 
 /// Makes sure the toolchain has the standard library for `wasm32-wasip2`.

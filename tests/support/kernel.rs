@@ -66,6 +66,9 @@ impl RunningKernel {
         };
         default(config::LISTEN_ADDR, "127.0.0.1:0".into());
         default(config::JWT_SECRET, TEST_JWT_SECRET.into());
+        // The suites set up the plugins they test; tests/bundled_plugins.rs
+        // turns the bundled ones on.
+        default(config::DEFAULT_PLUGINS, "false".into());
         if let CartBackendConfig::Redis { url, key_prefix } = &carts.config {
             default(config::REDIS_URL, url.clone());
             default(config::REDIS_KEY_PREFIX, key_prefix.clone());

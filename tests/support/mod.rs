@@ -12,6 +12,7 @@ pub mod counting;
 pub mod fakes;
 pub mod kernel;
 pub mod shop;
+pub mod socket;
 
 use std::future::Future;
 use std::str::FromStr;
@@ -216,6 +217,13 @@ pub fn run_suite(cases: &[(&'static str, SuiteCase)]) -> ! {
 /// ignored on SQLite (several kernel processes, say).
 pub fn run_suite_except(cases: &[(&'static str, SuiteCase)], postgres_only: &[&str]) -> ! {
     let args = Arguments::from_args();
+    libtest_mimic::run(&args, suite_trials(cases, postgres_only)).exit()
+}
+
+/// The trials [`run_suite_except`] runs, for a test binary that adds
+/// trials of its own.
+#[allow(dead_code)]
+pub fn suite_trials(cases: &[(&'static str, SuiteCase)], postgres_only: &[&str]) -> Vec<Trial> {
     let postgres_configured = postgres_url().is_some();
     let mut trials = Vec::new();
     for kind in [BackendKind::Sqlite, BackendKind::Postgres] {
@@ -232,7 +240,7 @@ pub fn run_suite_except(cases: &[(&'static str, SuiteCase)], postgres_only: &[&s
             );
         }
     }
-    libtest_mimic::run(&args, trials).exit()
+    trials
 }
 
 fn run_case(kind: BackendKind, case: SuiteCase) -> Result<(), Failed> {

@@ -106,6 +106,13 @@ pub async fn set_up(
             )
             .await?;
     }
+    define_saga(admin).await?;
+    stocked_product(admin, stock).await
+}
+
+/// Defines the fulfilment saga with the built-in steps, the plugins
+/// `payment` and `shipping`, and [`RETRY`] everywhere.
+pub async fn define_saga(admin: &(impl AdminClient + Sync)) -> anyhow::Result<()> {
     let define = format!(
         "mutation {{ defineSaga(input: {{ timeoutMs: 60000, compensationRetry: {RETRY}, steps: [
             {{ name: \"reserve-inventory\", kind: RESERVE_INVENTORY, retry: {RETRY} }},
@@ -115,7 +122,7 @@ pub async fn set_up(
           {{ definition {{ revision }} errors {{ field code message }} }} }}"
     );
     admin.mutate("defineSaga", &define, json!({})).await?;
-    stocked_product(admin, stock).await
+    Ok(())
 }
 
 /// A new product (19.90 EUR) with `stock` units; its id.

@@ -98,3 +98,106 @@ pub(crate) async fn cart_refusal(
 fn not_found(kind: &'static str, id: Uuid) -> Result<UserError, ApiError> {
     user_error(DomainError::NotFound { kind, id }.into())
 }
+
+/// What a request without a token may run, as configured
+/// ([`crate::config::StorefrontConfig`]).
+#[derive(Clone, Copy, Debug)]
+pub struct AnonymousAccess {
+    /// `product`, `products` and `inventory`.
+    pub catalog: bool,
+    /// `createGuestSession`.
+    pub guest_sessions: bool,
+}
+
+impl AnonymousAccess {
+    /// Whether every operation of `request` selects, at its root, only
+    /// fields open to callers without a token (fragments followed). A
+    /// document that does not parse passes: executing it reports why, and
+    /// reads nothing.
+    ///
+    /// This is the gate for anonymous requests; below the root, fields that
+    /// need a caller refuse one without a principal as before
+    /// ([`principal`]), so a public field's admin-only child stays closed.
+    pub fn allows(self, request: &async_graphql::Request) -> bool {
+        use async_graphql::parser::types::{DocumentOperations, OperationType};
+        let Ok(document) = async_graphql::parser::parse_query(&request.query) else {
+            return true;
+        };
+        let operations: Vec<_> = match &document.operations {
+            DocumentOperations::Single(operation) => vec![&operation.node],
+            DocumentOperations::Multiple(operations) => match &request.operation_name {
+                Some(name) => operations
+                    .iter()
+                    .filter(|(n, _)| n.as_str() == name)
+                    .map(|(_, operation)| &operation.node)
+                    .collect(),
+                None => operations
+                    .values()
+                    .map(|operation| &operation.node)
+                    .collect(),
+            },
+        };
+        operations.into_iter().all(|operation| {
+            let open: &[&str] = match operation.ty {
+                OperationType::Query if self.catalog => &[
+                    "product",
+                    "products",
+                    "inventory",
+                    "__typename",
+                    "__schema",
+                    "__type",
+                ],
+                OperationType::Query => &["__typename", "__schema", "__type"],
+                OperationType::Mutation if self.guest_sessions => {
+                    &["createGuestSession", "__typename"]
+                }
+                OperationType::Mutation | OperationType::Subscription => &[],
+            };
+            let mut names = Vec::new();
+            root_field_names(&document, &operation.selection_set.node, 0, &mut names)
+                && names.iter().all(|name| open.contains(name))
+        })
+    }
+}
+
+/// The field names a root selection set selects, through fragment spreads
+/// and inline fragments; false when fragments nest deeper than a valid
+/// document needs (a cycle).
+fn root_field_names<'a>(
+    document: &'a async_graphql::parser::types::ExecutableDocument,
+    selection_set: &'a async_graphql::parser::types::SelectionSet,
+    depth: usize,
+    names: &mut Vec<&'a str>,
+) -> bool {
+    use async_graphql::parser::types::Selection;
+    if depth > 32 {
+        return false;
+    }
+    selection_set
+        .items
+        .iter()
+        .all(|selection| match &selection.node {
+            Selection::Field(field) => {
+                names.push(field.node.name.node.as_str());
+                true
+            }
+            Selection::InlineFragment(fragment) => root_field_names(
+                document,
+                &fragment.node.selection_set.node,
+                depth + 1,
+                names,
+            ),
+            Selection::FragmentSpread(spread) => {
+                match document.fragments.get(&spread.node.fragment_name.node) {
+                    Some(fragment) => root_field_names(
+                        document,
+                        &fragment.node.selection_set.node,
+                        depth + 1,
+                        names,
+                    ),
+                    // Validation refuses an unknown fragment before anything runs.
+                    None => true,
+                }
+            }
+        })
+}

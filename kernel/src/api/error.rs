@@ -57,8 +57,12 @@ pub enum ErrorCode {
     ReadModelLagging,
     /// No valid bearer token came with the request (HTTP 401).
     Unauthenticated,
-    /// The token's role may not do this (admin only).
+    /// The token's role may not do this (admin only), or the kernel is
+    /// configured not to (guest sessions turned off).
     Forbidden,
+    /// Too many requests of this kind from this client address; try again
+    /// shortly.
+    RateLimited,
     /// The document is malformed, fails validation against the schema, or
     /// exceeds a limit (depth, complexity, aliases, batch size).
     InvalidQuery,
@@ -86,6 +90,7 @@ impl ErrorCode {
             ErrorCode::ReadModelLagging => "READ_MODEL_LAGGING",
             ErrorCode::Unauthenticated => "UNAUTHENTICATED",
             ErrorCode::Forbidden => "FORBIDDEN",
+            ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::InvalidQuery => "INVALID_QUERY",
             ErrorCode::Internal => "INTERNAL",
         }

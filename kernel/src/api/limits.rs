@@ -81,8 +81,8 @@ mod tests {
     #[test]
     fn aliases_are_counted_in_operations_fragments_and_nested_selections() {
         let document = async_graphql::parser::parse_query(
-            "query { a: products { b: edges { cursor } } ...F ... on QueryRoot { c: eventLogHead } }
-             fragment F on QueryRoot { d: eventLogHead e: eventLogHead products { edges { cursor } } }",
+            "query { a: products { b: edges { cursor } } ...F ... on Query { c: eventLogHead } }
+             fragment F on Query { d: eventLogHead e: eventLogHead products { edges { cursor } } }",
         )
         .unwrap();
         assert_eq!(count_aliases(&document), 5);

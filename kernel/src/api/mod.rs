@@ -10,6 +10,7 @@ pub mod carts;
 pub mod commerce;
 mod customer_view;
 pub mod error;
+pub mod guests;
 pub mod limits;
 mod loaders;
 pub mod plugins;
@@ -40,8 +41,10 @@ use access::AdminOnly;
 /// The kernel's GraphQL schema.
 pub type KernelSchema = Schema<QueryRoot, MutationRoot, subscriptions::SubscriptionRoot>;
 
-/// Every query: the event log's and the commerce read models'.
+/// Every query: the event log's and the commerce read models'. Named
+/// `Query` in the schema, as the GraphQL spec's examples name it.
 #[derive(MergedObject, Default)]
+#[graphql(name = "Query")]
 pub struct QueryRoot(
     EventLogQuery,
     commerce::CommerceQuery,
@@ -50,9 +53,12 @@ pub struct QueryRoot(
     sagas::SagaQuery,
 );
 
+/// Every mutation; `Mutation` in the schema.
 #[derive(MergedObject, Default)]
+#[graphql(name = "Mutation")]
 pub struct MutationRoot(
     commerce::CommerceMutation,
+    guests::GuestMutation,
     carts::CartMutation,
     plugins::PluginMutation,
     sagas::SagaMutation,
@@ -71,6 +77,7 @@ pub struct Adapters {
     pub plugins: Plugins,
     pub sagas: Sagas,
     pub live: LiveUpdates,
+    pub guests: guests::GuestSessions,
 }
 
 /// Builds the schema around the kernel's adapters, within `limits`.
@@ -89,6 +96,7 @@ pub fn build_schema(adapters: Adapters, limits: GraphqlLimits) -> KernelSchema {
         .data(adapters.plugins)
         .data(adapters.sagas)
         .data(adapters.live)
+        .data(adapters.guests)
         .data(limits)
         .finish()
 }

@@ -36,9 +36,10 @@ const READ_RETRY: Duration = Duration::from_secs(1);
 /// in the global log before reading anyway.
 const READABLE_WAIT: Duration = Duration::from_secs(5);
 
+/// Every subscription; `Subscription` in the schema.
 pub struct SubscriptionRoot;
 
-#[Subscription]
+#[Subscription(name = "Subscription")]
 impl SubscriptionRoot {
     /// Every change of one order, in the order it happened: its status
     /// changes and each step of its saga. Starts from the beginning (the

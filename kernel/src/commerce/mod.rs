@@ -12,8 +12,10 @@
 //! Handlers return the log position of what they wrote, so the API can wait
 //! for the read models to reach it (read-your-writes).
 
+pub mod bundled_plugins;
 mod carts;
 mod catalog;
+mod demo_catalog;
 mod inventory;
 mod orders;
 mod plugins;
@@ -35,6 +37,7 @@ use crate::projections::ViewStore;
 
 pub use carts::{CartItem, Carts, Checkout, CheckoutInput, NewCart, PricedCart};
 pub use catalog::{CreatedProduct, NewProduct, UpdatedProduct};
+pub use demo_catalog::{DEMO_STOCK, DemoProduct};
 pub use inventory::{InventoryChange, ReservationMade};
 pub use orders::{OrderChange, OrderTransition, PlaceOrderInput};
 pub use plugins::{FOLLOW_INTERVAL, PluginSummary, Plugins};

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use commerce_plugin_host::{
-    LoadError, LoadedPlugin, PluginManifest, PluginRegistry, StatsSnapshot,
+    LoadError, LoadedPlugin, PluginKind, PluginManifest, PluginRegistry, StatsSnapshot, sha256_hex,
 };
 use tokio::sync::{Mutex, watch};
 
+use super::bundled_plugins::BUNDLED;
 use super::{CommandContext, CommandError, Commerce, ConflictCounter, Written};
 use crate::domain::Aggregate;
 use crate::domain::plugin::{PluginEvent, PluginHistory};
@@ -112,6 +113,124 @@ impl Plugins {
             .await?;
         self.registry.swap(plugin);
         Ok(written)
+    }
+
+    /// Writes the kernel's bundled plugins into this process's plugin
+    /// directory, without compiling them, so that every process can load a
+    /// bundled version the log names. A directory that holds other files
+    /// under a bundled name and version keeps them (logged).
+    pub async fn place_bundled(&self) -> Result<(), CommandError> {
+        let registry = Arc::clone(&self.registry);
+        blocking(move || {
+            for bundled in BUNDLED {
+                if let Err(error) = registry.place(&bundled.manifest(), bundled.component) {
+                    tracing::warn!(
+                        plugin = bundled.name,
+                        version = bundled.version,
+                        "the plugin directory holds other files under a bundled version: {error}"
+                    );
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// On a database where no payment or shipping plugin was ever
+    /// activated, activates the bundled payment and shipping plugins and
+    /// records the bundled steps as installed, under `context`'s actor.
+    /// Anywhere else it does nothing: an admin has chosen. Safe when
+    /// several processes start at once: each plugin's own stream decides,
+    /// and only a stream without any activation gets one. Returns the
+    /// versions it activated.
+    pub async fn activate_defaults(
+        &self,
+        context: &CommandContext,
+    ) -> Result<Vec<String>, CommandError> {
+        if self.chosen_by_someone().await? {
+            return Ok(Vec::new());
+        }
+        let mut activated = Vec::new();
+        for bundled in BUNDLED {
+            let plugin = if bundled.active_by_default {
+                Some(self.prepare(bundled.name, bundled.version).await?)
+            } else {
+                None
+            };
+            let id = PluginHistory::stream_id(bundled.name);
+            let written = self
+                .commerce
+                .retrying(ConflictCounter::Other, false, || async {
+                    let loaded = self.commerce.repository::<PluginHistory>().load(id).await?;
+                    if loaded.state.active().is_some() {
+                        return Ok(Written::unchanged(id, loaded));
+                    }
+                    let sha256 = sha256_hex(bundled.component);
+                    let mut events = loaded.state.install(
+                        bundled.name,
+                        bundled.version,
+                        bundled.kind.as_str(),
+                        &sha256,
+                    )?;
+                    if bundled.active_by_default {
+                        let mut state = loaded.state.clone();
+                        events.iter().for_each(|event| state.apply(event));
+                        events.extend(state.activate(bundled.name, bundled.version)?);
+                    }
+                    self.write(id, loaded, events, context).await
+                })
+                .await?;
+            let activated_here = written.position.is_some()
+                && written
+                    .state
+                    .active()
+                    .is_some_and(|active| active.version == bundled.version);
+            if let (Some(plugin), true) = (plugin, activated_here) {
+                self.registry.swap(plugin);
+                tracing::info!(
+                    plugin = bundled.name,
+                    version = bundled.version,
+                    "activated a bundled plugin: no payment or shipping plugin was ever chosen"
+                );
+                activated.push(format!("{}@{}", bundled.name, bundled.version));
+            }
+        }
+        Ok(activated)
+    }
+
+    /// Whether a payment or shipping plugin was ever activated, under any
+    /// name, by anyone.
+    async fn chosen_by_someone(&self) -> Result<bool, CommandError> {
+        let filter = EventFilter {
+            aggregate_type: Some(PluginHistory::AGGREGATE_TYPE.to_string()),
+            ..EventFilter::default()
+        };
+        let mut kinds: BTreeMap<String, String> = BTreeMap::new();
+        let mut activated: Vec<String> = Vec::new();
+        let mut after = Position::START;
+        loop {
+            let events = self
+                .commerce
+                .store()
+                .read_all_matching(&filter, after, 500)
+                .await?;
+            let Some(last) = events.last() else { break };
+            after = last.position;
+            for event in &events {
+                match decode::<PluginEvent>(event)? {
+                    PluginEvent::PluginInstalled { name, kind, .. } => {
+                        kinds.insert(name, kind);
+                    }
+                    PluginEvent::PluginActivated { name, .. } => activated.push(name),
+                    PluginEvent::PluginRolledBack { .. } => {}
+                }
+            }
+        }
+        Ok(activated.iter().any(|name| {
+            kinds.get(name).is_some_and(|kind| {
+                kind == PluginKind::Payment.as_str() || kind == PluginKind::Shipping.as_str()
+            })
+        }))
     }
 
     /// Goes back to the version that was active before the current one.

@@ -134,7 +134,44 @@ impl PluginRegistry {
         // artifact stays in the cache for activation.
         self.engine
             .load(manifest.clone(), component, self.stats_for(&manifest.name))?;
+        self.write_version(&manifest, manifest_text, component)?;
+        tracing::info!(plugin = %manifest.label(), sha256 = %manifest.sha256, "plugin installed");
+        Ok(manifest)
+    }
 
+    /// Writes a version into the directory without compiling it: for
+    /// components the caller has proven elsewhere, such as the kernel's
+    /// bundled plugins (its tests load them), so that a start compiles only
+    /// what it activates. The manifest and the sha256 pin are still checked,
+    /// and [`prepare`](Self::prepare) checks everything else before the
+    /// version runs. Placing the same files again is a no-op; other files
+    /// under the same name and version are refused.
+    pub fn place(
+        &self,
+        manifest_text: &str,
+        component: &[u8],
+    ) -> Result<PluginManifest, LoadError> {
+        let manifest = PluginManifest::parse(manifest_text)?;
+        let actual = sha256_hex(component);
+        if actual != manifest.sha256 {
+            return Err(LoadError::HashMismatch {
+                label: manifest.label(),
+                expected: manifest.sha256,
+                actual,
+            });
+        }
+        self.write_version(&manifest, manifest_text, component)?;
+        Ok(manifest)
+    }
+
+    /// Writes a checked version's files under `<dir>/<name>/<version>`, all
+    /// at once (a staging folder renamed into place).
+    fn write_version(
+        &self,
+        manifest: &PluginManifest,
+        manifest_text: &str,
+        component: &[u8],
+    ) -> Result<(), LoadError> {
         let label = manifest.label();
         let target = self
             .version_dir(&manifest.name, &manifest.version)
@@ -142,7 +179,7 @@ impl PluginRegistry {
                 reason: format!("{label} cannot be a directory name"),
             })?;
         if target.exists() {
-            return self.same_as_installed(&manifest, manifest_text, component);
+            return self.same_as_installed(manifest, manifest_text, component);
         }
         let name_dir = self.dir.join(&manifest.name);
         std::fs::create_dir_all(&name_dir).map_err(|source| io_error(&name_dir, source))?;
@@ -161,12 +198,11 @@ impl PluginRegistry {
             let _ = std::fs::remove_dir_all(&staging);
             // Another installer may have won the race with the same files.
             if target.exists() {
-                return self.same_as_installed(&manifest, manifest_text, component);
+                return self.same_as_installed(manifest, manifest_text, component);
             }
             return Err(io_error(&target, source));
         }
-        tracing::info!(plugin = %label, sha256 = %manifest.sha256, "plugin installed");
-        Ok(manifest)
+        Ok(())
     }
 
     fn same_as_installed(
@@ -174,12 +210,12 @@ impl PluginRegistry {
         manifest: &PluginManifest,
         manifest_text: &str,
         component: &[u8],
-    ) -> Result<PluginManifest, LoadError> {
+    ) -> Result<(), LoadError> {
         let installed = self.installed_version(&manifest.name, &manifest.version)?;
         let installed_text = std::fs::read_to_string(installed.directory.join(MANIFEST_FILE))
             .map_err(|source| io_error(&installed.directory, source))?;
         if installed_text == manifest_text && installed.manifest.sha256 == sha256_hex(component) {
-            Ok(installed.manifest)
+            Ok(())
         } else {
             Err(LoadError::AlreadyInstalled {
                 label: manifest.label(),
