@@ -33,6 +33,9 @@ commands:
   seed --demo
             create a small sample catalog (prices in EUR and USD, stock),
             unless it exists, and print it with a customer token to use
+  watch <order id> --token <token> [--url http://localhost:8084]
+            follow an order live over the orderStatusChanged subscription,
+            a line per status, until it is final (exit 0 once CONFIRMED)
   loadtest [options]
             place orders on a running kernel as a storefront does and
             report orders/s, latencies and CPU per order (`loadtest --help`)
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         [first, ..] if first == "token" => return token(&args[1..]),
         [first, ..] if first == "loadtest" => return loadtest(&args[1..]),
         [first, ..] if first == "seed" => return seed(&args[1..]),
+        [first, ..] if first == "watch" => return watch(&args[1..]),
         [one] => one.as_str(),
         _ => {
             eprintln!("commerce-kernel: expected at most one command\n\n{USAGE}");
@@ -252,6 +256,76 @@ fn seed(args: &[String]) -> ExitCode {
         "\nThe catalog needs no token:\n  {{ products {{ edges {{ node {{ id sku name price {{ amount currency }} inventory {{ available }} }} }} }} }}"
     );
     ExitCode::SUCCESS
+}
+
+/// `watch <order id> --token <token> [--url <kernel>]`: prints each status
+/// of the order as the subscription reports it, until a final one.
+fn watch(args: &[String]) -> ExitCode {
+    use commerce_kernel::loadtest::storefront::Storefront;
+    let usage = |problem: &str| {
+        eprintln!("commerce-kernel watch: {problem}\n\n{USAGE}");
+        ExitCode::from(2)
+    };
+    let (mut order, mut token, mut url) = (None, None, "http://localhost:8084".to_string());
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--token" | "--url" => {
+                let Some(value) = rest.next() else {
+                    return usage(&format!("{arg} needs a value"));
+                };
+                if arg == "--token" {
+                    token = Some(value.clone());
+                } else {
+                    url = value.clone();
+                }
+            }
+            other if order.is_none() && !other.starts_with('-') => order = Some(other.to_string()),
+            other => return usage(&format!("unexpected `{other}`")),
+        }
+    }
+    let (Some(order), Some(token)) = (order, token) else {
+        return usage("an order id and --token are required");
+    };
+    if uuid::Uuid::parse_str(&order).is_err() {
+        return usage(&format!("`{order}` is not an order id"));
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("commerce-kernel: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let last = runtime.block_on(async {
+        let storefront = Storefront::new(&url).map_err(|error| error.to_string())?;
+        let live = storefront
+            .live(&token)
+            .await
+            .map_err(|error| error.to_string())?;
+        let mut statuses = live.follow(&order);
+        let mut last = None;
+        while let Some(status) = statuses.recv().await {
+            let status = status.map_err(|error| error.to_string())?;
+            // Each of the saga's steps is reported; the status changes less often.
+            if last.as_ref() != Some(&status) {
+                println!("{status}");
+            }
+            last = Some(status);
+        }
+        last.ok_or_else(|| "the subscription ended without a status".to_string())
+    });
+    match last {
+        Ok(status) if status == "CONFIRMED" => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("commerce-kernel watch: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Who runs a command-line tool, for the actor of what it records.

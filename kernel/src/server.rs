@@ -311,6 +311,8 @@ pub async fn serve(
             created = seeded.iter().filter(|product| product.created).count(),
             "demo catalog in place (COMMERCE_DEMO_CATALOG)"
         );
+        // So the first request already lists it.
+        state.projector.catch_up().await?;
     }
     let draining = Arc::clone(&state.draining);
     // Background work of every kernel process: projections, the expiry sweep,

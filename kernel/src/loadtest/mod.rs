@@ -17,7 +17,7 @@
 //! else is reported and makes the command exit non-zero.
 
 mod report;
-mod storefront;
+pub mod storefront;
 mod stub;
 
 use std::collections::BTreeMap;

@@ -142,11 +142,30 @@ pub const FINAL_STATUSES: [&str; 3] = ["CONFIRMED", "CANCELLED", "FAILED"];
 
 const WATCH: &str = "subscription ($id: UUID!) { orderStatusChanged(orderId: $id) { status } }";
 
-type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Result<String, CallError>>>>>;
+/// Who waits on one subscription: for its final status only, or for
+/// every status it reports.
+enum Waiter {
+    Final(oneshot::Sender<Result<String, CallError>>),
+    Each(mpsc::UnboundedSender<Result<String, CallError>>),
+}
 
-fn waiters(
-    waiters: &Waiters,
-) -> MutexGuard<'_, HashMap<String, oneshot::Sender<Result<String, CallError>>>> {
+impl Waiter {
+    /// The subscription ended with `outcome`.
+    fn finish(self, outcome: Result<String, CallError>) {
+        match self {
+            Waiter::Final(waiter) => {
+                let _ = waiter.send(outcome);
+            }
+            Waiter::Each(waiter) => {
+                let _ = waiter.send(outcome);
+            }
+        }
+    }
+}
+
+type Waiters = Arc<Mutex<HashMap<String, Waiter>>>;
+
+fn waiters(waiters: &Waiters) -> MutexGuard<'_, HashMap<String, Waiter>> {
     waiters
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -215,7 +234,7 @@ impl LiveOrders {
                 on_message(&text, &reader_waiting, &replies);
             }
             for (_, waiter) in waiters(&reader_waiting).drain() {
-                let _ = waiter.send(Err(CallError::new(
+                waiter.finish(Err(CallError::new(
                     "WS_CLOSED",
                     "the subscription connection closed",
                 )));
@@ -232,8 +251,22 @@ impl LiveOrders {
     /// the subscription ended without one).
     pub fn watch(&self, order_id: &str) -> oneshot::Receiver<Result<String, CallError>> {
         let (done, receiver) = oneshot::channel();
+        self.subscribe(order_id, Waiter::Final(done));
+        receiver
+    }
+
+    /// Subscribes to `order_id`; the receiver gets each status as it
+    /// changes, from PENDING on, and closes after the final one (or after
+    /// why the subscription ended without one).
+    pub fn follow(&self, order_id: &str) -> mpsc::UnboundedReceiver<Result<String, CallError>> {
+        let (each, receiver) = mpsc::unbounded_channel();
+        self.subscribe(order_id, Waiter::Each(each));
+        receiver
+    }
+
+    fn subscribe(&self, order_id: &str, waiter: Waiter) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).to_string();
-        waiters(&self.waiters).insert(id.clone(), done);
+        waiters(&self.waiters).insert(id.clone(), waiter);
         let subscribe = json!({
             "id": id,
             "type": "subscribe",
@@ -245,9 +278,8 @@ impl LiveOrders {
             .is_err()
             && let Some(waiter) = waiters(&self.waiters).remove(&id)
         {
-            let _ = waiter.send(Err(CallError::new("WS_CLOSED", "the connection closed")));
+            waiter.finish(Err(CallError::new("WS_CLOSED", "the connection closed")));
         }
-        receiver
     }
 }
 
@@ -259,7 +291,7 @@ fn on_message(text: &str, waiting: &Waiters, replies: &mpsc::UnboundedSender<Mes
     let id = message["id"].as_str().unwrap_or_default().to_string();
     let finish = |outcome: Result<String, CallError>| {
         if let Some(waiter) = waiters(waiting).remove(&id) {
-            let _ = waiter.send(outcome);
+            waiter.finish(outcome);
         }
     };
     match message["type"].as_str() {
@@ -281,11 +313,15 @@ fn on_message(text: &str, waiting: &Waiters, replies: &mpsc::UnboundedSender<Mes
             let status = message["payload"]["data"]["orderStatusChanged"]["status"]
                 .as_str()
                 .unwrap_or_default();
-            if FINAL_STATUSES.contains(&status) {
-                finish(Ok(status.to_string()));
-                let complete = json!({ "id": id, "type": "complete" });
-                let _ = replies.send(Message::text(complete.to_string()));
+            if !FINAL_STATUSES.contains(&status) {
+                if let Some(Waiter::Each(each)) = waiters(waiting).get(&id) {
+                    let _ = each.send(Ok(status.to_string()));
+                }
+                return;
             }
+            finish(Ok(status.to_string()));
+            let complete = json!({ "id": id, "type": "complete" });
+            let _ = replies.send(Message::text(complete.to_string()));
         }
         Some("error") => finish(Err(CallError::new(
             "SUBSCRIPTION",
