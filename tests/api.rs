@@ -917,6 +917,49 @@ async fn without_a_token_only_the_catalog_and_guest_sessions_answer(
         "a batch",
         anonymous(json!([{ "query": open[0] }, { "query": "{ eventLogHead }" }])).await?,
     )?;
+    // Fragments spread into each other twice per level: 2^30 root fields if
+    // each spread were expanded anew. Answered at once, either way.
+    let mut doubling = "{ ...F0 }".to_string();
+    for level in 0..30 {
+        doubling.push_str(&format!(
+            " fragment F{level} on Query {{ ...F{next} ...F{next} }}",
+            next = level + 1
+        ));
+    }
+    doubling.push_str(" fragment F30 on Query { products { totalCount } }");
+    let started = std::time::Instant::now();
+    let (status, body) = anonymous(json!({ "query": doubling })).await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "doubling fragments took {:?}: {status} {body}",
+        started.elapsed()
+    );
+    ensure!(
+        error_code(&body) == Some("INVALID_QUERY"),
+        "refused as too large: {status} {body}"
+    );
+    // The same for a caller with a token, before any other check runs.
+    let started = std::time::Instant::now();
+    let with_token = kernel.graphql(&doubling, json!({})).await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(5)
+            && error_code(&with_token) == Some("INVALID_QUERY"),
+        "doubling fragments as an admin took {:?}: {with_token}",
+        started.elapsed()
+    );
+    let mut hidden = doubling.replace("products { totalCount }", "eventLogHead");
+    refused(
+        "doubling fragments ending in a private field",
+        anonymous(json!({ "query": hidden })).await?,
+    )?;
+    hidden = format!(
+        "{{ products {{ totalCount }} {} }}",
+        "p: products { totalCount } ".repeat(300)
+    );
+    refused(
+        "too many root selections",
+        anonymous(json!({ "query": hidden })).await?,
+    )?;
 
     // Turned off: the catalog and guest sessions need a token too.
     let closed_shop = RunningKernel::join(

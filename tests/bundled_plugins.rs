@@ -58,6 +58,7 @@ fn main() {
             a_destination_without_a_rate_is_refused_and_the_payment_refunded,
             kernels_starting_together_activate_each_default_once,
             a_shop_whose_admin_chose_a_payment_plugin_is_left_alone,
+            a_start_that_stopped_half_way_is_completed_by_the_next,
             the_setting_turns_the_defaults_off,
         ],
         // One process owns an embedded database.
@@ -535,6 +536,43 @@ async fn a_shop_whose_admin_chose_a_payment_plugin_is_left_alone(
         "no bundled plugin active: {listed:?}"
     );
     later.stop().await?;
+    kernel.stop().await
+}
+
+/// The kernel activated the bundled payment plugin and stopped before the
+/// shipping one: the next start activates shipping, and only shipping.
+async fn a_start_that_stopped_half_way_is_completed_by_the_next(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    use commerce_kernel::commerce::{CommandContext, Commerce, Plugins};
+    use commerce_plugin_host::{EngineConfig, PluginRegistry};
+    let plugins_dir = tempfile::tempdir()?;
+    let registry = Arc::new(PluginRegistry::open(
+        plugins_dir.path(),
+        EngineConfig::default(),
+    )?);
+    let plugins = Plugins::new(
+        Commerce::new(db.event_store(), db.database.view_store()),
+        registry,
+    );
+    plugins.place_bundled().await?;
+    let system = CommandContext {
+        actor: Some(commerce_kernel::server::SYSTEM_ACTOR.to_string()),
+        correlation_id: None,
+    };
+    plugins
+        .activate(MANUAL_PAYMENT.name, MANUAL_PAYMENT.version, &system)
+        .await?;
+
+    let kernel = RunningKernel::start(&db, DEFAULTS_ON).await?;
+    let events = plugin_events(&kernel).await?;
+    ensure!(
+        activations(&events, "payment") == 1 && activations(&events, "shipping") == 1,
+        "{events:?}"
+    );
+    let teapot = product(&kernel, "EUR", 1).await?;
+    let (_, status) = buy(&kernel, teapot, "invoice", "DE").await?;
+    ensure!(status == "CONFIRMED", "ended {status}");
     kernel.stop().await
 }
 

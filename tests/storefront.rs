@@ -195,6 +195,20 @@ async fn guest_sessions_are_limited_per_client_address(
     ensure!(another["errors"] == json!([]), "{another}");
     let spoofed = start_session(&behind_proxy, Some("198.51.100.8, 198.51.100.7")).await?;
     ensure!(payload_codes(&spoofed) == ["RATE_LIMITED"], "{spoofed}");
+    // A proxy that appends `ip:port` names the same client.
+    let with_port = start_session(&behind_proxy, Some("198.51.100.7:51234")).await?;
+    ensure!(payload_codes(&with_port) == ["RATE_LIMITED"], "{with_port}");
+    // A last entry that is no address: the connection's peer counts, never
+    // an earlier entry the client wrote.
+    let mut codes = Vec::new();
+    for n in 0..3 {
+        let started = start_session(&behind_proxy, Some(&format!("192.0.2.{n}, unknown"))).await?;
+        codes.push(payload_codes(&started));
+    }
+    ensure!(
+        codes == [vec![], vec![], vec!["RATE_LIMITED".to_string()]],
+        "{codes:?}"
+    );
 
     // Not behind a trusted proxy: the header is the client's own word, and
     // every request here comes from 127.0.0.1.

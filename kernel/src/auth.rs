@@ -90,14 +90,19 @@ impl Role {
 const CUSTOMER_SUBJECT_NAMESPACE: Uuid = Uuid::from_u128(0x3c8e_61d4_0b7a_4f59_a2e1_7d5c_90f4_1b28);
 
 /// The customer id of the subject `subject` of tokens from `issuer`: the
-/// subject itself when it is a UUID, else UUIDv5 of `<issuer> <subject>`.
+/// subject itself when it is a UUID in its usual form (lowercase, with
+/// hyphens), else UUIDv5 of `<issuer> <subject>`. Only the one form passes
+/// through, so two spellings of a UUID never name one customer.
 pub fn customer_id_of(issuer: &str, subject: &str) -> Uuid {
-    Uuid::parse_str(subject).unwrap_or_else(|_| {
-        Uuid::new_v5(
-            &CUSTOMER_SUBJECT_NAMESPACE,
-            format!("{issuer} {subject}").as_bytes(),
-        )
-    })
+    Uuid::parse_str(subject)
+        .ok()
+        .filter(|id| id.hyphenated().to_string() == subject)
+        .unwrap_or_else(|| {
+            Uuid::new_v5(
+                &CUSTOMER_SUBJECT_NAMESPACE,
+                format!("{issuer} {subject}").as_bytes(),
+            )
+        })
 }
 
 /// The authenticated caller of a request.
@@ -263,8 +268,11 @@ struct Claims {
 /// A guest session: its token, the customer it names, and when it ends.
 #[derive(Debug, Clone)]
 pub struct GuestSession {
+    /// The signed bearer token.
     pub token: String,
+    /// The new customer id the token names (its `sub`).
     pub customer_id: Uuid,
+    /// The token's `exp`.
     pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
@@ -894,6 +902,14 @@ mod tests {
         assert_ne!(customer_id_of("iss-b", subject), customer);
         let id = Uuid::now_v7();
         assert_eq!(customer_id_of("iss-a", &id.to_string()), id);
+        // Other spellings of the same UUID are other subjects.
+        for spelling in [
+            id.to_string().to_uppercase(),
+            id.simple().to_string(),
+            id.urn().to_string(),
+        ] {
+            assert_ne!(customer_id_of("iss-a", &spelling), id, "{spelling}");
+        }
         // An admin token has no customer id, whatever its subject.
         let admin = auth
             .verify(

@@ -33,7 +33,8 @@ pub const CART_MAX_LINES: &str = "COMMERCE_CART_MAX_LINES";
 pub const PLUGINS_DIR: &str = "COMMERCE_PLUGINS_DIR";
 pub const PLUGIN_CONCURRENCY: &str = "COMMERCE_PLUGIN_CONCURRENCY";
 /// Whether a kernel on a database where no payment or shipping plugin was
-/// ever activated activates the bundled ones (default true).
+/// ever chosen activates the bundled ones (default true on the embedded
+/// database, false on Postgres).
 pub const DEFAULT_PLUGINS: &str = "COMMERCE_DEFAULT_PLUGINS";
 pub const JWT_SECRET: &str = "COMMERCE_JWT_SECRET";
 pub const JWKS_URL: &str = "COMMERCE_JWKS_URL";
@@ -247,7 +248,13 @@ impl Config {
         let plugins = PluginsConfig {
             dir: get(PLUGINS_DIR).map_or_else(|| data_dir.join("plugins"), PathBuf::from),
             max_concurrent_invocations,
-            activate_defaults: flag(&get, DEFAULT_PLUGINS, true)?,
+            // The bundled payment plugin takes no money: a shared
+            // (production) database gets it only when asked.
+            activate_defaults: flag(
+                &get,
+                DEFAULT_PLUGINS,
+                matches!(database, DatabaseConfig::Sqlite { .. }),
+            )?,
         };
 
         let lease_ms: u64 = parse_or(
@@ -676,6 +683,71 @@ mod tests {
         // The secret never shows in debug output.
         let secret = config(&[(JWT_SECRET, "0123456789abcdef0123456789abcdef-x")]).expect("valid");
         assert!(!format!("{secret:?}").contains("0123456789abcdef"));
+    }
+
+    /// The bundled plugins take no money: a shared database gets them only
+    /// when asked. Storefront settings: their defaults and their checks.
+    #[test]
+    fn shop_defaults_depend_on_the_database_and_are_checked() {
+        const SECRET: &str = "0123456789abcdef0123456789abcdef";
+        assert!(config(&[]).expect("valid").plugins.activate_defaults);
+        let shared = config(&[(DATABASE_URL, "postgres://db/shop"), (JWT_SECRET, SECRET)]);
+        assert!(!shared.expect("valid").plugins.activate_defaults);
+        let asked = config(&[
+            (DATABASE_URL, "postgres://db/shop"),
+            (JWT_SECRET, SECRET),
+            (DEFAULT_PLUGINS, "true"),
+        ]);
+        assert!(asked.expect("valid").plugins.activate_defaults);
+
+        let storefront = config(&[]).expect("valid").storefront;
+        assert!(storefront.public_catalog && !storefront.trust_forwarded_for);
+        assert_eq!(storefront.cors_origins, Vec::<String>::new());
+        assert_eq!(
+            storefront.guest_sessions,
+            Some(GuestSessionConfig {
+                ttl: Duration::from_secs(86_400),
+                per_minute: 10
+            })
+        );
+        let origins = config(&[(CORS_ORIGINS, "https://Shop.example/, http://localhost:3000")]);
+        assert_eq!(
+            origins.expect("valid").storefront.cors_origins,
+            ["https://shop.example", "http://localhost:3000"]
+        );
+        for bad in [
+            "*",
+            "shop.example",
+            "https://shop.example/cart",
+            "ftp://x",
+            "http://x:0",
+        ] {
+            assert_eq!(
+                config(&[(CORS_ORIGINS, bad)]).unwrap_err().variable,
+                CORS_ORIGINS,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            config(&[(GUEST_SESSION_TTL_SECS, "10")])
+                .unwrap_err()
+                .variable,
+            GUEST_SESSION_TTL_SECS
+        );
+        assert_eq!(
+            config(&[(GUEST_TOKEN_SECRET, SECRET)])
+                .unwrap_err()
+                .variable,
+            GUEST_TOKEN_SECRET,
+            "a guest secret without a JWKS"
+        );
+        assert_eq!(
+            config(&[(GUEST_SESSIONS, "false")])
+                .expect("valid")
+                .storefront
+                .guest_sessions,
+            None
+        );
     }
 
     #[test]

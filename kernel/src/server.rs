@@ -3,7 +3,7 @@
 //! `/ready`, `/metrics`, and graceful shutdown.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -188,7 +188,9 @@ fn cors(storefront: &StorefrontConfig) -> Option<CorsLayer> {
 }
 
 /// Where a request comes from: the last address a trusted proxy appended
-/// to `X-Forwarded-For`, else the connection's peer.
+/// to `X-Forwarded-For` (`ip` or `ip:port`), else the connection's peer.
+/// Only the last entry counts: the ones before it are the client's word.
+/// An IPv6 client counts as its /64, which one subscriber usually holds.
 fn client_address(
     storefront: &StorefrontConfig,
     headers: &HeaderMap,
@@ -197,20 +199,30 @@ fn client_address(
     let forwarded = storefront
         .trust_forwarded_for
         .then(|| {
-            headers
+            let last = headers
                 .get_all("x-forwarded-for")
                 .iter()
-                .filter_map(|value| value.to_str().ok())
-                .flat_map(|value| value.split(','))
-                .filter_map(|entry| entry.trim().parse::<std::net::IpAddr>().ok())
-                .next_back()
+                .next_back()?
+                .to_str()
+                .ok()?
+                .rsplit(',')
+                .next()?
+                .trim();
+            last.parse::<IpAddr>()
+                .ok()
+                .or_else(|| last.parse::<SocketAddr>().ok().map(|address| address.ip()))
         })
         .flatten();
-    ClientAddress(
-        forwarded
-            .or(peer.map(|peer| peer.ip()))
-            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0])),
-    )
+    let address = forwarded
+        .or(peer.map(|peer| peer.ip()))
+        .unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    ClientAddress(match address {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    })
 }
 
 /// Whether a WebSocket upgrade may proceed: a browser names its page's
@@ -514,15 +526,15 @@ async fn graphql(
         Err(AuthError::Missing) => None,
         Err(error) => return auth_refusal(&error),
     };
-    let request = match request {
+    let mut request = match request {
         Ok(request) => request.0,
         Err(refusal) => return refusal.into_response(),
     };
     if principal.is_none() {
-        let open = match &request {
+        let open = match &mut request {
             BatchRequest::Single(request) => state.anonymous.allows(request),
             BatchRequest::Batch(requests) => requests
-                .iter()
+                .iter_mut()
                 .all(|request| state.anonymous.allows(request)),
         };
         if !open {

@@ -62,7 +62,15 @@ fn build() -> Result<(), String> {
         .arg(guests.join("Cargo.toml"))
         .arg("--target-dir")
         .arg(&guest_target);
-    // The outer build's flags, wrappers and lints are for the host, not the guests.
+    // The outer build's flags, wrappers, lints and profile settings are for
+    // the host, not the guests (whose profile is their workspace's own).
+    let profile_settings: Vec<String> = env::vars()
+        .map(|(name, _)| name)
+        .filter(|name| name.starts_with("CARGO_PROFILE_"))
+        .collect();
+    for variable in profile_settings {
+        command.env_remove(variable);
+    }
     for variable in [
         "CARGO_ENCODED_RUSTFLAGS",
         "RUSTFLAGS",
@@ -113,20 +121,29 @@ fn build() -> Result<(), String> {
 
 /// `--remap-path-prefix` flags (in cargo's encoding, separated by 0x1f)
 /// that turn the guests' folder into `/guests` and cargo's home (where
-/// dependencies' sources are) into `/cargo`.
+/// dependencies' sources are) into `/cargo`, each as given and as resolved
+/// (a symlinked home or checkout reaches rustc either way).
 fn remapped_paths(guests: &Path) -> Result<String, String> {
-    let guests = fs::canonicalize(guests)
-        .map_err(|error| format!("cannot resolve {}: {error}", guests.display()))?;
-    let cargo_home = match env::var_os("CARGO_HOME") {
-        Some(home) => PathBuf::from(home),
-        None => PathBuf::from(env_var("HOME")?).join(".cargo"),
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
+    let mut flags = Vec::new();
+    let mut remap = |path: &Path, to: &str| {
+        for form in [Some(path.to_path_buf()), fs::canonicalize(path).ok()]
+            .into_iter()
+            .flatten()
+        {
+            let flag = format!("--remap-path-prefix={}={to}", form.display());
+            if !flags.contains(&flag) {
+                flags.push(flag);
+            }
+        }
     };
-    let cargo_home = fs::canonicalize(&cargo_home).unwrap_or(cargo_home);
-    Ok([
-        format!("--remap-path-prefix={}=/guests", guests.display()),
-        format!("--remap-path-prefix={}=/cargo", cargo_home.display()),
-    ]
-    .join("\u{1f}"))
+    remap(guests, "/guests");
+    if let Some(cargo_home) = &cargo_home {
+        remap(cargo_home, "/cargo");
+    }
+    Ok(flags.join("\u{1f}"))
 }
 
 /// Makes sure the toolchain has the standard library for `wasm32-wasip2`.

@@ -6,6 +6,8 @@
 //! answer another customer's cart or order exactly as they answer an id that
 //! does not exist, so ids cannot be probed.
 
+use std::collections::HashSet;
+
 use async_graphql::{Context, Guard};
 use uuid::Uuid;
 
@@ -99,6 +101,10 @@ fn not_found(kind: &'static str, id: Uuid) -> Result<UserError, ApiError> {
     user_error(DomainError::NotFound { kind, id }.into())
 }
 
+/// The most root-level selections (fields, spreads, inline fragments) an
+/// anonymous document may hold; a storefront's catalog query has a handful.
+const MAX_ANONYMOUS_SELECTIONS: usize = 256;
+
 /// What a request without a token may run, as configured
 /// ([`crate::config::StorefrontConfig`]).
 #[derive(Clone, Copy, Debug)]
@@ -118,14 +124,16 @@ impl AnonymousAccess {
     /// This is the gate for anonymous requests; below the root, fields that
     /// need a caller refuse one without a principal as before
     /// ([`principal`]), so a public field's admin-only child stays closed.
-    pub fn allows(self, request: &async_graphql::Request) -> bool {
+    pub fn allows(self, request: &mut async_graphql::Request) -> bool {
         use async_graphql::parser::types::{DocumentOperations, OperationType};
-        let Ok(document) = async_graphql::parser::parse_query(&request.query) else {
+        let operation_name = request.operation_name.clone();
+        // Parsed once: the request keeps the document for its execution.
+        let Ok(document) = request.parsed_query() else {
             return true;
         };
         let operations: Vec<_> = match &document.operations {
             DocumentOperations::Single(operation) => vec![&operation.node],
-            DocumentOperations::Multiple(operations) => match &request.operation_name {
+            DocumentOperations::Multiple(operations) => match &operation_name {
                 Some(name) => operations
                     .iter()
                     .filter(|(n, _)| n.as_str() == name)
@@ -153,51 +161,57 @@ impl AnonymousAccess {
                 }
                 OperationType::Mutation | OperationType::Subscription => &[],
             };
-            let mut names = Vec::new();
-            root_field_names(&document, &operation.selection_set.node, 0, &mut names)
-                && names.iter().all(|name| open.contains(name))
+            let mut names = HashSet::new();
+            let mut visited = HashSet::new();
+            root_field_names(
+                document,
+                &operation.selection_set.node,
+                &mut visited,
+                &mut names,
+            ) && names.iter().all(|name| open.contains(name))
         })
     }
 }
 
 /// The field names a root selection set selects, through fragment spreads
-/// and inline fragments; false when fragments nest deeper than a valid
-/// document needs (a cycle).
+/// and inline fragments. Each named fragment is read once however often it
+/// is spread (a document that spreads fragments into each other twice per
+/// level would otherwise cost 2^depth); false when the selections go more
+/// than [`MAX_ANONYMOUS_SELECTIONS`] deep or wide.
 fn root_field_names<'a>(
     document: &'a async_graphql::parser::types::ExecutableDocument,
     selection_set: &'a async_graphql::parser::types::SelectionSet,
-    depth: usize,
-    names: &mut Vec<&'a str>,
+    visited: &mut HashSet<&'a str>,
+    names: &mut HashSet<&'a str>,
 ) -> bool {
     use async_graphql::parser::types::Selection;
-    if depth > 32 {
-        return false;
-    }
-    selection_set
-        .items
-        .iter()
-        .all(|selection| match &selection.node {
-            Selection::Field(field) => {
-                names.push(field.node.name.node.as_str());
-                true
+    let mut pending = vec![selection_set];
+    let mut read = 0usize;
+    while let Some(selection_set) = pending.pop() {
+        for selection in &selection_set.items {
+            read += 1;
+            if read > MAX_ANONYMOUS_SELECTIONS {
+                return false;
             }
-            Selection::InlineFragment(fragment) => root_field_names(
-                document,
-                &fragment.node.selection_set.node,
-                depth + 1,
-                names,
-            ),
-            Selection::FragmentSpread(spread) => {
-                match document.fragments.get(&spread.node.fragment_name.node) {
-                    Some(fragment) => root_field_names(
-                        document,
-                        &fragment.node.selection_set.node,
-                        depth + 1,
-                        names,
-                    ),
+            match &selection.node {
+                Selection::Field(field) => {
+                    names.insert(field.node.name.node.as_str());
+                }
+                Selection::InlineFragment(fragment) => {
+                    pending.push(&fragment.node.selection_set.node);
+                }
+                Selection::FragmentSpread(spread) => {
+                    let name = spread.node.fragment_name.node.as_str();
                     // Validation refuses an unknown fragment before anything runs.
-                    None => true,
+                    if visited.insert(name)
+                        && let Some(fragment) =
+                            document.fragments.get(&spread.node.fragment_name.node)
+                    {
+                        pending.push(&fragment.node.selection_set.node);
+                    }
                 }
             }
-        })
+        }
+    }
+    true
 }

@@ -7,12 +7,13 @@
 //! customer id.
 //!
 //! Each client address may start a bounded number of sessions per minute
-//! (`COMMERCE_GUEST_SESSIONS_PER_MINUTE`), counted by each kernel process
-//! on its own: behind a load balancer over N processes a client may start
-//! up to N times as many.
+//! (`COMMERCE_GUEST_SESSIONS_PER_MINUTE`; an IPv6 client counts as its /64),
+//! counted by each kernel process on its own: behind a load balancer over N
+//! processes a client may start up to N times as many.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_graphql::{Context, Object, SimpleObject};
 use chrono::{DateTime, Utc};
@@ -27,6 +28,8 @@ use crate::config::GuestSessionConfig;
 /// Client addresses the limiter remembers before it forgets those whose
 /// minute has passed.
 const TRACKED_ADDRESSES: usize = 10_000;
+/// How many checks apart the limiter looks for addresses to forget.
+const FORGET_EVERY: u64 = 1_024;
 
 /// The address a request came from: the connection's peer, or the last
 /// address a trusted proxy appended to `X-Forwarded-For`.
@@ -43,6 +46,9 @@ struct GuestSessionsOn {
     auth: Authenticator,
     config: GuestSessionConfig,
     limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// Checks so far, to forget stale addresses now and then rather than
+    /// scanning the table on every request.
+    checks: AtomicU64,
 }
 
 impl GuestSessions {
@@ -66,6 +72,7 @@ impl GuestSessions {
                 auth,
                 config,
                 limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
+                checks: AtomicU64::new(0),
             }),
         }
     }
@@ -79,7 +86,8 @@ impl GuestSessions {
 impl GuestSessionsOn {
     /// Whether `client` may start another session now.
     fn admit(&self, client: IpAddr) -> bool {
-        if self.limiter.len() > TRACKED_ADDRESSES {
+        let checks = self.checks.fetch_add(1, Ordering::Relaxed);
+        if checks.is_multiple_of(FORGET_EVERY) && self.limiter.len() > TRACKED_ADDRESSES {
             self.limiter.retain_recent();
         }
         self.limiter.check_key(&client).is_ok()
@@ -100,14 +108,17 @@ pub struct GuestSession {
     pub expires_at: DateTime<Utc>,
 }
 
+/// What `createGuestSession` answers.
 #[derive(SimpleObject)]
 pub struct CreateGuestSessionPayload {
+    /// The new session; null when refused.
     pub session: Option<GuestSession>,
     /// `RATE_LIMITED` when this address started too many sessions in the
     /// last minute.
     pub errors: Vec<UserError>,
 }
 
+/// The guest-session mutation.
 #[derive(Default)]
 pub struct GuestMutation;
 

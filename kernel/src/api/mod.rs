@@ -121,6 +121,7 @@ fn schema_builder(
     // it never refuses what the depth limit allows.
     .limit_recursive_depth(limits.max_depth.max(32))
     .extension(limits::AliasLimit(limits.max_aliases))
+    .extension(limits::ExpansionLimit(limits.max_complexity))
     .extension(error::ErrorShape);
     if limits.introspection {
         builder

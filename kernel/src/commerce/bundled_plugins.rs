@@ -9,8 +9,10 @@
 //! Every kernel process writes them into its plugin directory when it
 //! starts ([`Plugins::place_bundled`](super::plugins::Plugins::place_bundled)),
 //! so any process can load a bundled version the log names; only a database
-//! where no payment or shipping plugin was ever activated gets them
-//! activated ([`Plugins::activate_defaults`](super::plugins::Plugins::activate_defaults)).
+//! where no admin ever activated a payment or shipping plugin gets them
+//! activated ([`Plugins::activate_defaults`](super::plugins::Plugins::activate_defaults)),
+//! by default only the embedded one (`COMMERCE_DEFAULT_PLUGINS`): the manual
+//! payment plugin takes no money.
 //!
 //! A change to a component's bytes needs a new version here: a version is
 //! written once, and a directory that holds the old bytes under the same
@@ -23,10 +25,13 @@ use commerce_plugin_host::{PluginKind, sha256_hex};
 pub struct BundledPlugin {
     /// The name the saga calls it by.
     pub name: &'static str,
+    /// Its version; a changed component needs a new one.
     pub version: &'static str,
+    /// The contract it implements.
     pub kind: PluginKind,
     /// The component's file name in the plugin directory.
     pub file: &'static str,
+    /// The component itself, from `plugins/defaults`.
     pub component: &'static [u8],
     /// The manifest after its pinned fields: limits and `[config]`.
     pub settings: &'static str,
@@ -62,7 +67,9 @@ pub const MANUAL_PAYMENT: BundledPlugin = BundledPlugin {
     active_by_default: true,
 };
 
-/// `flat-rate-shipping` as `shipping`, service `standard`, at these rates.
+/// `flat-rate-shipping` as `shipping`, service `standard`, to the
+/// destinations these rates cover. The kernel does not add the rate to the
+/// order's total yet: nothing calls `quote`.
 pub const FLAT_RATE_SHIPPING: BundledPlugin = BundledPlugin {
     name: "shipping",
     version: "1.0.0+flat-rate",

@@ -31,9 +31,13 @@ const DEMO_PRODUCTS: &[(&str, &str, i64, &str)] = &[
 /// One demo product and what this run did with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DemoProduct {
+    /// The product's id (its stream).
     pub product_id: Uuid,
+    /// The demo SKU (`DEMO-…`) that finds it again.
     pub sku: &'static str,
+    /// The name it was created with.
     pub name: &'static str,
+    /// The price it was created with (a later change stays).
     pub price: Money,
     /// This run created it (else it existed).
     pub created: bool,

@@ -127,7 +127,7 @@ impl Plugins {
                     tracing::warn!(
                         plugin = bundled.name,
                         version = bundled.version,
-                        "the plugin directory holds other files under a bundled version: {error}"
+                        "could not place a bundled plugin in the plugin directory: {error}"
                     );
                 }
             }
@@ -136,24 +136,39 @@ impl Plugins {
         .await
     }
 
-    /// On a database where no payment or shipping plugin was ever
-    /// activated, activates the bundled payment and shipping plugins and
-    /// records the bundled steps as installed, under `context`'s actor.
-    /// Anywhere else it does nothing: an admin has chosen. Safe when
-    /// several processes start at once: each plugin's own stream decides,
-    /// and only a stream without any activation gets one. Returns the
-    /// versions it activated.
+    /// On a database where no admin ever activated a payment or shipping
+    /// plugin, activates the bundled payment and shipping plugins that are
+    /// not active yet and records the bundled steps as installed, under
+    /// `context`'s actor (the kernel's own, [`crate::server::SYSTEM_ACTOR`]).
+    /// Anywhere else it does nothing: an admin has chosen. A start that
+    /// stopped half-way is completed by the next. Safe when several
+    /// processes start at once: each plugin's own stream decides, and only
+    /// a stream without any activation gets one. Returns the versions it
+    /// activated.
     pub async fn activate_defaults(
         &self,
         context: &CommandContext,
     ) -> Result<Vec<String>, CommandError> {
-        if self.chosen_by_someone().await? {
+        if self.chosen_by_an_admin(context.actor.as_deref()).await? {
             return Ok(Vec::new());
         }
         let mut activated = Vec::new();
         for bundled in BUNDLED {
+            let sha256 = sha256_hex(bundled.component);
             let plugin = if bundled.active_by_default {
-                Some(self.prepare(bundled.name, bundled.version).await?)
+                let plugin = self.prepare(bundled.name, bundled.version).await?;
+                // The directory may hold other bytes under this version
+                // (place_bundled kept them): never record what does not run.
+                if plugin.manifest().sha256 != sha256 {
+                    tracing::warn!(
+                        plugin = bundled.name,
+                        version = bundled.version,
+                        "not activating a bundled plugin: the plugin directory holds other bytes \
+                         under its version"
+                    );
+                    continue;
+                }
+                Some(plugin)
             } else {
                 None
             };
@@ -165,7 +180,6 @@ impl Plugins {
                     if loaded.state.active().is_some() {
                         return Ok(Written::unchanged(id, loaded));
                     }
-                    let sha256 = sha256_hex(bundled.component);
                     let mut events = loaded.state.install(
                         bundled.name,
                         bundled.version,
@@ -187,10 +201,11 @@ impl Plugins {
                     .is_some_and(|active| active.version == bundled.version);
             if let (Some(plugin), true) = (plugin, activated_here) {
                 self.registry.swap(plugin);
-                tracing::info!(
+                tracing::warn!(
                     plugin = bundled.name,
                     version = bundled.version,
-                    "activated a bundled plugin: no payment or shipping plugin was ever chosen"
+                    "activated a bundled plugin: no payment or shipping plugin was ever chosen; \
+                     it takes no money (COMMERCE_DEFAULT_PLUGINS=false turns this off)"
                 );
                 activated.push(format!("{}@{}", bundled.name, bundled.version));
             }
@@ -198,9 +213,9 @@ impl Plugins {
         Ok(activated)
     }
 
-    /// Whether a payment or shipping plugin was ever activated, under any
-    /// name, by anyone.
-    async fn chosen_by_someone(&self) -> Result<bool, CommandError> {
+    /// Whether anyone but `system` ever activated a payment or shipping
+    /// plugin, under any name.
+    async fn chosen_by_an_admin(&self, system: Option<&str>) -> Result<bool, CommandError> {
         let filter = EventFilter {
             aggregate_type: Some(PluginHistory::AGGREGATE_TYPE.to_string()),
             ..EventFilter::default()
@@ -221,8 +236,12 @@ impl Plugins {
                     PluginEvent::PluginInstalled { name, kind, .. } => {
                         kinds.insert(name, kind);
                     }
-                    PluginEvent::PluginActivated { name, .. } => activated.push(name),
-                    PluginEvent::PluginRolledBack { .. } => {}
+                    PluginEvent::PluginActivated { name, .. }
+                        if event.metadata.actor.as_deref() != system =>
+                    {
+                        activated.push(name);
+                    }
+                    PluginEvent::PluginActivated { .. } | PluginEvent::PluginRolledBack { .. } => {}
                 }
             }
         }

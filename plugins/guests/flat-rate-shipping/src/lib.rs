@@ -14,7 +14,9 @@
 //! For example `rates = "DE:EUR=4.90, *:EUR=9.90, *:USD=12.00"`. A
 //! destination and currency without a rate is refused (a permanent
 //! failure), by `quote` and by `create-shipment`, so an order to a country
-//! the shop does not ship to fails and releases its stock.
+//! the shop does not ship to fails and releases its stock. `quote` answers
+//! the rate; the kernel does not call it yet, so the rate is not added to
+//! what the order charges.
 //!
 //! Answers depend on the call's input alone: a shipment's reference is
 //! `flat:<idempotency key>` and its tracking number a hash of that key, so a
