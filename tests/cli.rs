@@ -289,6 +289,117 @@ fn seed_demo_creates_the_sample_catalog_once() {
     }
 }
 
+/// `plugin install | list | activate | rollback` on the configured
+/// database and directory: a kernel started on them runs what the CLI
+/// activated, the events name `cli:<user>` as their actor, and bad input
+/// is refused with a reason and exit status 1.
+#[test]
+fn the_plugin_commands_install_activate_and_roll_back() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let plugin = |args: &[&str]| {
+        let output = kernel(data.path())
+            .env("USER", "ada")
+            .arg("plugin")
+            .args(args)
+            .output()
+            .expect("run plugin");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let component = std::fs::read(commerce_plugin_artifacts::ORDER_LIMIT).expect("order-limit");
+    let sha256 = commerce_plugin_host::sha256_hex(&component);
+    let version_dir = |version: &str, pinned: &str| {
+        let dir = data.path().join(format!("upload-{version}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("limit.wasm"), &component).expect("component");
+        std::fs::write(
+            dir.join("plugin.toml"),
+            format!(
+                "name = \"limit\"\nversion = \"{version}\"\nkind = \"saga-step\"\n\
+                 component = \"limit.wasm\"\nsha256 = \"{pinned}\"\n"
+            ),
+        )
+        .expect("manifest");
+        dir.display().to_string()
+    };
+
+    for version in ["2.0.0", "2.0.1"] {
+        let (code, stdout, stderr) = plugin(&["install", &version_dir(version, &sha256)]);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!("installed limit@{version}")),
+            "{stdout}"
+        );
+    }
+    for version in ["2.0.0", "2.0.1"] {
+        let (code, stdout, stderr) = plugin(&["activate", "limit", version]);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+    }
+    let (code, stdout, _) = plugin(&["rollback", "limit"]);
+    assert_eq!(
+        (code, stdout.trim()),
+        (Some(0), "rolled limit back to 2.0.0")
+    );
+    let (_, listed, _) = plugin(&["list"]);
+    let line = listed
+        .lines()
+        .find(|line| line.starts_with("limit "))
+        .unwrap_or_else(|| panic!("limit is listed: {listed}"));
+    assert!(
+        line.contains("active: 2.0.0") && line.contains("installed: 2.0.0, 2.0.1"),
+        "{listed}"
+    );
+
+    // Refused, with the reason, and nothing recorded.
+    let wrong_pin = "0".repeat(64);
+    for (args, reason) in [
+        (
+            vec!["install".to_string(), version_dir("3.0.0", &wrong_pin)],
+            "sha256",
+        ),
+        (
+            vec!["install".to_string(), "/nonexistent".to_string()],
+            "/nonexistent",
+        ),
+        (
+            vec!["activate".into(), "limit".into(), "9.9.9".into()],
+            "9.9.9",
+        ),
+        (
+            vec!["rollback".into(), "nothing-here".into()],
+            "nothing-here",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) = plugin(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    }
+    let (code, _, _) = plugin(&["activate", "limit"]);
+    assert_eq!(code, Some(2), "a missing version is a usage error");
+
+    // A kernel on the same data runs what the CLI chose.
+    let (_child, address, _lines) = serve(data.path(), &[]);
+    let admin = mint(data.path(), &["--sub", "ops", "--role", "admin"]).expect("admin token");
+    let answer = graphql_post(
+        &address,
+        Some(&admin),
+        "{ plugins { edges { node { name activeVersion { version } } } } events(aggregateType: \\\"plugin\\\") { edges { node { eventType actor } } } }",
+    );
+    assert!(
+        answer.contains("{\"name\":\"limit\",\"activeVersion\":{\"version\":\"2.0.0\"}}"),
+        "{answer}"
+    );
+    let limit_events = answer.matches("\"actor\":\"cli:ada\"").count();
+    assert_eq!(
+        limit_events, 5,
+        "two installs, two activations, one rollback: {answer}"
+    );
+}
+
 #[test]
 fn committed_schema_matches_the_code() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schema.graphql");

@@ -33,6 +33,10 @@ commands:
   seed --demo
             create a small sample catalog (prices in EUR and USD, stock),
             unless it exists, and print it with a customer token to use
+  plugin install <dir> | list | activate <name> <version> | rollback <name>
+            manage plugins in the configured database and plugin directory,
+            recorded as events of the actor cli:<user>; running kernels
+            sharing both follow within seconds (see plugins/README.md)
   watch <order id> --token <token> [--url http://localhost:8084]
             follow an order live over the orderStatusChanged subscription,
             a line per status, until it is final (exit 0 once CONFIRMED)
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         [first, ..] if first == "loadtest" => return loadtest(&args[1..]),
         [first, ..] if first == "seed" => return seed(&args[1..]),
         [first, ..] if first == "watch" => return watch(&args[1..]),
+        [first, ..] if first == "plugin" => return plugin(&args[1..]),
         [one] => one.as_str(),
         _ => {
             eprintln!("commerce-kernel: expected at most one command\n\n{USAGE}");
@@ -323,6 +328,135 @@ fn watch(args: &[String]) -> ExitCode {
         Ok(_) => ExitCode::FAILURE,
         Err(error) => {
             eprintln!("commerce-kernel watch: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `plugin install <dir> | list | activate <name> <version> | rollback
+/// <name>`, on the configured database and plugin directory.
+fn plugin(args: &[String]) -> ExitCode {
+    use commerce_kernel::commerce::{CommandContext, Commerce, Plugins};
+    use commerce_plugin_host::{EngineConfig, MANIFEST_FILE, PluginManifest, PluginRegistry};
+    let usage = |problem: &str| {
+        eprintln!("commerce-kernel plugin: {problem}\n\n{USAGE}");
+        ExitCode::from(2)
+    };
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    if !matches!(
+        words.as_slice(),
+        ["install", _] | ["list"] | ["activate", _, _] | ["rollback", _]
+    ) {
+        return usage("expected install <dir>, list, activate <name> <version> or rollback <name>");
+    }
+    let config = match config_from_env() {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let runtime = match multi_thread_runtime() {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let outcome = runtime.block_on(async {
+        let database = Database::connect(&config.database)
+            .await
+            .map_err(|error| error.to_string())?;
+        database
+            .migrate()
+            .await
+            .map_err(|error| error.to_string())?;
+        let dir = config.plugins.dir.clone();
+        let registry =
+            tokio::task::spawn_blocking(move || PluginRegistry::open(dir, EngineConfig::default()))
+                .await
+                .map_err(|error| error.to_string())?
+                .map_err(|error| error.to_string())?;
+        let plugins = Plugins::new(
+            Commerce::new(database.event_store(), database.view_store()),
+            std::sync::Arc::new(registry),
+        );
+        let context = CommandContext {
+            actor: Some(format!("cli:{}", cli_user())),
+            correlation_id: Some(uuid::Uuid::now_v7()),
+        };
+        let done = async {
+            plugins.place_bundled().await.map_err(|e| e.to_string())?;
+            match words.as_slice() {
+                ["install", dir] => {
+                    let dir = std::path::Path::new(dir);
+                    let manifest_path = dir.join(MANIFEST_FILE);
+                    let manifest_text = std::fs::read_to_string(&manifest_path)
+                        .map_err(|error| format!("{}: {error}", manifest_path.display()))?;
+                    let manifest =
+                        PluginManifest::parse(&manifest_text).map_err(|e| e.to_string())?;
+                    let component_path = dir.join(&manifest.component);
+                    let component = std::fs::read(&component_path)
+                        .map_err(|error| format!("{}: {error}", component_path.display()))?;
+                    let installed = plugins
+                        .install(manifest_text, component, &context)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(format!(
+                        "installed {} (sha256 {}); activate it with `plugin activate {} {}`",
+                        installed.label(),
+                        installed.sha256,
+                        installed.name,
+                        installed.version
+                    ))
+                }
+                ["list"] => {
+                    plugins.catch_up().await.map_err(|e| e.to_string())?;
+                    let mut lines = Vec::new();
+                    for summary in plugins.list().await.map_err(|e| e.to_string())? {
+                        let versions: Vec<&str> = summary
+                            .versions
+                            .iter()
+                            .map(|version| version.version.as_str())
+                            .collect();
+                        lines.push(format!(
+                            "{:<20} active: {:<20} installed: {}",
+                            summary.name,
+                            summary
+                                .active
+                                .as_ref()
+                                .map_or("none", |active| active.version.as_str()),
+                            versions.join(", ")
+                        ));
+                    }
+                    Ok(lines.join("\n"))
+                }
+                ["activate", name, version] => {
+                    plugins
+                        .activate(name, version, &context)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(format!("activated {name}@{version}"))
+                }
+                ["rollback", name] => {
+                    let written = plugins
+                        .roll_back(name, &context)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let now = written
+                        .state
+                        .active()
+                        .map_or("none".to_string(), |active| active.version.clone());
+                    Ok(format!("rolled {name} back to {now}"))
+                }
+                _ => Err("unreachable: the words were checked".to_string()),
+            }
+        }
+        .await;
+        database.close().await;
+        done
+    });
+    match outcome {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("commerce-kernel plugin: {error}");
             ExitCode::FAILURE
         }
     }
