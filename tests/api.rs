@@ -947,6 +947,28 @@ async fn without_a_token_only_the_catalog_and_guest_sessions_answer(
         "doubling fragments as an admin took {:?}: {with_token}",
         started.elapsed()
     );
+    // Spreads alone, four per level, ending in a fragment that does not
+    // exist: nothing to count as fields, 4^31 spreads to walk.
+    let mut unknown = "{ ...F0 }".to_string();
+    for level in 0..31 {
+        let next = format!("...F{}", level + 1);
+        unknown.push_str(&format!(
+            " fragment F{level} on Query {{ {next} {next} {next} {next} }}"
+        ));
+    }
+    unknown.push_str(" fragment F31 on Query { ...Missing }");
+    let started = std::time::Instant::now();
+    refused(
+        "spreads of a missing fragment",
+        anonymous(json!({ "query": unknown })).await?,
+    )?;
+    let with_token = kernel.graphql(&unknown, json!({})).await?;
+    ensure!(
+        started.elapsed() < Duration::from_secs(5)
+            && error_code(&with_token) == Some("INVALID_QUERY"),
+        "spreads of a missing fragment took {:?}: {with_token}",
+        started.elapsed()
+    );
     let mut hidden = doubling.replace("products { totalCount }", "eventLogHead");
     refused(
         "doubling fragments ending in a private field",

@@ -47,8 +47,8 @@ fn available(tool: &str) -> bool {
 
 #[test]
 fn the_readme_quickstart_confirms_an_order_watched_live() {
-    if !available("bash") || !available("curl") {
-        eprintln!("skipped: the quickstart needs bash and curl");
+    if !available("bash") || !available("curl") || !available("timeout") {
+        eprintln!("skipped: the quickstart needs bash and curl (and timeout, to bound it)");
         return;
     }
     // Terminal 1: one line, the kernel with the sample catalog.
@@ -104,8 +104,10 @@ fn the_readme_quickstart_confirms_an_order_watched_live() {
             line => line.replace("cargo run --release --", BINARY),
         })
         .collect();
-    let output = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", &script.join("\n")])
+    // Bounded: a subscription that never reaches a final status fails the
+    // test instead of holding CI.
+    let output = Command::new("timeout")
+        .args(["120", "bash", "-euo", "pipefail", "-c", &script.join("\n")])
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .output()

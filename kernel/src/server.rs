@@ -530,18 +530,6 @@ async fn graphql(
         Ok(request) => request.0,
         Err(refusal) => return refusal.into_response(),
     };
-    if principal.is_none() {
-        let open = match &mut request {
-            BatchRequest::Single(request) => state.anonymous.allows(request),
-            BatchRequest::Batch(requests) => requests
-                .iter_mut()
-                .all(|request| state.anonymous.allows(request)),
-        };
-        if !open {
-            return auth_refusal(&AuthError::Missing);
-        }
-    }
-    let client = client_address(&state.storefront, &headers, peer.map(|peer| peer.0.0));
     if let BatchRequest::Batch(requests) = &request
         && requests.len() > state.limits.max_batch
     {
@@ -555,6 +543,18 @@ async fn graphql(
             ),
         );
     }
+    if principal.is_none() {
+        let open = match &mut request {
+            BatchRequest::Single(request) => state.anonymous.allows(request),
+            BatchRequest::Batch(requests) => requests
+                .iter_mut()
+                .all(|request| state.anonymous.allows(request)),
+        };
+        if !open {
+            return auth_refusal(&AuthError::Missing);
+        }
+    }
+    let client = client_address(&state.storefront, &headers, peer.map(|peer| peer.0.0));
     let request = request.data(client);
     let request = match principal {
         Some(principal) => request.data(principal),

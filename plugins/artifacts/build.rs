@@ -64,9 +64,9 @@ fn build() -> Result<(), String> {
         .arg(&guest_target);
     // The outer build's flags, wrappers, lints and profile settings are for
     // the host, not the guests (whose profile is their workspace's own).
-    let profile_settings: Vec<String> = env::vars()
+    let profile_settings: Vec<std::ffi::OsString> = env::vars_os()
         .map(|(name, _)| name)
-        .filter(|name| name.starts_with("CARGO_PROFILE_"))
+        .filter(|name| name.to_string_lossy().starts_with("CARGO_PROFILE_"))
         .collect();
     for variable in profile_settings {
         command.env_remove(variable);

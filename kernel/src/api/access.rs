@@ -168,7 +168,8 @@ impl AnonymousAccess {
                 &operation.selection_set.node,
                 &mut visited,
                 &mut names,
-            ) && names.iter().all(|name| open.contains(name))
+            ) && !names.is_empty()
+                && names.iter().all(|name| open.contains(name))
         })
     }
 }
@@ -177,7 +178,8 @@ impl AnonymousAccess {
 /// and inline fragments. Each named fragment is read once however often it
 /// is spread (a document that spreads fragments into each other twice per
 /// level would otherwise cost 2^depth); false when the selections go more
-/// than [`MAX_ANONYMOUS_SELECTIONS`] deep or wide.
+/// than [`MAX_ANONYMOUS_SELECTIONS`] deep or wide, or a spread names a
+/// fragment the document does not have.
 fn root_field_names<'a>(
     document: &'a async_graphql::parser::types::ExecutableDocument,
     selection_set: &'a async_graphql::parser::types::SelectionSet,
@@ -202,11 +204,13 @@ fn root_field_names<'a>(
                 }
                 Selection::FragmentSpread(spread) => {
                     let name = spread.node.fragment_name.node.as_str();
-                    // Validation refuses an unknown fragment before anything runs.
-                    if visited.insert(name)
-                        && let Some(fragment) =
+                    if visited.insert(name) {
+                        // An unknown fragment: refused, not skipped.
+                        let Some(fragment) =
                             document.fragments.get(&spread.node.fragment_name.node)
-                    {
+                        else {
+                            return false;
+                        };
                         pending.push(&fragment.node.selection_set.node);
                     }
                 }

@@ -124,8 +124,9 @@ impl Extension for ExpansionLimitExtension {
 /// they expanded without bound (and the count never recurses deeper).
 const MAX_FRAGMENT_NESTING: usize = 64;
 
-/// The fields of every operation of `document` with its fragments spread
-/// out; `usize::MAX` for a cycle or nesting beyond [`MAX_FRAGMENT_NESTING`].
+/// The selections of every operation of `document` with its fragments
+/// spread out; `usize::MAX` for a cycle, an unknown fragment or nesting
+/// beyond [`MAX_FRAGMENT_NESTING`].
 pub fn expanded_fields(document: &ExecutableDocument) -> usize {
     let mut expansion = Expansion {
         document,
@@ -148,17 +149,17 @@ struct Expansion<'a> {
 }
 
 impl<'a> Expansion<'a> {
+    /// Every selection counts, the spreads and inline fragments too: a
+    /// document of spreads alone must not count as empty.
     fn of(&mut self, set: &'a SelectionSet) -> usize {
         let mut total = 0usize;
         for item in &set.items {
-            let size = match &item.node {
-                Selection::Field(field) => {
-                    1usize.saturating_add(self.of(&field.node.selection_set.node))
-                }
+            let inside = match &item.node {
+                Selection::Field(field) => self.of(&field.node.selection_set.node),
                 Selection::InlineFragment(fragment) => self.of(&fragment.node.selection_set.node),
                 Selection::FragmentSpread(spread) => self.fragment(&spread.node.fragment_name.node),
             };
-            total = total.saturating_add(size);
+            total = total.saturating_add(1).saturating_add(inside);
         }
         total
     }
@@ -170,9 +171,10 @@ impl<'a> Expansion<'a> {
         if self.open.contains(&name.as_str()) || self.open.len() >= MAX_FRAGMENT_NESTING {
             return usize::MAX;
         }
-        // Validation refuses an unknown fragment; it adds nothing here.
+        // Validation would refuse an unknown fragment, but async-graphql's
+        // recursion check walks the spreads first: refuse it here.
         let Some(fragment) = self.document.fragments.get(name) else {
-            return 0;
+            return usize::MAX;
         };
         self.open.push(name.as_str());
         let size = self.of(&fragment.node.selection_set.node);
@@ -207,7 +209,8 @@ mod tests {
             "{ products { edges { cursor } } ...F ... on Query { ...F } }
              fragment F on Query { eventLogHead products { edges { cursor } } }",
         );
-        assert_eq!(expanded_fields(&document), 3 + 2 * 4);
+        // Fields, spreads and the inline fragment each count once.
+        assert_eq!(expanded_fields(&document), 3 + 3 + 2 * 4);
         // Two spreads per level, 40 levels: 2^40 fields, counted in a blink.
         let mut doubling = "{ ...F0 }".to_string();
         for level in 0..40 {
@@ -217,7 +220,17 @@ mod tests {
             ));
         }
         doubling.push_str(" fragment F40 on Query { eventLogHead }");
-        assert_eq!(expanded_fields(&parse(&doubling)), 1 << 40);
+        assert!(expanded_fields(&parse(&doubling)) > 1 << 40);
+        // Spreads alone, ending in a fragment that does not exist.
+        let mut unknown = "{ ...F0 }".to_string();
+        for level in 0..31 {
+            let next = format!("...F{}", level + 1);
+            unknown.push_str(&format!(
+                " fragment F{level} on Query {{ {next} {next} {next} {next} }}"
+            ));
+        }
+        unknown.push_str(" fragment F31 on Query { ...Missing }");
+        assert_eq!(expanded_fields(&parse(&unknown)), usize::MAX);
         // A cycle, and a chain deeper than the nesting bound, count as unbounded.
         let cycle = parse("{ ...A } fragment A on Query { ...B } fragment B on Query { ...A }");
         assert_eq!(expanded_fields(&cycle), usize::MAX);
