@@ -287,6 +287,24 @@ fn seed_demo_creates_the_sample_catalog_once() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+
+    // `watch` with a token the kernel refuses says so, with the server's reason.
+    let refused = kernel(data.path())
+        .args([
+            "watch",
+            &uuid::Uuid::now_v7().to_string(),
+            "--token",
+            "not-a-token",
+        ])
+        .args(["--url", &format!("http://{address}")])
+        .output()
+        .expect("run watch");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("UNAUTHENTICATED") && !stderr.contains("closed before connection_ack"),
+        "{stderr}"
+    );
 }
 
 /// `plugin install | list | activate | rollback` on the configured

@@ -20,11 +20,14 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// `WS_CLOSED`, or the final status of an order that did not confirm.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallError {
+    /// What the report counts it under.
     pub code: String,
+    /// What went wrong, in the server's or the transport's words.
     pub message: String,
 }
 
 impl CallError {
+    /// A failure counted under `code`.
     pub fn new(code: impl Into<String>, message: impl Into<String>) -> CallError {
         CallError {
             code: code.into(),
@@ -205,13 +208,25 @@ impl LiveOrders {
                 .await
                 .ok_or_else(|| CallError::new("WS_CLOSED", "closed before connection_ack"))?
                 .map_err(|e| closed(&e))?;
-            if let Message::Text(text) = message {
-                let parsed: Value = serde_json::from_str(&text).unwrap_or_default();
-                match parsed["type"].as_str() {
-                    Some("connection_ack") => break,
-                    Some("ping") => {}
-                    _ => return Err(CallError::new("UNAUTHENTICATED", text.to_string())),
+            match message {
+                Message::Text(text) => {
+                    let parsed: Value = serde_json::from_str(&text).unwrap_or_default();
+                    match parsed["type"].as_str() {
+                        Some("connection_ack") => break,
+                        Some("ping") => {}
+                        _ => return Err(CallError::new("UNAUTHENTICATED", text.to_string())),
+                    }
                 }
+                // The server refused the connection (a bad token): say why.
+                Message::Close(frame) => {
+                    return Err(CallError::new(
+                        "UNAUTHENTICATED",
+                        frame.map_or("closed before connection_ack".to_string(), |frame| {
+                            format!("{} {}", frame.code, frame.reason)
+                        }),
+                    ));
+                }
+                _ => {}
             }
         }
 
@@ -314,6 +329,9 @@ fn on_message(text: &str, waiting: &Waiters, replies: &mpsc::UnboundedSender<Mes
                 .as_str()
                 .unwrap_or_default();
             if !FINAL_STATUSES.contains(&status) {
+                if status.is_empty() {
+                    return;
+                }
                 if let Some(Waiter::Each(each)) = waiters(waiting).get(&id) {
                     let _ = each.send(Ok(status.to_string()));
                 }
