@@ -172,7 +172,7 @@ fn token(args: &[String]) -> ExitCode {
 /// `seed --demo`: the demo catalog, created where missing, then printed
 /// with a customer token.
 fn seed(args: &[String]) -> ExitCode {
-    use commerce_kernel::commerce::{CommandContext, Commerce};
+    use commerce_kernel::commerce::Commerce;
     if args != ["--demo"] {
         eprintln!("commerce-kernel seed: the one seed is `seed --demo`\n\n{USAGE}");
         return ExitCode::from(2);
@@ -186,18 +186,9 @@ fn seed(args: &[String]) -> ExitCode {
         Err(code) => return code,
     };
     let seeded = runtime.block_on(async {
-        let database = Database::connect(&config.database)
-            .await
-            .map_err(|error| error.to_string())?;
-        database
-            .migrate()
-            .await
-            .map_err(|error| error.to_string())?;
+        let database = open_database(&config).await?;
         let commerce = Commerce::new(database.event_store(), database.view_store());
-        let context = CommandContext {
-            actor: Some(format!("cli:{}", cli_user())),
-            correlation_id: Some(uuid::Uuid::now_v7()),
-        };
+        let context = cli_context();
         let seeded = commerce
             .seed_demo_catalog(&context)
             .await
@@ -336,7 +327,7 @@ fn watch(args: &[String]) -> ExitCode {
 /// `plugin install <dir> | list | activate <name> <version> | rollback
 /// <name>`, on the configured database and plugin directory.
 fn plugin(args: &[String]) -> ExitCode {
-    use commerce_kernel::commerce::{CommandContext, Commerce, Plugins};
+    use commerce_kernel::commerce::{Commerce, Plugins};
     use commerce_plugin_host::{EngineConfig, MANIFEST_FILE, PluginManifest, PluginRegistry};
     let usage = |problem: &str| {
         eprintln!("commerce-kernel plugin: {problem}\n\n{USAGE}");
@@ -358,13 +349,7 @@ fn plugin(args: &[String]) -> ExitCode {
         Err(code) => return code,
     };
     let outcome = runtime.block_on(async {
-        let database = Database::connect(&config.database)
-            .await
-            .map_err(|error| error.to_string())?;
-        database
-            .migrate()
-            .await
-            .map_err(|error| error.to_string())?;
+        let database = open_database(&config).await?;
         let dir = config.plugins.dir.clone();
         let registry =
             tokio::task::spawn_blocking(move || PluginRegistry::open(dir, EngineConfig::default()))
@@ -375,10 +360,7 @@ fn plugin(args: &[String]) -> ExitCode {
             Commerce::new(database.event_store(), database.view_store()),
             std::sync::Arc::new(registry),
         );
-        let context = CommandContext {
-            actor: Some(format!("cli:{}", cli_user())),
-            correlation_id: Some(uuid::Uuid::now_v7()),
-        };
+        let context = cli_context();
         let done = async {
             plugins.place_bundled().await.map_err(|e| e.to_string())?;
             match words.as_slice() {
@@ -459,6 +441,27 @@ fn plugin(args: &[String]) -> ExitCode {
             eprintln!("commerce-kernel plugin: {error}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The configured database, its schema brought up to date, for a
+/// command-line tool.
+async fn open_database(config: &Config) -> Result<Database, String> {
+    let database = Database::connect(&config.database)
+        .await
+        .map_err(|error| error.to_string())?;
+    database
+        .migrate()
+        .await
+        .map_err(|error| error.to_string())?;
+    Ok(database)
+}
+
+/// How a command-line tool's writes are recorded: actor `cli:<user>`.
+fn cli_context() -> commerce_kernel::commerce::CommandContext {
+    commerce_kernel::commerce::CommandContext {
+        actor: Some(format!("cli:{}", cli_user())),
+        correlation_id: Some(uuid::Uuid::now_v7()),
     }
 }
 
