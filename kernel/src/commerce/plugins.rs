@@ -154,6 +154,11 @@ impl Plugins {
         }
         let mut activated = Vec::new();
         for bundled in BUNDLED {
+            // Already active here (catch_up followed the log before): the
+            // stream has its activation, so there is nothing to compile.
+            if self.registry.active(bundled.name).is_ok() {
+                continue;
+            }
             let sha256 = sha256_hex(bundled.component);
             let plugin = if bundled.active_by_default {
                 let plugin = self.prepare(bundled.name, bundled.version).await?;
