@@ -2030,6 +2030,7 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
                     },
                     payment_method: "tok_visa".into(),
                     idempotency_key: None,
+                    email: None,
                 },
                 &context,
             )

@@ -125,6 +125,7 @@ fn checkout_input(cart_id: Uuid, key: &str) -> CheckoutInput {
             country: "GB".into(),
         },
         idempotency_key: Some(key.into()),
+        email: None,
     }
 }
 

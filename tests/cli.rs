@@ -418,6 +418,131 @@ fn the_plugin_commands_install_activate_and_roll_back() {
     );
 }
 
+/// `plugin --url … --token …`: the same commands through a running
+/// kernel's API, recorded with the token's admin as the actor; a customer's
+/// token, a refused component and missing flags are refused with reasons.
+#[test]
+fn the_plugin_commands_work_against_a_running_kernel() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let (_child, address, _lines) = serve(data.path(), &[]);
+    let url = format!("http://{address}");
+    let admin = mint(data.path(), &["--sub", "ops", "--role", "admin"]).expect("admin token");
+    let customer = mint(
+        data.path(),
+        &[
+            "--sub",
+            &uuid::Uuid::now_v7().to_string(),
+            "--role",
+            "customer",
+        ],
+    )
+    .expect("customer token");
+    // Another machine: no database or plugin directory of the kernel's.
+    let elsewhere = tempfile::tempdir().expect("temp dir");
+    let plugin = |flags: &[&str], args: &[&str]| {
+        let output = kernel(elsewhere.path())
+            .arg("plugin")
+            .args(flags)
+            .args(args)
+            .output()
+            .expect("run plugin");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let as_admin = ["--url", url.as_str(), "--token", admin.as_str()];
+    let component = std::fs::read(commerce_plugin_artifacts::ORDER_LIMIT).expect("order-limit");
+    let sha256 = commerce_plugin_host::sha256_hex(&component);
+    let version_dir = |version: &str, pinned: &str| {
+        let dir = elsewhere.path().join(format!("upload-{version}"));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("limit.wasm"), &component).expect("component");
+        std::fs::write(
+            dir.join("plugin.toml"),
+            format!(
+                "name = \"limit\"\nversion = \"{version}\"\nkind = \"saga-step\"\n\
+                 component = \"limit.wasm\"\nsha256 = \"{pinned}\"\n"
+            ),
+        )
+        .expect("manifest");
+        dir.display().to_string()
+    };
+
+    for version in ["2.0.0", "2.0.1"] {
+        let (code, stdout, stderr) =
+            plugin(&as_admin, &["install", &version_dir(version, &sha256)]);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!(
+                "installed limit@{version} (sha256 {sha256}) on {url}"
+            )),
+            "{stdout}"
+        );
+        let (code, stdout, stderr) = plugin(&as_admin, &["activate", "limit", version]);
+        assert_eq!(code, Some(0), "{stdout}{stderr}");
+    }
+    let (code, stdout, _) = plugin(&as_admin, &["rollback", "limit"]);
+    assert_eq!(
+        (code, stdout.trim()),
+        (
+            Some(0),
+            format!("rolled limit back to 2.0.0 on {url}").as_str()
+        )
+    );
+    let (code, listed, _) = plugin(&as_admin, &["list"]);
+    assert_eq!(code, Some(0));
+    let line = listed
+        .lines()
+        .find(|line| line.starts_with("limit "))
+        .unwrap_or_else(|| panic!("limit is listed: {listed}"));
+    assert!(
+        line.contains("active: 2.0.0") && line.contains("installed: 2.0.0, 2.0.1"),
+        "{listed}"
+    );
+
+    // Refused by the kernel, with its reason, and nothing recorded.
+    let as_customer = ["--url", url.as_str(), "--token", customer.as_str()];
+    for (flags, args, reason) in [
+        (
+            &as_customer,
+            vec!["install".to_string(), version_dir("3.0.0", &sha256)],
+            "FORBIDDEN",
+        ),
+        (&as_customer, vec!["list".to_string()], "FORBIDDEN"),
+        (
+            &as_admin,
+            vec!["install".to_string(), version_dir("3.0.1", &"0".repeat(64))],
+            "sha256",
+        ),
+        (
+            &as_admin,
+            vec!["activate".into(), "limit".into(), "9.9.9".into()],
+            "9.9.9",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stdout, stderr) = plugin(flags, &args);
+        assert_eq!(code, Some(1), "{args:?}: {stdout}{stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    }
+    // Usage errors: a URL without a token, a token without a URL.
+    assert_eq!(plugin(&["--url", url.as_str()], &["list"]).0, Some(2));
+    assert_eq!(plugin(&["--token", admin.as_str()], &["list"]).0, Some(2));
+
+    let answer = graphql_post(
+        &address,
+        Some(&admin),
+        "{ events(aggregateType: \\\"plugin\\\") { edges { node { eventType actor } } } }",
+    );
+    assert_eq!(
+        answer.matches("\"actor\":\"admin:ops\"").count(),
+        5,
+        "two installs, two activations, one rollback, by the token's admin: {answer}"
+    );
+}
+
 #[test]
 fn committed_schema_matches_the_code() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../schema.graphql");

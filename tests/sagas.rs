@@ -377,6 +377,7 @@ impl Shop {
                     shipping_address: address(country),
                     payment_method: payment_method.into(),
                     idempotency_key: None,
+                    email: None,
                 },
                 &context(),
             )
@@ -959,6 +960,7 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
                 shipping_address: address("DE"),
                 payment_method: "card".into(),
                 idempotency_key: None,
+                email: None,
             },
             &context(),
         )
@@ -2352,6 +2354,7 @@ async fn cancelling_as_the_saga_starts_ends_one_consistent_way(
                 shipping_address: address("DE"),
                 payment_method: "tok_visa".into(),
                 idempotency_key: None,
+                email: None,
             },
             &context(),
         )
@@ -2397,6 +2400,7 @@ async fn cancelling_as_the_saga_starts_ends_one_consistent_way(
                     shipping_address: address("DE"),
                     payment_method: "tok_visa".into(),
                     idempotency_key: None,
+                    email: None,
                 },
                 &context(),
             )

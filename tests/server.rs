@@ -478,6 +478,7 @@ async fn graphql_orders_show_their_history_and_past_versions(
                 },
                 payment_method: "card".into(),
                 idempotency_key: None,
+                email: None,
             },
             &context,
         )

@@ -13,7 +13,7 @@ use commerce_kernel::config;
 use serde_json::{Value, json};
 use support::TestDatabase;
 use support::kernel::{RunningKernel, TEST_JWT_SECRET, error_code, payload_codes};
-use support::shop::{self, address};
+use support::shop::{self, AdminClient as _, address};
 use support::socket::{Frame, Protocol, Socket};
 use uuid::Uuid;
 
@@ -23,6 +23,7 @@ fn main() {
         guest_sessions_are_limited_per_client_address,
         cors_answers_the_configured_origins_only,
         guest_tokens_cannot_be_forged_into_more,
+        the_public_catalog_lists_products_on_sale_only,
     ]);
 }
 
@@ -90,13 +91,32 @@ async fn a_guest_buys_without_an_identity_provider_and_watches_the_order_live(
         cart["customerId"] == json!(guest),
         "the cart is the guest's: {made}"
     );
+    const PLACE: &str = "mutation ($cart: UUID!, $address: AddressInput!, $email: String) { placeOrder(input: { cartId: $cart, paymentMethod: \"invoice\", shippingAddress: $address, email: $email }) { order { id customerId email } cart { status } errors { code field message } } }";
+    // An address that is no email is refused, and the cart stays open.
+    let refused = as_guest(
+        PLACE,
+        json!({ "cart": cart["id"], "address": address("DE"), "email": "ada at example.com" }),
+    )
+    .await?;
+    ensure!(
+        refused["data"]["placeOrder"]["order"].is_null()
+            && payload_codes(&refused["data"]["placeOrder"]) == ["INVALID_INPUT"]
+            && refused["data"]["placeOrder"]["errors"][0]["field"] == "email",
+        "{refused}"
+    );
+    // A unique address, so the admin's search below finds this order alone.
+    let email = format!("Ada.{}@Example.COM", Uuid::now_v7().simple());
     let placed = as_guest(
-        "mutation ($cart: UUID!, $address: AddressInput!) { placeOrder(input: { cartId: $cart, paymentMethod: \"invoice\", shippingAddress: $address }) { order { id customerId } errors { code message } } }",
-        json!({ "cart": cart["id"], "address": address("DE") }),
+        PLACE,
+        json!({ "cart": cart["id"], "address": address("DE"), "email": email }),
     )
     .await?;
     let order = placed["data"]["placeOrder"]["order"].clone();
     ensure!(order["customerId"] == json!(guest), "{placed}");
+    ensure!(
+        order["email"] == json!(email.replace("Example.COM", "example.com")),
+        "the email is kept, its domain lowercased: {placed}"
+    );
 
     // Watched live, with the guest token in connection_init.
     let mut socket = Socket::connect(
@@ -147,6 +167,23 @@ async fn a_guest_buys_without_an_identity_provider_and_watches_the_order_live(
             && theirs["data"]["orders"]["totalCount"] == 0,
         "{theirs}"
     );
+    // An admin finds the guest's order by the email, in any letter case;
+    // the other guest's search by it finds only their own orders (none).
+    let by_email =
+        "query ($email: String!) { orders(email: $email) { totalCount edges { node { id } } } }";
+    let found = kernel
+        .graphql(by_email, json!({ "email": email.to_uppercase() }))
+        .await?;
+    ensure!(
+        found["data"]["orders"]["totalCount"] == 1
+            && found["data"]["orders"]["edges"].as_array().map(Vec::len) == Some(1)
+            && found["data"]["orders"]["edges"][0]["node"]["id"] == order["id"],
+        "{found}"
+    );
+    let (_, searched) = kernel
+        .graphql_as(Some(&other), by_email, json!({ "email": email }))
+        .await?;
+    ensure!(searched["data"]["orders"]["totalCount"] == 0, "{searched}");
     // A guest is a customer, never an admin.
     let (status, body) = kernel
         .graphql_as(Some(&token), "{ eventLogHead }", json!({}))
@@ -407,5 +444,64 @@ async fn guest_tokens_cannot_be_forged_into_more(db: Arc<TestDatabase>) -> anyho
     ensure!(error_code(&body) == Some("FORBIDDEN"), "{body}");
     no_guests.stop().await?;
     idp.stop().await?;
+    kernel.stop().await
+}
+
+/// A product taken off sale leaves the listing for everyone but admins
+/// (and its count), while `product(id)` still answers with `active: false`.
+async fn the_public_catalog_lists_products_on_sale_only(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let on_sale = shop::stocked_product(&kernel, 1).await?;
+    let off_sale = shop::stocked_product(&kernel, 1).await?;
+    kernel
+        .mutate(
+            "updateProduct",
+            "mutation ($id: UUID!) { updateProduct(input: { id: $id, active: false }) { product { active } errors { code message } } }",
+            json!({ "id": off_sale }),
+        )
+        .await?;
+    // Other suites share the database: list from just before the two.
+    let before_both = Uuid::from_u128(on_sale.as_u128() - 1).to_string();
+    let listing = "query ($after: String) { products(first: 2, after: $after) { totalCount edges { node { id active } } } }";
+    let listed = |body: &Value| -> Vec<Value> {
+        body["data"]["products"]["edges"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|edge| edge["node"]["id"].clone())
+            .collect()
+    };
+    let counted = |body: &Value| body["data"]["products"]["totalCount"].as_u64().unwrap_or(0);
+    let mut answers = Vec::new();
+    for token in [None, Some(kernel.customer_token(Uuid::now_v7())?)] {
+        let (status, body) = kernel
+            .graphql_as(token.as_deref(), listing, json!({ "after": before_both }))
+            .await?;
+        ensure!(status == 200, "{status} {body}");
+        ensure!(listed(&body).first() == Some(&json!(on_sale)), "{body}");
+        ensure!(!listed(&body).contains(&json!(off_sale)), "{body}");
+        answers.push(body);
+    }
+    let admin = kernel
+        .graphql(listing, json!({ "after": before_both }))
+        .await?;
+    ensure!(
+        listed(&admin) == [json!(on_sale), json!(off_sale)],
+        "the admin sees both: {admin}"
+    );
+    ensure!(
+        counted(&admin) > counted(&answers[0]) && counted(&answers[0]) == counted(&answers[1]),
+        "the public count leaves inactive products out: {admin} {answers:?}"
+    );
+    let (_, single) = kernel
+        .graphql_as(
+            None,
+            "query ($id: UUID!) { product(id: $id) { active } }",
+            json!({ "id": off_sale }),
+        )
+        .await?;
+    ensure!(single["data"]["product"]["active"] == false, "{single}");
     kernel.stop().await
 }

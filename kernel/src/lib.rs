@@ -11,6 +11,7 @@
 //! - [`api`]: the GraphQL schema.
 //! - [`server`]: HTTP routes, health, graceful shutdown.
 //! - [`loadtest`]: `commerce-kernel loadtest`, a storefront's load against a running kernel.
+//! - [`plugin_template`]: `commerce-kernel plugin new`, a plugin crate from `plugins/template/`.
 //! - [`config`]: configuration from `COMMERCE_*` environment variables.
 
 pub mod api;
@@ -22,6 +23,7 @@ pub mod domain;
 pub mod event_store;
 pub mod live;
 pub mod loadtest;
+pub mod plugin_template;
 pub mod projections;
 pub mod sagas;
 pub mod server;

@@ -37,6 +37,11 @@ commands:
             manage plugins in the configured database and plugin directory,
             recorded as events of the actor cli:<user>; running kernels
             sharing both follow within seconds (see plugins/README.md)
+  plugin --url <kernel url> [--token <admin token>] install <dir> | list | ...
+            the same through a running kernel's GraphQL API, as that admin
+            (the token may come from COMMERCE_TOKEN instead)
+  plugin new <name> --kind <payment|shipping|saga-step> [--dir <folder>]
+            write a ready-to-build plugin crate into <folder>/<name>
   watch <order id> --token <token> [--url http://localhost:8084]
             follow an order live over the orderStatusChanged subscription,
             a line per status, until it is final (exit 0 once CONFIRMED)
@@ -324,21 +329,56 @@ fn watch(args: &[String]) -> ExitCode {
     }
 }
 
-/// `plugin install <dir> | list | activate <name> <version> | rollback
-/// <name>`, on the configured database and plugin directory.
+/// `plugin new …`, or `plugin [--url <url> [--token <token>]] install <dir>
+/// | list | activate <name> <version> | rollback <name>`: on the configured
+/// database and plugin directory, or through a running kernel's API.
 fn plugin(args: &[String]) -> ExitCode {
     use commerce_kernel::commerce::{Commerce, Plugins};
-    use commerce_plugin_host::{EngineConfig, MANIFEST_FILE, PluginManifest, PluginRegistry};
+    use commerce_plugin_host::{EngineConfig, PluginRegistry};
     let usage = |problem: &str| {
         eprintln!("commerce-kernel plugin: {problem}\n\n{USAGE}");
         ExitCode::from(2)
     };
-    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    if args.first().map(String::as_str) == Some("new") {
+        return plugin_new(&args[1..]);
+    }
+    let (mut url, mut token, mut rest) = (None, None, args);
+    while let [flag, value, tail @ ..] = rest {
+        match flag.as_str() {
+            "--url" => url = Some(value.clone()),
+            "--token" => token = Some(value.clone()),
+            _ => break,
+        }
+        rest = tail;
+    }
+    let words: Vec<&str> = rest.iter().map(String::as_str).collect();
     if !matches!(
         words.as_slice(),
         ["install", _] | ["list"] | ["activate", _, _] | ["rollback", _]
     ) {
-        return usage("expected install <dir>, list, activate <name> <version> or rollback <name>");
+        return usage(
+            "expected new <name> --kind <kind>, or [--url <url> [--token <token>]] followed by \
+             install <dir>, list, activate <name> <version> or rollback <name>",
+        );
+    }
+    if let Some(url) = url {
+        let Some(token) = token.or_else(|| std::env::var("COMMERCE_TOKEN").ok()) else {
+            return usage("--url needs an admin token: --token <token> or COMMERCE_TOKEN");
+        };
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                eprintln!("commerce-kernel: cannot start the async runtime: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return report_plugin_outcome(runtime.block_on(remote_plugin(&url, &token, &words)));
+    }
+    if token.is_some() {
+        return usage("--token is for a running kernel: give its --url too");
     }
     let config = match config_from_env() {
         Ok(config) => config,
@@ -365,15 +405,7 @@ fn plugin(args: &[String]) -> ExitCode {
             plugins.place_bundled().await.map_err(|e| e.to_string())?;
             match words.as_slice() {
                 ["install", dir] => {
-                    let dir = std::path::Path::new(dir);
-                    let manifest_path = dir.join(MANIFEST_FILE);
-                    let manifest_text = std::fs::read_to_string(&manifest_path)
-                        .map_err(|error| format!("{}: {error}", manifest_path.display()))?;
-                    let manifest =
-                        PluginManifest::parse(&manifest_text).map_err(|e| e.to_string())?;
-                    let component_path = dir.join(&manifest.component);
-                    let component = std::fs::read(&component_path)
-                        .map_err(|error| format!("{}: {error}", component_path.display()))?;
+                    let (manifest_text, _, component) = read_plugin_dir(dir)?;
                     let installed = plugins
                         .install(manifest_text, component, &context)
                         .await
@@ -432,6 +464,10 @@ fn plugin(args: &[String]) -> ExitCode {
         database.close().await;
         done
     });
+    report_plugin_outcome(outcome)
+}
+
+fn report_plugin_outcome(outcome: Result<String, String>) -> ExitCode {
     match outcome {
         Ok(report) => {
             println!("{report}");
@@ -439,6 +475,200 @@ fn plugin(args: &[String]) -> ExitCode {
         }
         Err(error) => {
             eprintln!("commerce-kernel plugin: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A plugin folder's `plugin.toml` (as text, and parsed) and the component
+/// it names.
+fn read_plugin_dir(
+    dir: &str,
+) -> Result<(String, commerce_plugin_host::PluginManifest, Vec<u8>), String> {
+    use commerce_plugin_host::{MANIFEST_FILE, PluginManifest};
+    let dir = std::path::Path::new(dir);
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let manifest_text = std::fs::read_to_string(&manifest_path)
+        .map_err(|error| format!("{}: {error}", manifest_path.display()))?;
+    let manifest = PluginManifest::parse(&manifest_text)
+        .map_err(|error| format!("{}: {error}", manifest_path.display()))?;
+    let component_path = dir.join(&manifest.component);
+    let component = std::fs::read(&component_path)
+        .map_err(|error| format!("{}: {error}", component_path.display()))?;
+    Ok((manifest_text, manifest, component))
+}
+
+/// `plugin --url … <command>`: the command as admin mutations and queries
+/// of the running kernel at `url`, which records them with that admin as
+/// the actor and checks an install exactly as `installPlugin` always does.
+async fn remote_plugin(url: &str, token: &str, words: &[&str]) -> Result<String, String> {
+    use base64::Engine as _;
+    use commerce_kernel::loadtest::storefront::{CallError, Storefront};
+    use serde_json::json;
+    const PLUGIN: &str = "plugin { name activeVersion { version } versions { version sha256 } }";
+    let kernel = Storefront::new(url).map_err(|error| error.to_string())?;
+    let explain = |error: CallError| match error.code.as_str() {
+        "HTTP_413" => format!(
+            "the kernel at {url} refused the request as too large ({}); raise its \
+             COMMERCE_MAX_REQUEST_BYTES, or install on its database with `plugin install` \
+             without --url",
+            error.message
+        ),
+        _ => error.to_string(),
+    };
+    match words {
+        ["install", dir] => {
+            let (manifest_text, manifest, component) = read_plugin_dir(dir)?;
+            kernel
+                .mutate(
+                    token,
+                    "installPlugin",
+                    &format!(
+                        "mutation ($input: InstallPluginInput!) {{ installPlugin(input: $input) \
+                         {{ {PLUGIN} errors {{ code message }} }} }}"
+                    ),
+                    json!({ "input": {
+                        "manifest": manifest_text,
+                        "component": base64::engine::general_purpose::STANDARD.encode(&component),
+                    } }),
+                )
+                .await
+                .map_err(explain)?;
+            // What the kernel installed: a refusal came back as an error.
+            let (name, version, sha256) = (&manifest.name, &manifest.version, &manifest.sha256);
+            Ok(format!(
+                "installed {name}@{version} (sha256 {sha256}) on {url}; activate it with \
+                 `plugin --url {url} activate {name} {version}`"
+            ))
+        }
+        ["list"] => {
+            let mut plugins = Vec::new();
+            let mut after = serde_json::Value::Null;
+            loop {
+                let body = kernel
+                    .graphql(
+                        token,
+                        "query ($after: String) { plugins(first: 50, after: $after) { \
+                         pageInfo { hasNextPage endCursor } edges { node { \
+                         name activeVersion { version } versions { version } } } } }",
+                        json!({ "after": after }),
+                    )
+                    .await
+                    .map_err(explain)?;
+                let page = &body["data"]["plugins"];
+                plugins.extend(
+                    page["edges"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|edge| edge["node"].clone()),
+                );
+                // A cursor that does not move would never end the loop.
+                if page["pageInfo"]["hasNextPage"] != true || page["pageInfo"]["endCursor"] == after
+                {
+                    break;
+                }
+                after = page["pageInfo"]["endCursor"].clone();
+            }
+            let mut lines = Vec::new();
+            for plugin in &plugins {
+                let versions: Vec<&str> = plugin["versions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|version| version["version"].as_str())
+                    .collect();
+                lines.push(format!(
+                    "{:<20} active: {:<20} installed: {}",
+                    plugin["name"].as_str().unwrap_or_default(),
+                    plugin["activeVersion"]["version"]
+                        .as_str()
+                        .unwrap_or("none"),
+                    versions.join(", ")
+                ));
+            }
+            Ok(lines.join("\n"))
+        }
+        ["activate", name, version] => {
+            kernel
+                .mutate(
+                    token,
+                    "activatePlugin",
+                    &format!(
+                        "mutation ($input: ActivatePluginInput!) {{ activatePlugin(input: $input) \
+                         {{ {PLUGIN} errors {{ code message }} }} }}"
+                    ),
+                    json!({ "input": { "name": name, "version": version } }),
+                )
+                .await
+                .map_err(explain)?;
+            Ok(format!("activated {name}@{version} on {url}"))
+        }
+        ["rollback", name] => {
+            let payload = kernel
+                .mutate(
+                    token,
+                    "rollbackPlugin",
+                    &format!(
+                        "mutation ($input: RollbackPluginInput!) {{ rollbackPlugin(input: $input) \
+                         {{ {PLUGIN} errors {{ code message }} }} }}"
+                    ),
+                    json!({ "input": { "name": name } }),
+                )
+                .await
+                .map_err(explain)?;
+            let now = payload["plugin"]["activeVersion"]["version"]
+                .as_str()
+                .unwrap_or("none");
+            Ok(format!("rolled {name} back to {now} on {url}"))
+        }
+        _ => Err("unreachable: the words were checked".to_string()),
+    }
+}
+
+/// `plugin new <name> --kind <kind> [--dir <folder>]`.
+fn plugin_new(args: &[String]) -> ExitCode {
+    use commerce_kernel::plugin_template;
+    let usage = |problem: &str| {
+        eprintln!("commerce-kernel plugin new: {problem}\n\n{USAGE}");
+        ExitCode::from(2)
+    };
+    let (mut name, mut kind, mut dir) = (None, None, ".".to_string());
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--kind" | "--dir" => {
+                let Some(value) = rest.next() else {
+                    return usage(&format!("{arg} needs a value"));
+                };
+                if arg == "--kind" {
+                    kind = Some(value.clone());
+                } else {
+                    dir = value.clone();
+                }
+            }
+            other if name.is_none() && !other.starts_with('-') => name = Some(other.to_string()),
+            other => return usage(&format!("unexpected `{other}`")),
+        }
+    }
+    let (Some(name), Some(kind)) = (name, kind) else {
+        return usage("a name and --kind are required");
+    };
+    let kind = match plugin_template::parse_kind(&kind) {
+        Ok(kind) => kind,
+        Err(error) => return usage(&error.to_string()),
+    };
+    match plugin_template::create(std::path::Path::new(&dir), &name, kind) {
+        Ok(root) => {
+            println!(
+                "created {}: a {} plugin; its README.md says how to build and install it",
+                root.display(),
+                kind.as_str()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("commerce-kernel plugin new: {error}");
             ExitCode::FAILURE
         }
     }

@@ -190,8 +190,9 @@ impl ViewStore for CountingViews {
         &self,
         after: Option<Uuid>,
         limit: u32,
+        active_only: bool,
     ) -> Result<Vec<ProductView>, StoreError> {
-        self.inner.products(after, limit).await
+        self.inner.products(after, limit, active_only).await
     }
     async fn inventory(&self, product_id: Uuid) -> Result<Option<InventoryView>, StoreError> {
         self.inventory_reads.fetch_add(1, Ordering::SeqCst);
@@ -217,8 +218,8 @@ impl ViewStore for CountingViews {
     async fn order(&self, order_id: Uuid) -> Result<Option<OrderView>, StoreError> {
         self.inner.order(order_id).await
     }
-    async fn count_products(&self) -> Result<u64, StoreError> {
-        self.inner.count_products().await
+    async fn count_products(&self, active_only: bool) -> Result<u64, StoreError> {
+        self.inner.count_products(active_only).await
     }
     async fn orders(
         &self,

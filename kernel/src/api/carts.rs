@@ -216,6 +216,10 @@ pub struct PlaceOrderInput {
     /// itself makes checkout exactly-once: placing its order again returns
     /// the same order.
     pub idempotency_key: Option<String>,
+    /// How the shop reaches the buyer about this order: for a guest, the
+    /// only contact it has. Must look like `name@example.com`; the domain
+    /// is lowercased. Admins find orders by it (`orders(email:)`).
+    pub email: Option<String>,
 }
 
 #[derive(SimpleObject, Default)]
@@ -542,6 +546,7 @@ impl CartMutation {
             payment_method: input.payment_method,
             shipping_address: input.shipping_address.into(),
             idempotency_key: input.idempotency_key,
+            email: input.email,
         };
         let context = command_context(ctx)?;
         let done = match refused(carts(ctx).checkout(&checkout, &context)).await? {

@@ -281,6 +281,10 @@ impl Order {
     async fn payment_method(&self) -> &str {
         &self.0.payment_method
     }
+    /// The email given at checkout (domain lowercased), if any.
+    async fn email(&self) -> Option<&str> {
+        self.0.email.as_deref()
+    }
     /// The order stream's version.
     async fn version(&self) -> u32 {
         self.0.version
@@ -347,6 +351,7 @@ fn order_from_history(
         lines: placed.lines,
         shipping_address: placed.shipping_address,
         payment_method: placed.payment_method,
+        email: placed.email,
         version: last.version,
         created_at: first.created_at,
         updated_at: last.created_at,
@@ -387,7 +392,10 @@ impl CommerceQuery {
         Ok(projector(ctx).views().product(id).await?.map(Product))
     }
 
-    /// Products in creation order.
+    /// Products in creation order: for admins all of them, for everyone else
+    /// (customers, guests, no token) those on sale. `product(id)` still
+    /// answers for a product taken off sale, with `active: false`, so old
+    /// links and order histories keep working.
     #[graphql(complexity = "super::page_cost(first, child_complexity)")]
     async fn products(
         &self,
@@ -398,13 +406,18 @@ impl CommerceQuery {
     ) -> Result<Page<Product>, ApiError> {
         let first = page_size(ctx, first)?;
         let after_id = cursor_id("after", after.as_deref())?;
-        let mut page = projector(ctx).views().products(after_id, first + 1).await?;
+        // An anonymous request has no principal: not an admin either.
+        let active_only = !access::principal(ctx).is_ok_and(|principal| principal.is_admin());
+        let mut page = projector(ctx)
+            .views()
+            .products(after_id, first + 1, active_only)
+            .await?;
         let has_next = page.len() > first as usize;
         page.truncate(first as usize);
         let views = projector(ctx).views().clone();
         let total = TotalCount::new(move || {
             let views = views.clone();
-            Box::pin(async move { views.count_products().await })
+            Box::pin(async move { views.count_products(active_only).await })
         });
         let mut connection = Connection::with_additional_fields(after.is_some(), has_next, total);
         connection.edges.extend(
@@ -466,6 +479,10 @@ impl CommerceQuery {
         ctx: &Context<'_>,
         status: Option<OrderStatus>,
         #[graphql(desc = "For admins: only this customer's orders.")] customer_id: Option<Uuid>,
+        #[graphql(
+            desc = "For admins: only orders whose checkout email is this one (any letter case)."
+        )]
+        email: Option<String>,
         #[graphql(desc = "Page size (default 50, at most the server's maximum page size).")]
         first: Option<i32>,
         after: Option<String>,
@@ -473,7 +490,11 @@ impl CommerceQuery {
         let first = page_size(ctx, first)?;
         let before = cursor_id("after", after.as_deref())?;
         let principal = access::principal(ctx)?;
+        if email.as_ref().is_some_and(|e| e.len() > 1024) {
+            return Err(ApiError::invalid("email", "at most 1024 bytes"));
+        }
         let filter = OrderFilter {
+            email: if principal.is_admin() { email } else { None },
             status: status.map(Into::into),
             customer_id: if principal.is_admin() {
                 customer_id
@@ -492,6 +513,7 @@ impl CommerceQuery {
         page.truncate(first as usize);
         let total = TotalCount::new(move || {
             let views = views.clone();
+            let filter = filter.clone();
             Box::pin(async move { views.count_orders(&filter).await })
         });
         let mut connection = Connection::with_additional_fields(after.is_some(), has_next, total);

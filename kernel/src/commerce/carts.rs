@@ -64,6 +64,8 @@ pub struct CheckoutInput {
     pub shipping_address: Address,
     /// Recorded on the order, for the payment provider.
     pub idempotency_key: Option<String>,
+    /// Recorded on the order: how the shop reaches a guest about it.
+    pub email: Option<String>,
 }
 
 /// A cart with prices from the catalog as of now.
@@ -269,6 +271,7 @@ impl Carts {
             shipping_address: input.shipping_address.clone(),
             payment_method: input.payment_method.clone(),
             idempotency_key: input.idempotency_key.clone(),
+            email: input.email.clone(),
         })
     }
 

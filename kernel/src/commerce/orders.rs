@@ -27,6 +27,7 @@ pub struct PlaceOrderInput {
     pub payment_method: String,
     /// A repeated key returns the order the first call placed.
     pub idempotency_key: Option<String>,
+    pub email: Option<String>,
 }
 
 /// A step of the order state machine (see [`crate::domain::order`]).
@@ -78,6 +79,7 @@ impl Commerce {
             shipping_address: input.shipping_address,
             payment_method: input.payment_method,
             idempotency_key: input.idempotency_key.clone(),
+            email: input.email,
         };
         let store_key = input
             .idempotency_key

@@ -22,6 +22,8 @@ use super::{Aggregate, DomainError, DomainEvent, clean_text};
 pub const MAX_LINES: usize = 100;
 /// Largest quantity of one line.
 pub const MAX_LINE_QUANTITY: u32 = 999;
+/// Longest email address accepted, in characters (RFC 5321's path limit).
+pub const MAX_EMAIL_CHARS: usize = 254;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -168,6 +170,9 @@ pub struct PlaceOrder {
     pub shipping_address: Address,
     pub payment_method: String,
     pub idempotency_key: Option<String>,
+    /// Where the buyer wants to hear about the order; what links a guest's
+    /// order to a person (see [`validated_email`]).
+    pub email: Option<String>,
 }
 
 // `Placed` carries the whole order and the transitions almost nothing; events
@@ -183,6 +188,9 @@ pub enum OrderEvent {
         shipping_address: Address,
         payment_method: String,
         idempotency_key: Option<String>,
+        /// Absent in orders placed before checkout asked for one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        email: Option<String>,
     },
     InventoryReserved {
         reservations: Vec<ReservedStock>,
@@ -229,6 +237,7 @@ pub struct PlacedOrder {
     pub shipping_address: Address,
     pub payment_method: String,
     pub idempotency_key: Option<String>,
+    pub email: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -257,6 +266,7 @@ impl Aggregate for Order {
                 shipping_address,
                 payment_method,
                 idempotency_key,
+                email,
             } => {
                 self.placed = Some(PlacedOrder {
                     customer_id: *customer_id,
@@ -265,6 +275,7 @@ impl Aggregate for Order {
                     shipping_address: shipping_address.clone(),
                     payment_method: payment_method.clone(),
                     idempotency_key: idempotency_key.clone(),
+                    email: email.clone(),
                 });
             }
             OrderEvent::InventoryReserved { reservations } => {
@@ -282,6 +293,50 @@ impl Aggregate for Order {
             }
         }
     }
+}
+
+/// `text` as an email address to record: trimmed, one `@` between a
+/// non-empty local part and a domain with a dot inside it, no whitespace or
+/// control characters, at most [`MAX_EMAIL_CHARS`]. The domain is lowercased
+/// (it is case-insensitive); the local part is kept as given, since the mail
+/// server, not this kernel, decides whether its case matters. This does not
+/// prove that the address receives mail; only sending to it does.
+pub fn validated_email(text: &str) -> Result<String, DomainError> {
+    const FIELD: &str = "email";
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(DomainError::invalid(FIELD, "must not be empty"));
+    }
+    if text.chars().count() > MAX_EMAIL_CHARS {
+        return Err(DomainError::invalid(
+            FIELD,
+            format!("at most {MAX_EMAIL_CHARS} characters"),
+        ));
+    }
+    if text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(DomainError::invalid(
+            FIELD,
+            "must not contain spaces or control characters",
+        ));
+    }
+    let Some((local, domain)) = text.split_once('@') else {
+        return Err(DomainError::invalid(
+            FIELD,
+            "must look like name@example.com",
+        ));
+    };
+    let domain_ok = !domain.contains('@')
+        && domain
+            .split('.')
+            .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'))
+        && domain.contains('.');
+    if local.is_empty() || !domain_ok {
+        return Err(DomainError::invalid(
+            FIELD,
+            "must look like name@example.com",
+        ));
+    }
+    Ok(format!("{local}@{}", domain.to_lowercase()))
 }
 
 impl Order {
@@ -326,6 +381,7 @@ impl Order {
             shipping_address: command.shipping_address.validated()?,
             payment_method: clean_text("paymentMethod", &command.payment_method, 64)?,
             idempotency_key,
+            email: command.email.as_deref().map(validated_email).transpose()?,
         }])
     }
 
@@ -462,6 +518,7 @@ mod tests {
             shipping_address: address(),
             payment_method: "card".into(),
             idempotency_key: Some("checkout-1".into()),
+            email: None,
         }
     }
 
@@ -499,6 +556,61 @@ mod tests {
         let mut bad_country = command(vec![(price("1", "EUR"), 1)]);
         bad_country.shipping_address.country = "GBR".into();
         assert!(Order::place(&bad_country).is_err());
+    }
+
+    #[test]
+    fn an_email_given_at_checkout_is_checked_and_kept() {
+        let mut with_email = command(vec![(price("1", "EUR"), 1)]);
+        with_email.email = Some("  Ada.Lovelace+shop@Example.CO.uk ".into());
+        let events = Order::place(&with_email).expect("valid order");
+        let OrderEvent::Placed { email, .. } = &events[0] else {
+            panic!("placed first: {events:?}");
+        };
+        assert_eq!(email.as_deref(), Some("Ada.Lovelace+shop@example.co.uk"));
+
+        let long_local = format!("{}@example.com", "a".repeat(MAX_EMAIL_CHARS));
+        for bad in [
+            "",
+            "ada",
+            "@example.com",
+            "ada@",
+            "ada@localhost",
+            "ada@@example.com",
+            "ada@exa mple.com",
+            "ada@example..com",
+            "ada@-example.com",
+            "ada\u{7}@example.com",
+            long_local.as_str(),
+        ] {
+            with_email.email = Some(bad.into());
+            assert!(
+                matches!(
+                    Order::place(&with_email),
+                    Err(DomainError::Invalid { field: "email", .. })
+                ),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn orders_placed_before_emails_were_asked_for_still_replay() {
+        let old_event = serde_json::json!({
+            "type": "Placed",
+            "data": {
+                "customer_id": Uuid::nil(),
+                "lines": [],
+                "total": money("0", "EUR"),
+                "shipping_address": address(),
+                "payment_method": "card",
+                "idempotency_key": null,
+            }
+        });
+        let event: OrderEvent = serde_json::from_value(old_event).expect("old Placed decodes");
+        assert!(matches!(event, OrderEvent::Placed { email: None, .. }));
+        // And an order without an email is written as before.
+        let written = serde_json::to_value(&event).expect("encodes");
+        assert!(written["data"].get("email").is_none());
     }
 
     #[test]

@@ -133,6 +133,8 @@ pub struct OrderView {
     pub lines: Vec<OrderLine>,
     pub shipping_address: Address,
     pub payment_method: String,
+    /// The email given at checkout, if any.
+    pub email: Option<String>,
     pub version: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -321,6 +323,7 @@ pub fn project(
                 total,
                 shipping_address,
                 payment_method,
+                email,
                 ..
             } => vec![ViewChange::InsertOrder(Box::new(OrderView {
                 order_id: id,
@@ -331,6 +334,7 @@ pub fn project(
                 lines,
                 shipping_address,
                 payment_method,
+                email,
                 version,
                 created_at: at,
                 updated_at: at,
@@ -494,11 +498,13 @@ pub trait ViewStore: Send + Sync {
 
     async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError>;
 
-    /// Products in creation order, after the product `after`.
+    /// Products in creation order, after the product `after`; with
+    /// `active_only`, those on sale alone.
     async fn products(
         &self,
         after: Option<Uuid>,
         limit: u32,
+        active_only: bool,
     ) -> Result<Vec<ProductView>, StoreError>;
 
     async fn inventory(&self, product_id: Uuid) -> Result<Option<InventoryView>, StoreError>;
@@ -521,8 +527,8 @@ pub trait ViewStore: Send + Sync {
 
     async fn order(&self, order_id: Uuid) -> Result<Option<OrderView>, StoreError>;
 
-    /// How many products there are.
-    async fn count_products(&self) -> Result<u64, StoreError>;
+    /// How many products there are (with `active_only`, on sale).
+    async fn count_products(&self, active_only: bool) -> Result<u64, StoreError>;
 
     /// Orders newest first, matching `filter`, older than the order `before`.
     async fn orders(
@@ -537,10 +543,19 @@ pub trait ViewStore: Send + Sync {
 }
 
 /// Which orders a listing shows; `None` fields match every order.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrderFilter {
     pub status: Option<OrderStatus>,
     pub customer_id: Option<Uuid>,
+    /// Orders whose checkout email is this one, compared by [`email_key`].
+    pub email: Option<String>,
+}
+
+/// What two emails must share to be the same address in an order search:
+/// the whole address lowercased. Computed here, not in SQL, so that both
+/// backends agree (SQLite's `lower` knows only ASCII).
+pub fn email_key(email: &str) -> String {
+    email.trim().to_lowercase()
 }
 
 /// How far a projection is behind the log.
@@ -1169,6 +1184,7 @@ mod tests {
                 country: "US".into(),
             },
             payment_method: "card".into(),
+            email: None,
             version,
             created_at: at(0),
             updated_at: at(0),

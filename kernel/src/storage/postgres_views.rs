@@ -15,7 +15,7 @@ use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
     InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
-    ReservationView, ViewChange, ViewStore, net,
+    ReservationView, ViewChange, ViewStore, email_key, net,
 };
 
 /// [`ViewStore`] on Postgres.
@@ -92,12 +92,13 @@ struct OrderRow {
     lines: Value,
     shipping_address: Value,
     payment_method: String,
+    email: Option<String>,
     version: i32,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
 }
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, total_amount::text AS total_amount, \
-     currency, reason, lines, shipping_address, payment_method, version, created_at, updated_at";
+     currency, reason, lines, shipping_address, payment_method, email, version, created_at, updated_at";
 
 fn order_view(row: OrderRow) -> Result<OrderView, StoreError> {
     Ok(OrderView {
@@ -109,6 +110,7 @@ fn order_view(row: OrderRow) -> Result<OrderView, StoreError> {
         lines: from_json(row.lines, "order lines")?,
         shipping_address: from_json(row.shipping_address, "shipping address")?,
         payment_method: row.payment_method,
+        email: row.email,
         version: count(row.version.into(), "version")?,
         created_at: row.created_at,
         updated_at: row.updated_at,
@@ -203,8 +205,9 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
         ViewChange::InsertOrder(o) => {
             sqlx::query(
                 "INSERT INTO order_views (order_id, customer_id, status, total_amount, currency, \
-                 reason, lines, shipping_address, payment_method, version, created_at, updated_at) \
-                 VALUES ($1, $2, $3, $4::numeric, $5, $6, $7, $8, $9, $10, $11, $12)",
+                 reason, lines, shipping_address, payment_method, version, created_at, updated_at, \
+                 email, email_key) \
+                 VALUES ($1, $2, $3, $4::numeric, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
             )
             .bind(o.order_id)
             .bind(o.customer_id)
@@ -218,6 +221,8 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
             .bind(o.version as i32)
             .bind(o.created_at)
             .bind(o.updated_at)
+            .bind(&o.email)
+            .bind(o.email.as_deref().map(email_key))
             .execute(tx)
             .await?;
         }
@@ -491,13 +496,16 @@ impl ViewStore for PostgresViewStore {
         &self,
         after: Option<Uuid>,
         limit: u32,
+        active_only: bool,
     ) -> Result<Vec<ProductView>, StoreError> {
         let rows: Vec<ProductRow> = sqlx::query_as(&format!(
             "SELECT {PRODUCT_COLUMNS} FROM product_views \
-             WHERE ($1::uuid IS NULL OR product_id > $1) ORDER BY product_id LIMIT $2"
+             WHERE ($1::uuid IS NULL OR product_id > $1) AND (NOT $3 OR active) \
+             ORDER BY product_id LIMIT $2"
         ))
         .bind(after)
         .bind(i64::from(limit))
+        .bind(active_only)
         .fetch_all(&self.connections)
         .await?;
         rows.into_iter().map(product_view).collect()
@@ -576,32 +584,37 @@ impl ViewStore for PostgresViewStore {
         let rows: Vec<OrderRow> = sqlx::query_as(&format!(
             "SELECT {ORDER_COLUMNS} FROM order_views \
              WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR customer_id = $2) \
-               AND ($3::uuid IS NULL OR order_id < $3) \
+               AND ($3::uuid IS NULL OR order_id < $3) AND ($5::text IS NULL OR email_key = $5) \
              ORDER BY order_id DESC LIMIT $4"
         ))
         .bind(filter.status.map(OrderStatus::as_str))
         .bind(filter.customer_id)
         .bind(before)
         .bind(i64::from(limit))
+        .bind(filter.email.as_deref().map(email_key))
         .fetch_all(&self.connections)
         .await?;
         rows.into_iter().map(order_view).collect()
     }
 
-    async fn count_products(&self) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM product_views")
-            .fetch_one(&self.connections)
-            .await?;
+    async fn count_products(&self, active_only: bool) -> Result<u64, StoreError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM product_views WHERE NOT $1 OR active")
+                .bind(active_only)
+                .fetch_one(&self.connections)
+                .await?;
         Ok(count.max(0) as u64)
     }
 
     async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM order_views \
-             WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR customer_id = $2)",
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR customer_id = $2) \
+               AND ($3::text IS NULL OR email_key = $3)",
         )
         .bind(filter.status.map(OrderStatus::as_str))
         .bind(filter.customer_id)
+        .bind(filter.email.as_deref().map(email_key))
         .fetch_one(&self.connections)
         .await?;
         Ok(count.max(0) as u64)

@@ -13,7 +13,7 @@ use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
     InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
-    ReservationView, ViewChange, ViewStore, net,
+    ReservationView, ViewChange, ViewStore, email_key, net,
 };
 
 use super::sqlite::SqliteDatabase;
@@ -80,12 +80,13 @@ struct OrderRow {
     lines: String,
     shipping_address: String,
     payment_method: String,
+    email: Option<String>,
     version: i32,
     created_at: i64,
     updated_at: i64,
 }
 const ORDER_COLUMNS: &str = "order_id, customer_id, status, total_amount, \
-     currency, reason, lines, shipping_address, payment_method, version, created_at, updated_at";
+     currency, reason, lines, shipping_address, payment_method, email, version, created_at, updated_at";
 
 fn parse(json: &str) -> Result<Value, StoreError> {
     serde_json::from_str(json).map_err(|e| StoreError::Corrupt(format!("view JSON: {e}")))
@@ -101,6 +102,7 @@ fn order_view(row: OrderRow) -> Result<OrderView, StoreError> {
         lines: from_json(parse(&row.lines)?, "order lines")?,
         shipping_address: from_json(parse(&row.shipping_address)?, "shipping address")?,
         payment_method: row.payment_method,
+        email: row.email,
         version: count(row.version.into(), "version")?,
         created_at: time(row.created_at)?,
         updated_at: time(row.updated_at)?,
@@ -195,8 +197,9 @@ async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<
         ViewChange::InsertOrder(o) => {
             sqlx::query(
                 "INSERT INTO order_views (order_id, customer_id, status, total_amount, currency, \
-                 reason, lines, shipping_address, payment_method, version, created_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                 reason, lines, shipping_address, payment_method, version, created_at, updated_at, \
+                 email, email_key) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
             )
             .bind(o.order_id)
             .bind(o.customer_id)
@@ -210,6 +213,8 @@ async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<
             .bind(o.version as i32)
             .bind(o.created_at.timestamp_micros())
             .bind(o.updated_at.timestamp_micros())
+            .bind(&o.email)
+            .bind(o.email.as_deref().map(email_key))
             .execute(tx)
             .await?;
         }
@@ -332,13 +337,16 @@ impl ViewStore for SqliteViewStore {
         &self,
         after: Option<Uuid>,
         limit: u32,
+        active_only: bool,
     ) -> Result<Vec<ProductView>, StoreError> {
         let rows: Vec<ProductRow> = sqlx::query_as(&format!(
             "SELECT {PRODUCT_COLUMNS} FROM product_views \
-             WHERE (?1 IS NULL OR product_id > ?1) ORDER BY product_id LIMIT ?2"
+             WHERE (?1 IS NULL OR product_id > ?1) AND (?3 = 0 OR active = 1) \
+             ORDER BY product_id LIMIT ?2"
         ))
         .bind(after)
         .bind(i64::from(limit))
+        .bind(active_only)
         .fetch_all(self.database.reader())
         .await?;
         rows.into_iter().map(product_view).collect()
@@ -426,32 +434,37 @@ impl ViewStore for SqliteViewStore {
         let rows: Vec<OrderRow> = sqlx::query_as(&format!(
             "SELECT {ORDER_COLUMNS} FROM order_views \
              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR customer_id = ?2) \
-               AND (?3 IS NULL OR order_id < ?3) \
+               AND (?3 IS NULL OR order_id < ?3) AND (?5 IS NULL OR email_key = ?5) \
              ORDER BY order_id DESC LIMIT ?4"
         ))
         .bind(filter.status.map(OrderStatus::as_str))
         .bind(filter.customer_id)
         .bind(before)
         .bind(i64::from(limit))
+        .bind(filter.email.as_deref().map(email_key))
         .fetch_all(self.database.reader())
         .await?;
         rows.into_iter().map(order_view).collect()
     }
 
-    async fn count_products(&self) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM product_views")
-            .fetch_one(self.database.reader())
-            .await?;
+    async fn count_products(&self, active_only: bool) -> Result<u64, StoreError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM product_views WHERE ?1 = 0 OR active = 1")
+                .bind(active_only)
+                .fetch_one(self.database.reader())
+                .await?;
         Ok(count.max(0) as u64)
     }
 
     async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {
         let count: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM order_views \
-             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR customer_id = ?2)",
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR customer_id = ?2) \
+               AND (?3 IS NULL OR email_key = ?3)",
         )
         .bind(filter.status.map(OrderStatus::as_str))
         .bind(filter.customer_id)
+        .bind(filter.email.as_deref().map(email_key))
         .fetch_one(self.database.reader())
         .await?;
         Ok(count.max(0) as u64)
