@@ -327,6 +327,20 @@ fn the_plugin_commands_install_activate_and_roll_back() {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
+    // No shop here yet: refused, rather than a new one made for the plugin.
+    let (code, _, stderr) = plugin(&["list"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("there is no kernel database at"),
+        "{stderr}"
+    );
+    assert!(!data.path().join("commerce.db").exists());
+    let migrated = kernel(data.path())
+        .arg("migrate")
+        .output()
+        .expect("migrate");
+    assert!(migrated.status.success());
+
     let component = std::fs::read(commerce_plugin_artifacts::ORDER_LIMIT).expect("order-limit");
     let sha256 = commerce_plugin_host::sha256_hex(&component);
     let version_dir = |version: &str, pinned: &str| {

@@ -86,6 +86,9 @@ fn made_plugins_build_install_and_confirm_an_order() {
     ))
     .expect("PATH");
 
+    // The shop the plugins go to exists before them, as it would.
+    std::fs::create_dir_all(&data).expect("data dir");
+    run(&data, &["migrate"]);
     for (name, kind) in [
         ("payment", "payment"),
         ("shipping", "shipping"),
@@ -105,25 +108,29 @@ fn made_plugins_build_install_and_confirm_an_order() {
         std::os::unix::fs::symlink(&shared_target, root.join("target")).expect("link target");
         let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
         let commands = build_commands(&readme);
+        // An integrator's shell: none of the outer `cargo test`'s settings
+        // (they are for the kernel's build) and no COMMERCE_* variable but
+        // the shop's folder. Where cargo and rustup live, and how cargo
+        // reaches the registry, stay.
         let mut shell = Command::new("sh");
         shell
             .args(["-e", "-c", &commands])
             .current_dir(&root)
+            .env_clear()
             .env("PATH", &path)
             .env("COMMERCE_DATA_DIR", &data)
             .env("COMMERCE_LOG", "warn")
             .env("USER", "integrator")
             .env("RUSTUP_TOOLCHAIN", pinned_toolchain());
-        // The outer `cargo test`'s settings are for the kernel's build,
-        // not for an integrator's crate.
-        for (variable, _) in std::env::vars_os() {
-            let variable = variable.to_string_lossy().into_owned();
-            let outer = variable.starts_with("CARGO_") && variable != "CARGO_HOME";
-            if outer
-                || ["RUSTFLAGS", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER"]
-                    .contains(&variable.as_str())
-            {
-                shell.env_remove(variable);
+        for (variable, value) in std::env::vars_os() {
+            let name = variable.to_string_lossy().to_ascii_lowercase();
+            let keep = ["home", "cargo_home", "rustup_home", "tmpdir"].contains(&name.as_str())
+                || name.ends_with("_proxy")
+                || name.starts_with("cargo_net_")
+                || name.starts_with("cargo_http_")
+                || name.starts_with("cargo_registries_");
+            if keep {
+                shell.env(variable, value);
             }
         }
         let output = shell.output().expect("run the README's commands");

@@ -375,7 +375,29 @@ fn plugin(args: &[String]) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        return report_plugin_outcome(runtime.block_on(remote_plugin(&url, &token, &words)));
+        if let Some(rest) = url.strip_prefix("http://") {
+            let host = rest.split(['/', ':']).next().unwrap_or_default();
+            let loopback = matches!(host, "localhost" | "127.0.0.1") || rest.starts_with("[::1]");
+            if !loopback {
+                eprintln!(
+                    "commerce-kernel plugin: warning: {url} is plain HTTP: the admin token \
+                     travels unencrypted; use https:// beyond this machine"
+                );
+            }
+        }
+        // A kernel that never answers must not hang the command for good.
+        const REMOTE_TIMEOUT: Duration = Duration::from_secs(120);
+        let outcome = runtime.block_on(async {
+            tokio::time::timeout(REMOTE_TIMEOUT, remote_plugin(&url, &token, &words))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "{url} did not answer within {} s",
+                        REMOTE_TIMEOUT.as_secs()
+                    ))
+                })
+        });
+        return report_plugin_outcome(outcome);
     }
     if token.is_some() {
         return usage("--token is for a running kernel: give its --url too");
@@ -388,6 +410,20 @@ fn plugin(args: &[String]) -> ExitCode {
         Ok(runtime) => runtime,
         Err(code) => return code,
     };
+    // Run elsewhere than the kernel's own folder, an embedded database
+    // would be created afresh, and the plugin installed into a shop nobody
+    // runs: the commands work on an existing one only.
+    if let commerce_kernel::storage::DatabaseConfig::Sqlite { path } = &config.database
+        && !path.exists()
+    {
+        eprintln!(
+            "commerce-kernel plugin: there is no kernel database at {}; set \
+             COMMERCE_DATA_DIR (or COMMERCE_DATABASE_URL) to the kernel's, or give a running \
+             kernel's --url",
+            path.display()
+        );
+        return ExitCode::FAILURE;
+    }
     let outcome = runtime.block_on(async {
         let database = open_database(&config).await?;
         let dir = config.plugins.dir.clone();
@@ -411,9 +447,10 @@ fn plugin(args: &[String]) -> ExitCode {
                         .await
                         .map_err(|e| e.to_string())?;
                     Ok(format!(
-                        "installed {} (sha256 {}); activate it with `plugin activate {} {}`",
+                        "installed {} (sha256 {}) on {}; activate it with `plugin activate {} {}`",
                         installed.label(),
                         installed.sha256,
+                        config.database.describe(),
                         installed.name,
                         installed.version
                     ))
@@ -548,7 +585,7 @@ async fn remote_plugin(url: &str, token: &str, words: &[&str]) -> Result<String,
                 let body = kernel
                     .graphql(
                         token,
-                        "query ($after: String) { plugins(first: 50, after: $after) { \
+                        "query ($after: String) { plugins(after: $after) { \
                          pageInfo { hasNextPage endCursor } edges { node { \
                          name activeVersion { version } versions { version } } } } }",
                         json!({ "after": after }),

@@ -480,7 +480,7 @@ impl CommerceQuery {
         status: Option<OrderStatus>,
         #[graphql(desc = "For admins: only this customer's orders.")] customer_id: Option<Uuid>,
         #[graphql(
-            desc = "For admins: only orders whose checkout email is this one (any letter case)."
+            desc = "Only orders whose checkout email is this one, in any letter case (a customer's own orders only, as always)."
         )]
         email: Option<String>,
         #[graphql(desc = "Page size (default 50, at most the server's maximum page size).")]
@@ -494,7 +494,7 @@ impl CommerceQuery {
             return Err(ApiError::invalid("email", "at most 1024 bytes"));
         }
         let filter = OrderFilter {
-            email: if principal.is_admin() { email } else { None },
+            email,
             status: status.map(Into::into),
             customer_id: if principal.is_admin() {
                 customer_id

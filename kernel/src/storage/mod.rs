@@ -42,6 +42,22 @@ pub enum DatabaseConfig {
     Sqlite { path: PathBuf },
 }
 
+impl DatabaseConfig {
+    /// Which database this is, for messages: the SQLite file, or the
+    /// Postgres server and database (never the password).
+    pub fn describe(&self) -> String {
+        match self {
+            DatabaseConfig::Postgres { options, .. } => format!(
+                "postgres://{}:{}/{}",
+                options.get_host(),
+                options.get_port(),
+                options.get_database().unwrap_or_default()
+            ),
+            DatabaseConfig::Sqlite { path } => path.display().to_string(),
+        }
+    }
+}
+
 /// An open backend: its pools, ready for migrations and adapters.
 #[derive(Clone)]
 pub enum Database {

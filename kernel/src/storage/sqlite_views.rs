@@ -8,7 +8,7 @@ use serde_json::Value;
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
-use super::views::{count, from_json, money, status, tables, to_json};
+use super::views::{count, email_condition, from_json, money, status, tables, to_json};
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
@@ -431,10 +431,11 @@ impl ViewStore for SqliteViewStore {
         before: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<OrderView>, StoreError> {
+        let email = email_condition(filter, "?5");
         let rows: Vec<OrderRow> = sqlx::query_as(&format!(
             "SELECT {ORDER_COLUMNS} FROM order_views \
              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR customer_id = ?2) \
-               AND (?3 IS NULL OR order_id < ?3) AND (?5 IS NULL OR email_key = ?5) \
+               AND (?3 IS NULL OR order_id < ?3) AND {email} \
              ORDER BY order_id DESC LIMIT ?4"
         ))
         .bind(filter.status.map(OrderStatus::as_str))
@@ -457,11 +458,12 @@ impl ViewStore for SqliteViewStore {
     }
 
     async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {
-        let count: i64 = sqlx::query_scalar(
+        let email = email_condition(filter, "?3");
+        let count: i64 = sqlx::query_scalar(&format!(
             "SELECT count(*) FROM order_views \
              WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR customer_id = ?2) \
-               AND (?3 IS NULL OR email_key = ?3)",
-        )
+               AND {email}"
+        ))
         .bind(filter.status.map(OrderStatus::as_str))
         .bind(filter.customer_id)
         .bind(filter.email.as_deref().map(email_key))

@@ -8,7 +8,7 @@ use rust_decimal::Decimal;
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::OrderStatus;
 use crate::event_store::StoreError;
-use crate::projections::ProjectionName;
+use crate::projections::{OrderFilter, ProjectionName};
 
 /// The tables a projection owns, emptied by a rebuild.
 pub fn tables(projection: ProjectionName) -> &'static [&'static str] {
@@ -44,4 +44,18 @@ pub fn from_json<T: serde::de::DeserializeOwned>(
 
 pub fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, StoreError> {
     serde_json::to_value(value).map_err(|e| StoreError::Codec(e.to_string()))
+}
+
+/// The `order_views` condition of an order search by email, `placeholder`
+/// being the email key's parameter. Spelled `email_key = <placeholder>`
+/// only when there is an email to look for, so that the planner sees a
+/// plain equality it can answer from the partial index on `email_key`
+/// (`<placeholder> IS NULL OR ...` would hide it from a generic plan); the
+/// parameter is bound either way.
+pub fn email_condition(filter: &OrderFilter, placeholder: &str) -> String {
+    if filter.email.is_some() {
+        format!("email_key = {placeholder}")
+    } else {
+        format!("{placeholder} IS NULL")
+    }
 }

@@ -35,7 +35,7 @@ impl Guest for Plugin {
     fn charge(request: PaymentRequest) -> Result<Payment, Failure> {
         // TODO: ask the provider to charge `request.amount`, passing
         // `request.idempotency_key` on. Report `Authorized` if it only
-        // authorized: the kernel then captures.
+        // authorized: the kernel then captures. Implement `lookup` with it.
         log(
             Level::Info,
             &format!("charging {} {}", request.amount.amount, request.amount.currency),
@@ -75,9 +75,16 @@ impl Guest for Plugin {
     }
 
     fn lookup(_key: String) -> Result<Option<Payment>, Failure> {
-        // TODO: ask the provider what the call with this key did. This
-        // template keeps no records and moved no money, so it has none.
-        Ok(None)
+        // TODO: ask the provider what the call with this key did, and
+        // answer `Ok(None)` only when it says it has no record of the key.
+        // The kernel asks after a call whose outcome it never recorded; a
+        // wrong `None` there means a charge that is never refunded. Until
+        // this asks, it answers "cannot find out": the kernel retries and
+        // in the end parks the saga for a person, which is safe.
+        Err(Failure::Transient(ErrorDetail {
+            code: "lookup_not_implemented".to_string(),
+            message: "this plugin cannot look payments up yet".to_string(),
+        }))
     }
 }
 

@@ -64,9 +64,11 @@ impl Guest for Plugin {
     }
 
     fn lookup(_key: String) -> Result<Option<Shipment>, Failure> {
-        // TODO: ask the carrier what the call with this key did. This
-        // template keeps no records and booked nothing, so it has none.
-        Ok(None)
+        // TODO: ask the carrier what the call with this key did, and answer
+        // `Ok(None)` only when it has no record of the key. Until then this
+        // answers "cannot find out", so the kernel never concludes that a
+        // shipment it lost track of was not booked.
+        Err(lookup_not_implemented())
     }
 }
 
@@ -83,6 +85,13 @@ fn price(order: &Order) -> Result<Money, Failure> {
         ));
     }
     Ok(Money { amount, currency })
+}
+
+fn lookup_not_implemented() -> Failure {
+    Failure::Transient(ErrorDetail {
+        code: "lookup_not_implemented".to_string(),
+        message: "this plugin cannot look shipments up yet".to_string(),
+    })
 }
 
 fn permanent(code: &str, message: String) -> Failure {
