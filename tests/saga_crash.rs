@@ -26,7 +26,7 @@ use commerce_kernel::auth::{AuthConfig, Authenticator, KeySource, Role};
 use commerce_kernel::domain::inventory::Inventory;
 use commerce_kernel::event_store::repository::AggregateRepository;
 use serde_json::{Value, json};
-use support::kernel::TEST_JWT_SECRET;
+use support::kernel::{TEST_JWT_SECRET, TEST_METRICS_TOKEN};
 use support::shop::{self, AdminClient, Shop};
 use support::{TestDatabase, run_suite_except};
 use uuid::Uuid;
@@ -98,6 +98,7 @@ impl Cluster {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("COMMERCE_DATABASE_URL", &self.database_url)
             .env("COMMERCE_JWT_SECRET", TEST_JWT_SECRET)
+            .env("COMMERCE_METRICS_TOKEN", TEST_METRICS_TOKEN)
             .env("COMMERCE_DATA_DIR", self.data.path())
             .env("COMMERCE_PLUGINS_DIR", plugins)
             // The test installs the plugins it crashes in.
@@ -626,6 +627,7 @@ async fn spinning_plugins_do_not_hold_up_other_requests(
     let metrics = kernel
         .http
         .get(format!("http://{}/metrics", kernel.address))
+        .bearer_auth(TEST_METRICS_TOKEN)
         .send()
         .await?
         .text()

@@ -591,13 +591,7 @@ async fn graphql_orders_show_their_history_and_past_versions(
         payload_codes(&again["data"]["cancelOrder"]) == ["ILLEGAL_TRANSITION"],
         "{again}"
     );
-    let metrics = kernel
-        .http
-        .get(kernel.url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = kernel.metrics().await?;
     ensure!(
         metrics.contains("commerce_inventory_conflicts_total ")
             && metrics.contains("commerce_saga_stock_turns_skipped_total 0"),
@@ -951,13 +945,7 @@ async fn graphql_plugins_install_activate_roll_back_on_every_node(
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = node_a
-        .http
-        .get(node_a.url("/metrics"))
-        .send()
-        .await?
-        .text()
-        .await?;
+    let metrics = node_a.metrics().await?;
     ensure!(
         metrics.contains("commerce_plugin_invocations_total"),
         "{metrics}"

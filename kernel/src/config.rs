@@ -78,6 +78,13 @@ pub const SAGA_CONCURRENCY: &str = "COMMERCE_SAGA_CONCURRENCY";
 /// before-start (a plugin step, before its start is recorded), before-call,
 /// after-call, before-compensation or after-compensation.
 pub const TEST_PAUSE_AT: &str = "COMMERCE_TEST_PAUSE_AT";
+/// A listener of its own for `/metrics` (then not on the API port).
+pub const METRICS_ADDR: &str = "COMMERCE_METRICS_ADDR";
+/// A bearer token `/metrics` requires, wherever it is served.
+pub const METRICS_TOKEN: &str = "COMMERCE_METRICS_TOKEN";
+
+/// Shortest metrics token accepted.
+const MIN_METRICS_TOKEN_BYTES: usize = 16;
 
 /// Longest cart time to live accepted: 90 days.
 const MAX_CART_TTL_SECS: u64 = 90 * 86_400;
@@ -116,6 +123,23 @@ pub struct Config {
     pub storefront: StorefrontConfig,
     /// Create the demo catalog at start where it is missing.
     pub demo_catalog: bool,
+    /// Where and to whom `/metrics` answers.
+    pub metrics: MetricsConfig,
+}
+
+/// Where `/metrics` is served, and to whom.
+///
+/// With a listen address of its own it is served there and not on the API
+/// port. Otherwise it is on the API port when a token guards it, or on the
+/// embedded database (a development machine) without one; a shared
+/// (production) database without either serves no metrics on the API port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen_addr: Option<SocketAddr>,
+    /// Required as `Authorization: Bearer <token>` when set.
+    pub token: Option<String>,
+    /// Served on the API port.
+    pub on_api_port: bool,
 }
 
 /// Access for storefronts that call the API from browsers.
@@ -350,7 +374,40 @@ impl Config {
 
         let storefront = storefront_config(&get)?;
 
+        let metrics_addr = match get(METRICS_ADDR) {
+            Some(text) => Some(text.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    METRICS_ADDR,
+                    "must be a socket address such as 0.0.0.0:9184",
+                )
+            })?),
+            None => None,
+        };
+        if metrics_addr.is_some_and(|address| address == listen_addr) {
+            return Err(invalid(
+                METRICS_ADDR,
+                "must differ from COMMERCE_LISTEN_ADDR (leave it unset to serve /metrics there)",
+            ));
+        }
+        let metrics_token = get(METRICS_TOKEN);
+        if metrics_token
+            .as_ref()
+            .is_some_and(|token| token.len() < MIN_METRICS_TOKEN_BYTES)
+        {
+            return Err(invalid(
+                METRICS_TOKEN,
+                format!("must be at least {MIN_METRICS_TOKEN_BYTES} bytes"),
+            ));
+        }
+        let metrics = MetricsConfig {
+            listen_addr: metrics_addr,
+            on_api_port: metrics_addr.is_none()
+                && (metrics_token.is_some() || matches!(database, DatabaseConfig::Sqlite { .. })),
+            token: metrics_token,
+        };
+
         Ok(Config {
+            metrics,
             storefront,
             demo_catalog: flag(&get, DEMO_CATALOG, false)?,
             listen_addr,

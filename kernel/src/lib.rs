@@ -12,6 +12,7 @@
 //! - [`server`]: HTTP routes, health, graceful shutdown.
 //! - [`loadtest`]: `commerce-kernel loadtest`, a storefront's load against a running kernel.
 //! - [`plugin_template`]: `commerce-kernel plugin new`, a plugin crate from `plugins/template/`.
+//! - [`metrics`]: the Prometheus registry and what records into it.
 //! - [`config`]: configuration from `COMMERCE_*` environment variables.
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod domain;
 pub mod event_store;
 pub mod live;
 pub mod loadtest;
+pub mod metrics;
 pub mod plugin_template;
 pub mod projections;
 pub mod sagas;

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_graphql::http::{ALL_WEBSOCKET_PROTOCOLS, GraphiQLSource};
@@ -31,9 +31,12 @@ use crate::api::{self, ErrorCode, KernelSchema};
 use crate::auth::{AuthError, AuthSetupError, Authenticator};
 use crate::carts::{self, ActivityRecorder, CartStore, CartStoreError};
 use crate::commerce::{Carts, CommandContext, CommandError, Commerce, Plugins, Sagas};
-use crate::config::{Config, ConfigError, GraphqlLimits, StorefrontConfig, TEST_PAUSE_AT};
+use crate::config::{
+    Config, ConfigError, GraphqlLimits, MetricsConfig, StorefrontConfig, TEST_PAUSE_AT,
+};
 use crate::event_store::StoreError;
 use crate::live::{LiveUpdates, NotifyingEventStore, NotifyingSagaStore};
+use crate::metrics::{self, ComponentCounters, Metrics};
 use crate::projections::Projector;
 use crate::sagas::hooks::FaultHooks;
 use crate::sagas::runner::{RunnerMetrics, RunnerSettings, SagaRunner};
@@ -82,6 +85,9 @@ pub struct AppState {
     sagas: Sagas,
     /// The counters of this process's saga runner.
     saga_runner: Arc<RunnerMetrics>,
+    /// This process's Prometheus registry.
+    metrics: Arc<Metrics>,
+    metrics_config: Arc<MetricsConfig>,
     live: LiveUpdates,
     auth: Authenticator,
     limits: GraphqlLimits,
@@ -105,8 +111,11 @@ impl AppState {
     ) -> Self {
         // Every append of this process wakes its live subscriptions.
         let live = LiveUpdates::new(config.live_poll_interval);
-        let store = NotifyingEventStore::wrap(database.event_store(), live.clone());
-        let saga_store = NotifyingSagaStore::wrap(database.saga_store(), live.clone());
+        let metrics = Arc::new(Metrics::new());
+        let store =
+            NotifyingEventStore::wrap(database.event_store(), live.clone(), Arc::clone(&metrics));
+        let saga_store =
+            NotifyingSagaStore::wrap(database.saga_store(), live.clone(), Arc::clone(&metrics));
         let views = database.view_store();
         let commerce = Commerce::new(Arc::clone(&store), Arc::clone(&views));
         let carts = Carts::new(commerce.clone(), cart_store, config.cart_limits);
@@ -114,6 +123,12 @@ impl AppState {
             Projector::new(Arc::clone(&store), views).with_horizon(live.horizon().clone());
         let plugins = Plugins::new(commerce.clone(), plugin_registry);
         let sagas = Sagas::new(commerce.clone(), saga_store);
+        let saga_runner = Arc::<RunnerMetrics>::default();
+        metrics.register_collector(Box::new(ComponentCounters {
+            conflicts: Arc::clone(commerce.metrics()),
+            runner: Arc::clone(&saga_runner),
+            plugins: Arc::clone(plugins.registry()),
+        }));
         let adapters = api::Adapters {
             event_store: store,
             commerce: commerce.clone(),
@@ -124,6 +139,7 @@ impl AppState {
             sagas: sagas.clone(),
             live: live.clone(),
             guests: GuestSessions::new(auth.clone(), config.storefront.guest_sessions),
+            metrics: Arc::clone(&metrics),
         };
         AppState {
             schema: api::build_schema(adapters, config.graphql),
@@ -132,7 +148,9 @@ impl AppState {
             projector,
             plugins,
             sagas,
-            saga_runner: Arc::default(),
+            saga_runner,
+            metrics,
+            metrics_config: Arc::new(config.metrics.clone()),
             live,
             auth,
             limits: config.graphql,
@@ -154,8 +172,13 @@ pub fn router(state: AppState, config: &Config) -> Router {
     let router = Router::new()
         .route("/graphql", get(graphql_get).post(graphql))
         .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        .route("/ready", get(ready));
+    let router = if config.metrics.on_api_port {
+        router.route("/metrics", get(metrics))
+    } else {
+        router
+    };
+    let router = router
         .layer(RequestBodyLimitLayer::new(config.max_request_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -294,7 +317,7 @@ pub async fn serve(
 ) -> Result<(), KernelError> {
     let registry = open_plugins(config).await?;
     let auth = Authenticator::open(&config.auth).await?;
-    let mut state = AppState::new(
+    let state = AppState::new(
         database.clone(),
         Arc::clone(&cart_store),
         registry,
@@ -332,25 +355,27 @@ pub async fn serve(
     // All are safe to run in several processes at once.
     let (stop_background, background_stopped) = tokio::sync::watch::channel(false);
     let recorder = ActivityRecorder::new(cart_store, database.cart_activity());
-    let runner = Arc::new(SagaRunner::new(
-        state.sagas.clone(),
-        Arc::clone(state.plugins.registry()),
-        RunnerSettings {
-            node_id: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
-            lease: config.sagas.lease,
-            poll_interval: config.sagas.poll_interval,
-            max_concurrent: config.sagas.max_concurrent,
-            hooks: FaultHooks::from_setting(config.sagas.fault_hooks.as_deref()).map_err(
-                |reason| ConfigError {
-                    variable: TEST_PAUSE_AT,
-                    reason,
-                },
-            )?,
-            // Within the time the server gives each background task to stop.
-            shutdown_grace: config.shutdown_timeout * 2 / 3,
-        },
-    ));
-    state.saga_runner = runner.metrics();
+    let runner = Arc::new(
+        SagaRunner::new(
+            state.sagas.clone(),
+            Arc::clone(state.plugins.registry()),
+            RunnerSettings {
+                node_id: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7()),
+                lease: config.sagas.lease,
+                poll_interval: config.sagas.poll_interval,
+                max_concurrent: config.sagas.max_concurrent,
+                hooks: FaultHooks::from_setting(config.sagas.fault_hooks.as_deref()).map_err(
+                    |reason| ConfigError {
+                        variable: TEST_PAUSE_AT,
+                        reason,
+                    },
+                )?,
+                // Within the time the server gives each background task to stop.
+                shutdown_grace: config.shutdown_timeout * 2 / 3,
+            },
+        )
+        .with_metrics(Arc::clone(&state.metrics), Arc::clone(&state.saga_runner)),
+    );
     if let Some(points) = &config.sagas.fault_hooks {
         tracing::warn!(%points, "saga fault hooks set: for the test suites only");
     }
@@ -389,10 +414,40 @@ pub async fn serve(
         )),
         tokio::spawn(state.plugins.clone().follow(background_stopped.clone())),
         tokio::spawn(recorder.run(background_stopped.clone())),
+        tokio::spawn(metrics::refresh(
+            Arc::clone(&state.metrics),
+            Arc::clone(state.sagas.store()),
+            state.projector.clone(),
+            background_stopped.clone(),
+        )),
         tokio::spawn(runner.run(background_stopped)),
     ];
     let carts_backend = state.carts.store().backend();
+    let metrics_app = Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state.clone());
     let app = router(state, config);
+    let metrics_listener = match config.metrics.listen_addr {
+        Some(address) => {
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|source| KernelError::Bind { address, source })?;
+            tracing::info!(
+                address = %listener.local_addr().map_err(KernelError::Serve)?,
+                "metrics on their own listener (COMMERCE_METRICS_ADDR)"
+            );
+            Some(listener)
+        }
+        None => {
+            if !config.metrics.on_api_port {
+                tracing::info!(
+                    "no /metrics: set COMMERCE_METRICS_ADDR (a listener of its own) or \
+                     COMMERCE_METRICS_TOKEN (on this port, behind the token)"
+                );
+            }
+            None
+        }
+    };
 
     let listener = TcpListener::bind(config.listen_addr)
         .await
@@ -424,6 +479,22 @@ pub async fn serve(
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
     });
+    // Serves until the background stops, so a scrape during the drain
+    // still answers.
+    let metrics_server = metrics_listener.map(|listener| {
+        let mut stopped = stop_background.subscribe();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopped.wait_for(|stopped| *stopped).await;
+            };
+            if let Err(error) = axum::serve(listener, metrics_app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::warn!(%error, "the metrics listener stopped");
+            }
+        })
+    });
     let server = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<SocketAddr>(),
@@ -444,7 +515,11 @@ pub async fn serve(
         ),
     }
     let _ = stop_background.send(true);
-    for task in background.into_iter().chain(live_bridge) {
+    for task in background
+        .into_iter()
+        .chain(live_bridge)
+        .chain(metrics_server)
+    {
         // A batch in progress finishes (or rolls back) within the grace period.
         if tokio::time::timeout(grace, task).await.is_err() {
             tracing::warn!("a background task did not stop in time");
@@ -765,162 +840,36 @@ async fn health(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// 200 while the kernel takes traffic; 503 while draining or when the
-/// database or the cart store is unreachable.
-/// Counters in the Prometheus text format.
-async fn metrics(State(state): State<AppState>) -> Response {
-    let metrics = state.commerce.metrics();
-    let inventory = metrics.inventory_conflicts.load(Ordering::Relaxed);
-    let carts = metrics.cart_conflicts.load(Ordering::Relaxed);
-    let other = metrics.other_conflicts.load(Ordering::Relaxed);
-    let body = format!(
-        "# HELP commerce_inventory_conflicts_total Version conflicts met by inventory commands.\n\
-         # TYPE commerce_inventory_conflicts_total counter\n\
-         commerce_inventory_conflicts_total {inventory}\n\
-         # HELP commerce_cart_conflicts_total Version conflicts met by cart commands.\n\
-         # TYPE commerce_cart_conflicts_total counter\n\
-         commerce_cart_conflicts_total {carts}\n\
-         # HELP commerce_command_conflicts_total Version conflicts met by other commands.\n\
-         # TYPE commerce_command_conflicts_total counter\n\
-         commerce_command_conflicts_total {other}\n"
-    );
-    let body = body
-        + &plugin_metrics(&state.plugins)
-        + &saga_metrics(&state.sagas).await
-        + &runner_metrics(&state.saga_runner);
+/// The process's metrics ([`crate::metrics`]), where the configuration
+/// serves them ([`MetricsConfig`]): a token, when set, is required as a
+/// bearer token, compared in constant time.
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(expected) = &state.metrics_config.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        let matches: bool =
+            subtle::ConstantTimeEq::ct_eq(given.as_bytes(), expected.as_bytes()).into();
+        if !matches {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "/metrics needs the token set in COMMERCE_METRICS_TOKEN\n",
+            )
+                .into_response();
+        }
+    }
     (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
-        )],
-        body,
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        state.metrics.encode(),
     )
         .into_response()
 }
 
-/// Sagas per status; `commerce_sagas{status="PARKED"}` above zero needs a human.
-async fn saga_metrics(sagas: &Sagas) -> String {
-    use std::fmt::Write as _;
-    let counts = match sagas.store().count_by_status().await {
-        Ok(counts) => counts,
-        Err(error) => {
-            tracing::warn!(%error, "could not count sagas");
-            return String::new();
-        }
-    };
-    let mut text = String::from(
-        "# HELP commerce_sagas Sagas by status (PARKED ones wait for a human).\n\
-         # TYPE commerce_sagas gauge\n",
-    );
-    for status in crate::domain::saga::SagaStatus::ALL {
-        let count = counts
-            .iter()
-            .find(|(s, _)| *s == status)
-            .map_or(0, |(_, count)| *count);
-        let _ = writeln!(text, "commerce_sagas{{status=\"{status}\"}} {count}");
-    }
-    text
-}
-
-/// What this process's saga runner counted.
-fn runner_metrics(runner: &RunnerMetrics) -> String {
-    use std::fmt::Write as _;
-    let counter = |name: &str, help: &str, value: &AtomicU64| {
-        format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-            value.load(Ordering::Relaxed)
-        )
-    };
-    let mut text = counter(
-        "commerce_saga_write_retries_total",
-        "Saga writes retried after the store failed (each retry backs off).",
-        &runner.write_retries,
-    ) + &counter(
-        "commerce_saga_conflict_retries_total",
-        "Saga writes retried after another write to their streams got there first.",
-        &runner.conflict_retries,
-    ) + &counter(
-        "commerce_saga_deferrals_total",
-        "Sagas given back because a step's plugin was not active on this process.",
-        &runner.deferrals,
-    ) + &counter(
-        "commerce_saga_leases_lost_total",
-        "Saga drives stopped because another process holds the saga now.",
-        &runner.leases_lost,
-    ) + &counter(
-        "commerce_saga_drive_panics_total",
-        "Saga drive tasks that panicked (the saga's lease was left to lapse).",
-        &runner.panics,
-    ) + &counter(
-        "commerce_saga_stock_turns_skipped_total",
-        "Reserve or confirm steps that stopped waiting for their turn on a product (a write on it took over 2 s) and went on without it.",
-        &runner.stock_turns_skipped,
-    );
-    text.push_str(
-        "# HELP commerce_sagas_parked_total Sagas this process parked for a person, by cause.\n\
-         # TYPE commerce_sagas_parked_total counter\n",
-    );
-    for (cause, count) in runner.parked() {
-        let _ = writeln!(
-            text,
-            "commerce_sagas_parked_total{{cause=\"{cause}\"}} {count}"
-        );
-    }
-    text
-}
-
-/// Per-plugin counters, labelled by plugin name (all versions together).
-fn plugin_metrics(plugins: &Plugins) -> String {
-    use std::fmt::Write as _;
-    let stats = plugins.registry().all_stats();
-    let mut text = String::from(
-        "# HELP commerce_plugin_invocations_total Plugin invocations, failed ones included.\n\
-         # TYPE commerce_plugin_invocations_total counter\n",
-    );
-    for (name, snapshot) in &stats {
-        let _ = writeln!(
-            text,
-            "commerce_plugin_invocations_total{{plugin=\"{name}\"}} {}",
-            snapshot.invocations
-        );
-    }
-    text.push_str(
-        "# HELP commerce_plugin_errors_total Failed plugin invocations by kind.\n\
-         # TYPE commerce_plugin_errors_total counter\n",
-    );
-    for (name, snapshot) in &stats {
-        for (kind, count) in &snapshot.errors {
-            let _ = writeln!(
-                text,
-                "commerce_plugin_errors_total{{plugin=\"{name}\",kind=\"{kind}\"}} {count}"
-            );
-        }
-    }
-    text.push_str(
-        "# HELP commerce_plugin_duration_seconds_total Time spent in plugin invocations.\n\
-         # TYPE commerce_plugin_duration_seconds_total counter\n",
-    );
-    for (name, snapshot) in &stats {
-        let seconds = snapshot.total_duration.as_secs_f64();
-        let _ = writeln!(
-            text,
-            "commerce_plugin_duration_seconds_total{{plugin=\"{name}\"}} {seconds}"
-        );
-    }
-    text.push_str(
-        "# HELP commerce_plugin_fuel_consumed_total Wasm fuel (instructions) plugins consumed.\n\
-         # TYPE commerce_plugin_fuel_consumed_total counter\n",
-    );
-    for (name, snapshot) in &stats {
-        let _ = writeln!(
-            text,
-            "commerce_plugin_fuel_consumed_total{{plugin=\"{name}\"}} {}",
-            snapshot.fuel_consumed
-        );
-    }
-    text
-}
-
+/// 200 while the kernel takes traffic; 503 while draining or when the
+/// database or the cart store is unreachable.
 async fn ready(State(state): State<AppState>) -> Response {
     let status = if state.draining.load(Ordering::SeqCst) {
         "draining"

@@ -18,6 +18,8 @@ use super::{CartBackendKind, TestCartStore, TestDatabase};
 
 /// The HS256 secret test kernels share (so a token works on every node).
 pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret";
+/// What `/metrics` asks of test kernels, on every backend alike.
+pub const TEST_METRICS_TOKEN: &str = "test-metrics-token";
 
 pub struct RunningKernel {
     pub address: SocketAddr,
@@ -66,6 +68,7 @@ impl RunningKernel {
         };
         default(config::LISTEN_ADDR, "127.0.0.1:0".into());
         default(config::JWT_SECRET, TEST_JWT_SECRET.into());
+        default(config::METRICS_TOKEN, TEST_METRICS_TOKEN.into());
         // The suites set up the plugins they test; tests/bundled_plugins.rs
         // turns the bundled ones on.
         default(config::DEFAULT_PLUGINS, "false".into());
@@ -132,6 +135,20 @@ impl RunningKernel {
             Role::Customer,
             Duration::from_secs(3600),
         )?)
+    }
+
+    /// `/metrics`, with the test token; it must answer 200.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let response = self
+            .http
+            .get(self.url("/metrics"))
+            .bearer_auth(TEST_METRICS_TOKEN)
+            .send()
+            .await?;
+        let status = response.status();
+        let text = response.text().await?;
+        ensure!(status == 200, "/metrics answered {status}: {text}");
+        Ok(text)
     }
 
     /// Runs a GraphQL request as the test admin; it must answer 200.

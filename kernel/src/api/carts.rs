@@ -312,15 +312,21 @@ async fn priced(ctx: &Context<'_>, cart: crate::domain::cart::Cart) -> Result<Ca
     }
 }
 
+/// The payload of the cart mutation `operation`, which is counted in the
+/// metrics when it succeeded.
 async fn cart_payload(
     ctx: &Context<'_>,
+    operation: &'static str,
     outcome: Result<crate::domain::cart::Cart, Vec<UserError>>,
 ) -> Result<CartPayload, ApiError> {
     match outcome {
-        Ok(cart) => Ok(CartPayload {
-            cart: Some(priced(ctx, cart).await?),
-            errors: Vec::new(),
-        }),
+        Ok(cart) => {
+            count_cart_operation(ctx, operation);
+            Ok(CartPayload {
+                cart: Some(priced(ctx, cart).await?),
+                errors: Vec::new(),
+            })
+        }
         Err(errors) => Ok(CartPayload { cart: None, errors }),
     }
 }
@@ -330,6 +336,7 @@ async fn cart_payload(
 /// arguments are even looked at.
 async fn change_own_cart<F>(
     ctx: &Context<'_>,
+    operation: &'static str,
     cart_id: Uuid,
     command: impl FnOnce() -> Result<F, ApiError>,
 ) -> Result<CartPayload, ApiError>
@@ -342,7 +349,13 @@ where
             errors: vec![refusal],
         });
     }
-    cart_payload(ctx, refused(command()?).await?).await
+    cart_payload(ctx, operation, refused(command()?).await?).await
+}
+
+fn count_cart_operation(ctx: &Context<'_>, operation: &'static str) {
+    if let Some(metrics) = ctx.data_opt::<std::sync::Arc<crate::metrics::Metrics>>() {
+        metrics.count_cart_operation(operation);
+    }
 }
 
 #[derive(Default)]
@@ -476,7 +489,7 @@ impl CartMutation {
             };
             carts(ctx).create_cart(new).await
         };
-        cart_payload(ctx, refused(command).await?).await
+        cart_payload(ctx, "createCart", refused(command).await?).await
     }
 
     /// Sets (SET, the default) or adds to (ADD) the quantities of several
@@ -489,7 +502,7 @@ impl CartMutation {
         #[graphql(desc = "Refuse with VERSION_CONFLICT unless the cart is at this version.")]
         expected_version: Option<i32>,
     ) -> Result<CartPayload, ApiError> {
-        change_own_cart(ctx, cart_id, || {
+        change_own_cart(ctx, "upsertCartItems", cart_id, || {
             let expected = version_argument("expectedVersion", expected_version)?;
             Ok(async move {
                 let items = self::items(&items)?;
@@ -506,7 +519,7 @@ impl CartMutation {
         product_id: Uuid,
         expected_version: Option<i32>,
     ) -> Result<CartPayload, ApiError> {
-        change_own_cart(ctx, cart_id, || {
+        change_own_cart(ctx, "removeCartItem", cart_id, || {
             let expected = version_argument("expectedVersion", expected_version)?;
             Ok(carts(ctx).remove_item(cart_id, product_id, expected))
         })
@@ -519,7 +532,7 @@ impl CartMutation {
         cart_id: Uuid,
         expected_version: Option<i32>,
     ) -> Result<CartPayload, ApiError> {
-        change_own_cart(ctx, cart_id, || {
+        change_own_cart(ctx, "clearCart", cart_id, || {
             let expected = version_argument("expectedVersion", expected_version)?;
             Ok(carts(ctx).clear(cart_id, expected))
         })
@@ -558,6 +571,7 @@ impl CartMutation {
                 });
             }
         };
+        count_cart_operation(ctx, "placeOrder");
         // The saga runs in the background; this returns at once. Starting it
         // is idempotent, so a repeated placeOrder also heals an order whose
         // saga a crash kept from starting.

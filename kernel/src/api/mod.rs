@@ -16,6 +16,7 @@ mod loaders;
 pub mod plugins;
 pub mod sagas;
 pub mod subscriptions;
+pub mod timing;
 
 use std::sync::Arc;
 
@@ -78,6 +79,8 @@ pub struct Adapters {
     pub sagas: Sagas,
     pub live: LiveUpdates,
     pub guests: guests::GuestSessions,
+    /// Where request durations and cart operations are recorded.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Builds the schema around the kernel's adapters, within `limits`.
@@ -87,6 +90,8 @@ pub fn build_schema(adapters: Adapters, limits: GraphqlLimits) -> KernelSchema {
         Arc::clone(adapters.projector.views()),
     );
     schema_builder(limits)
+        .extension(timing::GraphqlTiming(Arc::clone(&adapters.metrics)))
+        .data(adapters.metrics)
         .data(loaders)
         .data(adapters.event_store)
         .data(adapters.commerce)

@@ -64,6 +64,21 @@ impl OrderStatus {
         OrderStatus::ALL.into_iter().find(|s| s.as_str() == text)
     }
 
+    /// The status an order event of stored type `event_type` moves its order
+    /// to ([`OrderEvent::status`], read from the type alone), if it is one.
+    pub fn reached_by(event_type: &str) -> Option<OrderStatus> {
+        Some(match event_type {
+            "Placed" => OrderStatus::Pending,
+            "InventoryReserved" => OrderStatus::InventoryReserved,
+            "PaymentCaptured" => OrderStatus::Paid,
+            "Shipped" => OrderStatus::Shipped,
+            "Confirmed" => OrderStatus::Confirmed,
+            "Cancelled" => OrderStatus::Cancelled,
+            "Failed" => OrderStatus::Failed,
+            _ => return None,
+        })
+    }
+
     pub fn is_final(self) -> bool {
         matches!(
             self,
@@ -624,6 +639,40 @@ mod tests {
                 "{bad:?} was accepted"
             );
         }
+    }
+
+    #[test]
+    fn every_event_type_names_the_status_its_event_reaches() {
+        let events = [
+            OrderEvent::Placed {
+                customer_id: Uuid::nil(),
+                lines: Vec::new(),
+                total: money("1", "EUR"),
+                shipping_address: address(),
+                payment_method: "card".into(),
+                idempotency_key: None,
+                email: None,
+            },
+            OrderEvent::InventoryReserved {
+                reservations: Vec::new(),
+            },
+            OrderEvent::PaymentCaptured {
+                payment_reference: "p".into(),
+                amount: money("1", "EUR"),
+            },
+            OrderEvent::Shipped {
+                shipment_reference: "s".into(),
+            },
+            OrderEvent::Confirmed,
+            OrderEvent::Cancelled { reason: "r".into() },
+            OrderEvent::Failed { reason: "r".into() },
+        ];
+        for event in events {
+            let stored = serde_json::to_value(&event).expect("encodes");
+            let event_type = stored["type"].as_str().expect("tagged");
+            assert_eq!(OrderStatus::reached_by(event_type), Some(event.status()));
+        }
+        assert_eq!(OrderStatus::reached_by("SomethingElse"), None);
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! Store decorators that report every successful append to [`LiveUpdates`].
+//! Store decorators that see every successful append: they report it to
+//! [`LiveUpdates`], and record its latency and the orders it moves in
+//! [`Metrics`].
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -13,19 +15,30 @@ use crate::event_store::{
     AppendOutcome, AppendRequest, Backend, EventFilter, EventStore, Position, RecordedEvent,
     StoreError, StreamSelection,
 };
+use crate::metrics::Metrics;
 use crate::sagas::{
     Claim, Committed, InstanceUpdate, SagaCursor, SagaFilter, SagaInstance, SagaStore,
 };
 
-/// An event store that reports every successful append to a [`LiveUpdates`].
+/// An event store that reports every successful append to a [`LiveUpdates`]
+/// and records it in [`Metrics`].
 pub struct NotifyingEventStore {
     inner: Arc<dyn EventStore>,
     live: LiveUpdates,
+    metrics: Arc<Metrics>,
 }
 
 impl NotifyingEventStore {
-    pub fn wrap(inner: Arc<dyn EventStore>, live: LiveUpdates) -> Arc<dyn EventStore> {
-        Arc::new(NotifyingEventStore { inner, live })
+    pub fn wrap(
+        inner: Arc<dyn EventStore>,
+        live: LiveUpdates,
+        metrics: Arc<Metrics>,
+    ) -> Arc<dyn EventStore> {
+        Arc::new(NotifyingEventStore {
+            inner,
+            live,
+            metrics,
+        })
     }
 }
 
@@ -41,7 +54,12 @@ impl EventStore for NotifyingEventStore {
 
     async fn append(&self, request: AppendRequest) -> Result<AppendOutcome, StoreError> {
         let ids = appended_ids(&request);
+        let started = Instant::now();
+        // The request goes to the store; what metrics need of it is kept.
+        let observed = self.metrics.observe(&request);
         let outcome = self.inner.append(request).await?;
+        self.metrics
+            .record_append(&observed, &outcome, started.elapsed());
         self.live.changed(ids);
         Ok(outcome)
     }
@@ -88,15 +106,25 @@ impl EventStore for NotifyingEventStore {
 }
 
 /// A saga store that reports the events of every successful write to a
-/// [`LiveUpdates`] (saga writes append in the store's own transaction).
+/// [`LiveUpdates`] (saga writes append in the store's own transaction) and
+/// records them in [`Metrics`].
 pub struct NotifyingSagaStore {
     inner: Arc<dyn SagaStore>,
     live: LiveUpdates,
+    metrics: Arc<Metrics>,
 }
 
 impl NotifyingSagaStore {
-    pub fn wrap(inner: Arc<dyn SagaStore>, live: LiveUpdates) -> Arc<dyn SagaStore> {
-        Arc::new(NotifyingSagaStore { inner, live })
+    pub fn wrap(
+        inner: Arc<dyn SagaStore>,
+        live: LiveUpdates,
+        metrics: Arc<Metrics>,
+    ) -> Arc<dyn SagaStore> {
+        Arc::new(NotifyingSagaStore {
+            inner,
+            live,
+            metrics,
+        })
     }
 }
 
@@ -110,11 +138,15 @@ impl SagaStore for NotifyingSagaStore {
         request: AppendRequest,
     ) -> Result<Option<AppendOutcome>, StoreError> {
         let ids = appended_ids(&request);
+        let began = Instant::now();
+        let observed = self.metrics.observe(&request);
         let started = self
             .inner
             .start(instance, saga_type, correlation_id, request)
             .await?;
-        if started.is_some() {
+        if let Some(outcome) = &started {
+            self.metrics
+                .record_append(&observed, outcome, began.elapsed());
             self.live.changed(ids);
         }
         Ok(started)
@@ -150,8 +182,12 @@ impl SagaStore for NotifyingSagaStore {
         request: AppendRequest,
     ) -> Result<Committed, StoreError> {
         let ids = appended_ids(&request);
+        let started = Instant::now();
+        let observed = self.metrics.observe(&request);
         let committed = self.inner.commit(fence, update, request).await?;
-        if matches!(committed, Committed::Written(_)) {
+        if let Committed::Written(outcome) = &committed {
+            self.metrics
+                .record_append(&observed, outcome, started.elapsed());
             self.live.changed(ids);
         }
         Ok(committed)
@@ -188,6 +224,10 @@ impl SagaStore for NotifyingSagaStore {
         limit: u32,
     ) -> Result<Vec<SagaInstance>, StoreError> {
         self.inner.list(filter, after, limit).await
+    }
+
+    async fn count_live_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
+        self.inner.count_live_by_status().await
     }
 
     async fn count_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {

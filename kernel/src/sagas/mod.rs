@@ -206,6 +206,15 @@ pub trait SagaStore: Send + Sync {
     /// How many sagas are in each status.
     async fn count_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError>;
 
+    /// How many sagas are in each status that is not final. The stores
+    /// answer from the status index's live range, without counting the
+    /// table's history, so `/metrics` can ask often.
+    async fn count_live_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
+        let mut counts = self.count_by_status().await?;
+        counts.retain(|(status, _)| !status.is_final());
+        Ok(counts)
+    }
+
     /// Orders still PENDING in the read model, placed before `placed_before`,
     /// with no saga: a process stopped between placing an order and
     /// starting its saga.

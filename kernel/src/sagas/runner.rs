@@ -58,8 +58,8 @@ use crate::commerce::{CommandContext, CommandError, Commerce, OrderTransition, S
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{Order, OrderEvent, PlacedOrder};
 use crate::domain::saga::{
-    CompensationCause, MAX_REASON_CHARS, Next, ParkCause, Phase, Saga, SagaEvent, StepAction,
-    StepError, StepRetry, StepState, StepStatus,
+    CompensationCause, MAX_REASON_CHARS, Next, ParkCause, Phase, Saga, SagaEvent, SagaStatus,
+    StepAction, StepError, StepRetry, StepState, StepStatus,
 };
 use crate::domain::{DomainError, summarize};
 use crate::event_store::StoreError;
@@ -400,6 +400,8 @@ pub struct SagaRunner {
     /// Set when the runner stops: drives end at their next step boundary.
     stopping: AtomicBool,
     metrics: Arc<RunnerMetrics>,
+    /// Where finished sagas' durations go (`commerce_saga_duration_seconds`).
+    kernel_metrics: Arc<crate::metrics::Metrics>,
     /// Keeps this process's reserve and confirm steps on one product from
     /// racing each other for its stock stream.
     stock_gate: StockGate,
@@ -421,8 +423,21 @@ impl SagaRunner {
             panics: Mutex::default(),
             stopping: AtomicBool::new(false),
             metrics: Arc::default(),
+            kernel_metrics: Arc::default(),
             stock_gate: StockGate::default(),
         }
+    }
+
+    /// Records finished sagas' durations in `metrics` and counts into
+    /// `counters` (by default the runner's own, which nothing reads).
+    pub fn with_metrics(
+        mut self,
+        metrics: Arc<crate::metrics::Metrics>,
+        counters: Arc<RunnerMetrics>,
+    ) -> Self {
+        self.kernel_metrics = metrics;
+        self.metrics = counters;
+        self
     }
 
     /// The sagas to pass over when claiming now.
@@ -801,6 +816,7 @@ impl SagaRunner {
         other_streams: Vec<crate::event_store::StreamAppend>,
         hold: Option<Duration>,
     ) -> Result<Flow, CommandError> {
+        let was_final = loaded.state.status.is_some_and(SagaStatus::is_final);
         let (committed, written) = self
             .sagas
             .commit(
@@ -819,6 +835,13 @@ impl SagaRunner {
                     if let SagaEvent::Parked { cause, .. } = event {
                         self.metrics.count_park(*cause);
                     }
+                }
+                if let (false, Some(status), Some(started_at)) =
+                    (was_final, written.state.status, written.state.started_at)
+                    && status.is_final()
+                {
+                    let elapsed = (Utc::now() - started_at).to_std().unwrap_or_default();
+                    self.kernel_metrics.record_saga_finished(status, elapsed);
                 }
                 if ends_drive(&written.state) {
                     // Given back by that write.

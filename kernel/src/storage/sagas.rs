@@ -229,6 +229,11 @@ const RELEASE_ALL: &str = "UPDATE saga_instances SET lease_owner = NULL, lease_e
 
 const COUNTS: &str = "SELECT status, COUNT(*) FROM saga_instances GROUP BY status";
 
+/// Sagas not yet final (RUNNING, COMPENSATING, PARKED): a range of the
+/// status index each, however many sagas have finished.
+const LIVE_COUNTS: &str = "SELECT status, COUNT(*) FROM saga_instances \
+     WHERE status IN ('RUNNING', 'COMPENSATING', 'PARKED') GROUP BY status";
+
 const ORPHANS: &str = "SELECT o.order_id FROM order_views o \
      WHERE o.status = 'PENDING' AND o.created_at < $1 AND NOT EXISTS \
      (SELECT 1 FROM saga_instances s WHERE s.correlation_id = o.order_id) \
@@ -720,6 +725,15 @@ macro_rules! saga_store {
             async fn count_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
                 let $rdb = &self.database;
                 let rows: Vec<(String, i64)> = sqlx::query_as(COUNTS).fetch_all($reader).await?;
+                rows.into_iter()
+                    .map(|(text, count)| Ok((status(&text)?, u64::try_from(count).unwrap_or(0))))
+                    .collect()
+            }
+
+            async fn count_live_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
+                let $rdb = &self.database;
+                let rows: Vec<(String, i64)> =
+                    sqlx::query_as(LIVE_COUNTS).fetch_all($reader).await?;
                 rows.into_iter()
                     .map(|(text, count)| Ok((status(&text)?, u64::try_from(count).unwrap_or(0))))
                     .collect()
