@@ -4,9 +4,8 @@
 #   docker build -t commerce-kernel .
 #
 # The committed plugin components (plugins/defaults) are compiled into the
-# binary, so the build needs no wasm target. tests/deploy.rs checks this
-# file against the repository (toolchain, paths, ports); CI has no Docker
-# engine to build it.
+# binary, so the build needs no wasm target. CI has no Docker engine: this
+# file has not been built there.
 
 FROM rust:1.95.0-slim-bookworm AS build
 WORKDIR /src

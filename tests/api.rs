@@ -2264,7 +2264,14 @@ async fn metrics_show_an_order_from_cart_to_confirmed(db: Arc<TestDatabase>) -> 
             "commerce_graphql_request_duration_seconds_count{operation=\"query (unknown)\"}",
             1.0,
         ),
-        ("commerce_build_info{version=\"0.1.0\"}", 1.0),
+        (
+            concat!(
+                "commerce_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"}"
+            ),
+            1.0,
+        ),
     ] {
         ensure!(
             value(series) == Some(expected),
@@ -2273,7 +2280,9 @@ async fn metrics_show_an_order_from_cart_to_confirmed(db: Arc<TestDatabase>) -> 
         );
     }
     ensure!(!metrics.contains("noSuchField123"), "{metrics}");
-    ensure!(value("commerce_orders_total{status=\"FAILED\"}").is_none());
+    // There from the start, at 0, so a rate sees the first failure.
+    ensure!(value("commerce_orders_total{status=\"FAILED\"}") == Some(0.0));
+    ensure!(value("commerce_saga_duration_seconds_count{outcome=\"COMPENSATED\"}") == Some(0.0));
     let sum = value("commerce_saga_duration_seconds_sum{outcome=\"COMPLETED\"}").unwrap_or(0.0);
     ensure!(sum > 0.0 && sum < 20.0, "the saga took {sum} s:\n{metrics}");
     // Every write of the order and its saga was an append.
@@ -2388,6 +2397,16 @@ async fn metrics_are_served_where_configured_and_to_the_token_only(
         &[(config::METRICS_ADDR, metrics_addr.as_str())],
     )
     .await?;
+    let unguarded = kernel
+        .http
+        .get(format!("http://{metrics_addr}/metrics"))
+        .send()
+        .await?;
+    ensure!(
+        unguarded.status() == 401,
+        "the token guards the listener too: {}",
+        unguarded.status()
+    );
     let on_api_port = kernel.http.get(kernel.url("/metrics")).send().await?;
     ensure!(on_api_port.status() == 404, "{}", on_api_port.status());
     let own = kernel

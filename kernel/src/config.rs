@@ -389,7 +389,8 @@ impl Config {
                 "must differ from COMMERCE_LISTEN_ADDR (leave it unset to serve /metrics there)",
             ));
         }
-        let metrics_token = get(METRICS_TOKEN);
+        // Trimmed: a token read from a secret file often ends in a newline.
+        let metrics_token = get(METRICS_TOKEN).map(|token| token.trim().to_string());
         if metrics_token
             .as_ref()
             .is_some_and(|token| token.len() < MIN_METRICS_TOKEN_BYTES)
@@ -694,6 +695,34 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|name| vars.get(name).cloned())
+    }
+
+    #[test]
+    fn metrics_stay_off_a_production_api_port_unless_asked() {
+        const PG: (&str, &str) = (DATABASE_URL, "postgres://u@localhost/db");
+        const SECRET: (&str, &str) = (JWT_SECRET, "0123456789abcdef0123456789abcdef");
+        let metrics = |vars: &[(&str, &str)]| config(vars).expect("valid").metrics;
+        // The embedded database: a development machine, open on the API port.
+        assert!(metrics(&[]).on_api_port);
+        // Postgres: nowhere on the API port by default.
+        let production = metrics(&[PG, SECRET]);
+        assert!(!production.on_api_port && production.listen_addr.is_none());
+        // Behind a token (trimmed) on the API port.
+        let guarded = metrics(&[PG, SECRET, (METRICS_TOKEN, " a-token-of-16-bytes\n")]);
+        assert!(guarded.on_api_port);
+        assert_eq!(guarded.token.as_deref(), Some("a-token-of-16-bytes"));
+        // A listener of its own: never on the API port.
+        let own = metrics(&[(METRICS_ADDR, "127.0.0.1:9184")]);
+        assert!(!own.on_api_port);
+        assert_eq!(own.listen_addr.map(|a| a.port()), Some(9184));
+        for bad in [
+            (METRICS_ADDR, "9184"),
+            (METRICS_ADDR, "0.0.0.0:8084"),
+            (METRICS_TOKEN, "short"),
+        ] {
+            let error = config(&[bad]).expect_err("refused");
+            assert_eq!(error.variable, bad.0);
+        }
     }
 
     #[test]

@@ -34,6 +34,15 @@ use crate::domain::order::{Order, OrderStatus};
 use crate::domain::saga::SagaStatus;
 use crate::event_store::{AppendOutcome, AppendRequest};
 
+/// The cart mutations [`Metrics::count_cart_operation`] counts.
+pub const CART_OPERATIONS: [&str; 5] = [
+    "createCart",
+    "upsertCartItems",
+    "removeCartItem",
+    "clearCart",
+    "placeOrder",
+];
+
 /// How often [`refresh`] reads the gauges of shared state.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(15);
 
@@ -161,6 +170,24 @@ impl Metrics {
             "The running kernel's version.",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        // Every series a rule or dashboard takes `increase` or `rate` of
+        // exists at 0 from the start: a series born at 1 hides its first
+        // event from them.
+        for status in OrderStatus::ALL {
+            drop(orders.get_or_create(&StatusLabel {
+                status: status.as_str(),
+            }));
+        }
+        for outcome in [SagaStatus::Completed, SagaStatus::Compensated] {
+            drop(saga_duration.get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            }));
+        }
+        for operation in CART_OPERATIONS {
+            drop(cart_operations.get_or_create(&OperationLabel {
+                operation: operation.to_string(),
+            }));
+        }
         Metrics {
             registry: Mutex::new(registry),
             orders,

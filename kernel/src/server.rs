@@ -845,11 +845,13 @@ async fn health(State(state): State<AppState>) -> Response {
 /// bearer token, compared in constant time.
 async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(expected) = &state.metrics_config.token {
+        // The scheme's case does not matter (RFC 9110); the token's does.
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer "))
-            .unwrap_or_default();
+            .and_then(|value| value.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map_or("", |(_, token)| token.trim());
         let matches: bool =
             subtle::ConstantTimeEq::ct_eq(given.as_bytes(), expected.as_bytes()).into();
         if !matches {

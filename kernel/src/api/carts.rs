@@ -571,7 +571,6 @@ impl CartMutation {
                 });
             }
         };
-        count_cart_operation(ctx, "placeOrder");
         // The saga runs in the background; this returns at once. Starting it
         // is idempotent, so a repeated placeOrder also heals an order whose
         // saga a crash kept from starting.
@@ -581,6 +580,7 @@ impl CartMutation {
         {
             return Err(super::error::command_failure(error));
         }
+        count_cart_operation(ctx, "placeOrder");
         let lag = read_your_writes(ctx, &[ProjectionName::Orders], done.order.position).await?;
         Ok(PlaceOrderPayload {
             order: projector(ctx)
