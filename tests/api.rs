@@ -56,6 +56,7 @@ fn main() {
             a_page_of_nested_fields_costs_a_bounded_number_of_reads,
             an_update_committed_behind_an_open_transaction_arrives_once_the_log_shows_it,
             metrics_show_an_order_from_cart_to_confirmed,
+            kpis_report_the_orders_and_carts_of_a_range,
             metrics_are_served_where_configured_and_to_the_token_only,
         ],
         // SQLite has one writer: nothing commits behind an open transaction.
@@ -394,6 +395,11 @@ fn admin_only_documents(id: Uuid) -> Vec<(&'static str, String)> {
         ("reservation", format!("{{ reservation(id: \"{id}\") {{ id }} }}")),
         ("projections", "{ projections { name } }".to_string()),
         ("abandonedCarts", "{ abandonedCarts(hours: 1) { totalCount } }".to_string()),
+        (
+            "kpis",
+            "{ kpis(from: \"2001-01-01T00:00:00Z\", to: \"2001-01-02T00:00:00Z\") { ordersPlaced } }"
+                .to_string(),
+        ),
         ("plugins", "{ plugins { totalCount } }".to_string()),
         ("sagas", "{ sagas { totalCount } }".to_string()),
         ("saga", format!("{{ saga(id: \"{id}\") {{ id }} }}")),
@@ -2425,4 +2431,183 @@ async fn metrics_are_served_where_configured_and_to_the_token_only(
     );
     kernel.stop().await?;
     first.stop().await
+}
+
+/// Orders and carts written straight into the read models on a day of 2001
+/// (no other test writes there), one order and one cart just outside it:
+/// `kpis` reports exactly them, on both backends.
+async fn kpis_report_the_orders_and_carts_of_a_range(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    use commerce_kernel::carts::CartActivity;
+    use commerce_kernel::domain::cart::{CartOwner, CartStatus};
+    use commerce_kernel::domain::order::{Address, OrderStatus};
+    use commerce_kernel::projections::{OrderView, ProjectionBatch, ProjectionName, ViewChange};
+
+    let day = chrono::DateTime::parse_from_rfc3339("2001-03-04T00:00:00Z")?.to_utc();
+    let at = |seconds: i64| day + chrono::Duration::seconds(seconds);
+    let id_at = |time: chrono::DateTime<chrono::Utc>| {
+        let millis = u64::try_from(time.timestamp_millis()).unwrap_or_default();
+        Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            millis / 1000,
+            u32::try_from(millis % 1000).unwrap_or_default() * 1_000_000,
+        ))
+    };
+    let money = |amount: &str, currency: &str| -> anyhow::Result<_> {
+        Ok(commerce_kernel::domain::money::Money::new(
+            amount.parse()?,
+            commerce_kernel::domain::money::Currency::parse(currency)?,
+        )?)
+    };
+    // (placed at, seconds to its final status, status, total)
+    let orders = [
+        (at(3_600), 1, OrderStatus::Confirmed, money("10.10", "EUR")?),
+        (at(7_200), 2, OrderStatus::Confirmed, money("0.20", "EUR")?),
+        (at(10_800), 3, OrderStatus::Confirmed, money("5.00", "USD")?),
+        (at(14_400), 20, OrderStatus::Failed, money("99.00", "EUR")?),
+        (at(18_000), 0, OrderStatus::Pending, money("1.00", "EUR")?),
+        // The next day: outside the range.
+        (
+            at(86_400),
+            1,
+            OrderStatus::Confirmed,
+            money("500.00", "EUR")?,
+        ),
+    ];
+    let changes = orders
+        .iter()
+        .map(|(placed, took, status, total)| {
+            ViewChange::InsertOrder(Box::new(OrderView {
+                order_id: id_at(*placed),
+                customer_id: Uuid::now_v7(),
+                status: *status,
+                total: *total,
+                reason: None,
+                lines: Vec::new(),
+                shipping_address: Address {
+                    name: "Ada".into(),
+                    line1: "1 Main St".into(),
+                    line2: None,
+                    city: "Berlin".into(),
+                    postal_code: "10115".into(),
+                    region: None,
+                    country: "DE".into(),
+                },
+                payment_method: "card".into(),
+                email: None,
+                version: 1,
+                created_at: *placed,
+                updated_at: *placed + chrono::Duration::seconds(*took),
+            }))
+        })
+        .collect::<Vec<_>>();
+    let views = db.database.view_store();
+    // In place, checkpoint unmoved: a batch from the orders' checkpoint to itself.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let checkpoint = views.checkpoint(ProjectionName::Orders).await?;
+        let batch = ProjectionBatch {
+            projection: ProjectionName::Orders,
+            from: checkpoint,
+            to: checkpoint,
+            changes: changes.clone(),
+        };
+        if views.apply(&[batch]).await? {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "never applied");
+    }
+    let cart = |created: i64, idle_since: i64, checked_out: bool| CartActivity {
+        cart_id: Uuid::now_v7(),
+        owner: CartOwner::Customer(Uuid::now_v7()),
+        status: if checked_out {
+            CartStatus::CheckedOut
+        } else {
+            CartStatus::Open
+        },
+        version: 2,
+        line_count: 1,
+        created_at: at(created),
+        updated_at: at(idle_since),
+        expires_at: at(idle_since + 604_800),
+        order_id: checked_out.then(Uuid::now_v7),
+    };
+    db.database
+        .cart_activity()
+        .record(&[
+            cart(100, 200, true),
+            cart(300, 400, true),
+            cart(500, 600, false),
+            cart(86_500, 86_600, false),
+        ])
+        .await?;
+
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let query = "query ($from: DateTime!, $to: DateTime!) { kpis(from: $from, to: $to) { \
+        ordersPlaced ordersPerHour ordersByStatus { status count } revenue { amount currency } \
+        sagaSuccessRate p95SagaDurationSeconds cartsCreated cartsCheckedOut cartsAbandoned \
+        conversionRate cartAbandonmentRate } }";
+    let range = json!({ "from": day.to_rfc3339(), "to": at(86_400).to_rfc3339() });
+    let body = kernel.graphql(query, range.clone()).await?;
+    let kpis = &body["data"]["kpis"];
+    let count = |status: &str| {
+        kpis["ordersByStatus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|entry| entry["status"] == status)
+            .map(|entry| entry["count"].clone())
+    };
+    ensure!(kpis["ordersPlaced"] == 5, "{body}");
+    ensure!(
+        count("CONFIRMED") == Some(json!(3))
+            && count("FAILED") == Some(json!(1))
+            && count("PENDING") == Some(json!(1))
+            && count("CANCELLED") == Some(json!(0)),
+        "{body}"
+    );
+    ensure!(
+        kpis["revenue"]
+            == json!([{ "amount": "10.30", "currency": "EUR" }, { "amount": "5.00", "currency": "USD" }]),
+        "exact sums per currency, confirmed orders only: {body}"
+    );
+    let close =
+        |value: &Value, expected: f64| value.as_f64().is_some_and(|v| (v - expected).abs() < 1e-9);
+    ensure!(close(&kpis["ordersPerHour"], 5.0 / 24.0), "{body}");
+    ensure!(close(&kpis["sagaSuccessRate"], 0.75), "{body}");
+    // Nearest rank of four final orders (1, 2, 3, 20 s): the fourth.
+    ensure!(close(&kpis["p95SagaDurationSeconds"], 20.0), "{body}");
+    ensure!(
+        kpis["cartsCreated"] == 3 && kpis["cartsCheckedOut"] == 2 && kpis["cartsAbandoned"] == 1,
+        "{body}"
+    );
+    ensure!(close(&kpis["conversionRate"], 2.0 / 3.0), "{body}");
+    ensure!(close(&kpis["cartAbandonmentRate"], 1.0 / 3.0), "{body}");
+
+    // A range with nothing in it: zeros, and no rates.
+    let empty = kernel
+        .graphql(
+            query,
+            json!({ "from": "1999-01-01T00:00:00Z", "to": "1999-01-02T00:00:00Z" }),
+        )
+        .await?;
+    let nothing = &empty["data"]["kpis"];
+    ensure!(
+        nothing["ordersPlaced"] == 0
+            && nothing["sagaSuccessRate"].is_null()
+            && nothing["p95SagaDurationSeconds"].is_null()
+            && nothing["conversionRate"].is_null()
+            && nothing["revenue"] == json!([]),
+        "{empty}"
+    );
+    // Bad ranges are refused with the field named.
+    for (from, to) in [
+        ("2001-03-05T00:00:00Z", "2001-03-04T00:00:00Z"),
+        ("2001-01-01T00:00:00Z", "2003-01-01T00:00:00Z"),
+    ] {
+        let refused = kernel
+            .graphql(query, json!({ "from": from, "to": to }))
+            .await?;
+        ensure!(error_code(&refused) == Some("INVALID_INPUT"), "{refused}");
+    }
+    kernel.stop().await
 }

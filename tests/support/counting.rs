@@ -229,6 +229,13 @@ impl ViewStore for CountingViews {
     ) -> Result<Vec<OrderView>, StoreError> {
         self.inner.orders(filter, before, limit).await
     }
+    async fn order_kpis(
+        &self,
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+    ) -> Result<commerce_kernel::projections::OrderKpis, StoreError> {
+        self.inner.order_kpis(from, to).await
+    }
     async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {
         self.inner.count_orders(filter).await
     }

@@ -11,6 +11,7 @@ pub mod commerce;
 mod customer_view;
 pub mod error;
 pub mod guests;
+pub mod kpis;
 pub mod limits;
 mod loaders;
 pub mod plugins;
@@ -52,6 +53,7 @@ pub struct QueryRoot(
     carts::CartQuery,
     plugins::PluginQuery,
     sagas::SagaQuery,
+    kpis::KpiQuery,
 );
 
 /// Every mutation; `Mutation` in the schema.

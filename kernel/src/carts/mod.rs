@@ -193,6 +193,24 @@ pub trait CartActivityLog: Send + Sync {
         after: Option<AbandonedCursor>,
         limit: u32,
     ) -> Result<AbandonmentReport, StoreError>;
+
+    /// What the carts created in `[from, to)` became, a cart idle since
+    /// `cutoff` and not checked out counting as abandoned.
+    async fn cart_kpis(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        cutoff: DateTime<Utc>,
+    ) -> Result<CartKpis, StoreError>;
+}
+
+/// The carts created in a time range, for the `kpis` report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CartKpis {
+    pub created: u64,
+    pub checked_out: u64,
+    /// Idle since the cutoff and never checked out.
+    pub abandoned: u64,
 }
 
 /// Most entries moved per batch.

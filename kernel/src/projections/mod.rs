@@ -540,6 +540,31 @@ pub trait ViewStore: Send + Sync {
 
     /// How many orders match `filter`.
     async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError>;
+
+    /// What the orders placed in `[from, to)` became (see [`OrderKpis`]).
+    async fn order_kpis(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<OrderKpis, StoreError>;
+}
+
+/// The orders placed in a time range, for the `kpis` report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OrderKpis {
+    /// How many are in each status now (statuses with none left out).
+    pub by_status: Vec<(OrderStatus, u64)>,
+    /// The totals of the CONFIRMED ones, per currency, summed exactly.
+    pub revenue: Vec<Money>,
+    /// Placed to final status (CONFIRMED, FAILED, CANCELLED): the 95th
+    /// percentile by nearest rank; `None` when none is final.
+    pub final_p95: Option<std::time::Duration>,
+}
+
+/// The nearest-rank index (0-based) of the `percent` percentile of `count`
+/// sorted values: both backends pick this one row.
+pub fn nearest_rank(count: u64, percent: u64) -> u64 {
+    (count * percent).div_ceil(100).saturating_sub(1)
 }
 
 /// Which orders a listing shows; `None` fields match every order.

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::postgres::PostgresDatabase;
 use super::sqlite::SqliteDatabase;
 use crate::carts::{
-    AbandonedCart, AbandonedCursor, AbandonmentReport, CartActivity, CartActivityLog,
+    AbandonedCart, AbandonedCursor, AbandonmentReport, CartActivity, CartActivityLog, CartKpis,
 };
 use crate::domain::cart::{CartOwner, CartStatus};
 use crate::event_store::StoreError;
@@ -30,6 +30,22 @@ const COUNTS: &str = "SELECT \
      COALESCE(SUM(CASE WHEN checked_out_at IS NOT NULL THEN 1 ELSE 0 END), 0), \
      COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at > $1 THEN 1 ELSE 0 END), 0) \
      FROM cart_activity";
+
+/// Carts created in [$1, $2): all, checked out, idle since $3 and not
+/// checked out.
+const KPI_COUNTS: &str = "SELECT COUNT(*), \
+     COALESCE(SUM(CASE WHEN checked_out_at IS NOT NULL THEN 1 ELSE 0 END), 0), \
+     COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at <= $3 THEN 1 ELSE 0 END), 0) \
+     FROM cart_activity WHERE created_at >= $1 AND created_at < $2";
+
+fn cart_kpis((created, checked_out, abandoned): (i64, i64, i64)) -> CartKpis {
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    CartKpis {
+        created: count(created),
+        checked_out: count(checked_out),
+        abandoned: count(abandoned),
+    }
+}
 
 /// Fields a newer version of the cart replaces.
 const NEWER_WINS: [&str; 5] = [
@@ -219,6 +235,21 @@ impl CartActivityLog for PostgresCartActivity {
             .await?;
         report(rows, counts)
     }
+
+    async fn cart_kpis(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        cutoff: DateTime<Utc>,
+    ) -> Result<CartKpis, StoreError> {
+        let counts = sqlx::query_as(KPI_COUNTS)
+            .bind(from.timestamp_micros())
+            .bind(to.timestamp_micros())
+            .bind(cutoff.timestamp_micros())
+            .fetch_one(self.database.connections())
+            .await?;
+        Ok(cart_kpis(counts))
+    }
 }
 
 /// The record in SQLite.
@@ -263,5 +294,20 @@ impl CartActivityLog for SqliteCartActivity {
             .fetch_one(self.database.reader())
             .await?;
         report(rows, counts)
+    }
+
+    async fn cart_kpis(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        cutoff: DateTime<Utc>,
+    ) -> Result<CartKpis, StoreError> {
+        let counts = sqlx::query_as(KPI_COUNTS)
+            .bind(from.timestamp_micros())
+            .bind(to.timestamp_micros())
+            .bind(cutoff.timestamp_micros())
+            .fetch_one(self.database.reader())
+            .await?;
+        Ok(cart_kpis(counts))
     }
 }

@@ -10,12 +10,15 @@ use serde_json::Value;
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::views::{count, email_condition, from_json, money, status, tables, to_json};
+use super::views::{
+    FINAL_STATUSES, KPI_STATUSES, count, email_condition, from_json, kpi_statuses, money, status,
+    tables, to_json,
+};
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
-    InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
-    ReservationView, ViewChange, ViewStore, email_key, net,
+    InventoryView, OrderFilter, OrderKpis, OrderView, ProductView, ProjectionBatch, ProjectionName,
+    ReservationView, ViewChange, ViewStore, email_key, nearest_rank, net,
 };
 
 /// [`ViewStore`] on Postgres.
@@ -605,6 +608,54 @@ impl ViewStore for PostgresViewStore {
                 .fetch_one(&self.connections)
                 .await?;
         Ok(count.max(0) as u64)
+    }
+
+    async fn order_kpis(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<OrderKpis, StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(KPI_STATUSES)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.connections)
+            .await?;
+        let (by_status, finals) = kpi_statuses(rows)?;
+        // NUMERIC sums exactly.
+        let sums: Vec<(String, String)> = sqlx::query_as(
+            "SELECT currency, SUM(total_amount)::text FROM order_views \
+             WHERE status = 'CONFIRMED' AND created_at >= $1 AND created_at < $2 \
+             GROUP BY currency ORDER BY currency",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.connections)
+        .await?;
+        let revenue = sums
+            .iter()
+            .map(|(currency, amount)| money(amount, currency))
+            .collect::<Result<_, _>>()?;
+        let final_p95 = if finals == 0 {
+            None
+        } else {
+            let micros: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT (EXTRACT(EPOCH FROM (updated_at - created_at)) * 1000000)::bigint \
+                 FROM order_views WHERE status IN {FINAL_STATUSES} \
+                   AND created_at >= $1 AND created_at < $2 ORDER BY 1 LIMIT 1 OFFSET $3"
+            ))
+            .bind(from)
+            .bind(to)
+            .bind(i64::try_from(nearest_rank(finals, 95)).unwrap_or(i64::MAX))
+            .fetch_optional(&self.connections)
+            .await?;
+            micros
+                .map(|micros| std::time::Duration::from_micros(u64::try_from(micros).unwrap_or(0)))
+        };
+        Ok(OrderKpis {
+            by_status,
+            revenue,
+            final_p95,
+        })
     }
 
     async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {

@@ -8,12 +8,15 @@ use serde_json::Value;
 use sqlx::{Sqlite, SqliteConnection, Transaction};
 use uuid::Uuid;
 
-use super::views::{count, email_condition, from_json, money, status, tables, to_json};
+use super::views::{
+    FINAL_STATUSES, KPI_STATUSES, count, email_condition, from_json, kpi_statuses, money, status,
+    tables, to_json,
+};
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
-    InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
-    ReservationView, ViewChange, ViewStore, email_key, net,
+    InventoryView, OrderFilter, OrderKpis, OrderView, ProductView, ProjectionBatch, ProjectionName,
+    ReservationView, ViewChange, ViewStore, email_key, nearest_rank, net,
 };
 
 use super::sqlite::SqliteDatabase;
@@ -455,6 +458,66 @@ impl ViewStore for SqliteViewStore {
                 .fetch_one(self.database.reader())
                 .await?;
         Ok(count.max(0) as u64)
+    }
+
+    async fn order_kpis(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<OrderKpis, StoreError> {
+        use futures_util::TryStreamExt as _;
+        let (from, to) = (from.timestamp_micros(), to.timestamp_micros());
+        let reader = self.database.reader();
+        let rows: Vec<(String, i64)> = sqlx::query_as(KPI_STATUSES)
+            .bind(from)
+            .bind(to)
+            .fetch_all(reader)
+            .await?;
+        let (by_status, finals) = kpi_statuses(rows)?;
+        // Amounts are decimal text here: summed in Rust, exactly, as they come.
+        let mut sums: Vec<crate::domain::money::Money> = Vec::new();
+        let mut amounts = sqlx::query_as::<_, (String, String)>(
+            "SELECT currency, total_amount FROM order_views \
+             WHERE status = 'CONFIRMED' AND created_at >= ?1 AND created_at < ?2",
+        )
+        .bind(from)
+        .bind(to)
+        .fetch(reader);
+        while let Some((currency, amount)) = amounts.try_next().await? {
+            let amount = money(&amount, &currency)?;
+            match sums
+                .iter_mut()
+                .find(|sum| sum.currency() == amount.currency())
+            {
+                Some(sum) => {
+                    *sum = sum
+                        .checked_add(&amount)
+                        .map_err(|e| StoreError::Corrupt(format!("revenue: {e}")))?;
+                }
+                None => sums.push(amount),
+            }
+        }
+        sums.sort_by(|a, b| a.currency().code().cmp(b.currency().code()));
+        let final_p95 = if finals == 0 {
+            None
+        } else {
+            let micros: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT updated_at - created_at FROM order_views WHERE status IN {FINAL_STATUSES} \
+                   AND created_at >= ?1 AND created_at < ?2 ORDER BY 1 LIMIT 1 OFFSET ?3"
+            ))
+            .bind(from)
+            .bind(to)
+            .bind(i64::try_from(nearest_rank(finals, 95)).unwrap_or(i64::MAX))
+            .fetch_optional(reader)
+            .await?;
+            micros
+                .map(|micros| std::time::Duration::from_micros(u64::try_from(micros).unwrap_or(0)))
+        };
+        Ok(OrderKpis {
+            by_status,
+            revenue: sums,
+            final_p95,
+        })
     }
 
     async fn count_orders(&self, filter: &OrderFilter) -> Result<u64, StoreError> {

@@ -46,6 +46,29 @@ pub fn to_json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, Stor
     serde_json::to_value(value).map_err(|e| StoreError::Codec(e.to_string()))
 }
 
+/// Orders placed in [from, to), by status.
+pub const KPI_STATUSES: &str = "SELECT status, COUNT(*) FROM order_views \
+     WHERE created_at >= $1 AND created_at < $2 GROUP BY status";
+
+/// The statuses whose orders `kpis` times from placement.
+pub const FINAL_STATUSES: &str = "('CONFIRMED', 'FAILED', 'CANCELLED')";
+
+/// Counts by status from `(status, count)` rows, and how many are final.
+pub fn kpi_statuses(
+    rows: Vec<(String, i64)>,
+) -> Result<(Vec<(OrderStatus, u64)>, u64), StoreError> {
+    let mut by_status = Vec::with_capacity(rows.len());
+    for (text, count) in rows {
+        by_status.push((status(&text)?, u64::try_from(count).unwrap_or(0)));
+    }
+    let finals = by_status
+        .iter()
+        .filter(|(status, _)| status.is_final())
+        .map(|(_, count)| count)
+        .sum();
+    Ok((by_status, finals))
+}
+
 /// The `order_views` condition of an order search by email, `placeholder`
 /// being the email key's parameter. Spelled `email_key = <placeholder>`
 /// only when there is an email to look for, so that the planner sees a
