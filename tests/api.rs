@@ -443,6 +443,10 @@ fn admin_only_documents(id: Uuid) -> Vec<(&'static str, String)> {
         ),
         ("retrySaga", format!("mutation {{ retrySaga(id: \"{id}\") {{ errors {{ code }} }} }}")),
         (
+            "retryParkedSagas",
+            "mutation { retryParkedSagas { errors { code } } }".to_string(),
+        ),
+        (
             "compensateSaga",
             format!("mutation {{ compensateSaga(id: \"{id}\", reason: \"x\") {{ errors {{ code }} }} }}"),
         ),

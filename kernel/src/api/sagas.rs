@@ -396,6 +396,16 @@ pub struct SagaPayload {
     pub errors: Vec<UserError>,
 }
 
+/// What `retryParkedSagas` did.
+#[derive(SimpleObject, Default)]
+pub struct RetryParkedSagasPayload {
+    /// The sagas retried, as the retry left them.
+    pub retried: Vec<Saga>,
+    /// Sagas the retry refused (one moved on meanwhile, say): the field is
+    /// the saga's id.
+    pub errors: Vec<UserError>,
+}
+
 fn parse_cursor(text: &str) -> Result<SagaCursor, ApiError> {
     let invalid = || ApiError::invalid("after", "not a cursor this API returned");
     let (micros, id) = text.split_once(':').ok_or_else(invalid)?;
@@ -563,6 +573,43 @@ impl SagaMutation {
     async fn retry_saga(&self, ctx: &Context<'_>, id: Uuid) -> Result<SagaPayload, ApiError> {
         let context = command_context(ctx)?;
         saga_payload(refused(sagas(ctx).retry(id, &context)).await?)
+    }
+
+    /// Retries up to `first` PARKED sagas (default 50, at most the server's
+    /// page size), oldest first, each as `retrySaga` does: the runbook's
+    /// bulk recovery once the cause is fixed. For admins.
+    #[graphql(guard = "AdminOnly")]
+    async fn retry_parked_sagas(
+        &self,
+        ctx: &Context<'_>,
+        #[graphql(desc = "Only sagas parked for this cause.")] park_cause: Option<SagaParkCause>,
+        first: Option<i32>,
+    ) -> Result<RetryParkedSagasPayload, ApiError> {
+        let first = page_size(ctx, first)?;
+        let context = command_context(ctx)?;
+        let outcomes = sagas(ctx)
+            .retry_parked(park_cause.map(Into::into), first, &context)
+            .await
+            .map_err(super::error::command_failure)?;
+        let mut payload = RetryParkedSagasPayload::default();
+        for (saga_id, outcome) in outcomes {
+            match refused(std::future::ready(outcome)).await? {
+                Ok(written) => payload.retried.push(Saga::new(
+                    written.id,
+                    Loaded {
+                        state: written.state,
+                        version: written.version,
+                    },
+                )),
+                Err(errors) => payload
+                    .errors
+                    .extend(errors.into_iter().map(|error| UserError {
+                        field: Some(saga_id.to_string()),
+                        ..error
+                    })),
+            }
+        }
+        Ok(payload)
     }
 
     /// Undoes a running saga: its effects are compensated and the order

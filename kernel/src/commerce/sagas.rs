@@ -16,12 +16,12 @@ use uuid::Uuid;
 use super::{CommandContext, CommandError, Commerce, ConflictCounter, Written, stream_append};
 use crate::domain::order::{Order, OrderStatus};
 use crate::domain::saga::{
-    ORDER_FULFILMENT, Saga, SagaDefinition, SagaDefinitions, SagaEvent, SagaStatus,
+    ORDER_FULFILMENT, ParkCause, Saga, SagaDefinition, SagaDefinitions, SagaEvent, SagaStatus,
 };
 use crate::domain::{Aggregate, DomainError};
 use crate::event_store::repository::Loaded;
 use crate::event_store::{AppendRequest, EventMetadata, StoreError, StreamAppend};
-use crate::sagas::{Claim, Committed, InstanceUpdate, LeaseChange, SagaStore};
+use crate::sagas::{Claim, Committed, InstanceUpdate, LeaseChange, SagaFilter, SagaStore};
 
 /// Saga commands, sharing the command handlers and the saga store.
 #[derive(Clone)]
@@ -294,6 +294,34 @@ impl Sagas {
     ) -> Result<Written<Saga>, CommandError> {
         self.request(saga_id, context, |saga| saga.request_retry(saga_id))
             .await
+    }
+
+    /// Retries the oldest `limit` PARKED sagas (those parked for `cause`
+    /// among them, when given): to each what [`Self::retry`] does. One
+    /// saga's refusal stops none of the others; each outcome comes back
+    /// with its saga's id.
+    pub async fn retry_parked(
+        &self,
+        cause: Option<ParkCause>,
+        limit: u32,
+        context: &CommandContext,
+    ) -> Result<Vec<(Uuid, Result<Written<Saga>, CommandError>)>, CommandError> {
+        let filter = SagaFilter {
+            correlation_id: None,
+            status: Some(SagaStatus::Parked),
+        };
+        let parked = self.store.list(&filter, None, limit).await?;
+        let mut outcomes = Vec::with_capacity(parked.len());
+        for instance in parked {
+            if let Some(cause) = cause
+                && self.load(instance.saga_id).await?.state.park_cause != Some(cause)
+            {
+                continue;
+            }
+            let outcome = self.retry(instance.saga_id, context).await;
+            outcomes.push((instance.saga_id, outcome));
+        }
+        Ok(outcomes)
     }
 
     /// Appends what `decide` makes of the saga and makes it due at once,
