@@ -2462,13 +2462,22 @@ async fn kpis_report_the_orders_and_carts_of_a_range(db: Arc<TestDatabase>) -> a
             commerce_kernel::domain::money::Currency::parse(currency)?,
         )?)
     };
-    // (placed at, seconds to its final status, status, total)
-    let orders = [
+    // (placed at, seconds to its final status, status, total): 21 orders
+    // that reached a final status, so that the 95th percentile by nearest
+    // rank (the 20th of 21) is not the slowest.
+    let mut orders = vec![
         (at(3_600), 1, OrderStatus::Confirmed, money("10.10", "EUR")?),
         (at(7_200), 2, OrderStatus::Confirmed, money("0.20", "EUR")?),
         (at(10_800), 3, OrderStatus::Confirmed, money("5.00", "USD")?),
         (at(14_400), 20, OrderStatus::Failed, money("99.00", "EUR")?),
-        (at(18_000), 0, OrderStatus::Pending, money("1.00", "EUR")?),
+        (
+            at(14_500),
+            100,
+            OrderStatus::Cancelled,
+            money("7.00", "EUR")?,
+        ),
+        // At the very start of the range: inside it.
+        (at(0), 0, OrderStatus::Pending, money("1.00", "EUR")?),
         // The next day: outside the range.
         (
             at(86_400),
@@ -2477,6 +2486,14 @@ async fn kpis_report_the_orders_and_carts_of_a_range(db: Arc<TestDatabase>) -> a
             money("500.00", "EUR")?,
         ),
     ];
+    for second in 4..=19 {
+        orders.push((
+            at(20_000 + second),
+            second,
+            OrderStatus::Confirmed,
+            money("0.01", "EUR")?,
+        ));
+    }
     let changes = orders
         .iter()
         .map(|(placed, took, status, total)| {
@@ -2561,24 +2578,25 @@ async fn kpis_report_the_orders_and_carts_of_a_range(db: Arc<TestDatabase>) -> a
             .find(|entry| entry["status"] == status)
             .map(|entry| entry["count"].clone())
     };
-    ensure!(kpis["ordersPlaced"] == 5, "{body}");
+    ensure!(kpis["ordersPlaced"] == 22, "{body}");
     ensure!(
-        count("CONFIRMED") == Some(json!(3))
+        count("CONFIRMED") == Some(json!(19))
             && count("FAILED") == Some(json!(1))
             && count("PENDING") == Some(json!(1))
-            && count("CANCELLED") == Some(json!(0)),
+            && count("CANCELLED") == Some(json!(1))
+            && count("PAID") == Some(json!(0)),
         "{body}"
     );
     ensure!(
         kpis["revenue"]
-            == json!([{ "amount": "10.30", "currency": "EUR" }, { "amount": "5.00", "currency": "USD" }]),
+            == json!([{ "amount": "10.46", "currency": "EUR" }, { "amount": "5.00", "currency": "USD" }]),
         "exact sums per currency, confirmed orders only: {body}"
     );
     let close =
         |value: &Value, expected: f64| value.as_f64().is_some_and(|v| (v - expected).abs() < 1e-9);
-    ensure!(close(&kpis["ordersPerHour"], 5.0 / 24.0), "{body}");
-    ensure!(close(&kpis["sagaSuccessRate"], 0.75), "{body}");
-    // Nearest rank of four final orders (1, 2, 3, 20 s): the fourth.
+    ensure!(close(&kpis["ordersPerHour"], 22.0 / 24.0), "{body}");
+    ensure!(close(&kpis["sagaSuccessRate"], 19.0 / 21.0), "{body}");
+    // 21 final orders taking 1..=20 s and 100 s: the 20th is 20 s.
     ensure!(close(&kpis["p95SagaDurationSeconds"], 20.0), "{body}");
     ensure!(
         kpis["cartsCreated"] == 3 && kpis["cartsCheckedOut"] == 2 && kpis["cartsAbandoned"] == 1,
@@ -2606,6 +2624,7 @@ async fn kpis_report_the_orders_and_carts_of_a_range(db: Arc<TestDatabase>) -> a
     // Bad ranges are refused with the field named.
     for (from, to) in [
         ("2001-03-05T00:00:00Z", "2001-03-04T00:00:00Z"),
+        ("2001-03-04T00:00:00Z", "2001-03-04T00:00:00.5Z"),
         ("2001-01-01T00:00:00Z", "2003-01-01T00:00:00Z"),
     ] {
         let refused = kernel

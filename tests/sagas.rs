@@ -849,8 +849,7 @@ async fn a_compensation_that_keeps_failing_parks_the_saga_until_retried(
         artifacts::ORDER_LIMIT,
         "",
     )?;
-    // In bulk, as the runbook does: every saga parked for this cause (the
-    // suite's other parked sagas have other causes, and are left alone).
+    // In bulk, as the runbook does: every saga parked for this cause.
     let saga_id = Saga::id_for(ORDER_FULFILMENT, order_id);
     let retried = shop
         .sagas

@@ -267,24 +267,12 @@ fn watch(args: &[String]) -> ExitCode {
         eprintln!("commerce-kernel watch: {problem}\n\n{USAGE}");
         ExitCode::from(2)
     };
-    let (mut order, mut token, mut url) = (None, None, "http://localhost:8084".to_string());
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        match arg.as_str() {
-            "--token" | "--url" => {
-                let Some(value) = rest.next() else {
-                    return usage(&format!("{arg} needs a value"));
-                };
-                if arg == "--token" {
-                    token = Some(value.clone());
-                } else {
-                    url = value.clone();
-                }
-            }
-            other if order.is_none() && !other.starts_with('-') => order = Some(other.to_string()),
-            other => return usage(&format!("unexpected `{other}`")),
-        }
-    }
+    let (order, options) = match argument_and_options(args, &["--token", "--url"]) {
+        Ok(parsed) => parsed,
+        Err(problem) => return usage(&problem),
+    };
+    let token = option(&options, "--token");
+    let url = option(&options, "--url").unwrap_or_else(|| "http://localhost:8084".to_string());
     let (Some(order), Some(token)) = (order, token) else {
         return usage("an order id and --token are required");
     };
@@ -663,6 +651,40 @@ async fn remote_plugin(url: &str, token: &str, words: &[&str]) -> Result<String,
     }
 }
 
+/// A command's `--option value` pairs, in the order given.
+type Options = Vec<(&'static str, String)>;
+
+/// A command's one positional argument and its `--option value` pairs,
+/// of the options in `known`; anything else is refused, said why.
+fn argument_and_options(
+    args: &[String],
+    known: &[&'static str],
+) -> Result<(Option<String>, Options), String> {
+    let mut argument = None;
+    let mut options = Vec::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        if let Some(name) = known.iter().find(|name| **name == arg.as_str()) {
+            let value = rest.next().ok_or_else(|| format!("{arg} needs a value"))?;
+            options.push((*name, value.clone()));
+        } else if argument.is_none() && !arg.starts_with('-') {
+            argument = Some(arg.clone());
+        } else {
+            return Err(format!("unexpected `{arg}`"));
+        }
+    }
+    Ok((argument, options))
+}
+
+/// The last value given for `name`.
+fn option(options: &Options, name: &str) -> Option<String> {
+    options
+        .iter()
+        .rev()
+        .find(|(given, _)| *given == name)
+        .map(|(_, value)| value.clone())
+}
+
 /// `plugin new <name> --kind <kind> [--dir <folder>]`.
 fn plugin_new(args: &[String]) -> ExitCode {
     use commerce_kernel::plugin_template;
@@ -670,24 +692,12 @@ fn plugin_new(args: &[String]) -> ExitCode {
         eprintln!("commerce-kernel plugin new: {problem}\n\n{USAGE}");
         ExitCode::from(2)
     };
-    let (mut name, mut kind, mut dir) = (None, None, ".".to_string());
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        match arg.as_str() {
-            "--kind" | "--dir" => {
-                let Some(value) = rest.next() else {
-                    return usage(&format!("{arg} needs a value"));
-                };
-                if arg == "--kind" {
-                    kind = Some(value.clone());
-                } else {
-                    dir = value.clone();
-                }
-            }
-            other if name.is_none() && !other.starts_with('-') => name = Some(other.to_string()),
-            other => return usage(&format!("unexpected `{other}`")),
-        }
-    }
+    let (name, options) = match argument_and_options(args, &["--kind", "--dir"]) {
+        Ok(parsed) => parsed,
+        Err(problem) => return usage(&problem),
+    };
+    let kind = option(&options, "--kind");
+    let dir = option(&options, "--dir").unwrap_or_else(|| ".".to_string());
     let (Some(name), Some(kind)) = (name, kind) else {
         return usage("a name and --kind are required");
     };

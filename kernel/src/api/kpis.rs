@@ -36,8 +36,11 @@ impl KpiQuery {
         )]
         abandoned_after_hours: Option<f64>,
     ) -> Result<Kpis, ApiError> {
-        if from >= to {
-            return Err(ApiError::invalid("to", "must be after `from`"));
+        if to - from < chrono::Duration::seconds(1) {
+            return Err(ApiError::invalid(
+                "to",
+                "must be at least a second after `from`",
+            ));
         }
         if to - from > chrono::Duration::days(MAX_RANGE_DAYS) {
             return Err(ApiError::invalid(
@@ -87,8 +90,10 @@ pub struct Kpis {
     pub orders_per_hour: f64,
     /// Totals of the CONFIRMED orders, per currency, summed exactly.
     pub revenue: Vec<Money>,
-    /// CONFIRMED among the orders that reached a final status (each order
-    /// has one saga, which completes exactly when it is confirmed).
+    /// CONFIRMED among the orders that reached a final status: FAILED ones
+    /// count against it (declines and stock-outs among them), and so do
+    /// CANCELLED ones (cancelled by their customer or an admin). Each order
+    /// has one saga, which completes exactly when it is confirmed.
     pub saga_success_rate: Option<f64>,
     /// Placed to final status, 95th percentile (nearest rank), in seconds.
     pub p95_saga_duration_seconds: Option<f64>,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::access::{AdminOnly, command_context};
 use super::commerce::refused;
-use super::error::{ApiError, UserError};
+use super::error::{ApiError, ErrorCode, UserError};
 use super::{Page, TotalCount, page_size};
 use crate::commerce::Sagas;
 use crate::domain::saga::{
@@ -401,8 +401,8 @@ pub struct SagaPayload {
 pub struct RetryParkedSagasPayload {
     /// The sagas retried, as the retry left them.
     pub retried: Vec<Saga>,
-    /// Sagas the retry refused (one moved on meanwhile, say): the field is
-    /// the saga's id.
+    /// Sagas the retry refused or failed on (one no longer parked, say): the
+    /// field is the saga's id.
     pub errors: Vec<UserError>,
 }
 
@@ -582,7 +582,10 @@ impl SagaMutation {
     async fn retry_parked_sagas(
         &self,
         ctx: &Context<'_>,
-        #[graphql(desc = "Only sagas parked for this cause.")] park_cause: Option<SagaParkCause>,
+        #[graphql(
+            desc = "Only sagas parked for this cause; null: every cause (DRIVE_FAILED and WRITE_REFUSED need a fix first)."
+        )]
+        park_cause: Option<SagaParkCause>,
         first: Option<i32>,
     ) -> Result<RetryParkedSagasPayload, ApiError> {
         let first = page_size(ctx, first)?;
@@ -592,8 +595,10 @@ impl SagaMutation {
             .await
             .map_err(super::error::command_failure)?;
         let mut payload = RetryParkedSagasPayload::default();
+        // Every saga's outcome is reported, a store failure on one too: the
+        // retries before it are written, and the admin must see them.
         for (saga_id, outcome) in outcomes {
-            match refused(std::future::ready(outcome)).await? {
+            match outcome {
                 Ok(written) => payload.retried.push(Saga::new(
                     written.id,
                     Loaded {
@@ -601,12 +606,20 @@ impl SagaMutation {
                         version: written.version,
                     },
                 )),
-                Err(errors) => payload
-                    .errors
-                    .extend(errors.into_iter().map(|error| UserError {
+                Err(error) => {
+                    let error = super::error::user_error(error).unwrap_or_else(|failure| {
+                        tracing::warn!(%saga_id, ?failure, "retrying a parked saga failed");
+                        UserError::new(
+                            ErrorCode::Internal,
+                            None,
+                            "the retry could not be written; try again",
+                        )
+                    });
+                    payload.errors.push(UserError {
                         field: Some(saga_id.to_string()),
                         ..error
-                    })),
+                    });
+                }
             }
         }
         Ok(payload)

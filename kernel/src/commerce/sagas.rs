@@ -21,7 +21,14 @@ use crate::domain::saga::{
 use crate::domain::{Aggregate, DomainError};
 use crate::event_store::repository::Loaded;
 use crate::event_store::{AppendRequest, EventMetadata, StoreError, StreamAppend};
-use crate::sagas::{Claim, Committed, InstanceUpdate, LeaseChange, SagaFilter, SagaStore};
+use crate::sagas::{
+    Claim, Committed, InstanceUpdate, LeaseChange, SagaCursor, SagaFilter, SagaStore,
+};
+
+/// Most parked sagas [`Sagas::retry_parked`] looks at in one call.
+pub const MAX_PARKED_SCANNED: usize = 10_000;
+/// Parked sagas read per page while looking.
+const PARKED_PAGE: u32 = 200;
 
 /// Saga commands, sharing the command handlers and the saga store.
 #[derive(Clone)]
@@ -297,8 +304,10 @@ impl Sagas {
     }
 
     /// Retries the oldest `limit` PARKED sagas (those parked for `cause`
-    /// among them, when given): to each what [`Self::retry`] does. One
-    /// saga's refusal stops none of the others; each outcome comes back
+    /// among them, when given; at most [`MAX_PARKED_SCANNED`] are looked
+    /// at): to each what [`Self::retry`] does, once it is checked, in the
+    /// same write, that the saga is still parked for that cause. One saga's
+    /// refusal or failure stops none of the others; each outcome comes back
     /// with its saga's id.
     pub async fn retry_parked(
         &self,
@@ -310,16 +319,47 @@ impl Sagas {
             correlation_id: None,
             status: Some(SagaStatus::Parked),
         };
-        let parked = self.store.list(&filter, None, limit).await?;
-        let mut outcomes = Vec::with_capacity(parked.len());
-        for instance in parked {
-            if let Some(cause) = cause
-                && self.load(instance.saga_id).await?.state.park_cause != Some(cause)
-            {
-                continue;
+        let mut outcomes = Vec::new();
+        let (mut after, mut scanned) = (None, 0);
+        while outcomes.len() < limit as usize && scanned < MAX_PARKED_SCANNED {
+            let page = self.store.list(&filter, after, PARKED_PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(SagaCursor {
+                created_at: last.created_at,
+                saga_id: last.saga_id,
+            });
+            scanned += page.len();
+            for instance in page {
+                if outcomes.len() == limit as usize {
+                    break;
+                }
+                let saga_id = instance.saga_id;
+                let wanted = |saga: &Saga| {
+                    saga.status == Some(SagaStatus::Parked)
+                        && cause.is_none_or(|cause| saga.park_cause == Some(cause))
+                };
+                match self.load(saga_id).await {
+                    Ok(loaded) if !wanted(&loaded.state) => continue,
+                    Ok(_) => {}
+                    Err(error) => {
+                        outcomes.push((saga_id, Err(error)));
+                        continue;
+                    }
+                }
+                let outcome = self
+                    .request(saga_id, context, |saga| {
+                        if wanted(saga) {
+                            saga.request_retry(saga_id)
+                        } else {
+                            Err(DomainError::invalid(
+                                "sagaId",
+                                "no longer parked for that cause: left as it is",
+                            ))
+                        }
+                    })
+                    .await;
+                outcomes.push((saga_id, outcome));
             }
-            let outcome = self.retry(instance.saga_id, context).await;
-            outcomes.push((instance.saga_id, outcome));
         }
         Ok(outcomes)
     }
