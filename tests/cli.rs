@@ -170,6 +170,49 @@ fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
     );
 }
 
+/// `COMMERCE_LOG_FORMAT=json`: every line is one JSON object a log
+/// collector can read, a request's lines carry its span's fields.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let (mut child, address, lines_rx) = serve(
+        data.path(),
+        &[
+            ("COMMERCE_LOG_FORMAT", "json"),
+            ("COMMERCE_LOG", "info,tower_http=debug"),
+        ],
+    );
+    let health = http_get(&address, "/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "health: {health}");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .expect("send SIGTERM");
+    assert!(status.success());
+    wait_for_exit(&mut child.0, Duration::from_secs(20)).expect("stopped");
+    let lines: Vec<serde_json::Value> = lines_rx
+        .try_iter()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+        })
+        .collect();
+    assert!(
+        lines.iter().all(|line| line["timestamp"].is_string()
+            && line["level"].is_string()
+            && line["target"].is_string()),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|line| line["span"]["uri"] == "/health"),
+        "a request's lines carry its span: {lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|line| line["message"] == "stopped"),
+        "{lines:#?}"
+    );
+}
+
 #[test]
 fn bad_configuration_stops_start_up_naming_the_variable() {
     let data = tempfile::tempdir().expect("temp dir");
@@ -178,6 +221,7 @@ fn bad_configuration_stops_start_up_naming_the_variable() {
         ("COMMERCE_DATABASE_URL", "mysql://x"),
         ("COMMERCE_REQUEST_TIMEOUT_SECS", "forever"),
         ("COMMERCE_LOG", "info,[[["),
+        ("COMMERCE_LOG_FORMAT", "xml"),
     ] {
         let output = kernel(data.path())
             .env(variable, value)

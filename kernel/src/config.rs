@@ -26,6 +26,8 @@ pub const SHUTDOWN_TIMEOUT_SECS: &str = "COMMERCE_SHUTDOWN_TIMEOUT_SECS";
 pub const MAX_REQUEST_BYTES: &str = "COMMERCE_MAX_REQUEST_BYTES";
 pub const GRAPHIQL: &str = "COMMERCE_GRAPHIQL";
 pub const LOG: &str = "COMMERCE_LOG";
+/// `text` (the default) or `json`: one JSON object per log line.
+pub const LOG_FORMAT: &str = "COMMERCE_LOG_FORMAT";
 pub const REDIS_URL: &str = "COMMERCE_REDIS_URL";
 pub const REDIS_KEY_PREFIX: &str = "COMMERCE_REDIS_KEY_PREFIX";
 pub const CART_TTL_SECS: &str = "COMMERCE_CART_TTL_SECS";
@@ -119,6 +121,7 @@ pub struct Config {
     pub live_poll_interval: Duration,
     /// A `tracing` filter directive such as `info` or `commerce_kernel=debug`.
     pub log_filter: String,
+    pub log_format: LogFormat,
     /// What browsers and guests may do without an identity provider.
     pub storefront: StorefrontConfig,
     /// Create the demo catalog at start where it is missing.
@@ -140,6 +143,17 @@ pub struct MetricsConfig {
     pub token: Option<String>,
     /// Served on the API port.
     pub on_api_port: bool,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// For people: one line per event, the span's fields before it.
+    Text,
+    /// For log collectors: one JSON object per line, with `timestamp`,
+    /// `level`, `target`, the event's fields (`message` among them) and
+    /// the fields of the span it happened in (`span`, `spans`).
+    Json,
 }
 
 /// Access for storefronts that call the API from browsers.
@@ -371,6 +385,11 @@ impl Config {
         let log_filter = get(LOG)
             .or_else(|| get("RUST_LOG"))
             .unwrap_or_else(|| "info,sqlx=warn".to_string());
+        let log_format = match get(LOG_FORMAT).as_deref().map(str::trim) {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(_) => return Err(invalid(LOG_FORMAT, "must be `text` or `json`")),
+        };
 
         let storefront = storefront_config(&get)?;
 
@@ -425,6 +444,7 @@ impl Config {
             graphql,
             live_poll_interval: Duration::from_millis(live_poll_ms),
             log_filter,
+            log_format,
         })
     }
 }

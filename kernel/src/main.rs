@@ -92,7 +92,7 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(error) = init_logging(&config.log_filter) {
+    if let Err(error) = init_logging(&config.log_filter, config.log_format) {
         eprintln!("commerce-kernel: invalid configuration: {error}");
         return ExitCode::from(2);
     }
@@ -837,7 +837,7 @@ async fn migrate(config: &Config) -> Result<(), KernelError> {
     Ok(())
 }
 
-fn init_logging(filter: &str) -> Result<(), config::ConfigError> {
+fn init_logging(filter: &str, format: config::LogFormat) -> Result<(), config::ConfigError> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| config::ConfigError {
             variable: config::LOG,
@@ -846,9 +846,15 @@ fn init_logging(filter: &str) -> Result<(), config::ConfigError> {
     // Colours only on a terminal: log files and journald get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
         && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .init();
+    let lines = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        config::LogFormat::Text => lines.with_ansi(ansi).init(),
+        config::LogFormat::Json => lines
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     Ok(())
 }
