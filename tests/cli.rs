@@ -351,6 +351,30 @@ fn seed_demo_creates_the_sample_catalog_once() {
     );
 }
 
+/// The sha256 of the `order-limit` component the plugin tests install.
+fn order_limit_sha256() -> String {
+    let component = std::fs::read(commerce_plugin_artifacts::ORDER_LIMIT).expect("order-limit");
+    commerce_plugin_host::sha256_hex(&component)
+}
+
+/// A folder under `parent` holding `order-limit` as plugin `limit` at
+/// `version`, its manifest pinning `pinned`; its path.
+fn limit_version(parent: &std::path::Path, version: &str, pinned: &str) -> String {
+    let component = std::fs::read(commerce_plugin_artifacts::ORDER_LIMIT).expect("order-limit");
+    let dir = parent.join(format!("upload-{version}"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("limit.wasm"), &component).expect("component");
+    std::fs::write(
+        dir.join("plugin.toml"),
+        format!(
+            "name = \"limit\"\nversion = \"{version}\"\nkind = \"saga-step\"\n\
+             component = \"limit.wasm\"\nsha256 = \"{pinned}\"\n"
+        ),
+    )
+    .expect("manifest");
+    dir.display().to_string()
+}
+
 /// `plugin install | list | activate | rollback` on the configured
 /// database and directory: a kernel started on them runs what the CLI
 /// activated, the events name `cli:<user>` as their actor, and bad input
@@ -385,22 +409,8 @@ fn the_plugin_commands_install_activate_and_roll_back() {
         .expect("migrate");
     assert!(migrated.status.success());
 
-    let component = std::fs::read(commerce_plugin_artifacts::ORDER_LIMIT).expect("order-limit");
-    let sha256 = commerce_plugin_host::sha256_hex(&component);
-    let version_dir = |version: &str, pinned: &str| {
-        let dir = data.path().join(format!("upload-{version}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("limit.wasm"), &component).expect("component");
-        std::fs::write(
-            dir.join("plugin.toml"),
-            format!(
-                "name = \"limit\"\nversion = \"{version}\"\nkind = \"saga-step\"\n\
-                 component = \"limit.wasm\"\nsha256 = \"{pinned}\"\n"
-            ),
-        )
-        .expect("manifest");
-        dir.display().to_string()
-    };
+    let sha256 = order_limit_sha256();
+    let version_dir = |version: &str, pinned: &str| limit_version(data.path(), version, pinned);
 
     for version in ["2.0.0", "2.0.1"] {
         let (code, stdout, stderr) = plugin(&["install", &version_dir(version, &sha256)]);
@@ -511,22 +521,9 @@ fn the_plugin_commands_work_against_a_running_kernel() {
         )
     };
     let as_admin = ["--url", url.as_str(), "--token", admin.as_str()];
-    let component = std::fs::read(commerce_plugin_artifacts::ORDER_LIMIT).expect("order-limit");
-    let sha256 = commerce_plugin_host::sha256_hex(&component);
-    let version_dir = |version: &str, pinned: &str| {
-        let dir = elsewhere.path().join(format!("upload-{version}"));
-        std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("limit.wasm"), &component).expect("component");
-        std::fs::write(
-            dir.join("plugin.toml"),
-            format!(
-                "name = \"limit\"\nversion = \"{version}\"\nkind = \"saga-step\"\n\
-                 component = \"limit.wasm\"\nsha256 = \"{pinned}\"\n"
-            ),
-        )
-        .expect("manifest");
-        dir.display().to_string()
-    };
+    let sha256 = order_limit_sha256();
+    let version_dir =
+        |version: &str, pinned: &str| limit_version(elsewhere.path(), version, pinned);
 
     for version in ["2.0.0", "2.0.1"] {
         let (code, stdout, stderr) =

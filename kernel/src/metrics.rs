@@ -355,6 +355,7 @@ impl Collector for ComponentCounters {
         mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric as _;
+        use prometheus_client::metrics::MetricType;
         use prometheus_client::metrics::counter::ConstCounter;
         use std::sync::atomic::Ordering::Relaxed;
 
@@ -415,12 +416,11 @@ impl Collector for ComponentCounters {
             counter(name, help, value.load(Relaxed))?;
         }
 
-        let parked = ConstCounter::new(0u64);
         let mut family = encoder.encode_descriptor(
             "commerce_sagas_parked",
             "Sagas this process parked for a person, by cause.",
             None,
-            parked.metric_type(),
+            MetricType::Counter,
         )?;
         for (cause, count) in runner.parked() {
             ConstCounter::new(count).encode(family.encode_family(&[("cause", cause.as_str())])?)?;
@@ -431,7 +431,7 @@ impl Collector for ComponentCounters {
             "commerce_plugin_invocations",
             "Plugin invocations, failed ones included, by plugin (all versions).",
             None,
-            parked.metric_type(),
+            MetricType::Counter,
         )?;
         for (name, snapshot) in &stats {
             ConstCounter::new(snapshot.invocations)
@@ -441,7 +441,7 @@ impl Collector for ComponentCounters {
             "commerce_plugin_errors",
             "Failed plugin invocations, by plugin and kind.",
             None,
-            parked.metric_type(),
+            MetricType::Counter,
         )?;
         for (name, snapshot) in &stats {
             for (kind, count) in &snapshot.errors {
@@ -454,7 +454,7 @@ impl Collector for ComponentCounters {
             "commerce_plugin_duration_seconds",
             "Time spent in plugin invocations, summed.",
             None,
-            parked.metric_type(),
+            MetricType::Counter,
         )?;
         for (name, snapshot) in &stats {
             ConstCounter::new(snapshot.total_duration.as_secs_f64())
@@ -464,7 +464,7 @@ impl Collector for ComponentCounters {
             "commerce_plugin_fuel_consumed",
             "Wasm fuel (instructions) plugins consumed.",
             None,
-            parked.metric_type(),
+            MetricType::Counter,
         )?;
         for (name, snapshot) in &stats {
             ConstCounter::new(snapshot.fuel_consumed)
