@@ -36,6 +36,7 @@ use support::counting::{CountingEvents, CountingViews};
 use support::kernel::{RunningKernel, TEST_JWT_SECRET, error_code, payload_codes};
 use support::shop::{self, AdminClient as _};
 use support::socket::{Frame, Protocol, Socket};
+use support::traces;
 use support::{TestDatabase, run_suite_except, wait_until_readable};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
@@ -58,6 +59,7 @@ fn main() {
             metrics_show_an_order_from_cart_to_confirmed,
             kpis_report_the_orders_and_carts_of_a_range,
             metrics_are_served_where_configured_and_to_the_token_only,
+            one_trace_follows_an_order_to_the_providers,
         ],
         // SQLite has one writer: nothing commits behind an open transaction.
         &["an_update_committed_behind_an_open_transaction_arrives_once_the_log_shows_it"],
@@ -2225,20 +2227,7 @@ async fn metrics_show_an_order_from_cart_to_confirmed(db: Arc<TestDatabase>) -> 
     let shop = shop::open(&kernel, 5).await?;
     let token = kernel.customer_token(Uuid::now_v7())?;
     let order = customer_order(&kernel, &token, shop.product).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let body = kernel
-            .graphql(
-                "query ($id: UUID!) { order(id: $id) { status } }",
-                json!({ "id": order }),
-            )
-            .await?;
-        if body["data"]["order"]["status"] == "CONFIRMED" {
-            break;
-        }
-        ensure!(tokio::time::Instant::now() < deadline, "{body}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    confirmed_order_events(&kernel, order).await?;
     // A document naming a field the schema lacks is labelled as unknown,
     // never by the client's word.
     let (_, unknown) = kernel
@@ -2633,4 +2622,148 @@ async fn kpis_report_the_orders_and_carts_of_a_range(db: Arc<TestDatabase>) -> a
         ensure!(error_code(&refused) == Some("INVALID_INPUT"), "{refused}");
     }
     kernel.stop().await
+}
+
+/// One trace follows an order: the storefront's `traceparent` header, the
+/// request's and the GraphQL operation's spans, the order's events, the
+/// saga's steps, the plugin calls, and the providers' requests, which carry
+/// a `traceparent` of the same trace. An order placed without the header
+/// starts a trace of its own, followed the same way.
+async fn one_trace_follows_an_order_to_the_providers(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let collector = traces::collector();
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let shop = shop::open(&kernel, 5).await?;
+    let token = kernel.customer_token(Uuid::now_v7())?;
+    let (_, made) = kernel
+        .graphql_as(
+            Some(&token),
+            CREATE_CART,
+            json!({ "input": { "items": [{ "productId": shop.product, "quantity": 1 }] } }),
+        )
+        .await?;
+    let cart = made["data"]["createCart"]["cart"]["id"].clone();
+    let trace = Uuid::new_v4().simple().to_string();
+    let caller_span = &Uuid::new_v4().simple().to_string()[..16];
+    let placed: Value = kernel
+        .http
+        .post(kernel.url("/graphql"))
+        .bearer_auth(&token)
+        .header("traceparent", format!("00-{trace}-{caller_span}-01"))
+        .json(&json!({ "query": PLACE_ORDER, "variables": { "cart": cart, "address": shop::address("DE") } }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let order: Uuid = serde_json::from_value(placed["data"]["placeOrder"]["order"]["id"].clone())
+        .with_context(|| format!("{placed}"))?;
+    let events = confirmed_order_events(&kernel, order).await?;
+    let traced = |event: &Value| event["traceId"].as_str().map(str::to_string);
+    ensure!(
+        events
+            .iter()
+            .all(|event| traced(event).as_deref() == Some(trace.as_str())),
+        "every event of the order is in the caller's trace: {events:#?}"
+    );
+    for (provider, headers) in [
+        ("payments", shop.payments.traceparents()),
+        ("shipping", shop.shipping.traceparents()),
+    ] {
+        ensure!(!headers.is_empty(), "{provider} saw no request");
+        ensure!(
+            headers
+                .iter()
+                .all(|header| header.starts_with(&format!("00-{trace}-"))
+                    && !header.contains(caller_span)),
+            "{provider} got the trace, each request from a span of the kernel's: {headers:?}"
+        );
+    }
+
+    // The saga's drive span ends a moment after its last write.
+    let wanted = ["request", "graphql", "saga", "saga_step", "plugin_call"];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let spans = loop {
+        let spans = collector.spans_of(&trace);
+        let names: BTreeSet<&str> = spans.iter().map(|span| span.name.as_str()).collect();
+        if wanted.iter().all(|name| names.contains(name)) {
+            break spans;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not every one of {wanted:?} in {spans:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(
+        spans
+            .iter()
+            .any(|span| span.name == "request" && span.parent_span_id == caller_span),
+        "the request continues the caller's span: {spans:#?}"
+    );
+    ensure!(
+        spans.iter().any(|span| span.name == "graphql"
+            && span.attributes.get("operation").map(String::as_str) == Some("mutation placeOrder")),
+        "{spans:#?}"
+    );
+    for plugin in ["payment@1.0.0", "shipping@1.0.0"] {
+        ensure!(
+            spans.iter().any(|span| span.name == "plugin_call"
+                && span.attributes.get("plugin").map(String::as_str) == Some(plugin)),
+            "no call of {plugin} in the trace: {spans:#?}"
+        );
+    }
+    // The provider's parent span is a plugin call of the trace.
+    let payment_parent = shop.payments.traceparents()[0]
+        .split('-')
+        .nth(2)
+        .unwrap_or_default()
+        .to_string();
+    ensure!(
+        spans
+            .iter()
+            .any(|span| span.span_id == payment_parent && span.name == "plugin_call"),
+        "{payment_parent} is not a plugin call of {spans:#?}"
+    );
+
+    // Without a traceparent: a trace of the kernel's own, followed alike.
+    let seen = shop.payments.traceparents().len();
+    let second = customer_order(&kernel, &token, shop.product).await?;
+    let events = confirmed_order_events(&kernel, second).await?;
+    let own = traced(&events[0]).context("the order's first event has no trace")?;
+    ensure!(own != trace && own.len() == 32, "{own}");
+    ensure!(
+        events
+            .iter()
+            .all(|event| traced(event) == Some(own.clone())),
+        "{events:#?}"
+    );
+    let later = &shop.payments.traceparents()[seen..];
+    ensure!(
+        !later.is_empty()
+            && later
+                .iter()
+                .all(|header| header.starts_with(&format!("00-{own}-"))),
+        "{later:?}"
+    );
+    kernel.stop().await
+}
+
+/// Waits until `order` is CONFIRMED; its events, as an admin sees them.
+async fn confirmed_order_events(kernel: &RunningKernel, order: Uuid) -> anyhow::Result<Vec<Value>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let body = kernel
+            .graphql(
+                "query ($id: UUID!) { order(id: $id) { status events { eventType traceId } } }",
+                json!({ "id": order }),
+            )
+            .await?;
+        if body["data"]["order"]["status"] == "CONFIRMED" {
+            let events: Vec<Value> =
+                serde_json::from_value(body["data"]["order"]["events"].clone())?;
+            ensure!(events.len() >= 5, "{body}");
+            return Ok(events);
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -171,7 +171,8 @@ fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
 }
 
 /// `COMMERCE_LOG_FORMAT=json`: every line is one JSON object a log
-/// collector can read, a request's lines carry its span's fields.
+/// collector can read, a request's lines carry its span's fields: the
+/// trace of the caller's `traceparent`, and the request's correlation id.
 #[test]
 fn json_logs_are_one_object_per_line() {
     let data = tempfile::tempdir().expect("temp dir");
@@ -184,6 +185,18 @@ fn json_logs_are_one_object_per_line() {
     );
     let health = http_get(&address, "/health");
     assert!(health.starts_with("HTTP/1.1 200"), "health: {health}");
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let body = r#"{"query":"{ products { totalCount } }"}"#;
+    let traced = http(
+        &address,
+        &format!(
+            "POST /graphql HTTP/1.1\r\nHost: kernel\r\nConnection: close\r\n\
+             traceparent: 00-{trace}-00f067aa0ba902b7-01\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    );
+    assert!(traced.starts_with("HTTP/1.1 200"), "{traced}");
     let status = Command::new("kill")
         .args(["-TERM", &child.0.id().to_string()])
         .status()
@@ -206,6 +219,14 @@ fn json_logs_are_one_object_per_line() {
     assert!(
         lines.iter().any(|line| line["span"]["uri"] == "/health"),
         "a request's lines carry its span: {lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|line| line["span"]["uri"] == "/graphql"
+            && line["span"]["trace_id"] == trace
+            && line["span"]["correlation_id"]
+                .as_str()
+                .is_some_and(|id| id.len() == 36)),
+        "a request's lines carry its trace and correlation ids: {lines:#?}"
     );
     assert!(
         lines.iter().any(|line| line["message"] == "stopped"),

@@ -85,6 +85,7 @@ async fn append_and_read_back(db: Arc<TestDatabase>) -> anyhow::Result<()> {
         correlation_id: Some(Uuid::now_v7()),
         causation_id: Some(Uuid::now_v7()),
         actor: Some("admin:alice".into()),
+        trace_parent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse()?),
     };
     let mut events = vec![
         event("Opened", json!({"owner": "alice", "limit": "100.00"})),
@@ -123,6 +124,37 @@ async fn append_and_read_back(db: Arc<TestDatabase>) -> anyhow::Result<()> {
             .await?
             .is_empty()
     );
+
+    // The metadata survives the other append statements too: one event
+    // alone, several streams at once, an idempotency key.
+    let (one, other) = (Uuid::now_v7(), Uuid::now_v7());
+    let shapes = [
+        single(one, 0, vec![event("Opened", json!({}))]),
+        AppendRequest {
+            streams: vec![
+                single(one, 1, vec![event("Deposited", json!({}))])
+                    .streams
+                    .remove(0),
+                single(other, 0, vec![event("Opened", json!({}))])
+                    .streams
+                    .remove(0),
+            ],
+            metadata: EventMetadata::default(),
+            idempotency_key: None,
+        },
+        single(other, 1, vec![event("Deposited", json!({}))])
+            .with_idempotency_key(format!("metadata-{other}")),
+    ];
+    for shape in shapes {
+        store.append(shape.with_metadata(metadata.clone())).await?;
+    }
+    for stream in [one, other] {
+        let events = store
+            .read_stream(stream, StreamSelection::default())
+            .await?;
+        ensure!(events.len() == 2);
+        ensure!(events.iter().all(|e| e.metadata == metadata), "{events:?}");
+    }
     Ok(())
 }
 

@@ -37,6 +37,7 @@ fn registry() -> (tempfile::TempDir, PluginRegistry) {
     let settings = EngineConfig {
         max_concurrent_invocations: 32,
         cache_dir: Some(cache_dir()),
+        outbound_headers: None,
     };
     let registry = PluginRegistry::open(dir.path().join("plugins"), settings).expect("registry");
     (dir, registry)

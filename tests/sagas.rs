@@ -247,6 +247,7 @@ fn registry(
         EngineConfig {
             max_concurrent_invocations: 32,
             cache_dir: Some(cache_dir()),
+            outbound_headers: None,
         },
     )?);
     if let Some(component) = payment_component {
@@ -1043,6 +1044,7 @@ async fn a_paused_former_owner_cannot_write_after_losing_its_lease(
             saga_id,
             fencing_token: claim_token,
             deferrals: 0,
+            trace: None,
         };
         let store = Arc::clone(&store);
         async move { store.commit(Some(claim), update, request).await }

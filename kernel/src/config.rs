@@ -16,6 +16,7 @@ use crate::carts::CartBackendConfig;
 use crate::domain::cart::CartLimits;
 use crate::domain::order::MAX_LINES;
 use crate::storage::DatabaseConfig;
+use crate::telemetry::{TelemetryConfig, TraceExport};
 
 pub const DATABASE_URL: &str = "COMMERCE_DATABASE_URL";
 pub const DATABASE_MAX_CONNECTIONS: &str = "COMMERCE_DATABASE_MAX_CONNECTIONS";
@@ -28,6 +29,15 @@ pub const GRAPHIQL: &str = "COMMERCE_GRAPHIQL";
 pub const LOG: &str = "COMMERCE_LOG";
 /// `text` (the default) or `json`: one JSON object per log line.
 pub const LOG_FORMAT: &str = "COMMERCE_LOG_FORMAT";
+/// The OpenTelemetry variables the kernel reads itself (the SDK reads
+/// others: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+/// `OTEL_TRACES_SAMPLER`, `OTEL_EXPORTER_OTLP_HEADERS`, ...).
+pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+pub const OTLP_TRACES_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+pub const OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
+pub const OTLP_TRACES_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL";
+pub const OTEL_TRACES_EXPORTER: &str = "OTEL_TRACES_EXPORTER";
+pub const OTEL_SDK_DISABLED: &str = "OTEL_SDK_DISABLED";
 pub const REDIS_URL: &str = "COMMERCE_REDIS_URL";
 pub const REDIS_KEY_PREFIX: &str = "COMMERCE_REDIS_KEY_PREFIX";
 pub const CART_TTL_SECS: &str = "COMMERCE_CART_TTL_SECS";
@@ -119,9 +129,8 @@ pub struct Config {
     /// How often subscriptions look at the log tail for changes made by
     /// other processes whose wake-up was lost (Redis down, say).
     pub live_poll_interval: Duration,
-    /// A `tracing` filter directive such as `info` or `commerce_kernel=debug`.
-    pub log_filter: String,
-    pub log_format: LogFormat,
+    /// Log lines and traces.
+    pub telemetry: TelemetryConfig,
     /// What browsers and guests may do without an identity provider.
     pub storefront: StorefrontConfig,
     /// Create the demo catalog at start where it is missing.
@@ -443,8 +452,11 @@ impl Config {
             auth,
             graphql,
             live_poll_interval: Duration::from_millis(live_poll_ms),
-            log_filter,
-            log_format,
+            telemetry: TelemetryConfig {
+                log_filter,
+                log_format,
+                traces: trace_export(&get)?,
+            },
         })
     }
 }
@@ -664,6 +676,58 @@ fn database_from_url(url: &str, max_connections: u32) -> Result<DatabaseConfig, 
             "must start with postgres://, postgresql:// or sqlite://",
         ))
     }
+}
+
+/// Where spans go, from the standard OpenTelemetry variables: none unless
+/// an OTLP endpoint is set. Only OTLP over HTTP with protobuf is spoken
+/// (a collector's port 4318); asking for gRPC stops start-up rather than
+/// sending to a port that cannot understand it.
+fn trace_export(get: &impl Fn(&str) -> Option<String>) -> Result<Option<TraceExport>, ConfigError> {
+    if get(OTEL_SDK_DISABLED).is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return Ok(None);
+    }
+    match get(OTEL_TRACES_EXPORTER).as_deref().map(str::trim) {
+        None | Some("otlp") => {}
+        Some("none") => return Ok(None),
+        Some(other) => {
+            return Err(invalid(
+                OTEL_TRACES_EXPORTER,
+                format!("`{other}` is not supported: `otlp` or `none`"),
+            ));
+        }
+    }
+    for variable in [OTLP_TRACES_PROTOCOL, OTLP_PROTOCOL] {
+        if let Some(protocol) = get(variable)
+            && protocol.trim() != "http/protobuf"
+        {
+            return Err(invalid(
+                variable,
+                format!(
+                    "`{protocol}` is not supported: the kernel exports `http/protobuf` (port 4318 of a collector)"
+                ),
+            ));
+        }
+    }
+    // The signal's own endpoint is the URL itself; the general one is a
+    // base that `/v1/traces` is appended to (the OpenTelemetry spec).
+    let (variable, traces_url) = match (get(OTLP_TRACES_ENDPOINT), get(OTLP_ENDPOINT)) {
+        (Some(url), _) => (OTLP_TRACES_ENDPOINT, url.trim().to_string()),
+        (None, Some(base)) => (
+            OTLP_ENDPOINT,
+            format!("{}/v1/traces", base.trim().trim_end_matches('/')),
+        ),
+        (None, None) => return Ok(None),
+    };
+    match reqwest::Url::parse(&traces_url) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+        _ => {
+            return Err(invalid(
+                variable,
+                "must be an http:// or https:// URL such as http://collector:4318",
+            ));
+        }
+    }
+    Ok(Some(TraceExport { traces_url }))
 }
 
 fn redact(message: &str, url: &str) -> String {
@@ -962,5 +1026,44 @@ mod tests {
         assert!(!error.to_string().contains("hunter2"), "{error}");
         let error = config(&[(REDIS_URL, "redis://:hunter2@cache:port/x")]).expect_err("bad port");
         assert!(!error.to_string().contains("hunter2"), "{error}");
+    }
+    #[test]
+    fn traces_are_exported_only_to_a_configured_otlp_http_endpoint() {
+        let traces = |vars: &[(&str, &str)]| config(vars).map(|c| c.telemetry.traces);
+        assert_eq!(traces(&[]), Ok(None));
+        assert_eq!(
+            traces(&[(OTLP_ENDPOINT, "http://collector:4318/")]),
+            Ok(Some(TraceExport {
+                traces_url: "http://collector:4318/v1/traces".into()
+            }))
+        );
+        assert_eq!(
+            traces(&[
+                (OTLP_ENDPOINT, "http://collector:4318"),
+                (OTLP_TRACES_ENDPOINT, "https://traces.example/otlp"),
+                (OTLP_PROTOCOL, "http/protobuf"),
+            ]),
+            Ok(Some(TraceExport {
+                traces_url: "https://traces.example/otlp".into()
+            }))
+        );
+        for off in [(OTEL_SDK_DISABLED, "true"), (OTEL_TRACES_EXPORTER, "none")] {
+            assert_eq!(
+                traces(&[(OTLP_ENDPOINT, "http://collector:4318"), off]),
+                Ok(None)
+            );
+        }
+        for (variable, value) in [
+            (OTLP_ENDPOINT, "collector:4318"),
+            (OTLP_TRACES_ENDPOINT, "ftp://collector/v1/traces"),
+            (OTLP_PROTOCOL, "grpc"),
+            (OTLP_TRACES_PROTOCOL, "http/json"),
+            (OTEL_TRACES_EXPORTER, "zipkin"),
+        ] {
+            let error = traces(&[(OTLP_ENDPOINT, "http://collector:4318"), (variable, value)])
+                .map(|_| ())
+                .expect_err(value);
+            assert_eq!(error.variable, variable, "{value}");
+        }
     }
 }

@@ -30,3 +30,4 @@ pub mod projections;
 pub mod sagas;
 pub mod server;
 pub mod storage;
+pub mod telemetry;

@@ -8,9 +8,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use commerce_kernel::auth::{Authenticator, Role};
-use commerce_kernel::config::{self, Config};
+use commerce_kernel::config::Config;
 use commerce_kernel::server::{self, KernelError};
 use commerce_kernel::storage::Database;
+use commerce_kernel::telemetry::{Telemetry, TelemetryError};
 
 /// The kernel allocates and frees small buffers on many threads for every
 /// request, statement and plugin call; with glibc's allocator that was a
@@ -92,13 +93,20 @@ fn main() -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    if let Err(error) = init_logging(&config.log_filter, config.log_format) {
-        eprintln!("commerce-kernel: invalid configuration: {error}");
-        return ExitCode::from(2);
-    }
     let runtime = match multi_thread_runtime() {
         Ok(runtime) => runtime,
         Err(code) => return code,
+    };
+    let telemetry = match Telemetry::init(&config.telemetry, runtime.handle().clone()) {
+        Ok(telemetry) => telemetry,
+        Err(TelemetryError::Config(error)) => {
+            eprintln!("commerce-kernel: invalid configuration: {error}");
+            return ExitCode::from(2);
+        }
+        Err(error) => {
+            eprintln!("commerce-kernel: {error}");
+            return ExitCode::FAILURE;
+        }
     };
     let result = runtime.block_on(async {
         if command == "migrate" {
@@ -107,6 +115,8 @@ fn main() -> ExitCode {
             server::run(config, server::shutdown_signal(), |_| {}).await
         }
     });
+    // The last spans leave while the runtime that sends them still runs.
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -834,27 +844,5 @@ async fn migrate(config: &Config) -> Result<(), KernelError> {
     database.migrate().await?;
     tracing::info!(backend = %database.backend(), "database schema is up to date");
     database.close().await;
-    Ok(())
-}
-
-fn init_logging(filter: &str, format: config::LogFormat) -> Result<(), config::ConfigError> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| config::ConfigError {
-            variable: config::LOG,
-            reason: format!("`{filter}` is not a tracing filter ({e})"),
-        })?;
-    // Colours only on a terminal: log files and journald get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
-        && std::env::var_os("NO_COLOR").is_none();
-    let lines = tracing_subscriber::fmt().with_env_filter(filter);
-    match format {
-        config::LogFormat::Text => lines.with_ansi(ansi).init(),
-        config::LogFormat::Json => lines
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(true)
-            .init(),
-    }
     Ok(())
 }

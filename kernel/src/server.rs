@@ -17,7 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use commerce_plugin_host::{EngineConfig, LoadError, PluginRegistry};
+use commerce_plugin_host::{EngineConfig, LoadError, OutboundHeaders, PluginRegistry};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -41,6 +41,7 @@ use crate::projections::Projector;
 use crate::sagas::hooks::FaultHooks;
 use crate::sagas::runner::{RunnerMetrics, RunnerSettings, SagaRunner};
 use crate::storage::Database;
+use crate::telemetry;
 
 /// The actor of what the kernel records on its own, such as activating the
 /// bundled plugins on a fresh database.
@@ -188,7 +189,11 @@ pub fn router(state: AppState, config: &Config) -> Router {
         Some(cors) => router.layer(cors),
         None => router,
     };
-    router.layer(TraceLayer::new_for_http()).with_state(state)
+    router
+        .layer(
+            TraceLayer::new_for_http().make_span_with(telemetry::request_span::<axum::body::Body>),
+        )
+        .with_state(state)
 }
 
 /// Answers browsers' preflights and requests from the configured origins
@@ -292,6 +297,7 @@ async fn open_plugins(config: &Config) -> Result<Arc<PluginRegistry>, KernelErro
     let settings = EngineConfig {
         max_concurrent_invocations: config.plugins.max_concurrent_invocations,
         cache_dir: None,
+        outbound_headers: Some(OutboundHeaders::new(telemetry::inject_current)),
     };
     let registry = tokio::task::spawn_blocking(move || PluginRegistry::open(dir, settings))
         .await
@@ -630,7 +636,11 @@ async fn graphql(
         }
     }
     let client = client_address(&state.storefront, &headers, peer.map(|peer| peer.0.0));
-    let request = request.data(client);
+    // Every command of this request records it (and its trace), and so
+    // does every log line of the request.
+    let correlation = api::access::Correlation::new();
+    tracing::Span::current().record("correlation_id", tracing::field::display(correlation.0));
+    let request = request.data(client).data(correlation);
     let request = match principal {
         Some(principal) => request.data(principal),
         None => request,

@@ -137,6 +137,9 @@ struct PaymentLedger {
     /// `lookup` requests answered.
     lookups: u64,
     fail_next: u32,
+    /// The `traceparent` header of each writing request, in arrival order
+    /// (empty for a request without one).
+    traceparents: Vec<String>,
 }
 
 /// The fake payment service. Dropping it stops the server.
@@ -206,6 +209,11 @@ impl FakePayments {
     pub fn lookups(&self) -> u64 {
         self.ledger.lock().expect("ledger").lookups
     }
+
+    /// The `traceparent` header of each writing request ("" for none).
+    pub fn traceparents(&self) -> Vec<String> {
+        self.ledger.lock().expect("ledger").traceparents.clone()
+    }
 }
 
 /// A server task on a loopback port, stopped when dropped.
@@ -241,6 +249,7 @@ struct Admission<'a> {
     requests_by_key: &'a mut BTreeMap<String, u64>,
     fail_next: &'a mut u32,
     answers: &'a mut BTreeMap<String, Answer>,
+    traceparents: &'a mut Vec<String>,
 }
 
 /// Counts a request and applies an injected failure.
@@ -270,7 +279,15 @@ fn admit<L>(
         requests_by_key,
         fail_next,
         answers,
+        traceparents,
     } = access(&mut ledger);
+    traceparents.push(
+        headers
+            .get("traceparent")
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+    );
     let header_key = headers
         .get("idempotency-key")
         .and_then(|value| value.to_str().ok())
@@ -302,6 +319,7 @@ fn payment_access(l: &mut PaymentLedger) -> Admission<'_> {
         requests_by_key: &mut l.requests_by_key,
         fail_next: &mut l.fail_next,
         answers: &mut l.answers,
+        traceparents: &mut l.traceparents,
     }
 }
 
@@ -455,6 +473,7 @@ struct ShippingLedger {
     requests_by_key: BTreeMap<String, u64>,
     lookups: u64,
     fail_next: u32,
+    traceparents: Vec<String>,
 }
 
 fn shipping_access(l: &mut ShippingLedger) -> Admission<'_> {
@@ -463,6 +482,7 @@ fn shipping_access(l: &mut ShippingLedger) -> Admission<'_> {
         requests_by_key: &mut l.requests_by_key,
         fail_next: &mut l.fail_next,
         answers: &mut l.answers,
+        traceparents: &mut l.traceparents,
     }
 }
 
@@ -511,6 +531,11 @@ impl FakeShipping {
     pub fn requests_with_key(&self, key: &str) -> u64 {
         let ledger = self.ledger.lock().expect("ledger");
         ledger.requests_by_key.get(key).copied().unwrap_or(0)
+    }
+
+    /// The `traceparent` header of each writing request ("" for none).
+    pub fn traceparents(&self) -> Vec<String> {
+        self.ledger.lock().expect("ledger").traceparents.clone()
     }
 }
 

@@ -13,6 +13,7 @@ pub mod fakes;
 pub mod kernel;
 pub mod shop;
 pub mod socket;
+pub mod traces;
 
 use std::future::Future;
 use std::str::FromStr;

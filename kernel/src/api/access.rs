@@ -41,12 +41,30 @@ impl Guard for AdminOnly {
     }
 }
 
-/// How commands record this request: the caller as actor, a fresh
-/// correlation id.
+/// The correlation id of one HTTP request (or subscription message), which
+/// its commands record and its log lines carry.
+#[derive(Clone, Copy, Debug)]
+pub struct Correlation(pub Uuid);
+
+impl Correlation {
+    pub fn new() -> Correlation {
+        Correlation(Uuid::now_v7())
+    }
+}
+
+impl Default for Correlation {
+    fn default() -> Self {
+        Correlation::new()
+    }
+}
+
+/// How commands record this request: the caller as actor, the request's
+/// correlation id (a fresh one where the request has none).
 pub(crate) fn command_context(ctx: &Context<'_>) -> Result<CommandContext, ApiError> {
+    let correlation = ctx.data_opt::<Correlation>().copied().unwrap_or_default();
     Ok(CommandContext {
         actor: Some(principal(ctx)?.actor()),
-        correlation_id: Some(Uuid::now_v7()),
+        correlation_id: Some(correlation.0),
     })
 }
 

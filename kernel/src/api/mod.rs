@@ -388,6 +388,17 @@ impl Event {
             .then_some(self.0.metadata.causation_id)
             .flatten())
     }
+    /// The OpenTelemetry trace the event was written in (32 hex digits):
+    /// the request's, or for a saga's events the request that placed the
+    /// order. Null for events written before traces were recorded. For
+    /// admins; null for customers.
+    async fn trace_id(&self, ctx: &Context<'_>) -> Result<Option<String>, ApiError> {
+        Ok(access::principal(ctx)?
+            .is_admin()
+            .then_some(self.0.metadata.trace_parent)
+            .flatten()
+            .map(|trace| trace.trace_id()))
+    }
     /// Who or what wrote the event (`admin:<sub>`, `customer:<id>`,
     /// `saga-runner:<node>`). For admins; null for customers.
     async fn actor(&self, ctx: &Context<'_>) -> Result<Option<&str>, ApiError> {

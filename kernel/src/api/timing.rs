@@ -1,5 +1,6 @@
 //! `commerce_graphql_request_duration_seconds`: how long each GraphQL
-//! request over HTTP took, by operation.
+//! request over HTTP took, by operation; and the span of each operation's
+//! execution (`graphql`, with the same label), inside the request's span.
 //!
 //! The label is the operation's type and its first root field (`mutation
 //! placeOrder`, `query products`), read from the parsed document: it is
@@ -11,13 +12,16 @@ use std::time::Instant;
 
 use async_graphql::Response;
 use async_graphql::extensions::{
-    Extension, ExtensionContext, ExtensionFactory, NextParseQuery, NextRequest,
+    Extension, ExtensionContext, ExtensionFactory, NextExecute, NextParseQuery, NextRequest,
 };
 use async_graphql::parser::types::{ExecutableDocument, OperationType, Selection};
 use async_graphql::registry::Registry;
 use async_graphql::{ServerResult, Variables};
 
+use tracing::Instrument as _;
+
 use crate::metrics::Metrics;
+use crate::telemetry;
 
 /// Times every request into [`Metrics`].
 pub struct GraphqlTiming(pub Arc<Metrics>);
@@ -67,6 +71,23 @@ impl Extension for RequestTiming {
             .unwrap_or_else(PoisonError::into_inner) =
             Some(operation_label(&document, &ctx.schema_env.registry));
         Ok(document)
+    }
+
+    async fn execute(
+        &self,
+        ctx: &ExtensionContext<'_>,
+        operation_name: Option<&str>,
+        next: NextExecute<'_>,
+    ) -> Response {
+        let operation = self
+            .operation
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| "invalid".to_string());
+        let span =
+            tracing::info_span!(target: telemetry::TARGET, "graphql", operation = %operation);
+        next.run(ctx, operation_name).instrument(span).await
     }
 }
 

@@ -257,11 +257,14 @@ pub struct CommandContext {
 }
 
 impl CommandContext {
+    /// The metadata of this command's events. The trace context is the
+    /// current span's: the request's, or the saga step's in the runner.
     pub(crate) fn metadata(&self) -> EventMetadata {
         EventMetadata {
             correlation_id: self.correlation_id,
             causation_id: None,
             actor: self.actor.clone(),
+            trace_parent: crate::telemetry::current(),
         }
     }
 }

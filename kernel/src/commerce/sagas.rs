@@ -456,6 +456,6 @@ fn saga_metadata(context: &CommandContext, order_id: Uuid) -> EventMetadata {
     EventMetadata {
         correlation_id: Some(order_id),
         causation_id: context.correlation_id,
-        actor: context.actor.clone(),
+        ..context.metadata()
     }
 }

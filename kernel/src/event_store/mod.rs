@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::telemetry::TraceParent;
+
 pub use cache::AggregateCache;
 pub use horizon::LogHorizon;
 pub use repository::{AggregateRepository, Loaded};
@@ -93,6 +95,11 @@ pub struct EventMetadata {
     pub causation_id: Option<Uuid>,
     /// The authenticated user or the kernel component that acted.
     pub actor: Option<String>,
+    /// The trace the append happened in (the span that was current), so
+    /// that what follows from the event (a saga's steps on any process)
+    /// continues the same trace; see [`crate::telemetry`].
+    #[serde(default)]
+    pub trace_parent: Option<TraceParent>,
 }
 
 /// An event about to be appended.

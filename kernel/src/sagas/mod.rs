@@ -33,6 +33,7 @@ use uuid::Uuid;
 
 use crate::domain::saga::SagaStatus;
 use crate::event_store::{AppendOutcome, AppendRequest, StoreError};
+use crate::telemetry::TraceParent;
 
 /// A saga's row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +62,9 @@ pub struct Claim {
     /// How many times in a row the saga was given back without progress
     /// ([`SagaStore::defer`]) before this claim.
     pub deferrals: u32,
+    /// The trace the saga's drives continue: that of the request that
+    /// started it (see [`crate::telemetry`]).
+    pub trace: Option<TraceParent>,
 }
 
 /// The row's new state after a write to the saga's stream. `next_run_at`

@@ -49,6 +49,7 @@ use futures_util::FutureExt as _;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::hooks::FaultHooks;
@@ -64,6 +65,7 @@ use crate::domain::saga::{
 use crate::domain::{DomainError, summarize};
 use crate::event_store::StoreError;
 use crate::event_store::repository::Loaded;
+use crate::telemetry;
 
 /// How a runner behaves; see the `COMMERCE_SAGA_*` settings.
 #[derive(Debug, Clone)]
@@ -496,17 +498,22 @@ impl SagaRunner {
                             };
                             let guard = self.driving.enter(claim);
                             let runner = Arc::clone(&self);
-                            drives.spawn(async move {
-                                let driven = AssertUnwindSafe(runner.drive(claim)).catch_unwind();
-                                match driven.await {
-                                    Ok(()) => runner.forget_panics(claim.saga_id),
-                                    Err(panic) => {
-                                        runner.after_panic(claim, panic_message(panic)).await;
+                            let span = drive_span(&claim);
+                            drives.spawn(
+                                async move {
+                                    let driven =
+                                        AssertUnwindSafe(runner.drive(claim)).catch_unwind();
+                                    match driven.await {
+                                        Ok(()) => runner.forget_panics(claim.saga_id),
+                                        Err(panic) => {
+                                            runner.after_panic(claim, panic_message(panic)).await;
+                                        }
                                     }
+                                    drop(guard);
+                                    drop(permit);
                                 }
-                                drop(guard);
-                                drop(permit);
-                            });
+                                .instrument(span),
+                            );
                         }
                     }
                     Err(error) => tracing::warn!(%error, "could not claim sagas"),
@@ -752,6 +759,10 @@ impl SagaRunner {
             Some(kept) => kept,
             None => self.sagas.load(saga_id).await?,
         };
+        tracing::Span::current().record(
+            "correlation_id",
+            tracing::field::display(loaded.state.order_id),
+        );
         let now = Utc::now();
         match loaded.state.next(now) {
             Next::Idle => {
@@ -784,9 +795,17 @@ impl SagaRunner {
                 }];
                 self.record(claim, loaded, &events, Vec::new()).await
             }
-            Next::Forward { step, attempt } => self.forward(claim, loaded, step, attempt).await,
+            Next::Forward { step, attempt } => {
+                let span = step_span("forward", &loaded.state, step, attempt);
+                self.forward(claim, loaded, step, attempt)
+                    .instrument(span)
+                    .await
+            }
             Next::Compensate { step, attempt } => {
-                self.compensate(claim, loaded, step, attempt).await
+                let span = step_span("compensate", &loaded.state, step, attempt);
+                self.compensate(claim, loaded, step, attempt)
+                    .instrument(span)
+                    .await
             }
             Next::FinishCompensation(cause) => self.finish(claim, loaded, cause).await,
         }
@@ -1744,6 +1763,32 @@ fn nothing_or_in_flight(step: &StepState) -> Result<Option<Value>, UndoFailure> 
 }
 
 /// What a panic said.
+/// The span of one drive of a saga, on whichever process claimed it: it
+/// continues the trace of the request that started the saga, so one trace
+/// shows an order from its request to its last step.
+fn drive_span(claim: &Claim) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: telemetry::TARGET,
+        "saga",
+        saga_id = %claim.saga_id,
+        trace_id = tracing::field::Empty,
+        correlation_id = tracing::field::Empty,
+    );
+    telemetry::continue_trace(&span, claim.trace);
+    span
+}
+
+/// The span of one attempt at one step, forward or back.
+fn step_span(direction: &'static str, saga: &Saga, step: usize, attempt: u32) -> tracing::Span {
+    tracing::info_span!(
+        target: telemetry::TARGET,
+        "saga_step",
+        direction,
+        step = saga.steps.get(step).map(|s| s.name()).unwrap_or_default(),
+        attempt,
+    )
+}
+
 fn panic_message(panic: Box<dyn Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()

@@ -153,7 +153,8 @@ impl Database {
 
 /// Columns every event read selects, in the order the backends' rows declare them.
 pub(crate) const EVENT_COLUMNS: &str = "sequence, transaction_id, id, aggregate_id, aggregate_type, \
-     event_type, schema_version, event_data, version, correlation_id, causation_id, actor, created_at";
+     event_type, schema_version, event_data, version, correlation_id, causation_id, actor, created_at, \
+     trace_parent";
 
 /// The read of the global log both backends run: events after `after` that
 /// match `filter`, in log order. `visible` is the backend's extra condition

@@ -157,7 +157,7 @@ impl PostgresEventStore {
             (args.stream_ids.clone(), args.expected_versions.clone());
         let query = sqlx::query_as(
             "SELECT replayed, transaction_id, sequence, stream_versions \
-             FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+             FROM append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(args.idempotency_key.take());
         let row: Option<(bool, i64, i64, Option<Value>)> = args
@@ -203,9 +203,9 @@ impl PostgresEventStore {
 const APPEND_BATCH_TO_STREAM: &str = "\
 WITH inserted AS (
     INSERT INTO events (id, aggregate_id, aggregate_type, event_type, schema_version, event_data,
-                        version, correlation_id, causation_id, actor, created_at)
+                        version, correlation_id, causation_id, actor, trace_parent, created_at)
     SELECT e.id, $1, $2, e.event_type, e.schema_version, e.event_data,
-           $3 + e.ord::integer, $8, $9, $10, statement_timestamp()
+           $3 + e.ord::integer, $8, $9, $10, $11, statement_timestamp()
     FROM unnest($4::uuid[], $5::text[], $6::integer[], $7::jsonb[])
              WITH ORDINALITY AS e(id, event_type, schema_version, event_data, ord)
     WHERE $3 = 0 OR EXISTS (
@@ -224,9 +224,9 @@ type LastPosition = (Option<i64>, Option<i64>);
 /// most frequent append, and measurably cheaper to bind and plan than arrays.
 const APPEND_ONE_TO_STREAM: &str = "\
 INSERT INTO events (id, aggregate_id, aggregate_type, event_type, schema_version, event_data,
-                    version, correlation_id, causation_id, actor, created_at)
+                    version, correlation_id, causation_id, actor, trace_parent, created_at)
 SELECT $4::uuid, $1, $2, $5::text, $6::integer, $7::jsonb,
-       $3 + 1, $8, $9, $10, statement_timestamp()
+       $3 + 1, $8, $9, $10, $11, statement_timestamp()
 WHERE $3 = 0 OR EXISTS (
     SELECT 1 FROM events p
     WHERE p.aggregate_id = $1 AND p.version = $3 AND p.aggregate_type = $2)
@@ -287,6 +287,7 @@ impl PostgresEventStore {
             .bind(metadata.correlation_id)
             .bind(metadata.causation_id)
             .bind(metadata.actor)
+            .bind(metadata.trace_parent.map(|trace| trace.to_string()))
             .fetch_optional(&self.connections)
             .await;
         match result {
@@ -393,9 +394,9 @@ ready AS (
 gate AS ({GATE}),
 inserted AS (
     INSERT INTO events (id, aggregate_id, aggregate_type, event_type, schema_version, event_data,
-                        version, correlation_id, causation_id, actor, created_at)
+                        version, correlation_id, causation_id, actor, trace_parent, created_at)
     SELECT e.id, e.stream, s.type, e.type, e.schema_version, e.data,
-           e.version, $10, $11, $12, statement_timestamp()
+           e.version, $10, $11, $12, $13, statement_timestamp()
     FROM unnest($4::uuid[], $5::uuid[], $6::text[], $7::integer[], $8::integer[], $9::jsonb[])
              WITH ORDINALITY AS e(id, stream, type, version, schema_version, data, ord)
     JOIN streams s ON s.id = e.stream
@@ -406,7 +407,7 @@ inserted AS (
 SELECT (SELECT ok FROM ready), max(i.transaction_id), max(i.sequence) FROM inserted i";
 
 /// The first parameter number a gate of [`GATED_APPEND`] may use.
-pub(crate) const GATE_FIRST_PARAMETER: usize = 13;
+pub(crate) const GATE_FIRST_PARAMETER: usize = 14;
 
 /// The statement of a [`PostgresEventStore::append_gated`] with `gate`, in
 /// which `{READY}` stands for the streams' readiness.
@@ -622,6 +623,7 @@ impl AppendArguments {
             .bind(self.metadata.correlation_id)
             .bind(self.metadata.causation_id)
             .bind(self.metadata.actor)
+            .bind(self.metadata.trace_parent.map(|trace| trace.to_string()))
     }
 }
 
@@ -735,6 +737,7 @@ struct EventRow {
     causation_id: Option<Uuid>,
     actor: Option<String>,
     created_at: DateTime<Utc>,
+    trace_parent: Option<String>,
 }
 
 impl TryFrom<EventRow> for RecordedEvent {
@@ -761,6 +764,8 @@ impl TryFrom<EventRow> for RecordedEvent {
                 correlation_id: row.correlation_id,
                 causation_id: row.causation_id,
                 actor: row.actor,
+                // Written by the kernel; anything else reads as none.
+                trace_parent: row.trace_parent.and_then(|text| text.parse().ok()),
             },
             created_at: row.created_at,
         })

@@ -78,9 +78,9 @@ const MERGED: &str = "\
 WITH items AS (
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
                          $6::bigint[], $7::uuid[], $8::uuid[], $9::text[], $10::boolean[],
-                         $11::bigint[])
+                         $11::bigint[], $23::text[])
         WITH ORDINALITY AS i(saga_id, status, step, version, due_in, fence,
-                             correlation_id, causation_id, actor, release, hold, item)
+                             correlation_id, causation_id, actor, release, hold, trace_parent, item)
 ),
 streams AS (
     SELECT * FROM unnest($12::bigint[], $13::uuid[], $14::text[], $15::integer[])
@@ -123,9 +123,9 @@ gate AS (
 ),
 inserted AS (
     INSERT INTO events (id, aggregate_id, aggregate_type, event_type, schema_version, event_data,
-                        version, correlation_id, causation_id, actor, created_at)
+                        version, correlation_id, causation_id, actor, trace_parent, created_at)
     SELECT e.id, e.stream, s.type, e.type, e.schema_version, e.data,
-           e.version, i.correlation_id, i.causation_id, i.actor, statement_timestamp()
+           e.version, i.correlation_id, i.causation_id, i.actor, i.trace_parent, statement_timestamp()
     FROM unnest($16::bigint[], $17::uuid[], $18::uuid[], $19::text[], $20::integer[],
                 $21::integer[], $22::jsonb[])
              WITH ORDINALITY AS e(item, id, stream, type, version, schema_version, data, ord)
@@ -407,6 +407,8 @@ struct MergedArguments {
     expected_versions: Vec<i32>,
     event_items: Vec<i64>,
     events: EventColumns,
+    /// `$23`, after the events: added last, so the others kept their numbers.
+    trace_parents: Vec<Option<String>>,
 }
 
 impl MergedArguments {
@@ -429,6 +431,8 @@ impl MergedArguments {
         self.correlation_ids.push(metadata.correlation_id);
         self.causation_ids.push(metadata.causation_id);
         self.actors.push(metadata.actor.clone());
+        self.trace_parents
+            .push(metadata.trace_parent.map(|trace| trace.to_string()));
         // Without a fence the lease is left alone.
         let lease = match commit.fence {
             Some(_) => update.lease,
@@ -471,6 +475,6 @@ impl MergedArguments {
             .bind(self.stream_types)
             .bind(self.expected_versions)
             .bind(self.event_items);
-        self.events.bind_to(query)
+        self.events.bind_to(query).bind(self.trace_parents)
     }
 }

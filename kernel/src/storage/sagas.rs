@@ -92,10 +92,10 @@ const UPDATE_FENCED: &str = "UPDATE saga_instances SET status = $2, current_step
      ELSE {GREATEST}(lease_expires_at, {NOW} + $8) END \
      WHERE saga_id = $1 AND fencing_token = $6 AND ($8 IS NULL OR lease_expires_at > {NOW})";
 
-/// The row a saga starts with: `$1`..`$7` as bound by `start`.
+/// The row a saga starts with: `$1`..`$8` as bound by `start`.
 const INSERT: &str = "INSERT INTO saga_instances (saga_id, saga_type, correlation_id, status, \
-     current_step, version, next_run_at, fencing_token, created_at, updated_at) \
-     SELECT $1, $2, $3, $4, $5, $6, {NOW} + $7, 0, {NOW}, {NOW} WHERE {READY} \
+     current_step, version, next_run_at, fencing_token, created_at, updated_at, trace_parent) \
+     SELECT $1, $2, $3, $4, $5, $6, {NOW} + $7, 0, {NOW}, {NOW}, $8 WHERE {READY} \
      ON CONFLICT (saga_id) DO NOTHING";
 
 /// What the statements say differently per backend.
@@ -159,7 +159,7 @@ impl Statements {
                  WHERE saga_id IN (SELECT saga_id FROM saga_instances \
                  WHERE next_run_at <= {{NOW}} AND (lease_expires_at IS NULL OR lease_expires_at < {{NOW}}) \
                  {{SKIP}}ORDER BY next_run_at LIMIT $3{lock_claimed}) \
-                 RETURNING saga_id, fencing_token, deferrals"
+                 RETURNING saga_id, fencing_token, deferrals, trace_parent"
             )),
             // Rows a step's write has locked right now are passed over
             // (and tried again, see `heartbeat`): a heartbeat waiting for
@@ -337,10 +337,11 @@ where
     query
 }
 
-/// Binds [`INSERT`]'s parameters: the row a saga starts with. A macro, as
+/// Binds [`INSERT`]'s parameters: the row a saga starts with, and the
+/// trace its drives continue (that of the saga's first events). A macro, as
 /// the query types differ per backend (and for a gated statement).
 macro_rules! bind_insert {
-    ($query:expr, $instance:expr, $saga_type:expr, $correlation_id:expr) => {
+    ($query:expr, $instance:expr, $saga_type:expr, $correlation_id:expr, $trace:expr) => {
         $query
             .bind($instance.saga_id)
             .bind($saga_type)
@@ -349,6 +350,7 @@ macro_rules! bind_insert {
             .bind($instance.current_step)
             .bind(i64::from($instance.version))
             .bind(offset($instance.next_run_at, $instance.now))
+            .bind($trace)
     };
 }
 
@@ -425,11 +427,20 @@ impl PostgresSagaStore {
         correlation_id: Uuid,
         request: AppendRequest,
     ) -> Result<Option<AppendOutcome>, StoreError> {
+        let trace = request.metadata.trace_parent.map(|trace| trace.to_string());
         let gated = PostgresEventStore::append_gated(
             self.database.connections(),
             &self.gated_start,
             request,
-            |query| bind_insert!(query, instance, saga_type.to_string(), correlation_id),
+            |query| {
+                bind_insert!(
+                    query,
+                    instance,
+                    saga_type.to_string(),
+                    correlation_id,
+                    trace
+                )
+            },
         )
         .await?;
         Ok(match gated {
@@ -480,12 +491,14 @@ impl SqliteSagaStore {
         correlation_id: Uuid,
         request: AppendRequest,
     ) -> Result<Option<AppendOutcome>, StoreError> {
+        let trace = request.metadata.trace_parent.map(|trace| trace.to_string());
         let mut tx = self.database.begin_write().await?;
         let inserted = bind_insert!(
             sqlx::query(&self.statements.insert),
             instance,
             saga_type,
-            correlation_id
+            correlation_id,
+            trace
         )
         .execute(&mut *tx)
         .await?;
@@ -583,7 +596,7 @@ macro_rules! saga_store {
                 };
                 let sql = self.statements.claim.replace("{SKIP}", &passed_over);
                 let $db = &self.database;
-                let mut query = sqlx::query_as::<_, (Uuid, i64, i32)>(&sql)
+                let mut query = sqlx::query_as::<_, (Uuid, i64, i32, Option<String>)>(&sql)
                     .bind(owner)
                     .bind(duration_micros(lease))
                     .bind(i64::from(limit));
@@ -593,10 +606,12 @@ macro_rules! saga_store {
                 let rows = query.fetch_all($writer).await?;
                 Ok(rows
                     .into_iter()
-                    .map(|(saga_id, fencing_token, deferrals)| Claim {
+                    .map(|(saga_id, fencing_token, deferrals, trace)| Claim {
                         saga_id,
                         fencing_token,
                         deferrals: u32::try_from(deferrals).unwrap_or(0),
+                        // Written by the kernel; anything else is no trace.
+                        trace: trace.and_then(|text| text.parse().ok()),
                     })
                     .collect())
             }

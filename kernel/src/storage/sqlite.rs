@@ -192,14 +192,16 @@ impl SqliteEventStore {
                 .fetch_one(&mut *connection)
                 .await?;
         let created_at = Utc::now().timestamp_micros();
+        let trace_parent = request.metadata.trace_parent.map(|trace| trace.to_string());
         let mut last_sequence = 0;
         for stream in &request.streams {
             for (offset, event) in stream.events.iter().enumerate() {
                 let version = i64::from(stream.expected_version) + offset as i64 + 1;
                 let inserted = sqlx::query_scalar(
                     "INSERT INTO events (transaction_id, id, aggregate_id, aggregate_type, event_type, \
-                         schema_version, event_data, version, correlation_id, causation_id, actor, created_at) \
-                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING sequence",
+                         schema_version, event_data, version, correlation_id, causation_id, actor, \
+                         trace_parent, created_at) \
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING sequence",
                 )
                 .bind(transaction_id)
                 .bind(event.id)
@@ -212,6 +214,7 @@ impl SqliteEventStore {
                 .bind(request.metadata.correlation_id)
                 .bind(request.metadata.causation_id)
                 .bind(&request.metadata.actor)
+                .bind(trace_parent.as_deref())
                 .bind(created_at)
                 .fetch_one(&mut *connection)
                 .await;
@@ -308,6 +311,7 @@ struct EventRow {
     causation_id: Option<Uuid>,
     actor: Option<String>,
     created_at: i64,
+    trace_parent: Option<String>,
 }
 
 impl TryFrom<EventRow> for RecordedEvent {
@@ -332,6 +336,8 @@ impl TryFrom<EventRow> for RecordedEvent {
                 correlation_id: row.correlation_id,
                 causation_id: row.causation_id,
                 actor: row.actor,
+                // Written by the kernel; anything else reads as none.
+                trace_parent: row.trace_parent.and_then(|text| text.parse().ok()),
             },
             created_at: DateTime::from_timestamp_micros(row.created_at)
                 .ok_or_else(|| corrupt("timestamp out of range"))?,

@@ -33,6 +33,7 @@ fn main() {
     let settings = EngineConfig {
         max_concurrent_invocations: 16,
         cache_dir: None,
+        outbound_headers: None,
     };
     let registry = PluginRegistry::open(dir.path(), settings).expect("registry");
 

@@ -19,7 +19,7 @@ use crate::bindings::v0_1::payment::commerce::plugin::{config as config_v0_1, lo
 use crate::bindings::{payment, saga_step, shipping, v0_1};
 use crate::error::LoadError;
 use crate::manifest::{HostPattern, MAX_MEMORY_BYTES, PluginKind, PluginManifest};
-use crate::outbound::OutboundHttp;
+use crate::outbound::{OutboundHeaders, OutboundHttp};
 use crate::state::{Grants, InvocationState};
 use crate::stats::PluginStats;
 
@@ -34,6 +34,9 @@ pub struct EngineConfig {
     pub max_concurrent_invocations: u32,
     /// Where compiled components are cached; `None` compiles on every load.
     pub cache_dir: Option<PathBuf>,
+    /// Added to every HTTP request a plugin sends (the kernel's trace
+    /// context).
+    pub outbound_headers: Option<OutboundHeaders>,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +44,7 @@ impl Default for EngineConfig {
         EngineConfig {
             max_concurrent_invocations: 128,
             cache_dir: None,
+            outbound_headers: None,
         }
     }
 }
@@ -52,6 +56,7 @@ pub struct PluginEngine {
     pub(crate) engine: Engine,
     pub(crate) permits: Arc<Semaphore>,
     cache_dir: Option<PathBuf>,
+    outbound_headers: Option<OutboundHeaders>,
 }
 
 impl PluginEngine {
@@ -111,6 +116,7 @@ impl PluginEngine {
             engine,
             permits: Arc::new(Semaphore::new(slots as usize)),
             cache_dir: settings.cache_dir,
+            outbound_headers: settings.outbound_headers,
         })
     }
 
@@ -192,6 +198,7 @@ impl PluginEngine {
                 .collect(),
             memory_bytes: usize::try_from(manifest.limits.memory_bytes).unwrap_or(usize::MAX),
             outbound: OutboundHttp::new(),
+            outbound_headers: self.outbound_headers.clone(),
         };
         Ok(LoadedPlugin {
             engine: self.clone(),

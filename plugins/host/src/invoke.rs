@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use tracing::Instrument as _;
 use wasmtime::{Store, Trap, UpdateDeadline};
 
 use crate::bindings::{
@@ -225,8 +226,19 @@ impl LoadedPlugin {
         }
     }
 
-    /// Runs one call in a fresh store and records it in the plugin's stats.
+    /// Runs one call in its span (see [`crate::TRACE_TARGET`]).
     async fn invoke(&self, call: Call) -> Result<Answer, PluginError> {
+        let span = tracing::info_span!(
+            target: crate::TRACE_TARGET,
+            "plugin_call",
+            plugin = %self.grants.label,
+            call = call.name(),
+        );
+        self.invoke_in_store(call).instrument(span).await
+    }
+
+    /// Runs one call in a fresh store and records it in the plugin's stats.
+    async fn invoke_in_store(&self, call: Call) -> Result<Answer, PluginError> {
         let label = &self.grants.label;
         if call.kind() != self.manifest.kind {
             return Err(PluginError::WrongKind {

@@ -35,5 +35,11 @@ pub use error::{ErrorKind, Failure, LoadError, PluginError};
 pub use manifest::{
     Limits, MANIFEST_FILE, MAX_FUEL, MAX_MEMORY_BYTES, MAX_TIMEOUT_MS, PluginKind, PluginManifest,
 };
+pub use outbound::OutboundHeaders;
 pub use registry::{InstalledPlugin, PluginRegistry};
 pub use stats::{PluginStats, StatsSnapshot};
+
+/// The `tracing` target of the host's spans (one per plugin call, with the
+/// plugin's label and the call's name). The kernel enables it whatever its
+/// log filter says, so that its traces always show plugin calls.
+pub const TRACE_TARGET: &str = "commerce::trace";

@@ -14,6 +14,7 @@
 //! bound the wait for the response head (600 s each when the plugin sets
 //! none). The invocation's own deadline bounds everything else.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt as _;
@@ -29,6 +30,28 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 const IDLE_CONNECTION: Duration = Duration::from_secs(20);
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Headers the kernel adds to every request a plugin sends (its trace
+/// context), replacing any the plugin set. Called as the request leaves,
+/// within the invocation's span.
+#[derive(Clone)]
+pub struct OutboundHeaders(Arc<dyn Fn(&mut http::HeaderMap) + Send + Sync>);
+
+impl OutboundHeaders {
+    pub fn new(add: impl Fn(&mut http::HeaderMap) + Send + Sync + 'static) -> OutboundHeaders {
+        OutboundHeaders(Arc::new(add))
+    }
+
+    pub(crate) fn add_to(&self, headers: &mut http::HeaderMap) {
+        (self.0)(headers)
+    }
+}
+
+impl std::fmt::Debug for OutboundHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutboundHeaders")
+    }
+}
 
 /// A plugin version's HTTP client; cheap to clone (the pool is shared).
 #[derive(Clone)]

@@ -11,7 +11,7 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpVi
 use crate::bindings::payment::commerce::plugin::{config, log};
 use crate::bindings::v0_1::payment::commerce::plugin::{config as config_v0_1, log as log_v0_1};
 use crate::manifest::HostPattern;
-use crate::outbound::OutboundHttp;
+use crate::outbound::{OutboundHeaders, OutboundHttp};
 
 /// Log lines one invocation may write; more are dropped, so a chatty plugin
 /// cannot flood the kernel's log.
@@ -30,6 +30,8 @@ pub(crate) struct Grants {
     pub memory_bytes: usize,
     /// Where allowed requests go out (a connection pool of this version's).
     pub outbound: OutboundHttp,
+    /// What the kernel adds to each of them.
+    pub outbound_headers: Option<OutboundHeaders>,
 }
 
 /// The `T` of `Store<T>`: created fresh for every invocation.
@@ -110,7 +112,7 @@ type ResponseFuture = Box<
 impl WasiHttpHooks for AllowedHosts {
     fn send_request(
         &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        mut request: http::Request<wasmtime_wasi_http::WasiBody>,
         options: Option<wasmtime_wasi_http::RequestOptions>,
         _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
     ) -> ResponseFuture {
@@ -130,6 +132,11 @@ impl WasiHttpHooks for AllowedHosts {
                 "plugin request to a host outside its allowed_hosts refused"
             );
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        // Here, not in the future below: this runs within the invocation's
+        // span, the future may not.
+        if let Some(headers) = &self.grants.outbound_headers {
+            headers.add_to(request.headers_mut());
         }
         let outbound = self.grants.outbound.clone();
         Box::new(async move {
