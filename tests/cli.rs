@@ -628,3 +628,202 @@ fn committed_schema_matches_the_code() {
         "schema.graphql is out of date: run `cargo run -q -- schema > schema.graphql`"
     );
 }
+
+/// `reconcile-inventory`: clean on a shop with the demo catalog, projected
+/// by a kernel that ran (exit 0); a read-model
+/// row edited behind the events' back is reported (exit 1, the product
+/// named) and left alone; `--repair` rebuilds the read model from the
+/// events, after which nothing is found. On the embedded database, and on
+/// Postgres when `COMMERCE_TEST_DATABASE_URL` is set.
+#[test]
+fn reconcile_inventory_reports_drift_and_repairs_it() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let data = tempfile::tempdir().expect("temp dir");
+    let sqlite = format!("sqlite://{}", data.path().join("commerce.db").display());
+    let mut databases = vec![sqlite];
+    let postgres = std::env::var("COMMERCE_TEST_DATABASE_URL")
+        .ok()
+        .filter(|url| !url.is_empty());
+    let schema = format!("cli_{}", uuid::Uuid::new_v4().simple());
+    if let Some(url) = &postgres {
+        runtime.block_on(async {
+            use sqlx::Connection as _;
+            let mut admin = sqlx::PgConnection::connect(url).await.expect("postgres");
+            sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                .execute(&mut admin)
+                .await
+                .expect("schema");
+        });
+        let separator = if url.contains('?') { '&' } else { '?' };
+        databases.push(format!(
+            "{url}{separator}options=-c%20search_path%3D{schema}"
+        ));
+    }
+    for database in databases {
+        let run = |args: &[&str]| {
+            let output = kernel(data.path())
+                .env("COMMERCE_DATABASE_URL", &database)
+                .env("COMMERCE_JWT_SECRET", "cli-test-secret-cli-test-secret-xx")
+                .args(args)
+                .output()
+                .expect("run the kernel");
+            (
+                output.status.code(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+            )
+        };
+        // A kernel creates the demo catalog and projects its stock.
+        let (mut child, _, _) = serve(
+            data.path(),
+            &[
+                ("COMMERCE_DATABASE_URL", &database),
+                ("COMMERCE_JWT_SECRET", "cli-test-secret-cli-test-secret-xx"),
+                ("COMMERCE_DEMO_CATALOG", "true"),
+            ],
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // Every product's stock, not only the first: a row not yet
+        // projected would be missing to the check.
+        while runtime.block_on(async {
+            let (stock, products) = (
+                rows(&database, "inventory_views").await,
+                rows(&database, "product_views").await,
+            );
+            stock == 0 || stock != products
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "the demo stock was never projected"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = Command::new("kill")
+            .args(["-TERM", &child.0.id().to_string()])
+            .status()
+            .expect("send SIGTERM");
+        assert!(status.success());
+        wait_for_exit(&mut child.0, Duration::from_secs(20)).expect("stopped");
+
+        let (code, clean) = run(&["reconcile-inventory"]);
+        assert_eq!(code, Some(0), "{clean}");
+        assert!(clean.contains("no drift left"), "{clean}");
+
+        let product: uuid::Uuid = runtime.block_on(async {
+            if database.starts_with("sqlite") {
+                let pool = sqlx::SqlitePool::connect(&database).await.expect("sqlite");
+                let (product,): (uuid::Uuid,) = sqlx::query_as(
+                    "UPDATE inventory_views SET on_hand = on_hand + 3 \
+                     WHERE product_id = (SELECT MIN(product_id) FROM inventory_views) \
+                     RETURNING product_id",
+                )
+                .fetch_one(&pool)
+                .await
+                .expect("edit a row");
+                pool.close().await;
+                product
+            } else {
+                let pool = sqlx::PgPool::connect(&database).await.expect("postgres");
+                let (product,): (uuid::Uuid,) = sqlx::query_as(
+                    "UPDATE inventory_views SET on_hand = on_hand + 3 \
+                     WHERE product_id = (SELECT MIN(product_id::text)::uuid FROM inventory_views) \
+                     RETURNING product_id",
+                )
+                .fetch_one(&pool)
+                .await
+                .expect("edit a row");
+                pool.close().await;
+                product
+            }
+        });
+        let (code, found) = run(&["reconcile-inventory"]);
+        assert_eq!(code, Some(1), "{found}");
+        assert!(
+            found.contains(&format!("drift: product {product} ReadModel"))
+                && found.contains("1 product(s) with drift left"),
+            "{found}"
+        );
+        let (code, again) = run(&["reconcile-inventory"]);
+        assert_eq!(code, Some(1), "reporting repairs nothing: {again}");
+
+        let (code, repaired) = run(&["reconcile-inventory", "--repair"]);
+        assert_eq!(code, Some(0), "{repaired}");
+        assert!(
+            repaired.contains("rebuilt the inventory read model"),
+            "{repaired}"
+        );
+        let (code, after) = run(&["reconcile-inventory"]);
+        assert_eq!(code, Some(0), "{after}");
+        assert!(after.contains("no drift left"), "{after}");
+    }
+    if let Some(url) = &postgres {
+        runtime.block_on(async {
+            use sqlx::Connection as _;
+            let mut admin = sqlx::PgConnection::connect(url).await.expect("postgres");
+            sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                .execute(&mut admin)
+                .await
+                .expect("drop the schema");
+        });
+    }
+}
+
+/// Rows of a read model's table.
+async fn rows(database: &str, table: &str) -> i64 {
+    let count = format!("SELECT COUNT(*) FROM {table}");
+    if database.starts_with("sqlite") {
+        let pool = sqlx::SqlitePool::connect(database).await.expect("sqlite");
+        let (rows,): (i64,) = sqlx::query_as(&count)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or((0,));
+        pool.close().await;
+        rows
+    } else {
+        let pool = sqlx::PgPool::connect(database).await.expect("postgres");
+        let (rows,): (i64,) = sqlx::query_as(&count)
+            .fetch_one(&pool)
+            .await
+            .unwrap_or((0,));
+        pool.close().await;
+        rows
+    }
+}
+
+/// `prune`: a dry run by default, `--apply` deletes, a retention outside
+/// 1..=36500 days is refused naming its option (exit 2).
+#[test]
+fn prune_is_a_dry_run_unless_applied() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let run = |args: &[&str]| {
+        let output = kernel(data.path()).args(args).output().expect("run");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&["prune"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("finished sagas: 0 would go") && out.contains("dry run: nothing deleted"),
+        "{out}"
+    );
+    let (code, out, _) = run(&["prune", "--apply", "--cart-days", "30"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("cart activity: 0 deleted") && !out.contains("dry run"),
+        "{out}"
+    );
+    for (flag, value) in [
+        ("--saga-days", "0"),
+        ("--idempotency-days", "forever"),
+        ("--cart-days", "36501"),
+    ] {
+        let (code, _, err) = run(&["prune", flag, value]);
+        assert_eq!(code, Some(2), "{flag} {value}");
+        assert!(err.contains(flag), "{flag} {value}: {err}");
+    }
+}

@@ -73,6 +73,13 @@ pub const CORS_ORIGINS: &str = "COMMERCE_CORS_ORIGINS";
 /// Whether the client address is the last one a proxy appended to
 /// `X-Forwarded-For` (default false: the connection's peer).
 pub const TRUST_FORWARDED_FOR: &str = "COMMERCE_TRUST_FORWARDED_FOR";
+/// Whether a request's `traceparent` header is continued (default true, as
+/// OpenTelemetry does); false starts a trace of the kernel's own for each
+/// request and links the caller's to it.
+pub const TRUST_TRACEPARENT: &str = "COMMERCE_TRUST_TRACEPARENT";
+/// How often each process reconciles the inventory (report only), in
+/// seconds (default 3600; 0: never, only when an admin asks).
+pub const INVENTORY_CHECK_SECS: &str = "COMMERCE_INVENTORY_CHECK_SECS";
 pub const GRAPHQL_MAX_DEPTH: &str = "COMMERCE_GRAPHQL_MAX_DEPTH";
 pub const GRAPHQL_MAX_COMPLEXITY: &str = "COMMERCE_GRAPHQL_MAX_COMPLEXITY";
 pub const GRAPHQL_MAX_PAGE_SIZE: &str = "COMMERCE_GRAPHQL_MAX_PAGE_SIZE";
@@ -137,6 +144,9 @@ pub struct Config {
     pub demo_catalog: bool,
     /// Where and to whom `/metrics` answers.
     pub metrics: MetricsConfig,
+    /// How often the inventory reconciliation runs by itself (report only,
+    /// for `commerce_inventory_drift_products`); `None`: never.
+    pub inventory_check_interval: Option<Duration>,
 }
 
 /// Where `/metrics` is served, and to whom.
@@ -452,10 +462,26 @@ impl Config {
             auth,
             graphql,
             live_poll_interval: Duration::from_millis(live_poll_ms),
+            inventory_check_interval: match parse_or(
+                &get,
+                INVENTORY_CHECK_SECS,
+                3_600u64,
+                "a whole number of seconds",
+            )? {
+                0 => None,
+                secs if secs <= 604_800 => Some(Duration::from_secs(secs)),
+                _ => {
+                    return Err(invalid(
+                        INVENTORY_CHECK_SECS,
+                        "must be between 0 (never) and 604800 seconds",
+                    ));
+                }
+            },
             telemetry: TelemetryConfig {
                 log_filter,
                 log_format,
                 traces: trace_export(&get)?,
+                trust_traceparent: flag(&get, TRUST_TRACEPARENT, true)?,
             },
         })
     }
@@ -1027,6 +1053,21 @@ mod tests {
         let error = config(&[(REDIS_URL, "redis://:hunter2@cache:port/x")]).expect_err("bad port");
         assert!(!error.to_string().contains("hunter2"), "{error}");
     }
+    #[test]
+    fn the_inventory_check_runs_hourly_unless_told_otherwise() {
+        let interval = |vars: &[(&str, &str)]| config(vars).map(|c| c.inventory_check_interval);
+        assert_eq!(interval(&[]), Ok(Some(Duration::from_secs(3600))));
+        assert_eq!(interval(&[(INVENTORY_CHECK_SECS, "0")]), Ok(None));
+        assert_eq!(
+            interval(&[(INVENTORY_CHECK_SECS, "90")]),
+            Ok(Some(Duration::from_secs(90)))
+        );
+        for bad in ["-1", "hourly", "604801"] {
+            let error = interval(&[(INVENTORY_CHECK_SECS, bad)]).expect_err(bad);
+            assert_eq!(error.variable, INVENTORY_CHECK_SECS);
+        }
+    }
+
     #[test]
     fn traces_are_exported_only_to_a_configured_otlp_http_endpoint() {
         let traces = |vars: &[(&str, &str)]| config(vars).map(|c| c.telemetry.traces);

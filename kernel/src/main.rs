@@ -46,6 +46,15 @@ commands:
   watch <order id> --token <token> [--url http://localhost:8084]
             follow an order live over the orderStatusChanged subscription,
             a line per status, until it is final (exit 0 once CONFIRMED)
+  reconcile-inventory [--repair]
+            replay every inventory stream and compare it with the stock read
+            model and with the orders holding its reservations; --repair
+            releases reservations held for ended orders (events) and rebuilds
+            a read model that disagrees. Exit 0 when nothing is left to repair
+  prune [--apply] [--idempotency-days N] [--saga-days N] [--cart-days N]
+            count (with --apply, delete) idempotency keys, rows of finished
+            sagas and cart activity older than N days (30, 90, 365); events
+            are never deleted
   loadtest [options]
             place orders on a running kernel as a storefront does and
             report orders/s, latencies and CPU per order (`loadtest --help`)
@@ -61,6 +70,10 @@ fn main() -> ExitCode {
         [first, ..] if first == "token" => return token(&args[1..]),
         [first, ..] if first == "loadtest" => return loadtest(&args[1..]),
         [first, ..] if first == "seed" => return seed(&args[1..]),
+        [first, ..] if first == "reconcile-inventory" => {
+            return reconcile_inventory(&args[1..]);
+        }
+        [first, ..] if first == "prune" => return prune(&args[1..]),
         [first, ..] if first == "watch" => return watch(&args[1..]),
         [first, ..] if first == "plugin" => return plugin(&args[1..]),
         [one] => one.as_str(),
@@ -742,6 +755,159 @@ async fn open_database(config: &Config) -> Result<Database, String> {
         .await
         .map_err(|error| error.to_string())?;
     Ok(database)
+}
+
+/// `reconcile-inventory [--repair]`: the runbook's inventory check on the
+/// configured database, printed a line per drift.
+fn reconcile_inventory(args: &[String]) -> ExitCode {
+    use commerce_kernel::api::runbooks::unrepaired_products;
+    use commerce_kernel::commerce::{Commerce, RECONCILIATION_GRACE};
+    use commerce_kernel::projections::{ProjectionName, Projector};
+    let repair = match args {
+        [] => false,
+        [flag] if flag == "--repair" => true,
+        _ => {
+            eprintln!("commerce-kernel reconcile-inventory: the one option is --repair\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let checked = on_database(|database| async move {
+        let commerce = Commerce::new(database.event_store(), database.view_store());
+        let report = commerce
+            .reconcile_inventory(repair, RECONCILIATION_GRACE, &cli_context())
+            .await
+            .map_err(|error| error.to_string())?;
+        let rebuilt = if repair && report.read_model_drifted() {
+            Projector::new(database.event_store(), database.view_store())
+                .rebuild(ProjectionName::Inventory, Duration::from_secs(600))
+                .await
+                .map_err(|error| error.to_string())?
+        } else {
+            false
+        };
+        Ok((report, rebuilt))
+    });
+    let (report, rebuilt) = match checked {
+        Ok(Ok(done)) => done,
+        Ok(Err(error)) => {
+            eprintln!("commerce-kernel reconcile-inventory: {error}");
+            return ExitCode::FAILURE;
+        }
+        Err(code) => return code,
+    };
+    println!(
+        "{} inventory streams replayed ({} events)",
+        report.products_checked, report.events_replayed
+    );
+    for drift in &report.drift {
+        let reservation = drift
+            .reservation_id
+            .map(|id| format!(" reservation {id}"))
+            .unwrap_or_default();
+        println!(
+            "drift: product {} {:?}{reservation}: {}",
+            drift.product_id, drift.kind, drift.detail
+        );
+    }
+    for released in &report.released {
+        println!("released reservation {released}");
+    }
+    if rebuilt {
+        println!("rebuilt the inventory read model");
+    }
+    let remaining = unrepaired_products(&report, rebuilt);
+    if remaining == 0 {
+        println!("no drift left");
+        ExitCode::SUCCESS
+    } else {
+        println!("{remaining} product(s) with drift left");
+        ExitCode::FAILURE
+    }
+}
+
+/// `prune [--apply] [--idempotency-days N] [--saga-days N] [--cart-days N]`:
+/// the runbook's pruning on the configured database; a dry run unless
+/// `--apply`.
+fn prune(args: &[String]) -> ExitCode {
+    use commerce_kernel::api::runbooks::prune_before;
+    let usage = |problem: &str| {
+        eprintln!("commerce-kernel prune: {problem}\n\n{USAGE}");
+        ExitCode::from(2)
+    };
+    let (mut apply, mut days) = (false, [30, 90, 365]);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let slot = match flag.as_str() {
+            "--apply" => {
+                apply = true;
+                continue;
+            }
+            "--idempotency-days" => 0,
+            "--saga-days" => 1,
+            "--cart-days" => 2,
+            other => return usage(&format!("unknown option `{other}`")),
+        };
+        match rest.next().map(|value| value.parse::<i32>()) {
+            Some(Ok(count)) => days[slot] = count,
+            _ => return usage(&format!("{flag} needs a whole number of days")),
+        }
+    }
+    let before = match prune_before(
+        chrono::Utc::now(),
+        [
+            ("--idempotency-days", days[0]),
+            ("--saga-days", days[1]),
+            ("--cart-days", days[2]),
+        ],
+    ) {
+        Ok(before) => before,
+        Err((flag, reason)) => return usage(&format!("{flag} {reason}")),
+    };
+    let pruned = on_database(|database| async move {
+        database
+            .maintenance()
+            .prune(&before, !apply)
+            .await
+            .map_err(|error| error.to_string())
+    });
+    let report = match pruned {
+        Ok(Ok(report)) => report,
+        Ok(Err(error)) => {
+            eprintln!("commerce-kernel prune: {error}");
+            return ExitCode::FAILURE;
+        }
+        Err(code) => return code,
+    };
+    let verb = if report.dry_run {
+        "would go"
+    } else {
+        "deleted"
+    };
+    println!("idempotency keys: {} {verb}", report.idempotency_keys);
+    println!("finished sagas: {} {verb}", report.finished_sagas);
+    println!("cart activity: {} {verb}", report.cart_activity);
+    if report.dry_run {
+        println!("dry run: nothing deleted (--apply deletes)");
+    }
+    ExitCode::SUCCESS
+}
+
+/// Runs `work` on the configured database (opened and migrated, closed
+/// afterwards), on a runtime of its own. The outer error is the exit code
+/// of a configuration the command cannot start with.
+fn on_database<T, F, Fut>(work: F) -> Result<Result<T, String>, ExitCode>
+where
+    F: FnOnce(Database) -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let config = config_from_env()?;
+    let runtime = multi_thread_runtime()?;
+    Ok(runtime.block_on(async {
+        let database = open_database(&config).await?;
+        let outcome = work(database.clone()).await;
+        database.close().await;
+        outcome
+    }))
 }
 
 /// How a command-line tool's writes are recorded: actor `cli:<user>`.

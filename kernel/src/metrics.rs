@@ -105,6 +105,7 @@ pub struct Metrics {
     cart_operations: Family<OperationLabel, Counter>,
     sagas: Family<StatusLabel, Gauge>,
     projection_lag: Family<ProjectionLabel, Gauge>,
+    inventory_drift: Gauge,
 }
 
 impl Default for Metrics {
@@ -165,6 +166,12 @@ impl Metrics {
             "Events a read model has yet to apply (counted up to one batch); the same on every process.",
             projection_lag.clone(),
         );
+        let inventory_drift = Gauge::default();
+        registry.register(
+            "commerce_inventory_drift_products",
+            "Products whose inventory stream disagrees with the read model or holds stock for an ended order, at this process's last reconciliation.",
+            inventory_drift.clone(),
+        );
         registry.register(
             "commerce_build",
             "The running kernel's version.",
@@ -197,6 +204,7 @@ impl Metrics {
             cart_operations,
             sagas,
             projection_lag,
+            inventory_drift,
         }
     }
 
@@ -293,6 +301,13 @@ impl Metrics {
                 })
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Sets the products with drift that the last inventory reconciliation
+    /// of this process found.
+    pub fn set_inventory_drift(&self, products: usize) {
+        self.inventory_drift
+            .set(i64::try_from(products).unwrap_or(i64::MAX));
     }
 
     /// Sets a read model's lag in events.

@@ -141,6 +141,7 @@ impl AppState {
             live: live.clone(),
             guests: GuestSessions::new(auth.clone(), config.storefront.guest_sessions),
             metrics: Arc::clone(&metrics),
+            maintenance: database.maintenance(),
         };
         AppState {
             schema: api::build_schema(adapters, config.graphql),
@@ -190,9 +191,12 @@ pub fn router(state: AppState, config: &Config) -> Router {
         None => router,
     };
     router
-        .layer(
-            TraceLayer::new_for_http().make_span_with(telemetry::request_span::<axum::body::Body>),
-        )
+        .layer(TraceLayer::new_for_http().make_span_with({
+            let trust = config.telemetry.trust_traceparent;
+            move |request: &axum::http::Request<axum::body::Body>| {
+                telemetry::request_span(request, trust)
+            }
+        }))
         .with_state(state)
 }
 
@@ -418,6 +422,12 @@ pub async fn serve(
             state.commerce.clone(),
             background_stopped.clone(),
         )),
+        tokio::spawn(check_inventory(
+            state.commerce.clone(),
+            Arc::clone(&state.metrics),
+            config.inventory_check_interval,
+            background_stopped.clone(),
+        )),
         tokio::spawn(state.plugins.clone().follow(background_stopped.clone())),
         tokio::spawn(recorder.run(background_stopped.clone())),
         tokio::spawn(metrics::refresh(
@@ -560,6 +570,60 @@ async fn sweep_expired_reservations(
             _ = stopped.changed() => return,
         }
     }
+}
+
+/// Reconciles the inventory every `interval` (report only) and sets
+/// `commerce_inventory_drift_products`, for the InventoryMismatch alert.
+/// The first run comes at a random point of the first interval, so the
+/// processes of a deployment do not all replay the streams at once.
+async fn check_inventory(
+    commerce: Commerce,
+    metrics: Arc<Metrics>,
+    interval: Option<Duration>,
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let Some(interval) = interval else {
+        return;
+    };
+    let mut wait = interval.mul_f64(rand_fraction());
+    let context = CommandContext {
+        actor: Some("kernel:inventory-check".into()),
+        correlation_id: None,
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped.changed() => return,
+        }
+        wait = interval;
+        let check =
+            commerce.reconcile_inventory(false, crate::commerce::RECONCILIATION_GRACE, &context);
+        let checked = tokio::select! {
+            checked = check => checked,
+            // Report only: nothing half-done to leave behind.
+            _ = stopped.changed() => return,
+        };
+        match checked {
+            Ok(report) => {
+                let drifted = report.drifted_products();
+                metrics.set_inventory_drift(drifted);
+                if drifted > 0 {
+                    tracing::warn!(
+                        products = drifted,
+                        "inventory drift found; see docs/runbooks.md#inventory-reconciliation"
+                    );
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "inventory reconciliation failed; trying again later")
+            }
+        }
+    }
+}
+
+/// A random number in [0, 1).
+fn rand_fraction() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() % 1_000_000) as f64 / 1_000_000.0
 }
 
 /// Resolves on ctrl-c or, on Unix, SIGTERM.

@@ -32,7 +32,7 @@ use opentelemetry_http::{HeaderExtractor, HeaderInjector};
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing::Span;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::layer::SubscriberExt as _;
@@ -63,6 +63,9 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// `None`: spans get ids and are propagated, but are not exported.
     pub traces: Option<TraceExport>,
+    /// Continue the trace of a request's `traceparent` header; otherwise
+    /// each request starts a trace and links the caller's.
+    pub trust_traceparent: bool,
 }
 
 /// Errors setting up telemetry.
@@ -101,9 +104,15 @@ impl Telemetry {
                     .map_err(|e| TelemetryError::Exporter(format!("{e}")))?,
             );
         let provider = tracer_provider(config.traces.as_ref(), runtime)?;
+        // Ids come from the `tracing` span tree, so OpenTelemetry's own
+        // current context, idle timing and code locations are not needed:
+        // each costs on every poll or span of the hot path.
         let traces = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("commerce-kernel"))
-            .with_threads(false);
+            .with_threads(false)
+            .with_context_activation(false)
+            .with_tracked_inactivity(false)
+            .with_location(false);
         // Colours only on a terminal: log files and journald get plain text.
         let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout())
             && std::env::var_os("NO_COLOR").is_none();
@@ -149,13 +158,21 @@ fn tracer_provider(
         "service.version",
         env!("CARGO_PKG_VERSION"),
     ));
-    // OTEL_SERVICE_NAME (read by the SDK) names the service when set.
-    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+    // OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES (read by the SDK) name
+    // the service when they do.
+    let named = std::env::var_os("OTEL_SERVICE_NAME").is_some()
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
+            .is_ok_and(|attributes| attributes.contains("service.name="));
+    if !named {
         resource = resource.with_service_name("commerce-kernel");
     }
     let builder = SdkTracerProvider::builder().with_resource(resource.build());
     let Some(export) = export else {
-        return Ok(builder.build());
+        // Nothing records: spans still get ids (and pass on the caller's
+        // sampling decision), but none is built to be thrown away.
+        return Ok(builder
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOff)))
+            .build());
     };
     let client = reqwest::Client::builder()
         .timeout(EXPORT_TIMEOUT)
@@ -165,7 +182,11 @@ fn tracer_provider(
         .with_http()
         .with_endpoint(export.traces_url.clone())
         .with_timeout(EXPORT_TIMEOUT)
-        .with_http_client(ExportClient { client, runtime })
+        .with_http_client(ExportClient {
+            client,
+            runtime,
+            last_warning: std::sync::atomic::AtomicU64::new(0),
+        })
         .build()
         .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
     Ok(builder.with_batch_exporter(exporter).build())
@@ -178,6 +199,8 @@ fn tracer_provider(
 struct ExportClient {
     client: reqwest::Client,
     runtime: tokio::runtime::Handle,
+    /// When the last failure was logged, in seconds since the epoch.
+    last_warning: std::sync::atomic::AtomicU64,
 }
 
 #[async_trait::async_trait]
@@ -197,7 +220,36 @@ impl opentelemetry_http::HttpClient for ExportClient {
             let body = response.bytes().await?;
             Ok::<_, opentelemetry_http::HttpError>(answer.body(body)?)
         });
-        sent.await?
+        let answer = sent.await?;
+        match &answer {
+            Ok(response) if response.status().is_success() => {}
+            Ok(response) => self.warn(&format!("the collector answered {}", response.status())),
+            Err(error) => self.warn(&error.to_string()),
+        }
+        answer
+    }
+}
+
+impl ExportClient {
+    /// Says that spans were lost, at most once a minute.
+    fn warn(&self, problem: &str) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        let last = self.last_warning.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= last + 60
+            && self
+                .last_warning
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(%problem, "could not export spans; traces will have gaps");
+        }
     }
 }
 
@@ -315,10 +367,13 @@ pub fn current() -> Option<TraceParent> {
     TraceParent::of(span.context().span().span_context())
 }
 
-/// The span of one HTTP request: it continues the trace of the request's
-/// `traceparent` header, or starts one. Its `trace_id` is recorded for the
-/// log lines; the GraphQL handler records the request's `correlation_id`.
-pub fn request_span<B>(request: &http::Request<B>) -> Span {
+/// The span of one HTTP request: with `trust_traceparent`, it continues the
+/// trace of the request's `traceparent` header; otherwise (or without one)
+/// it starts a trace, linked to the caller's if there is one, so that a
+/// caller cannot choose the trace id recorded with the order or whether it
+/// is sampled. Its `trace_id` is recorded for the log lines; the GraphQL
+/// handler records the request's `correlation_id`.
+pub fn request_span<B>(request: &http::Request<B>, trust_traceparent: bool) -> Span {
     let span = tracing::info_span!(
         target: TARGET,
         "request",
@@ -328,9 +383,16 @@ pub fn request_span<B>(request: &http::Request<B>) -> Span {
         trace_id = tracing::field::Empty,
         correlation_id = tracing::field::Empty,
     );
-    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
-    let parent = TraceParent::of(parent.span().span_context());
-    continue_trace(&span, parent);
+    let caller = TraceContextPropagator::new().extract(&HeaderExtractor(request.headers()));
+    let caller = caller.span().span_context().clone();
+    if trust_traceparent {
+        continue_trace(&span, TraceParent::of(&caller));
+    } else {
+        if caller.is_valid() {
+            span.add_link(caller);
+        }
+        continue_trace(&span, None);
+    }
     span
 }
 
@@ -358,6 +420,13 @@ pub fn inject_current(headers: &mut http::HeaderMap) {
     let context = span.context();
     if context.span().span_context().is_valid() {
         TraceContextPropagator::new().inject_context(&context, &mut HeaderInjector(headers));
+        // The kernel keeps no trace state: no empty `tracestate` header.
+        if headers
+            .get("tracestate")
+            .is_some_and(|value| value.is_empty())
+        {
+            headers.remove("tracestate");
+        }
     }
 }
 

@@ -202,6 +202,12 @@ impl ViewStore for CountingViews {
         self.inventory_reads.fetch_add(1, Ordering::SeqCst);
         self.inner.inventories(product_ids).await
     }
+    async fn inventory_snapshot(
+        &self,
+        product_ids: &[Uuid],
+    ) -> Result<(Vec<InventoryView>, Vec<ReservationView>), StoreError> {
+        self.inner.inventory_snapshot(product_ids).await
+    }
     async fn reservation(
         &self,
         reservation_id: Uuid,

@@ -72,6 +72,8 @@ impl RunningKernel {
         // The suites set up the plugins they test; tests/bundled_plugins.rs
         // turns the bundled ones on.
         default(config::DEFAULT_PLUGINS, "false".into());
+        // The gauge it sets is the reconciliation test's to check.
+        default(config::INVENTORY_CHECK_SECS, "0".into());
         if let CartBackendConfig::Redis { url, key_prefix } = &carts.config {
             default(config::REDIS_URL, url.clone());
             default(config::REDIS_KEY_PREFIX, key_prefix.clone());

@@ -94,6 +94,7 @@ pub fn collector() -> &'static Collector {
                 traces: Some(TraceExport {
                     traces_url: format!("http://{address}/v1/traces"),
                 }),
+                trust_traceparent: true,
             },
             runtime,
         )

@@ -41,8 +41,9 @@ impl Guard for AdminOnly {
     }
 }
 
-/// The correlation id of one HTTP request (or subscription message), which
-/// its commands record and its log lines carry.
+/// The correlation id of one HTTP request, which its commands record and
+/// its log lines carry. (Operations over a WebSocket have none: each of
+/// their commands gets a fresh one.)
 #[derive(Clone, Copy, Debug)]
 pub struct Correlation(pub Uuid);
 

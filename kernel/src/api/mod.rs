@@ -15,6 +15,7 @@ pub mod kpis;
 pub mod limits;
 mod loaders;
 pub mod plugins;
+pub mod runbooks;
 pub mod sagas;
 pub mod subscriptions;
 pub mod timing;
@@ -65,6 +66,7 @@ pub struct MutationRoot(
     carts::CartMutation,
     plugins::PluginMutation,
     sagas::SagaMutation,
+    runbooks::RunbookMutation,
 );
 
 /// Page size of a connection when `first` is not given.
@@ -83,6 +85,8 @@ pub struct Adapters {
     pub guests: guests::GuestSessions,
     /// Where request durations and cart operations are recorded.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Pruning for the runbook.
+    pub maintenance: crate::storage::maintenance::StoreMaintenance,
 }
 
 /// Builds the schema around the kernel's adapters, within `limits`.
@@ -104,6 +108,7 @@ pub fn build_schema(adapters: Adapters, limits: GraphqlLimits) -> KernelSchema {
         .data(adapters.sagas)
         .data(adapters.live)
         .data(adapters.guests)
+        .data(adapters.maintenance)
         .data(limits)
         .finish()
 }

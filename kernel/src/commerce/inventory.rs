@@ -234,7 +234,7 @@ impl Commerce {
 
     /// Loads a product's inventory, lets `decide` produce events and appends
     /// them; retried on conflicts unless the caller expects a version.
-    async fn decide_inventory<F>(
+    pub(super) async fn decide_inventory<F>(
         &self,
         product_id: Uuid,
         expected_version: Option<u32>,

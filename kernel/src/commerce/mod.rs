@@ -19,6 +19,7 @@ mod demo_catalog;
 mod inventory;
 mod orders;
 mod plugins;
+mod reconciliation;
 mod sagas;
 
 use std::future::Future;
@@ -41,6 +42,9 @@ pub use demo_catalog::{DEMO_STOCK, DemoProduct};
 pub use inventory::{InventoryChange, ReservationMade};
 pub use orders::{OrderChange, OrderTransition, PlaceOrderInput};
 pub use plugins::{FOLLOW_INTERVAL, PluginSummary, Plugins};
+pub use reconciliation::{
+    Drift, DriftKind, GRACE as RECONCILIATION_GRACE, InventoryReconciliation,
+};
 pub use sagas::Sagas;
 pub(crate) use sagas::ends_drive;
 

@@ -518,6 +518,16 @@ pub trait ViewStore: Send + Sync {
         reservation_id: Uuid,
     ) -> Result<Option<ReservationView>, StoreError>;
 
+    /// The stock of each of `product_ids` that has any, and every
+    /// reservation of those products, read in one snapshot (at most
+    /// [`crate::event_store::MAX_STREAMS_PER_READ`] ids): the inventory
+    /// reconciliation compares the two with the streams, and reads made at
+    /// two moments could disagree with each other, not with the streams.
+    async fn inventory_snapshot(
+        &self,
+        product_ids: &[Uuid],
+    ) -> Result<(Vec<InventoryView>, Vec<ReservationView>), StoreError>;
+
     /// Reservations whose expiry is at or before `now`, oldest expiry first.
     async fn expired_reservations(
         &self,

@@ -1762,7 +1762,6 @@ fn nothing_or_in_flight(step: &StepState) -> Result<Option<Value>, UndoFailure> 
     }
 }
 
-/// What a panic said.
 /// The span of one drive of a saga, on whichever process claimed it: it
 /// continues the trace of the request that started the saga, so one trace
 /// shows an order from its request to its last step.
@@ -1789,6 +1788,7 @@ fn step_span(direction: &'static str, saga: &Saga, step: usize, attempt: u32) ->
     )
 }
 
+/// What a panic said.
 fn panic_message(panic: Box<dyn Any + Send>) -> String {
     panic
         .downcast_ref::<&str>()

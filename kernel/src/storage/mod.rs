@@ -8,6 +8,7 @@
 mod batcher;
 pub mod cart_activity;
 pub mod connection_shelf;
+pub mod maintenance;
 pub mod postgres;
 pub mod postgres_views;
 mod saga_commits;
@@ -130,6 +131,11 @@ impl Database {
             Database::Postgres(db) => Arc::new(sagas::PostgresSagaStore::new(db.clone())),
             Database::Sqlite(db) => Arc::new(sagas::SqliteSagaStore::new(db.clone())),
         }
+    }
+
+    /// The runbook's pruning of what the kernel keeps beside the log.
+    pub fn maintenance(&self) -> maintenance::StoreMaintenance {
+        maintenance::StoreMaintenance::new(self.clone())
     }
 
     /// Round trip to the database, for health checks.

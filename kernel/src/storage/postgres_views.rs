@@ -539,6 +539,41 @@ impl ViewStore for PostgresViewStore {
         rows.into_iter().map(inventory_view).collect()
     }
 
+    async fn inventory_snapshot(
+        &self,
+        product_ids: &[Uuid],
+    ) -> Result<(Vec<InventoryView>, Vec<ReservationView>), StoreError> {
+        validate_stream_ids(product_ids)?;
+        let mut tx = self.connections.pool().begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let stock: Vec<(Uuid, i64, i64, i32, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT product_id, on_hand, reserved, version, updated_at FROM inventory_views \
+             WHERE product_id = ANY($1)",
+        )
+        .bind(product_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let reservations: Vec<ReservationRow> = sqlx::query_as(&format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservation_views WHERE product_id = ANY($1)"
+        ))
+        .bind(product_ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((
+            stock
+                .into_iter()
+                .map(inventory_view)
+                .collect::<Result<_, _>>()?,
+            reservations
+                .into_iter()
+                .map(reservation_view)
+                .collect::<Result<_, _>>()?,
+        ))
+    }
+
     async fn reservation(
         &self,
         reservation_id: Uuid,

@@ -389,6 +389,45 @@ impl ViewStore for SqliteViewStore {
         rows.into_iter().map(inventory_view).collect()
     }
 
+    async fn inventory_snapshot(
+        &self,
+        product_ids: &[Uuid],
+    ) -> Result<(Vec<InventoryView>, Vec<ReservationView>), StoreError> {
+        validate_stream_ids(product_ids)?;
+        if product_ids.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let placeholders = vec!["?"; product_ids.len()].join(", ");
+        // One read transaction: both statements see the same snapshot.
+        let mut tx = self.database.reader().begin().await?;
+        let stock_sql = format!(
+            "SELECT product_id, on_hand, reserved, version, updated_at FROM inventory_views \
+             WHERE product_id IN ({placeholders})"
+        );
+        let reservations_sql = format!(
+            "SELECT {RESERVATION_COLUMNS} FROM reservation_views WHERE product_id IN ({placeholders})"
+        );
+        let mut stock = sqlx::query_as::<_, (Uuid, i64, i64, i32, i64)>(&stock_sql);
+        let mut reservations = sqlx::query_as::<_, ReservationRow>(&reservations_sql);
+        for id in product_ids {
+            stock = stock.bind(*id);
+            reservations = reservations.bind(*id);
+        }
+        let stock = stock.fetch_all(&mut *tx).await?;
+        let reservations = reservations.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok((
+            stock
+                .into_iter()
+                .map(inventory_view)
+                .collect::<Result<_, _>>()?,
+            reservations
+                .into_iter()
+                .map(reservation_view)
+                .collect::<Result<_, _>>()?,
+        ))
+    }
+
     async fn reservation(
         &self,
         reservation_id: Uuid,
