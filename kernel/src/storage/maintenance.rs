@@ -123,7 +123,10 @@ impl StoreMaintenance {
         let old = format!("{condition} AND {age} < $1");
         let count = format!("SELECT COUNT(*) FROM {table} WHERE {old}");
         let delete = format!(
-            "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE {old} LIMIT $2)"
+            // The age again outside: a row written to since the subquery
+            // chose it (a cart's activity refreshed) stays.
+            "DELETE FROM {table} WHERE {old} AND {key} IN \
+             (SELECT {key} FROM {table} WHERE {old} LIMIT $2)"
         );
         let micros = before.timestamp_micros();
         let mut total = 0u64;
