@@ -2045,15 +2045,7 @@ async fn a_page_of_nested_fields_costs_a_bounded_number_of_reads(
                 PlaceOrderInput {
                     customer_id: customer,
                     lines: vec![(products[index % PRODUCTS], 1)],
-                    shipping_address: Address {
-                        name: "Ada".into(),
-                        line1: "1 Main St".into(),
-                        line2: None,
-                        city: "Berlin".into(),
-                        postal_code: "10115".into(),
-                        region: None,
-                        country: "DE".into(),
-                    },
+                    shipping_address: berlin(),
                     payment_method: "tok_visa".into(),
                     idempotency_key: None,
                     email: None,
@@ -2434,7 +2426,7 @@ async fn metrics_are_served_where_configured_and_to_the_token_only(
 async fn kpis_report_the_orders_and_carts_of_a_range(db: Arc<TestDatabase>) -> anyhow::Result<()> {
     use commerce_kernel::carts::CartActivity;
     use commerce_kernel::domain::cart::{CartOwner, CartStatus};
-    use commerce_kernel::domain::order::{Address, OrderStatus};
+    use commerce_kernel::domain::order::OrderStatus;
     use commerce_kernel::projections::{OrderView, ProjectionBatch, ProjectionName, ViewChange};
 
     let day = chrono::DateTime::parse_from_rfc3339("2001-03-04T00:00:00Z")?.to_utc();
@@ -2495,15 +2487,7 @@ async fn kpis_report_the_orders_and_carts_of_a_range(db: Arc<TestDatabase>) -> a
                 total: *total,
                 reason: None,
                 lines: Vec::new(),
-                shipping_address: Address {
-                    name: "Ada".into(),
-                    line1: "1 Main St".into(),
-                    line2: None,
-                    city: "Berlin".into(),
-                    postal_code: "10115".into(),
-                    region: None,
-                    country: "DE".into(),
-                },
+                shipping_address: berlin(),
                 payment_method: "card".into(),
                 email: None,
                 version: 1,
@@ -2990,15 +2974,7 @@ async fn order_holding_stock(
             line_total: total,
         }],
         total,
-        shipping_address: Address {
-            name: "Ada".into(),
-            line1: "1 Main St".into(),
-            line2: None,
-            city: "Berlin".into(),
-            postal_code: "10115".into(),
-            region: None,
-            country: "DE".into(),
-        },
+        shipping_address: berlin(),
         payment_method: "tok_visa".into(),
         idempotency_key: None,
         email: None,
@@ -3267,4 +3243,17 @@ async fn count(db: &TestDatabase, query: &str, id: Option<Uuid>) -> anyhow::Resu
             rows
         }
     })
+}
+
+/// The shipping address the suite's orders written directly go to.
+fn berlin() -> Address {
+    Address {
+        name: "Ada".into(),
+        line1: "1 Main St".into(),
+        line2: None,
+        city: "Berlin".into(),
+        postal_code: "10115".into(),
+        region: None,
+        country: "DE".into(),
+    }
 }
