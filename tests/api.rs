@@ -62,6 +62,7 @@ fn main() {
             one_trace_follows_an_order_to_the_providers,
             inventory_reconciliation_finds_injected_drift_and_repairs_it,
             prune_store_deletes_only_what_is_old_enough,
+            overdue_sagas_are_listed_and_compensated_in_bulk,
         ],
         // SQLite has one writer: nothing commits behind an open transaction.
         &["an_update_committed_behind_an_open_transaction_arrives_once_the_log_shows_it"],
@@ -453,6 +454,10 @@ fn admin_only_documents(id: Uuid) -> Vec<(&'static str, String)> {
         (
             "compensateSaga",
             format!("mutation {{ compensateSaga(id: \"{id}\", reason: \"x\") {{ errors {{ code }} }} }}"),
+        ),
+        (
+            "compensateSagas",
+            format!("mutation {{ compensateSagas(ids: [\"{id}\"], reason: \"x\") {{ errors {{ code }} }} }}"),
         ),
         (
             "reconcileInventory",
@@ -3189,6 +3194,124 @@ async fn prune_store_deletes_only_what_is_old_enough(db: Arc<TestDatabase>) -> a
         body["data"]["order"]["saga"]["status"] == "COMPLETED",
         "{body}"
     );
+    kernel.stop().await
+}
+
+const OVERDUE: &str = "query ($seconds: Int) { sagas(overdueForSeconds: $seconds) {
+    totalCount edges { node { id correlationId status currentStep leaseOwner } } } }";
+
+/// The runbook's saga recovery for sagas that are stuck rather than parked.
+/// A saga is left as a node that claimed it and died would leave it (its
+/// lease held by `node-gone` for an hour, due ten minutes ago) while its
+/// payment call is in flight, which that takeover makes the live runner
+/// drop. The overdue listing shows exactly that saga and its lease owner,
+/// not a finished one; `compensateSagas` requests its compensation, refuses
+/// the finished one by id, and counts a repeated id once; once the dead
+/// node's lease lapses, the order fails and nothing is overdue any more.
+async fn overdue_sagas_are_listed_and_compensated_in_bulk(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    let shop = shop::open(&kernel, 5).await?;
+    let token = kernel.customer_token(Uuid::now_v7())?;
+    let finished = customer_order(&kernel, &token, shop.product).await?;
+    confirmed_order_events(&kernel, finished).await?;
+    // The fake holds a `tok_slow` answer past the step's deadline: the
+    // saga is RUNNING while the takeover below is written.
+    let stuck = customer_order_paid_with(&kernel, &token, shop.product, "tok_slow").await?;
+    let now = match db.kind {
+        support::BackendKind::Postgres => {
+            "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT"
+        }
+        support::BackendKind::Sqlite => "CAST(unixepoch('subsec') * 1000000 AS INTEGER)",
+    };
+    let takeover = format!(
+        "UPDATE saga_instances SET lease_owner = 'node-gone', \
+         lease_expires_at = {now} + 3600000000, fencing_token = fencing_token + 1, \
+         next_run_at = {now} - 600000000 WHERE correlation_id = $1 AND status = 'RUNNING'"
+    );
+    ensure!(
+        execute(&db, &takeover, Some(stuck)).await? == 1,
+        "the saga ran on"
+    );
+
+    let overdue = |seconds: Value| {
+        let kernel = &kernel;
+        async move {
+            let body = kernel
+                .graphql(OVERDUE, json!({ "seconds": seconds }))
+                .await?;
+            Ok::<_, anyhow::Error>(body)
+        }
+    };
+    let body = overdue(json!(300)).await?;
+    let listed = &body["data"]["sagas"];
+    ensure!(listed["totalCount"] == 1, "{body}");
+    let node = &listed["edges"][0]["node"];
+    ensure!(
+        node["correlationId"] == json!(stuck)
+            && node["status"] == "RUNNING"
+            && node["leaseOwner"] == "node-gone",
+        "{body}"
+    );
+    let stuck_saga = node["id"].clone();
+    // Ten minutes overdue is not an hour overdue.
+    let body = overdue(json!(3600)).await?;
+    ensure!(body["data"]["sagas"]["totalCount"] == 0, "{body}");
+    let body = overdue(json!(-1)).await?;
+    ensure!(
+        error_code(&body) == Some("INVALID_INPUT")
+            && body["errors"][0]["extensions"]["field"] == "overdueForSeconds",
+        "{body}"
+    );
+
+    let body = kernel
+        .graphql(
+            "query ($id: UUID!) { order(id: $id) { saga { id } } }",
+            json!({ "id": finished }),
+        )
+        .await?;
+    let finished_saga = body["data"]["order"]["saga"]["id"].clone();
+    ensure!(finished_saga.is_string(), "{body}");
+    let body = kernel
+        .graphql(
+            "mutation ($ids: [UUID!]!) { compensateSagas(ids: $ids, reason: \"stuck since the outage\") {
+                compensated { id } errors { field code } } }",
+            json!({ "ids": [stuck_saga, finished_saga, stuck_saga] }),
+        )
+        .await?;
+    let payload = &body["data"]["compensateSagas"];
+    ensure!(
+        payload["compensated"] == json!([{ "id": stuck_saga }]),
+        "{body}"
+    );
+    let errors = payload["errors"].as_array().context("errors")?;
+    ensure!(
+        errors.len() == 1 && errors[0]["field"] == finished_saga,
+        "{body}"
+    );
+
+    // The dead node's lease lapses: a live runner takes the saga over.
+    let lapse =
+        format!("UPDATE saga_instances SET lease_expires_at = {now} - 1 WHERE correlation_id = $1");
+    ensure!(execute(&db, &lapse, Some(stuck)).await? == 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = kernel
+            .graphql(
+                "query ($id: UUID!) { order(id: $id) { status saga { status } } }",
+                json!({ "id": stuck }),
+            )
+            .await?;
+        let order = &body["data"]["order"];
+        if order["status"] == "FAILED" && order["saga"]["status"] == "COMPENSATED" {
+            break;
+        }
+        ensure!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = overdue(json!(0)).await?;
+    ensure!(body["data"]["sagas"]["totalCount"] == 0, "{body}");
     kernel.stop().await
 }
 

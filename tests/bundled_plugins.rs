@@ -46,25 +46,29 @@ const RELEASED: &[(&str, &str, &str)] = &[
 const UPDATE: &str = "COMMERCE_UPDATE_BUNDLED_PLUGINS";
 
 fn main() {
-    let args = libtest_mimic::Arguments::from_args();
-    let mut trials = vec![libtest_mimic::Trial::test(
-        "bundled_components_are_what_their_sources_build",
-        || bundled_components_are_what_their_sources_build().map_err(|e| format!("{e:#}").into()),
-    )];
-    trials.extend(support::suite_trials(
-        &cases![
-            a_fresh_shop_confirms_its_first_order_with_the_bundled_plugins,
-            the_test_payment_methods_fail_as_documented,
-            a_destination_without_a_rate_is_refused_and_the_payment_refunded,
-            kernels_starting_together_activate_each_default_once,
-            a_shop_whose_admin_chose_a_payment_plugin_is_left_alone,
-            a_start_that_stopped_half_way_is_completed_by_the_next,
-            the_setting_turns_the_defaults_off,
-        ],
-        // One process owns an embedded database.
-        &["kernels_starting_together_activate_each_default_once"],
-    ));
-    libtest_mimic::run(&args, trials).exit()
+    support::run_trials(|| {
+        let mut trials = vec![libtest_mimic::Trial::test(
+            "bundled_components_are_what_their_sources_build",
+            || {
+                bundled_components_are_what_their_sources_build()
+                    .map_err(|e| format!("{e:#}").into())
+            },
+        )];
+        trials.extend(support::suite_trials(
+            &cases![
+                a_fresh_shop_confirms_its_first_order_with_the_bundled_plugins,
+                the_test_payment_methods_fail_as_documented,
+                a_destination_without_a_rate_is_refused_and_the_payment_refunded,
+                kernels_starting_together_activate_each_default_once,
+                a_shop_whose_admin_chose_a_payment_plugin_is_left_alone,
+                a_start_that_stopped_half_way_is_completed_by_the_next,
+                the_setting_turns_the_defaults_off,
+            ],
+            // One process owns an embedded database.
+            &["kernels_starting_together_activate_each_default_once"],
+        ));
+        trials
+    })
 }
 
 /// The committed components in `plugins/defaults` are byte for byte what

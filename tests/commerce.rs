@@ -38,6 +38,7 @@ fn main() {
         prices_always_come_from_the_catalog,
         expired_reservations_are_released_by_the_kernel,
         projections_rebuild_to_the_same_views,
+        a_rebuild_never_shows_a_half_built_view,
         two_projectors_on_one_database_apply_every_event_once,
         an_event_one_projection_cannot_read_holds_back_only_that_projection,
         a_projection_far_behind_does_not_hold_back_the_others,
@@ -685,6 +686,94 @@ async fn expired_reservations_are_released_by_the_kernel(
             .await?
             .is_none()
     );
+    Ok(())
+}
+
+/// A rebuild is held with its shadow part-built. Meanwhile queries see
+/// the live views whole, and a product and an order are written and
+/// projected to the live views. Once released, the rebuild's swap brings
+/// exactly the views the live projector had, those new rows included, with
+/// no round of the projector after it: the events written during the
+/// rebuild are replayed into the shadow before the swap.
+async fn a_rebuild_never_shows_a_half_built_view(db: Arc<TestDatabase>) -> anyhow::Result<()> {
+    let store = db.event_store();
+    let views = Arc::new(CountingViews::new(db.database.view_store()));
+    let commerce = Commerce::new(Arc::clone(&store), views.clone());
+    let projector = Projector::new(Arc::clone(&store), views.clone());
+    let order = |product: Uuid| {
+        let commerce = &commerce;
+        async move {
+            let placed = commerce
+                .place_order(order_input(vec![(product, 1)], None), &context())
+                .await?;
+            let reserved = commerce
+                .transition_order(
+                    placed.id,
+                    OrderTransition::ReserveInventory,
+                    None,
+                    &context(),
+                )
+                .await?;
+            reserved.position.context("no position")
+        }
+    };
+    // Another test's open transaction may hold the log's readable head
+    // back for a moment: the projector must see the last write.
+    let (log, projecting) = (store.as_ref(), &projector);
+    let caught_up = move |last: Position| async move {
+        wait_until_readable(log, last).await?;
+        projecting.catch_up().await?;
+        anyhow::Ok(())
+    };
+    let mut last = Position::START;
+    for i in 0..3 {
+        let product = product_with_stock(&commerce, &format!("{i}.50"), 4).await?;
+        last = order(product).await?;
+    }
+    caught_up(last).await?;
+    let snapshot = || async {
+        let products = views.products(None, 100, false).await?;
+        let mut inventory = Vec::new();
+        for product in &products {
+            inventory.push(views.inventory(product.product_id).await?);
+        }
+        let orders = views.orders(&OrderFilter::default(), None, 100).await?;
+        anyhow::Ok((products, inventory, orders))
+    };
+    for (round, projection) in ProjectionName::ALL.into_iter().enumerate() {
+        let before = snapshot().await?;
+        ensure!(
+            before.0.len() == 3 + round && before.2.len() == 3 + round,
+            "{before:#?}"
+        );
+        views.hold_next_shadow_apply();
+        let rebuild = tokio::spawn({
+            let projector = projector.clone();
+            async move { projector.rebuild(projection, WAIT).await }
+        });
+        tokio::time::timeout(WAIT, views.shadow_hold.entered.notified())
+            .await
+            .context("the rebuild never reached its shadow")?;
+        ensure!(
+            snapshot().await? == before,
+            "{} showed half-built during its rebuild",
+            projection.as_str()
+        );
+        let product = product_with_stock(&commerce, "9.99", 2).await?;
+        caught_up(order(product).await?).await?;
+        let expected = snapshot().await?;
+        ensure!(
+            expected.0.len() == 4 + round && expected.2.len() == 4 + round,
+            "{expected:#?}"
+        );
+        views.shadow_hold.released.notify_one();
+        ensure!(rebuild.await??, "the rebuild did not finish");
+        ensure!(
+            snapshot().await? == expected,
+            "{} lost what was written during its rebuild",
+            projection.as_str()
+        );
+    }
     Ok(())
 }
 

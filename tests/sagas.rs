@@ -2118,6 +2118,9 @@ impl SagaStore for FlakySagaStore {
     ) -> Result<Vec<SagaInstance>, StoreError> {
         self.inner.list(filter, after, limit).await
     }
+    async fn count(&self, filter: &SagaFilter) -> Result<u64, StoreError> {
+        self.inner.count(filter).await
+    }
     async fn count_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
         self.inner.count_by_status().await
     }

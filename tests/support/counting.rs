@@ -12,7 +12,7 @@ use commerce_kernel::event_store::{
 };
 use commerce_kernel::projections::{
     InventoryView, OrderFilter, OrderView, ProductView, ProjectionBatch, ProjectionName,
-    ReservationView, ViewStore,
+    ReservationView, ShadowView, ViewChange, ViewStore,
 };
 use uuid::Uuid;
 
@@ -125,6 +125,42 @@ pub struct CountingViews {
     hold_next_apply: std::sync::atomic::AtomicBool,
     pub apply_entered: tokio::sync::Notify,
     apply_released: tokio::sync::Notify,
+    /// Holds a rebuild's shadow after its next batch (see
+    /// [`Self::hold_next_shadow_apply`]).
+    pub shadow_hold: Arc<ShadowHold>,
+}
+
+/// A rebuild held with its shadow part-built: after its next batch is
+/// written, `entered` is notified and the rebuild waits for `released`.
+#[derive(Default)]
+pub struct ShadowHold {
+    armed: std::sync::atomic::AtomicBool,
+    pub entered: tokio::sync::Notify,
+    pub released: tokio::sync::Notify,
+}
+
+/// A shadow whose applies go through a [`ShadowHold`].
+struct HeldShadow {
+    inner: Box<dyn ShadowView>,
+    hold: Arc<ShadowHold>,
+}
+
+#[async_trait::async_trait]
+impl ShadowView for HeldShadow {
+    async fn apply(&mut self, changes: Vec<ViewChange>) -> Result<(), StoreError> {
+        self.inner.apply(changes).await?;
+        if self.hold.armed.swap(false, Ordering::SeqCst) {
+            self.hold.entered.notify_one();
+            self.hold.released.notified().await;
+        }
+        Ok(())
+    }
+    async fn lock_live(&mut self) -> Result<Position, StoreError> {
+        self.inner.lock_live().await
+    }
+    async fn swap(self: Box<Self>, at: Position) -> Result<(), StoreError> {
+        self.inner.swap(at).await
+    }
 }
 
 impl CountingViews {
@@ -137,7 +173,14 @@ impl CountingViews {
             hold_next_apply: std::sync::atomic::AtomicBool::new(false),
             apply_entered: tokio::sync::Notify::new(),
             apply_released: tokio::sync::Notify::new(),
+            shadow_hold: Arc::default(),
         }
+    }
+
+    /// Holds the next rebuild after its shadow's next batch (see
+    /// [`ShadowHold`]).
+    pub fn hold_next_shadow_apply(&self) {
+        self.shadow_hold.armed.store(true, Ordering::SeqCst);
     }
 
     /// Holds the next apply until [`Self::release_apply`] (see
@@ -182,6 +225,12 @@ impl ViewStore for CountingViews {
     }
     async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError> {
         self.inner.reset(projection).await
+    }
+    async fn shadow(&self, projection: ProjectionName) -> Result<Box<dyn ShadowView>, StoreError> {
+        Ok(Box::new(HeldShadow {
+            inner: self.inner.shadow(projection).await?,
+            hold: Arc::clone(&self.shadow_hold),
+        }))
     }
     async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError> {
         self.inner.product(product_id).await

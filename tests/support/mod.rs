@@ -7,6 +7,7 @@
 
 #![allow(dead_code)] // Each test binary uses its own part of the fixtures.
 
+pub mod containers;
 pub mod counting;
 #[path = "../fakes/mod.rs"]
 pub mod fakes;
@@ -46,10 +47,32 @@ impl BackendKind {
     }
 }
 
+/// The test Postgres: `COMMERCE_TEST_DATABASE_URL`, else a container this
+/// run started ([`containers`]).
 fn postgres_url() -> Option<String> {
-    std::env::var(TEST_DATABASE_URL)
+    configured(TEST_DATABASE_URL).or_else(containers::postgres_url)
+}
+
+/// The URL in environment variable `name`, if it is set and not blank.
+fn configured(name: &str) -> Option<String> {
+    std::env::var(name)
         .ok()
         .filter(|url| !url.trim().is_empty())
+}
+
+/// Runs the trials `build` lists, with Postgres and Redis in containers
+/// when their test URLs are unset and the `testcontainers` feature is on
+/// (see [`containers`]); the containers are removed before the process
+/// exits.
+pub fn run_trials(build: impl FnOnce() -> Vec<Trial>) -> ! {
+    let args = Arguments::from_args();
+    let containers = containers::start(
+        configured(TEST_DATABASE_URL).is_none(),
+        configured(TEST_REDIS_URL).is_none(),
+    );
+    let conclusion = libtest_mimic::run(&args, build());
+    drop(containers);
+    conclusion.exit()
 }
 
 /// A fresh database with migrations applied, removed again by [`TestDatabase::remove`].
@@ -217,8 +240,7 @@ pub fn run_suite(cases: &[(&'static str, SuiteCase)]) -> ! {
 /// [`run_suite`], with the cases named in `postgres_only` reported as
 /// ignored on SQLite (several kernel processes, say).
 pub fn run_suite_except(cases: &[(&'static str, SuiteCase)], postgres_only: &[&str]) -> ! {
-    let args = Arguments::from_args();
-    libtest_mimic::run(&args, suite_trials(cases, postgres_only)).exit()
+    run_trials(|| suite_trials(cases, postgres_only))
 }
 
 /// The trials [`run_suite_except`] runs, for a test binary that adds
@@ -278,10 +300,10 @@ fn block_on(test: impl Future<Output = Result<(), Failed>>) -> Result<(), Failed
 /// Points the cart suites at a Redis server, e.g. `redis://127.0.0.1:6379`.
 pub const TEST_REDIS_URL: &str = "COMMERCE_TEST_REDIS_URL";
 
+/// The test Redis: `COMMERCE_TEST_REDIS_URL`, else a container this run
+/// started ([`containers`]).
 fn redis_url() -> Option<String> {
-    std::env::var(TEST_REDIS_URL)
-        .ok()
-        .filter(|url| !url.trim().is_empty())
+    configured(TEST_REDIS_URL).or_else(containers::redis_url)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -395,21 +417,22 @@ macro_rules! cart_cases {
 /// Runs every case against every cart backend, as `<cart backend>::<case>`.
 /// Redis cases are reported as ignored when `COMMERCE_TEST_REDIS_URL` is unset.
 pub fn run_cart_suite(cases: &[(&'static str, CartCase)]) -> ! {
-    let args = Arguments::from_args();
-    let redis_configured = redis_url().is_some();
-    let mut trials = Vec::new();
-    for kind in [CartBackendKind::Embedded, CartBackendKind::Redis] {
-        for &(name, case) in cases {
-            let available = kind == CartBackendKind::Embedded || redis_configured;
-            trials.push(
-                Trial::test(format!("{}::{name}", kind.name()), move || {
-                    run_cart_case(kind, case)
-                })
-                .with_ignored_flag(!available),
-            );
+    run_trials(|| {
+        let redis_configured = redis_url().is_some();
+        let mut trials = Vec::new();
+        for kind in [CartBackendKind::Embedded, CartBackendKind::Redis] {
+            for &(name, case) in cases {
+                let available = kind == CartBackendKind::Embedded || redis_configured;
+                trials.push(
+                    Trial::test(format!("{}::{name}", kind.name()), move || {
+                        run_cart_case(kind, case)
+                    })
+                    .with_ignored_flag(!available),
+                );
+            }
         }
-    }
-    libtest_mimic::run(&args, trials).exit()
+        trials
+    })
 }
 
 fn run_cart_case(kind: CartBackendKind, case: CartCase) -> Result<(), Failed> {

@@ -857,8 +857,11 @@ impl CommerceMutation {
         }
     }
 
-    /// Empties a read model (or all, without `name`) and replays it from the
-    /// event log while the service keeps running. Returns once caught up. For admins.
+    /// Rebuilds a read model (or all, without `name`) from the event log
+    /// while the service keeps running: replayed into shadow tables, then
+    /// swapped in at once, so queries never see it half-built. Returns once
+    /// swapped; one still replaying after the request's wait is reported
+    /// and goes on in the background. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn rebuild_projections(
         &self,

@@ -3,6 +3,8 @@
 //! compensate, define). Each request is an event with the acting admin as
 //! its actor. Everything here but an order's own saga is for admins.
 
+use std::time::Duration;
+
 use async_graphql::connection::{Connection, Edge};
 use async_graphql::{Context, Enum, InputObject, Json, Object, SimpleObject};
 use chrono::{DateTime, Utc};
@@ -12,16 +14,15 @@ use uuid::Uuid;
 use super::access::{AdminOnly, command_context};
 use super::commerce::refused;
 use super::error::{ApiError, ErrorCode, UserError};
-use super::{Page, TotalCount, page_size};
-use crate::commerce::Sagas;
+use super::{Page, TotalCount, max_page_size, page_size};
+use crate::commerce::{CommandError, Sagas};
 use crate::domain::saga::{
     MAX_REASON_CHARS, ORDER_FULFILMENT, ParkCause, Saga as SagaRecord, SagaDefinition,
     SagaStatus as DomainSagaStatus, StepAction, StepDefinition, StepRetry, StepState,
     StepStatus as DomainStepStatus,
 };
-use crate::event_store::StoreError;
 use crate::event_store::repository::Loaded;
-use crate::sagas::{SagaCursor, SagaFilter, SagaInstance, SagaStore};
+use crate::sagas::{SagaCursor, SagaFilter, SagaInstance};
 
 pub(super) fn sagas<'a>(ctx: &Context<'a>) -> &'a Sagas {
     ctx.data_unchecked::<Sagas>()
@@ -406,6 +407,15 @@ pub struct RetryParkedSagasPayload {
     pub errors: Vec<UserError>,
 }
 
+#[derive(SimpleObject, Default)]
+pub struct CompensateSagasPayload {
+    /// The sagas whose compensation was requested, as the request left them.
+    pub compensated: Vec<Saga>,
+    /// Sagas the request refused or failed on (one already finished, say):
+    /// the field is the saga's id.
+    pub errors: Vec<UserError>,
+}
+
 fn parse_cursor(text: &str) -> Result<SagaCursor, ApiError> {
     let invalid = || ApiError::invalid("after", "not a cursor this API returned");
     let (micros, id) = text.split_once(':').ok_or_else(invalid)?;
@@ -427,28 +437,14 @@ fn cursor(instance: &SagaInstance) -> String {
     )
 }
 
-/// Sagas matching `filter`. An order has one saga per type, so a filter by
-/// order counts a handful of rows.
-async fn count_sagas(store: &dyn SagaStore, filter: &SagaFilter) -> Result<u64, StoreError> {
-    if filter.correlation_id.is_some() {
-        return Ok(store.list(filter, None, 1_000).await?.len() as u64);
-    }
-    Ok(store
-        .count_by_status()
-        .await?
-        .into_iter()
-        .filter(|(status, _)| filter.status.is_none_or(|wanted| wanted == *status))
-        .map(|(_, count)| count)
-        .sum())
-}
-
 #[derive(Default)]
 pub struct SagaQuery;
 
 #[Object]
 impl SagaQuery {
-    /// Sagas, oldest first, optionally of one order (`correlationId`) or in
-    /// one status (PARKED ones need a human). For admins.
+    /// Sagas, oldest first, optionally of one order (`correlationId`), in
+    /// one status (PARKED ones need a human), or overdue (stuck: due to run
+    /// for at least `overdueForSeconds`). For admins.
     #[graphql(
         guard = "AdminOnly",
         complexity = "super::page_cost(first, child_complexity)"
@@ -458,15 +454,29 @@ impl SagaQuery {
         ctx: &Context<'_>,
         correlation_id: Option<Uuid>,
         status: Option<SagaStatus>,
+        #[graphql(
+            desc = "Only sagas that have been due to run for at least this many seconds (0: every saga due now) and still have not: none is parked, finished or waiting for a retry. Such a saga is stuck: no runner is up, or one holds it while a step waits (see `leaseOwner`)."
+        )]
+        overdue_for_seconds: Option<i32>,
         #[graphql(desc = "Page size (default 50, at most the server's maximum page size).")]
         first: Option<i32>,
         #[graphql(desc = "Cursor of the last saga already seen.")] after: Option<String>,
     ) -> Result<Page<SagaSummary>, ApiError> {
         let first = page_size(ctx, first)?;
         let after_cursor = after.as_deref().map(parse_cursor).transpose()?;
+        let overdue_by = overdue_for_seconds
+            .map(|seconds| match u64::try_from(seconds) {
+                Ok(seconds) => Ok(Duration::from_secs(seconds)),
+                Err(_) => Err(ApiError::invalid(
+                    "overdueForSeconds",
+                    "must be 0 or more seconds",
+                )),
+            })
+            .transpose()?;
         let filter = SagaFilter {
             correlation_id,
             status: status.map(Into::into),
+            overdue_by,
         };
         let mut rows = sagas(ctx)
             .store()
@@ -477,7 +487,7 @@ impl SagaQuery {
         let store = sagas(ctx).store().clone();
         let total = TotalCount::new(move || {
             let (store, filter) = (store.clone(), filter.clone());
-            Box::pin(async move { count_sagas(store.as_ref(), &filter).await })
+            Box::pin(async move { store.count(&filter).await })
         });
         let mut connection =
             Connection::with_additional_fields(after.is_some(), has_next_page, total);
@@ -594,35 +604,8 @@ impl SagaMutation {
             .retry_parked(park_cause.map(Into::into), first, &context)
             .await
             .map_err(super::error::command_failure)?;
-        let mut payload = RetryParkedSagasPayload::default();
-        // Every saga's outcome is reported, a store failure on one too: the
-        // retries before it are written, and the admin must see them.
-        for (saga_id, outcome) in outcomes {
-            match outcome {
-                Ok(written) => payload.retried.push(Saga::new(
-                    written.id,
-                    Loaded {
-                        state: written.state,
-                        version: written.version,
-                    },
-                )),
-                Err(error) => {
-                    let error = super::error::user_error(error).unwrap_or_else(|failure| {
-                        tracing::warn!(%saga_id, ?failure, "retrying a parked saga failed");
-                        UserError::new(
-                            ErrorCode::Internal,
-                            None,
-                            "the retry could not be written; try again",
-                        )
-                    });
-                    payload.errors.push(UserError {
-                        field: Some(saga_id.to_string()),
-                        ..error
-                    });
-                }
-            }
-        }
-        Ok(payload)
+        let (retried, errors) = bulk_outcomes(outcomes, "retry");
+        Ok(RetryParkedSagasPayload { retried, errors })
     }
 
     /// Undoes a running saga: its effects are compensated and the order
@@ -637,6 +620,76 @@ impl SagaMutation {
         let context = command_context(ctx)?;
         saga_payload(refused(sagas(ctx).compensate(id, &reason, &context)).await?)
     }
+
+    /// Undoes each of `ids` as `compensateSaga` does, with the same
+    /// `reason`: the runbook's way out for overdue sagas an admin gives up
+    /// on. At most the server's page size at once; one saga's refusal (it
+    /// finished meanwhile, say) stops none of the others. For admins.
+    #[graphql(guard = "AdminOnly")]
+    async fn compensate_sagas(
+        &self,
+        ctx: &Context<'_>,
+        ids: Vec<Uuid>,
+        reason: String,
+    ) -> Result<CompensateSagasPayload, ApiError> {
+        let most = max_page_size(ctx);
+        if ids.len() > most as usize {
+            return Err(ApiError::invalid(
+                "ids",
+                format!("at most {most} sagas at once"),
+            ));
+        }
+        let context = command_context(ctx)?;
+        let mut outcomes = Vec::with_capacity(ids.len());
+        let mut seen = std::collections::HashSet::new();
+        for id in ids.into_iter().filter(|id| seen.insert(*id)) {
+            outcomes.push((id, sagas(ctx).compensate(id, &reason, &context).await));
+        }
+        let (compensated, errors) = bulk_outcomes(outcomes, "compensation");
+        Ok(CompensateSagasPayload {
+            compensated,
+            errors,
+        })
+    }
+}
+
+/// A bulk request's outcomes, each saga's written state or its error (the
+/// field is the saga's id). A store failure on one is reported too: the
+/// writes before it stand, and the admin must see them.
+fn bulk_outcomes(
+    outcomes: Vec<(
+        Uuid,
+        Result<crate::commerce::Written<SagaRecord>, CommandError>,
+    )>,
+    request: &str,
+) -> (Vec<Saga>, Vec<UserError>) {
+    let (mut written_sagas, mut errors) = (Vec::new(), Vec::new());
+    for (saga_id, outcome) in outcomes {
+        match outcome {
+            Ok(written) => written_sagas.push(Saga::new(
+                written.id,
+                Loaded {
+                    state: written.state,
+                    version: written.version,
+                },
+            )),
+            Err(error) => {
+                let error = super::error::user_error(error).unwrap_or_else(|failure| {
+                    tracing::warn!(%saga_id, ?failure, request, "a saga's bulk request failed");
+                    UserError::new(
+                        ErrorCode::Internal,
+                        None,
+                        format!("the {request} could not be written; try again"),
+                    )
+                });
+                errors.push(UserError {
+                    field: Some(saga_id.to_string()),
+                    ..error
+                });
+            }
+        }
+    }
+    (written_sagas, errors)
 }
 
 fn saga_payload(

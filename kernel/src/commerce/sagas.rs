@@ -318,6 +318,7 @@ impl Sagas {
         let filter = SagaFilter {
             correlation_id: None,
             status: Some(SagaStatus::Parked),
+            overdue_by: None,
         };
         let mut outcomes = Vec::new();
         let (mut after, mut scanned) = (None, 0);

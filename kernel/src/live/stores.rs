@@ -226,6 +226,10 @@ impl SagaStore for NotifyingSagaStore {
         self.inner.list(filter, after, limit).await
     }
 
+    async fn count(&self, filter: &SagaFilter) -> Result<u64, StoreError> {
+        self.inner.count(filter).await
+    }
+
     async fn count_live_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {
         self.inner.count_live_by_status().await
     }

@@ -480,6 +480,29 @@ pub fn net<'a>(changes: impl IntoIterator<Item = &'a ViewChange>) -> Vec<ViewCha
         .collect()
 }
 
+/// A projection's views rebuilt beside the live ones: temporary tables on
+/// a connection of their own, which only that connection sees and which
+/// go with it. Queries keep reading the live views, whole, until
+/// [`ShadowView::swap`] replaces their rows in one transaction; a shadow
+/// dropped before that (a failure, a cancelled request, a killed process)
+/// leaves nothing behind and the live views as they were.
+#[async_trait]
+pub trait ShadowView: Send {
+    /// Writes `changes` (of the projection's events, in log order) to the
+    /// shadow tables.
+    async fn apply(&mut self, changes: Vec<ViewChange>) -> Result<(), StoreError>;
+
+    /// Begins the swap's transaction: locks the live checkpoint, so every
+    /// process's projector waits for this projection until the swap
+    /// commits (on SQLite, every writer waits: keep what follows short),
+    /// and returns it. Changes applied after this are part of the swap.
+    async fn lock_live(&mut self) -> Result<Position, StoreError>;
+
+    /// After [`Self::lock_live`]: replaces the live views' rows with the
+    /// shadow's, moves the checkpoint to `at`, and commits.
+    async fn swap(self: Box<Self>, at: Position) -> Result<(), StoreError>;
+}
+
 /// Storage of the views and their checkpoints; one implementation per backend.
 #[async_trait]
 pub trait ViewStore: Send + Sync {
@@ -495,6 +518,10 @@ pub trait ViewStore: Send + Sync {
     /// Empties the projection's views and moves its checkpoint to the start,
     /// in one transaction (waiting for a batch in progress to finish).
     async fn reset(&self, projection: ProjectionName) -> Result<(), StoreError>;
+
+    /// Empty shadow tables for `projection`, on a connection of their own,
+    /// to rebuild it beside the live views ([`Projector::rebuild`]).
+    async fn shadow(&self, projection: ProjectionName) -> Result<Box<dyn ShadowView>, StoreError>;
 
     async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError>;
 
@@ -1061,22 +1088,76 @@ impl Projector {
         }
     }
 
-    /// Empties a projection and replays it from the start of the log; returns
-    /// once it has caught up with the log as it was when the rebuild began
-    /// (or after `timeout`, while it keeps catching up in the background).
+    /// Rebuilds a projection from the start of the log without queries
+    /// ever seeing it half-built ([`Self::rebuild_now`]). Returns true once
+    /// swapped, or false after `timeout` while the rebuild goes on in the
+    /// background (a request that started it may end; the rebuild does not).
     pub async fn rebuild(
         &self,
         projection: ProjectionName,
         timeout: Duration,
     ) -> Result<bool, StoreError> {
-        let head = self.store.head().await?;
-        self.views.reset(projection).await?;
+        let projector = self.clone();
+        let rebuild = tokio::spawn(async move {
+            let rebuilt = projector.rebuild_now(projection).await;
+            if let Err(error) = &rebuilt {
+                tracing::warn!(projection = projection.as_str(), %error, "rebuild failed; the live views are unchanged");
+            }
+            rebuilt
+        });
+        match tokio::time::timeout(timeout, rebuild).await {
+            Ok(Ok(rebuilt)) => rebuilt.map(|()| true),
+            Ok(Err(stopped)) => Err(StoreError::Corrupt(format!(
+                "the rebuild of {} stopped: {stopped}",
+                projection.as_str()
+            ))),
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// The rebuild itself: the log is replayed into shadow tables
+    /// ([`ViewStore::shadow`]) while the live views keep answering; then,
+    /// with the live checkpoint locked, the events written meanwhile are
+    /// replayed too and the shadow's rows replace the live ones in one
+    /// transaction. Dropping the future drops the shadow and changes
+    /// nothing.
+    pub async fn rebuild_now(&self, projection: ProjectionName) -> Result<(), StoreError> {
+        let mut shadow = self.views.shadow(projection).await?;
+        let mut at = Position::START;
+        while self.replay_batch(projection, &mut shadow, &mut at).await? {}
+        let live = shadow.lock_live().await?;
+        // Every projector waits now. What they applied was readable, so
+        // this replay, which reads to the log's end, has it too.
+        while self.replay_batch(projection, &mut shadow, &mut at).await? {}
+        shadow.swap(at.max(live)).await?;
         self.resets.fetch_add(1, Ordering::AcqRel);
         self.lock_written().remove(&projection);
-        self.catch_up_from_written(&[projection])
-            .await
-            .map_err(|failure| failure.error)?;
-        self.wait_for(&[projection], head, timeout).await
+        self.nudge();
+        Ok(())
+    }
+
+    /// Replays the next batch of `projection`'s events after `at` into
+    /// `shadow`, moving `at` to its last; returns whether more may follow.
+    async fn replay_batch(
+        &self,
+        projection: ProjectionName,
+        shadow: &mut Box<dyn ShadowView>,
+        at: &mut Position,
+    ) -> Result<bool, StoreError> {
+        let events = self
+            .store
+            .read_all_matching(&Self::filter(projection), *at, BATCH_SIZE)
+            .await?;
+        let Some(last) = events.last() else {
+            return Ok(false);
+        };
+        let mut changes = Vec::new();
+        for event in &events {
+            changes.extend(project(projection, event)?);
+        }
+        shadow.apply(net(changes.iter())).await?;
+        *at = last.position;
+        Ok(events.len() >= BATCH_SIZE as usize)
     }
 
     /// Each projection's position against the head of the log.

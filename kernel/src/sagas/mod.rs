@@ -111,6 +111,12 @@ pub enum Committed {
 pub struct SagaFilter {
     pub correlation_id: Option<Uuid>,
     pub status: Option<SagaStatus>,
+    /// Only sagas overdue by at least this long: due to run (neither
+    /// finished nor parked, no retry waiting) since at least this long ago by
+    /// the database's clock. A saga normally runs within milliseconds of
+    /// being due, so one overdue by minutes is stuck: no runner is up, or
+    /// one holds its lease while a step waits on a provider.
+    pub overdue_by: Option<std::time::Duration>,
 }
 
 /// Cursor of a saga listing: sagas are listed oldest first.
@@ -206,6 +212,9 @@ pub trait SagaStore: Send + Sync {
         after: Option<SagaCursor>,
         limit: u32,
     ) -> Result<Vec<SagaInstance>, StoreError>;
+
+    /// How many sagas match `filter` (what [`Self::list`] would page through).
+    async fn count(&self, filter: &SagaFilter) -> Result<u64, StoreError>;
 
     /// How many sagas are in each status.
     async fn count_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError>;

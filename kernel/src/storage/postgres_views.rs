@@ -7,18 +7,18 @@ use super::connection_shelf::ConnectionShelf;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{PgConnection, Postgres, Transaction};
+use sqlx::{ConnectOptions as _, PgConnection};
 use uuid::Uuid;
 
 use super::views::{
-    FINAL_STATUSES, KPI_STATUSES, count, email_condition, from_json, kpi_statuses, money, status,
-    tables, to_json,
+    FINAL_STATUSES, KPI_STATUSES, ViewTables, count, email_condition, from_json, kpi_statuses,
+    money, shadow_table, status, tables, to_json,
 };
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
     InventoryView, OrderFilter, OrderKpis, OrderView, ProductView, ProjectionBatch, ProjectionName,
-    ReservationView, ViewChange, ViewStore, email_key, nearest_rank, net,
+    ReservationView, ShadowView, ViewChange, ViewStore, email_key, nearest_rank, net,
 };
 
 /// [`ViewStore`] on Postgres.
@@ -120,13 +120,15 @@ fn order_view(row: OrderRow) -> Result<OrderView, StoreError> {
     })
 }
 
-async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), StoreError> {
+async fn apply_change(
+    tx: &mut PgConnection,
+    change: &ViewChange,
+    tables: ViewTables,
+) -> Result<(), StoreError> {
     match change {
         ViewChange::InsertProduct(p) => {
-            sqlx::query(
-                "INSERT INTO product_views (product_id, sku, name, price_amount, currency, active, \
-                 version, created_at, updated_at) VALUES ($1, $2, $3, $4::numeric, $5, $6, $7, $8, $9)",
-            )
+            sqlx::query(&tables.sql("INSERT INTO product_views (product_id, sku, name, price_amount, currency, active, \
+                 version, created_at, updated_at) VALUES ($1, $2, $3, $4::numeric, $5, $6, $7, $8, $9)"))
             .bind(p.product_id)
             .bind(&p.sku)
             .bind(&p.name)
@@ -147,12 +149,12 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
             version,
             at,
         } => {
-            sqlx::query(
+            sqlx::query(&tables.sql(
                 "UPDATE product_views SET name = coalesce($2, name), \
                  price_amount = coalesce($3::numeric, price_amount), \
                  currency = coalesce($4, currency), active = coalesce($5, active), \
                  version = $6, updated_at = $7 WHERE product_id = $1",
-            )
+            ))
             .bind(product_id)
             .bind(name)
             .bind(price.map(|p| p.amount().to_string()))
@@ -170,14 +172,14 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
             version,
             at,
         } => {
-            sqlx::query(
+            sqlx::query(&tables.sql(
                 "INSERT INTO inventory_views (product_id, on_hand, reserved, version, updated_at) \
                  VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (product_id) DO UPDATE SET \
                  on_hand = inventory_views.on_hand + excluded.on_hand, \
                  reserved = inventory_views.reserved + excluded.reserved, \
                  version = excluded.version, updated_at = excluded.updated_at",
-            )
+            ))
             .bind(product_id)
             .bind(on_hand_delta)
             .bind(reserved_delta)
@@ -187,9 +189,9 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
             .await?;
         }
         ViewChange::InsertReservation(r) => {
-            sqlx::query(&format!(
+            sqlx::query(&tables.sql(&format!(
                 "INSERT INTO reservation_views ({RESERVATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
-            ))
+            )))
             .bind(r.reservation_id)
             .bind(r.product_id)
             .bind(&r.owner)
@@ -200,18 +202,18 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
             .await?;
         }
         ViewChange::DeleteReservation { reservation_id } => {
-            sqlx::query("DELETE FROM reservation_views WHERE reservation_id = $1")
+            sqlx::query(&tables.sql("DELETE FROM reservation_views WHERE reservation_id = $1"))
                 .bind(reservation_id)
                 .execute(tx)
                 .await?;
         }
         ViewChange::InsertOrder(o) => {
-            sqlx::query(
+            sqlx::query(&tables.sql(
                 "INSERT INTO order_views (order_id, customer_id, status, total_amount, currency, \
                  reason, lines, shipping_address, payment_method, version, created_at, updated_at, \
                  email, email_key) \
                  VALUES ($1, $2, $3, $4::numeric, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            )
+            ))
             .bind(o.order_id)
             .bind(o.customer_id)
             .bind(o.status.as_str())
@@ -236,10 +238,10 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
             version,
             at,
         } => {
-            sqlx::query(
+            sqlx::query(&tables.sql(
                 "UPDATE order_views SET status = $2, reason = coalesce($3, reason), version = $4, \
                  updated_at = $5 WHERE order_id = $1",
-            )
+            ))
             .bind(order_id)
             .bind(status.as_str())
             .bind(reason)
@@ -257,7 +259,11 @@ async fn apply_change(tx: &mut PgConnection, change: &ViewChange) -> Result<(), 
 /// reservations, one for the released ones, one for all order status
 /// changes. Product changes and new orders go row by row (one of each per
 /// product or order created, never per step).
-async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result<(), StoreError> {
+async fn apply_netted(
+    tx: &mut PgConnection,
+    changes: Vec<ViewChange>,
+    tables: ViewTables,
+) -> Result<(), StoreError> {
     let mut stock = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut reserved = (
         Vec::new(),
@@ -273,7 +279,7 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
         match change {
             ViewChange::InsertProduct(_)
             | ViewChange::UpdateProduct { .. }
-            | ViewChange::InsertOrder(_) => apply_change(&mut *tx, &change).await?,
+            | ViewChange::InsertOrder(_) => apply_change(&mut *tx, &change, tables).await?,
             ViewChange::AdjustInventory {
                 product_id,
                 on_hand_delta,
@@ -312,7 +318,7 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
         }
     }
     if !stock.0.is_empty() {
-        sqlx::query(
+        sqlx::query(&tables.sql(
             "INSERT INTO inventory_views (product_id, on_hand, reserved, version, updated_at) \
              SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::integer[], \
              $5::timestamptz[]) \
@@ -320,7 +326,7 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
              on_hand = inventory_views.on_hand + excluded.on_hand, \
              reserved = inventory_views.reserved + excluded.reserved, \
              version = excluded.version, updated_at = excluded.updated_at",
-        )
+        ))
         .bind(stock.0)
         .bind(stock.1)
         .bind(stock.2)
@@ -330,11 +336,11 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
         .await?;
     }
     if !reserved.0.is_empty() {
-        sqlx::query(&format!(
+        sqlx::query(&tables.sql(&format!(
             "INSERT INTO reservation_views ({RESERVATION_COLUMNS}) \
              SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::integer[], \
              $5::timestamptz[], $6::timestamptz[])"
-        ))
+        )))
         .bind(reserved.0)
         .bind(reserved.1)
         .bind(reserved.2)
@@ -345,19 +351,19 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
         .await?;
     }
     if !released.is_empty() {
-        sqlx::query("DELETE FROM reservation_views WHERE reservation_id = ANY($1)")
+        sqlx::query(&tables.sql("DELETE FROM reservation_views WHERE reservation_id = ANY($1)"))
             .bind(released)
             .execute(&mut *tx)
             .await?;
     }
     if !statuses.0.is_empty() {
-        sqlx::query(
+        sqlx::query(&tables.sql(
             "UPDATE order_views o SET status = n.status, reason = coalesce(n.reason, o.reason), \
              version = n.version, updated_at = n.updated_at \
              FROM unnest($1::uuid[], $2::text[], $3::text[], $4::integer[], $5::timestamptz[]) \
              AS n(order_id, status, reason, version, updated_at) \
              WHERE o.order_id = n.order_id",
-        )
+        ))
         .bind(statuses.0)
         .bind(statuses.1)
         .bind(statuses.2)
@@ -372,14 +378,14 @@ async fn apply_netted(tx: &mut PgConnection, changes: Vec<ViewChange>) -> Result
 /// Locks the checkpoint row of `projection` (waiting for a batch in
 /// progress) and returns it.
 async fn lock_checkpoint(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut PgConnection,
     projection: ProjectionName,
 ) -> Result<Option<Position>, StoreError> {
     let row: Option<(i64, i64)> = sqlx::query_as(
         "SELECT transaction_id, sequence FROM projection_checkpoints WHERE name = $1 FOR UPDATE",
     )
     .bind(projection.as_str())
-    .fetch_optional(&mut **tx)
+    .fetch_optional(tx)
     .await?;
     Ok(row.map(|(transaction_id, sequence)| Position {
         transaction_id,
@@ -388,7 +394,7 @@ async fn lock_checkpoint(
 }
 
 async fn set_checkpoint(
-    tx: &mut Transaction<'_, Postgres>,
+    tx: &mut PgConnection,
     projection: ProjectionName,
     to: Position,
 ) -> Result<(), StoreError> {
@@ -399,9 +405,53 @@ async fn set_checkpoint(
     .bind(projection.as_str())
     .bind(to.transaction_id)
     .bind(to.sequence)
-    .execute(&mut **tx)
+    .execute(tx)
     .await?;
     Ok(())
+}
+
+/// A rebuild's shadow tables on Postgres ([`ShadowView`]).
+struct PostgresShadow {
+    connection: PgConnection,
+    projection: ProjectionName,
+}
+
+#[async_trait]
+impl ShadowView for PostgresShadow {
+    async fn apply(&mut self, changes: Vec<ViewChange>) -> Result<(), StoreError> {
+        apply_netted(&mut self.connection, changes, ViewTables::Shadow).await
+    }
+
+    async fn lock_live(&mut self) -> Result<Position, StoreError> {
+        sqlx::query("BEGIN").execute(&mut self.connection).await?;
+        lock_checkpoint(&mut self.connection, self.projection)
+            .await?
+            .ok_or_else(|| no_checkpoint(self.projection))
+    }
+
+    async fn swap(mut self: Box<Self>, at: Position) -> Result<(), StoreError> {
+        let connection = &mut self.connection;
+        for table in tables(self.projection) {
+            // Readers keep seeing the old rows until the commit.
+            sqlx::query(&format!("DELETE FROM {table}"))
+                .execute(&mut *connection)
+                .await?;
+            sqlx::query(&format!(
+                "INSERT INTO {table} SELECT * FROM {}",
+                shadow_table(table)
+            ))
+            .execute(&mut *connection)
+            .await?;
+        }
+        set_checkpoint(connection, self.projection, at).await?;
+        sqlx::query("COMMIT").execute(&mut *connection).await?;
+        sqlx::Connection::close(self.connection).await?;
+        Ok(())
+    }
+}
+
+fn no_checkpoint(projection: ProjectionName) -> StoreError {
+    StoreError::Corrupt(format!("no checkpoint row for {}", projection.as_str()))
 }
 
 #[async_trait]
@@ -413,9 +463,7 @@ impl ViewStore for PostgresViewStore {
         .bind(projection.as_str())
         .fetch_optional(&self.connections)
         .await?;
-        let (transaction_id, sequence) = row.ok_or_else(|| {
-            StoreError::Corrupt(format!("no checkpoint row for {}", projection.as_str()))
-        })?;
+        let (transaction_id, sequence) = row.ok_or_else(|| no_checkpoint(projection))?;
         Ok(Position {
             transaction_id,
             sequence,
@@ -453,6 +501,7 @@ impl ViewStore for PostgresViewStore {
         apply_netted(
             &mut tx,
             net(batches.iter().flat_map(|batch| &batch.changes)),
+            ViewTables::Live,
         )
         .await?;
         let transaction_ids: Vec<i64> = batches.iter().map(|b| b.to.transaction_id).collect();
@@ -483,6 +532,24 @@ impl ViewStore for PostgresViewStore {
         set_checkpoint(&mut tx, projection, Position::START).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn shadow(&self, projection: ProjectionName) -> Result<Box<dyn ShadowView>, StoreError> {
+        // A connection outside the pool: its temporary tables and its
+        // transaction end with it, however the rebuild ends.
+        let mut connection = self.connections.pool().connect_options().connect().await?;
+        for table in tables(projection) {
+            sqlx::query(&format!(
+                "CREATE TEMPORARY TABLE {} (LIKE {table} INCLUDING ALL)",
+                shadow_table(table)
+            ))
+            .execute(&mut connection)
+            .await?;
+        }
+        Ok(Box::new(PostgresShadow {
+            connection,
+            projection,
+        }))
     }
 
     async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError> {

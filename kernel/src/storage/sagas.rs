@@ -142,6 +142,8 @@ struct Statements {
     hold: String,
     release: String,
     defer: String,
+    /// The database's clock, for statements built per call.
+    now: &'static str,
 }
 
 impl Statements {
@@ -188,6 +190,7 @@ impl Statements {
                  next_run_at = {NOW} + $3, deferrals = deferrals + 1 \
                  WHERE saga_id = $1 AND fencing_token = $2",
             ),
+            now: backend.now,
         }
     }
 }
@@ -301,10 +304,14 @@ fn instance(row: Row) -> Result<SagaInstance, StoreError> {
     })
 }
 
+/// The rows of an admin's listing: `filter`'s sagas, oldest first, after
+/// `after`. `now` is the backend's clock fragment (overdue is by the
+/// database's clock, like every due time).
 fn list_query<'args, DB>(
     filter: &SagaFilter,
     after: Option<SagaCursor>,
     limit: u32,
+    now: &str,
 ) -> QueryBuilder<'args, DB>
 where
     DB: sqlx::Database,
@@ -313,16 +320,7 @@ where
     String: Encode<'args, DB> + Type<DB>,
 {
     let mut query = QueryBuilder::new(format!("SELECT {COLUMNS} FROM saga_instances WHERE TRUE"));
-    if let Some(correlation_id) = filter.correlation_id {
-        query
-            .push(" AND correlation_id = ")
-            .push_bind(correlation_id);
-    }
-    if let Some(status) = filter.status {
-        query
-            .push(" AND status = ")
-            .push_bind(status.as_str().to_string());
-    }
+    push_filter(&mut query, filter, now);
     if let Some(cursor) = after {
         query
             .push(" AND (created_at, saga_id) > (")
@@ -335,6 +333,47 @@ where
         .push(" ORDER BY created_at, saga_id LIMIT ")
         .push_bind(clamp_limit(limit));
     query
+}
+
+/// How many sagas [`list_query`] pages through.
+fn count_query<'args, DB>(filter: &SagaFilter, now: &str) -> QueryBuilder<'args, DB>
+where
+    DB: sqlx::Database,
+    i64: Encode<'args, DB> + Type<DB>,
+    Uuid: Encode<'args, DB> + Type<DB>,
+    String: Encode<'args, DB> + Type<DB>,
+{
+    let mut query = QueryBuilder::new("SELECT COUNT(*) FROM saga_instances WHERE TRUE");
+    push_filter(&mut query, filter, now);
+    query
+}
+
+/// `filter`'s conditions, each ` AND …`. Overdue reads the due index:
+/// only sagas with work to do have a `next_run_at`.
+fn push_filter<'args, DB>(query: &mut QueryBuilder<'args, DB>, filter: &SagaFilter, now: &str)
+where
+    DB: sqlx::Database,
+    i64: Encode<'args, DB> + Type<DB>,
+    Uuid: Encode<'args, DB> + Type<DB>,
+    String: Encode<'args, DB> + Type<DB>,
+{
+    if let Some(correlation_id) = filter.correlation_id {
+        query
+            .push(" AND correlation_id = ")
+            .push_bind(correlation_id);
+    }
+    if let Some(status) = filter.status {
+        query
+            .push(" AND status = ")
+            .push_bind(status.as_str().to_string());
+    }
+    if let Some(overdue_by) = filter.overdue_by {
+        query
+            .push(format!(
+                " AND next_run_at IS NOT NULL AND next_run_at <= {now} - "
+            ))
+            .push_bind(duration_micros(overdue_by));
+    }
 }
 
 /// Binds [`INSERT`]'s parameters: the row a saga starts with, and the
@@ -730,11 +769,20 @@ macro_rules! saga_store {
                 limit: u32,
             ) -> Result<Vec<SagaInstance>, StoreError> {
                 let $rdb = &self.database;
-                let rows: Vec<Row> = list_query(filter, after, limit)
+                let rows: Vec<Row> = list_query(filter, after, limit, self.statements.now)
                     .build_query_as()
                     .fetch_all($reader)
                     .await?;
                 rows.into_iter().map(instance).collect()
+            }
+
+            async fn count(&self, filter: &SagaFilter) -> Result<u64, StoreError> {
+                let $rdb = &self.database;
+                let (count,): (i64,) = count_query(filter, self.statements.now)
+                    .build_query_as()
+                    .fetch_one($reader)
+                    .await?;
+                Ok(u64::try_from(count).unwrap_or(0))
             }
 
             async fn count_by_status(&self) -> Result<Vec<(SagaStatus, u64)>, StoreError> {

@@ -5,18 +5,18 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use sqlx::{Sqlite, SqliteConnection, Transaction};
+use sqlx::{ConnectOptions as _, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::views::{
-    FINAL_STATUSES, KPI_STATUSES, count, email_condition, from_json, kpi_statuses, money, status,
-    tables, to_json,
+    FINAL_STATUSES, KPI_STATUSES, ViewTables, count, email_condition, from_json, kpi_statuses,
+    money, shadow_table, status, tables, to_json,
 };
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
 use crate::projections::{
     InventoryView, OrderFilter, OrderKpis, OrderView, ProductView, ProjectionBatch, ProjectionName,
-    ReservationView, ViewChange, ViewStore, email_key, nearest_rank, net,
+    ReservationView, ShadowView, ViewChange, ViewStore, email_key, nearest_rank, net,
 };
 
 use super::sqlite::SqliteDatabase;
@@ -112,13 +112,17 @@ fn order_view(row: OrderRow) -> Result<OrderView, StoreError> {
     })
 }
 
-async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<(), StoreError> {
+async fn apply_change(
+    tx: &mut SqliteConnection,
+    change: &ViewChange,
+    tables: ViewTables,
+) -> Result<(), StoreError> {
     match change {
         ViewChange::InsertProduct(p) => {
-            sqlx::query(
+            sqlx::query(&tables.sql(
                 "INSERT INTO product_views (product_id, sku, name, price_amount, currency, active, \
                  version, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            )
+            ))
             .bind(p.product_id)
             .bind(&p.sku)
             .bind(&p.name)
@@ -139,12 +143,12 @@ async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<
             version,
             at,
         } => {
-            sqlx::query(
+            sqlx::query(&tables.sql(
                 "UPDATE product_views SET name = coalesce(?2, name), \
                  price_amount = coalesce(?3, price_amount), \
                  currency = coalesce(?4, currency), active = coalesce(?5, active), \
                  version = ?6, updated_at = ?7 WHERE product_id = ?1",
-            )
+            ))
             .bind(product_id)
             .bind(name)
             .bind(price.map(|p| p.amount().to_string()))
@@ -162,14 +166,14 @@ async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<
             version,
             at,
         } => {
-            sqlx::query(
+            sqlx::query(&tables.sql(
                 "INSERT INTO inventory_views (product_id, on_hand, reserved, version, updated_at) \
                  VALUES (?1, ?2, ?3, ?4, ?5) \
                  ON CONFLICT (product_id) DO UPDATE SET \
                  on_hand = inventory_views.on_hand + excluded.on_hand, \
                  reserved = inventory_views.reserved + excluded.reserved, \
                  version = excluded.version, updated_at = excluded.updated_at",
-            )
+            ))
             .bind(product_id)
             .bind(on_hand_delta)
             .bind(reserved_delta)
@@ -179,9 +183,9 @@ async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<
             .await?;
         }
         ViewChange::InsertReservation(r) => {
-            sqlx::query(&format!(
+            sqlx::query(&tables.sql(&format!(
                 "INSERT INTO reservation_views ({RESERVATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-            ))
+            )))
             .bind(r.reservation_id)
             .bind(r.product_id)
             .bind(&r.owner)
@@ -192,18 +196,18 @@ async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<
             .await?;
         }
         ViewChange::DeleteReservation { reservation_id } => {
-            sqlx::query("DELETE FROM reservation_views WHERE reservation_id = ?1")
+            sqlx::query(&tables.sql("DELETE FROM reservation_views WHERE reservation_id = ?1"))
                 .bind(reservation_id)
                 .execute(tx)
                 .await?;
         }
         ViewChange::InsertOrder(o) => {
-            sqlx::query(
+            sqlx::query(&tables.sql(
                 "INSERT INTO order_views (order_id, customer_id, status, total_amount, currency, \
                  reason, lines, shipping_address, payment_method, version, created_at, updated_at, \
                  email, email_key) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-            )
+            ))
             .bind(o.order_id)
             .bind(o.customer_id)
             .bind(o.status.as_str())
@@ -228,10 +232,10 @@ async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<
             version,
             at,
         } => {
-            sqlx::query(
+            sqlx::query(&tables.sql(
                 "UPDATE order_views SET status = ?2, reason = coalesce(?3, reason), version = ?4, \
                  updated_at = ?5 WHERE order_id = ?1",
-            )
+            ))
             .bind(order_id)
             .bind(status.as_str())
             .bind(reason)
@@ -247,14 +251,14 @@ async fn apply_change(tx: &mut SqliteConnection, change: &ViewChange) -> Result<
 /// The checkpoint of `projection`, read inside a write transaction (which
 /// holds SQLite's single write lock, so nobody else can move it meanwhile).
 async fn read_checkpoint(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut SqliteConnection,
     projection: ProjectionName,
 ) -> Result<Option<Position>, StoreError> {
     let row: Option<(i64, i64)> = sqlx::query_as(
         "SELECT transaction_id, sequence FROM projection_checkpoints WHERE name = ?1",
     )
     .bind(projection.as_str())
-    .fetch_optional(&mut **tx)
+    .fetch_optional(tx)
     .await?;
     Ok(row.map(|(transaction_id, sequence)| Position {
         transaction_id,
@@ -263,7 +267,7 @@ async fn read_checkpoint(
 }
 
 async fn set_checkpoint(
-    tx: &mut Transaction<'_, Sqlite>,
+    tx: &mut SqliteConnection,
     projection: ProjectionName,
     to: Position,
 ) -> Result<(), StoreError> {
@@ -274,9 +278,70 @@ async fn set_checkpoint(
     .bind(projection.as_str())
     .bind(to.transaction_id)
     .bind(to.sequence)
-    .execute(&mut **tx)
+    .execute(tx)
     .await?;
     Ok(())
+}
+
+/// A rebuild's shadow tables on SQLite ([`ShadowView`]).
+struct SqliteShadow {
+    connection: SqliteConnection,
+    projection: ProjectionName,
+    /// Inside the swap's transaction ([`ShadowView::lock_live`]).
+    locked: bool,
+}
+
+#[async_trait]
+impl ShadowView for SqliteShadow {
+    async fn apply(&mut self, changes: Vec<ViewChange>) -> Result<(), StoreError> {
+        if self.locked {
+            for change in &changes {
+                apply_change(&mut self.connection, change, ViewTables::Shadow).await?;
+            }
+            return Ok(());
+        }
+        // One transaction per batch, on the temp database alone. A failed
+        // batch fails the rebuild, whose connection is then dropped.
+        sqlx::query("BEGIN").execute(&mut self.connection).await?;
+        for change in &changes {
+            apply_change(&mut self.connection, change, ViewTables::Shadow).await?;
+        }
+        sqlx::query("COMMIT").execute(&mut self.connection).await?;
+        Ok(())
+    }
+
+    async fn lock_live(&mut self) -> Result<Position, StoreError> {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.connection)
+            .await?;
+        self.locked = true;
+        read_checkpoint(&mut self.connection, self.projection)
+            .await?
+            .ok_or_else(|| no_checkpoint(self.projection))
+    }
+
+    async fn swap(mut self: Box<Self>, at: Position) -> Result<(), StoreError> {
+        let connection = &mut self.connection;
+        for table in tables(self.projection) {
+            sqlx::query(&format!("DELETE FROM main.{table}"))
+                .execute(&mut *connection)
+                .await?;
+            sqlx::query(&format!(
+                "INSERT INTO main.{table} SELECT * FROM temp.{}",
+                shadow_table(table)
+            ))
+            .execute(&mut *connection)
+            .await?;
+        }
+        set_checkpoint(connection, self.projection, at).await?;
+        sqlx::query("COMMIT").execute(&mut *connection).await?;
+        sqlx::Connection::close(self.connection).await?;
+        Ok(())
+    }
+}
+
+fn no_checkpoint(projection: ProjectionName) -> StoreError {
+    StoreError::Corrupt(format!("no checkpoint row for {}", projection.as_str()))
 }
 
 #[async_trait]
@@ -288,9 +353,7 @@ impl ViewStore for SqliteViewStore {
         .bind(projection.as_str())
         .fetch_optional(self.database.reader())
         .await?;
-        let (transaction_id, sequence) = row.ok_or_else(|| {
-            StoreError::Corrupt(format!("no checkpoint row for {}", projection.as_str()))
-        })?;
+        let (transaction_id, sequence) = row.ok_or_else(|| no_checkpoint(projection))?;
         Ok(Position {
             transaction_id,
             sequence,
@@ -305,7 +368,7 @@ impl ViewStore for SqliteViewStore {
             }
         }
         for change in net(batches.iter().flat_map(|batch| &batch.changes)) {
-            apply_change(&mut tx, &change).await?;
+            apply_change(&mut tx, &change, ViewTables::Live).await?;
         }
         for batch in batches {
             set_checkpoint(&mut tx, batch.projection, batch.to).await?;
@@ -324,6 +387,38 @@ impl ViewStore for SqliteViewStore {
         set_checkpoint(&mut tx, projection, Position::START).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn shadow(&self, projection: ProjectionName) -> Result<Box<dyn ShadowView>, StoreError> {
+        // A connection of its own: its temporary tables (kept in this
+        // connection's temp database, so building them takes no lock on
+        // the file) and its transaction end with it.
+        let mut connection = self.database.writer().connect_options().connect().await?;
+        for table in tables(projection) {
+            // The live table's definition (as every migration left it),
+            // keys included, under the shadow's name.
+            let (definition,): (String,) = sqlx::query_as(
+                "SELECT sql FROM main.sqlite_master WHERE type = 'table' AND name = ?1",
+            )
+            .bind(table)
+            .fetch_one(&mut connection)
+            .await?;
+            let columns = definition.find('(').ok_or_else(|| {
+                StoreError::Corrupt(format!("the definition of {table}: {definition}"))
+            })?;
+            sqlx::query(&format!(
+                "CREATE TEMPORARY TABLE {} {}",
+                shadow_table(table),
+                &definition[columns..]
+            ))
+            .execute(&mut connection)
+            .await?;
+        }
+        Ok(Box::new(SqliteShadow {
+            connection,
+            projection,
+            locked: false,
+        }))
     }
 
     async fn product(&self, product_id: Uuid) -> Result<Option<ProductView>, StoreError> {

@@ -1,6 +1,7 @@
 //! Pieces both backends' view stores share: turning stored text back into
 //! domain values, and the tables of each projection.
 
+use std::borrow::Cow;
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
@@ -17,6 +18,44 @@ pub fn tables(projection: ProjectionName) -> &'static [&'static str] {
         ProjectionName::Inventory => &["inventory_views", "reservation_views"],
         ProjectionName::Orders => &["order_views"],
     }
+}
+
+/// Which tables a projection's changes are written to: the live ones that
+/// queries read, or a rebuild's shadow tables beside them (see
+/// [`crate::projections::ShadowView`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewTables {
+    Live,
+    Shadow,
+}
+
+/// Every table of a view, each owned by one projection ([`tables`]).
+const VIEW_TABLES: [&str; 4] = [
+    "product_views",
+    "inventory_views",
+    "reservation_views",
+    "order_views",
+];
+
+impl ViewTables {
+    /// `sql`, written for the live tables, aimed at these. No view's name
+    /// holds another's, so each is replaced on its own.
+    pub fn sql(self, sql: &str) -> Cow<'_, str> {
+        match self {
+            ViewTables::Live => Cow::Borrowed(sql),
+            ViewTables::Shadow => {
+                Cow::Owned(VIEW_TABLES.iter().fold(sql.to_string(), |sql, table| {
+                    sql.replace(table, &shadow_table(table))
+                }))
+            }
+        }
+    }
+}
+
+/// The name of `table`'s shadow: a temporary table, seen only by the
+/// connection of the rebuild that made it and dropped with it.
+pub fn shadow_table(table: &str) -> String {
+    format!("shadow_{table}")
 }
 
 pub fn money(amount: &str, currency: &str) -> Result<Money, StoreError> {
@@ -80,5 +119,22 @@ pub fn email_condition(filter: &OrderFilter, placeholder: &str) -> String {
         format!("email_key = {placeholder}")
     } else {
         format!("{placeholder} IS NULL")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_statements_name_only_shadow_tables() {
+        let live = "UPDATE order_views o SET n = 1 FROM reservation_views r \
+             WHERE inventory_views.on_hand > 0 AND product_views.x = r.y";
+        assert_eq!(ViewTables::Live.sql(live), live);
+        assert_eq!(
+            ViewTables::Shadow.sql(live),
+            "UPDATE shadow_order_views o SET n = 1 FROM shadow_reservation_views r \
+             WHERE shadow_inventory_views.on_hand > 0 AND shadow_product_views.x = r.y"
+        );
     }
 }
