@@ -3048,11 +3048,12 @@ async fn prune_store_deletes_only_what_is_old_enough(db: Arc<TestDatabase>) -> a
     let kernel = RunningKernel::start(&db, &[]).await?;
     let shop = shop::open(&kernel, 5).await?;
     let token = kernel.customer_token(Uuid::now_v7())?;
-    let (old, recent) = (
+    let (old, recent, finished_lately) = (
+        customer_order(&kernel, &token, shop.product).await?,
         customer_order(&kernel, &token, shop.product).await?,
         customer_order(&kernel, &token, shop.product).await?,
     );
-    for order in [old, recent] {
+    for order in [old, recent, finished_lately] {
         confirmed_order_events(&kernel, order).await?;
     }
     // The carts' activity is recorded a moment after the checkout.
@@ -3102,15 +3103,27 @@ async fn prune_store_deletes_only_what_is_old_enough(db: Arc<TestDatabase>) -> a
         ),
         (
             format!(
-                "UPDATE saga_instances SET updated_at = {} WHERE correlation_id = $1",
+                "UPDATE saga_instances SET created_at = {}, updated_at = {} WHERE correlation_id = $1",
+                days_ago(101),
                 days_ago(100)
             ),
             Some(old),
         ),
+        // Started long ago, finished yesterday: not old enough.
+        (
+            format!(
+                "UPDATE saga_instances SET created_at = {}, updated_at = {} WHERE correlation_id = $1",
+                days_ago(200),
+                days_ago(1)
+            ),
+            Some(finished_lately),
+        ),
         // Not final (as a person would find a saga parked a year ago).
         (
             format!(
-                "UPDATE saga_instances SET status = 'PARKED', updated_at = {} WHERE correlation_id = $1",
+                "UPDATE saga_instances SET status = 'PARKED', created_at = {}, updated_at = {} \
+                 WHERE correlation_id = $1",
+                days_ago(401),
                 days_ago(400)
             ),
             Some(recent),
@@ -3165,6 +3178,11 @@ async fn prune_store_deletes_only_what_is_old_enough(db: Arc<TestDatabase>) -> a
         (
             "SELECT COUNT(*) FROM saga_instances WHERE correlation_id = $1",
             Some(recent),
+            1,
+        ),
+        (
+            "SELECT COUNT(*) FROM saga_instances WHERE correlation_id = $1",
+            Some(finished_lately),
             1,
         ),
         (
@@ -3273,13 +3291,25 @@ async fn overdue_sagas_are_listed_and_compensated_in_bulk(
         .await?;
     let finished_saga = body["data"]["order"]["saga"]["id"].clone();
     ensure!(finished_saga.is_string(), "{body}");
-    let body = kernel
-        .graphql(
-            "mutation ($ids: [UUID!]!) { compensateSagas(ids: $ids, reason: \"stuck since the outage\") {
-                compensated { id } errors { field code } } }",
-            json!({ "ids": [stuck_saga, finished_saga, stuck_saga] }),
-        )
-        .await?;
+    let compensate = |reason: &'static str| {
+        let (kernel, ids) = (&kernel, json!([stuck_saga, finished_saga, stuck_saga]));
+        async move {
+            kernel
+                .graphql(
+                    "mutation ($ids: [UUID!]!, $reason: String!) { compensateSagas(ids: $ids, reason: $reason) {
+                        compensated { id } errors { field code } } }",
+                    json!({ "ids": ids, "reason": reason }),
+                )
+                .await
+        }
+    };
+    let body = compensate("  ").await?;
+    ensure!(
+        body["data"]["compensateSagas"]
+            == json!({ "compensated": [], "errors": [{ "field": "reason", "code": "INVALID_INPUT" }] }),
+        "{body}"
+    );
+    let body = compensate("stuck since the outage").await?;
     let payload = &body["data"]["compensateSagas"];
     ensure!(
         payload["compensated"] == json!([{ "id": stuck_saga }]),

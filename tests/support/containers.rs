@@ -57,7 +57,13 @@ pub fn start(postgres_wanted: bool, redis_wanted: bool) -> Containers {
 mod with_docker {
     use testcontainers_modules::postgres::Postgres;
     use testcontainers_modules::redis::{REDIS_PORT, Redis};
+    use testcontainers_modules::testcontainers::ImageExt as _;
     use testcontainers_modules::testcontainers::runners::SyncRunner;
+
+    /// The modules' default images are older than the kernel needs
+    /// (Postgres 13 for `pg_current_xact_id`, Redis 6.2 for `XAUTOCLAIM`).
+    const POSTGRES_TAG: &str = "17-alpine";
+    const REDIS_TAG: &str = "7-alpine";
 
     use super::Urls;
 
@@ -68,14 +74,17 @@ mod with_docker {
         let mut urls = Urls::default();
         let mut running: Vec<Box<dyn std::any::Any>> = Vec::new();
         if postgres_wanted {
-            match Postgres::default().start().and_then(|node| {
-                let url = format!(
-                    "postgres://postgres:postgres@{}:{}/postgres",
-                    node.get_host()?,
-                    node.get_host_port_ipv4(5432)?
-                );
-                Ok((node, url))
-            }) {
+            match Postgres::default()
+                .with_tag(POSTGRES_TAG)
+                .start()
+                .and_then(|node| {
+                    let url = format!(
+                        "postgres://postgres:postgres@{}:{}/postgres",
+                        node.get_host()?,
+                        node.get_host_port_ipv4(5432)?
+                    );
+                    Ok((node, url))
+                }) {
                 Ok((node, url)) => {
                     urls.postgres = Some(url);
                     running.push(Box::new(node));
@@ -86,14 +95,17 @@ mod with_docker {
             }
         }
         if redis_wanted {
-            match Redis::default().start().and_then(|node| {
-                let url = format!(
-                    "redis://{}:{}",
-                    node.get_host()?,
-                    node.get_host_port_ipv4(REDIS_PORT)?
-                );
-                Ok((node, url))
-            }) {
+            match Redis::default()
+                .with_tag(REDIS_TAG)
+                .start()
+                .and_then(|node| {
+                    let url = format!(
+                        "redis://{}:{}",
+                        node.get_host()?,
+                        node.get_host_port_ipv4(REDIS_PORT)?
+                    );
+                    Ok((node, url))
+                }) {
                 Ok((node, url)) => {
                     urls.redis = Some(url);
                     running.push(Box::new(node));

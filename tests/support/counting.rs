@@ -128,6 +128,8 @@ pub struct CountingViews {
     /// Holds a rebuild's shadow after its next batch (see
     /// [`Self::hold_next_shadow_apply`]).
     pub shadow_hold: Arc<ShadowHold>,
+    /// Shadows made: rebuilds that replayed the log.
+    pub shadows: AtomicU64,
 }
 
 /// A rebuild held with its shadow part-built: after its next batch is
@@ -174,6 +176,7 @@ impl CountingViews {
             apply_entered: tokio::sync::Notify::new(),
             apply_released: tokio::sync::Notify::new(),
             shadow_hold: Arc::default(),
+            shadows: AtomicU64::new(0),
         }
     }
 
@@ -227,6 +230,7 @@ impl ViewStore for CountingViews {
         self.inner.reset(projection).await
     }
     async fn shadow(&self, projection: ProjectionName) -> Result<Box<dyn ShadowView>, StoreError> {
+        self.shadows.fetch_add(1, Ordering::SeqCst);
         Ok(Box::new(HeldShadow {
             inner: self.inner.shadow(projection).await?,
             hold: Arc::clone(&self.shadow_hold),

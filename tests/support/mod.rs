@@ -66,9 +66,10 @@ fn configured(name: &str) -> Option<String> {
 /// exits.
 pub fn run_trials(build: impl FnOnce() -> Vec<Trial>) -> ! {
     let args = Arguments::from_args();
+    // Listing the cases needs no servers.
     let containers = containers::start(
-        configured(TEST_DATABASE_URL).is_none(),
-        configured(TEST_REDIS_URL).is_none(),
+        !args.list && configured(TEST_DATABASE_URL).is_none(),
+        !args.list && configured(TEST_REDIS_URL).is_none(),
     );
     let conclusion = libtest_mimic::run(&args, build());
     drop(containers);

@@ -31,7 +31,8 @@ use crate::projections::{
 
 /// Longest a mutation waits for the read models to show its change.
 pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest `rebuildProjections` waits for a rebuild to catch up before returning.
+/// Longest `rebuildProjections` waits for a rebuild to swap before returning
+/// (it goes on in the background after that).
 pub const REBUILD_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(super) fn commerce<'a>(ctx: &Context<'a>) -> &'a Commerce {
@@ -891,7 +892,10 @@ impl CommerceMutation {
                 errors.push(UserError::new(
                     ErrorCode::ReadModelLagging,
                     Some("name"),
-                    format!("{} is still catching up", projection.as_str()),
+                    format!(
+                        "{} is still being rebuilt, in the background",
+                        projection.as_str()
+                    ),
                 ));
             }
         }

@@ -313,13 +313,13 @@ impl TotalCount {
     }
 }
 
-/// `first` checked against the configured maximum page size.
 /// The server's maximum page size, which also bounds a bulk request.
 fn max_page_size(ctx: &Context<'_>) -> u32 {
     ctx.data_opt::<GraphqlLimits>()
         .map_or(GraphqlLimits::default().max_page_size, |l| l.max_page_size)
 }
 
+/// `first` checked against the configured maximum page size.
 fn page_size(ctx: &Context<'_>, first: Option<i32>) -> Result<u32, ApiError> {
     let max = max_page_size(ctx);
     let Some(first) = first else {

@@ -25,8 +25,8 @@ impl RunbookMutation {
     /// reservation is judged once `olderThanSeconds` old). With `repair`,
     /// an ended order's own reservations still held are released by
     /// `ReservationReleased` events, and a read model that disagrees is
-    /// rebuilt from the events (its tables are empty until the rebuild has
-    /// replayed them); rows are never edited. Sets `commerce_inventory_drift_products` to the
+    /// rebuilt from the events (into shadow tables, swapped in at once);
+    /// rows are never edited. Sets `commerce_inventory_drift_products` to the
     /// products left with drift. For admins.
     #[graphql(guard = "AdminOnly")]
     async fn reconcile_inventory(
@@ -57,7 +57,8 @@ impl RunbookMutation {
                 errors.push(UserError::new(
                     ErrorCode::ReadModelLagging,
                     Some("repair"),
-                    "the inventory read model is still catching up after its rebuild".to_string(),
+                    "the inventory read model is still being rebuilt, in the background"
+                        .to_string(),
                 ));
             }
         }

@@ -639,6 +639,13 @@ impl SagaMutation {
                 format!("at most {most} sagas at once"),
             ));
         }
+        // Refused once for all, with its own field, rather than once per saga.
+        if let Err(refused) = crate::domain::clean_text("reason", &reason, MAX_REASON_CHARS) {
+            return Ok(CompensateSagasPayload {
+                compensated: Vec::new(),
+                errors: vec![super::error::user_error(CommandError::Domain(refused))?],
+            });
+        }
         let context = command_context(ctx)?;
         let mut outcomes = Vec::with_capacity(ids.len());
         let mut seen = std::collections::HashSet::new();

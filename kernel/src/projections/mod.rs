@@ -656,6 +656,18 @@ pub struct Projector {
     /// Counts this process's resets (rebuilds), so that a batch applied
     /// just before one does not record its checkpoint after it.
     resets: Arc<AtomicU64>,
+    /// Per projection, the rebuilds of this process.
+    rebuilds: Arc<HashMap<ProjectionName, RebuildSlot>>,
+}
+
+/// A projection's rebuilds in one process: one at a time, and a request
+/// made while one runs joins it instead of replaying the log again.
+#[derive(Default)]
+struct RebuildSlot {
+    /// Held by the rebuild under way.
+    running: tokio::sync::Mutex<()>,
+    /// Rebuilds that swapped.
+    swapped: AtomicU64,
 }
 
 impl Projector {
@@ -669,6 +681,12 @@ impl Projector {
             horizon: None,
             written: Arc::default(),
             resets: Arc::default(),
+            rebuilds: Arc::new(
+                ProjectionName::ALL
+                    .into_iter()
+                    .map(|projection| (projection, RebuildSlot::default()))
+                    .collect(),
+            ),
         }
     }
 
@@ -1005,13 +1023,13 @@ impl Projector {
 
     /// Whether this process's projector moved `projection`'s checkpoint to
     /// `position` or past it: reached, known without a read. Checkpoints
-    /// only move forward, except when a projection is rebuilt: a rebuild
-    /// here forgets what was written (and a batch applied just before it
-    /// does not record it afterwards, see `resets`). A rebuild in another
+    /// only move forward; a rebuild's swap ([`Self::rebuild_now`]) moves
+    /// the checkpoint to where the live one was or past it. A rebuild here
+    /// forgets what was written anyway (and a batch applied just before it
+    /// does not record it afterwards, see `resets`); one in another
     /// process is seen at this process's next round, whose apply finds the
-    /// checkpoint moved, is refused and forgets what was written. Until
-    /// then a read-your-writes wait may be answered from before that reset,
-    /// as a read of the view an instant earlier would have been.
+    /// checkpoint moved, is refused and forgets what was written. What was
+    /// written stays true through a swap: the rebuilt view holds it.
     fn written_past(&self, projection: ProjectionName, position: Position) -> bool {
         self.lock_written()
             .get(&projection)
@@ -1092,6 +1110,8 @@ impl Projector {
     /// ever seeing it half-built ([`Self::rebuild_now`]). Returns true once
     /// swapped, or false after `timeout` while the rebuild goes on in the
     /// background (a request that started it may end; the rebuild does not).
+    /// A request made while this process rebuilds the projection joins that
+    /// rebuild (and runs one of its own only if that one fails).
     pub async fn rebuild(
         &self,
         projection: ProjectionName,
@@ -1099,9 +1119,29 @@ impl Projector {
     ) -> Result<bool, StoreError> {
         let projector = self.clone();
         let rebuild = tokio::spawn(async move {
+            let Some(slot) = projector.rebuilds.get(&projection) else {
+                return projector.rebuild_now(projection).await;
+            };
+            let swapped_before = slot.swapped.load(Ordering::Acquire);
+            let _running = match slot.running.try_lock() {
+                Ok(running) => running,
+                Err(_) => {
+                    let running = slot.running.lock().await;
+                    if slot.swapped.load(Ordering::Acquire) > swapped_before {
+                        // Joined: the rebuild under way when asked swapped.
+                        return Ok(());
+                    }
+                    running
+                }
+            };
             let rebuilt = projector.rebuild_now(projection).await;
-            if let Err(error) = &rebuilt {
-                tracing::warn!(projection = projection.as_str(), %error, "rebuild failed; the live views are unchanged");
+            match &rebuilt {
+                Ok(()) => {
+                    slot.swapped.fetch_add(1, Ordering::AcqRel);
+                }
+                Err(error) => {
+                    tracing::warn!(projection = projection.as_str(), %error, "rebuild failed; the live views are unchanged");
+                }
             }
             rebuilt
         });

@@ -45,7 +45,7 @@ pub struct PruneReport {
 struct Kind {
     table: &'static str,
     key: &'static str,
-    /// The condition besides age (SQL, no parameters).
+    /// The condition besides age (SQL; `$1`, if used, is the cut-off).
     condition: &'static str,
     age: &'static str,
     /// Postgres stores this age as TIMESTAMPTZ, not as microseconds.
@@ -63,7 +63,11 @@ const IDEMPOTENCY_KEYS: Kind = Kind {
 const FINISHED_SAGAS: Kind = Kind {
     table: "saga_instances",
     key: "saga_id",
-    condition: "status IN ('COMPLETED', 'COMPENSATED')",
+    // Created before the cut-off too (a row is updated after it is
+    // created, so this excludes nothing): the finished sagas' index is by
+    // creation, as their last update changes at every step (migration
+    // postgres/0011).
+    condition: "status IN ('COMPLETED', 'COMPENSATED') AND created_at < $1",
     age: "updated_at",
     timestamptz_on_postgres: false,
 };

@@ -5,6 +5,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+use sqlx::pool::PoolConnection;
 use sqlx::{ConnectOptions as _, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
@@ -285,16 +286,21 @@ async fn set_checkpoint(
 
 /// A rebuild's shadow tables on SQLite ([`ShadowView`]).
 struct SqliteShadow {
+    database: SqliteDatabase,
     connection: SqliteConnection,
     projection: ProjectionName,
-    /// Inside the swap's transaction ([`ShadowView::lock_live`]).
-    locked: bool,
+    /// From [`ShadowView::lock_live`] to the swap's end: this process's
+    /// single writer connection, held unused so that the process's other
+    /// writers queue for it (as they do for any write) instead of meeting
+    /// the file's lock and failing after its busy timeout.
+    writer: Option<PoolConnection<Sqlite>>,
 }
 
 #[async_trait]
 impl ShadowView for SqliteShadow {
     async fn apply(&mut self, changes: Vec<ViewChange>) -> Result<(), StoreError> {
-        if self.locked {
+        if self.writer.is_some() {
+            // Inside the swap's transaction.
             for change in &changes {
                 apply_change(&mut self.connection, change, ViewTables::Shadow).await?;
             }
@@ -311,10 +317,10 @@ impl ShadowView for SqliteShadow {
     }
 
     async fn lock_live(&mut self) -> Result<Position, StoreError> {
+        self.writer = Some(self.database.writer().acquire().await?);
         sqlx::query("BEGIN IMMEDIATE")
             .execute(&mut self.connection)
             .await?;
-        self.locked = true;
         read_checkpoint(&mut self.connection, self.projection)
             .await?
             .ok_or_else(|| no_checkpoint(self.projection))
@@ -415,9 +421,10 @@ impl ViewStore for SqliteViewStore {
             .await?;
         }
         Ok(Box::new(SqliteShadow {
+            database: self.database.clone(),
             connection,
             projection,
-            locked: false,
+            writer: None,
         }))
     }
 
