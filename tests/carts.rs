@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use commerce_kernel::carts::{self, ActivityRecorder, CartStore};
 use commerce_kernel::commerce::{
     CartItem, Carts, CheckoutInput, CommandContext, CommandError, Commerce, NewCart, NewProduct,
@@ -667,7 +667,7 @@ async fn abandoned_carts_and_the_abandonment_rate(
         "acknowledged entries are gone"
     );
 
-    let report = log.abandoned(cutoff, None, 10).await?;
+    let report = log.abandoned(Utc::now(), cutoff, None, 10).await?;
     let listed: Vec<Uuid> = report.carts.iter().map(|c| c.cart_id).collect();
     ensure!(
         listed == vec![left_1.id, left_2.id],
@@ -675,6 +675,10 @@ async fn abandoned_carts_and_the_abandonment_rate(
     );
     ensure!(
         report.abandoned == 2 && report.checked_out == 1 && report.active == 1,
+        "{report:?}"
+    );
+    ensure!(
+        report.by_idle_age == [2, 0, 0, 0] && report.expired == 0,
         "{report:?}"
     );
     let rate = report.abandonment_rate().context("rate")?;
@@ -688,7 +692,7 @@ async fn abandoned_carts_and_the_abandonment_rate(
         last_activity_at: report.carts[0].last_activity_at,
         cart_id: report.carts[0].cart_id,
     };
-    let page = log.abandoned(cutoff, Some(cursor), 10).await?;
+    let page = log.abandoned(Utc::now(), cutoff, Some(cursor), 10).await?;
     ensure!(page.carts.iter().map(|c| c.cart_id).collect::<Vec<_>>() == vec![left_2.id]);
     let bought_again = service.cart(bought.id).await?.context("bought")?;
     log.record(&[
@@ -697,8 +701,51 @@ async fn abandoned_carts_and_the_abandonment_rate(
     ])
     .await?;
     ensure!(
-        log.abandoned(cutoff, None, 10).await? == report,
+        log.abandoned(Utc::now(), cutoff, None, 10).await? == report,
         "recording is idempotent"
+    );
+
+    // Abandonment by idle age, as a record kept for a while shows it:
+    // carts left two, ten and forty days ago (expired since), one left
+    // two days ago that would have lived longer, and one bought long ago.
+    // Whole microseconds, as the record keeps times.
+    let now = DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).context("now")?;
+    let days = |n: i64| now - chrono::Duration::days(n);
+    let aged = |idle_days: i64, expires: DateTime<Utc>, bought: bool| carts::CartActivity {
+        cart_id: Uuid::now_v7(),
+        owner: CartOwner::Session("visitor-old".into()),
+        status: if bought {
+            CartStatus::CheckedOut
+        } else {
+            CartStatus::Open
+        },
+        version: 2,
+        line_count: 1,
+        created_at: days(idle_days + 1),
+        updated_at: days(idle_days),
+        expires_at: expires,
+        order_id: bought.then(Uuid::now_v7),
+    };
+    log.record(&[
+        aged(2, days(1), false),
+        aged(2, now + chrono::Duration::days(5), false),
+        aged(10, days(9), false),
+        aged(40, days(39), false),
+        aged(50, days(49), true),
+    ])
+    .await?;
+    let by_age = log.abandoned(now, cutoff, None, 10).await?;
+    ensure!(
+        by_age.abandoned == 6 && by_age.checked_out == 2 && by_age.active == 1,
+        "{by_age:?}"
+    );
+    ensure!(
+        by_age.by_idle_age == [2, 2, 1, 1] && by_age.expired == 3,
+        "{by_age:?}"
+    );
+    ensure!(
+        by_age.carts.first().map(|cart| cart.last_activity_at) == Some(days(40)),
+        "oldest first: {by_age:?}"
     );
     Ok(())
 }

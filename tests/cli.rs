@@ -827,3 +827,74 @@ fn prune_is_a_dry_run_unless_applied() {
         assert!(err.contains(flag), "{flag} {value}: {err}");
     }
 }
+
+/// `abandoned-carts`: the abandonment analysis from the cart record, here
+/// rows written as the activity recorder would have written them days ago:
+/// two carts left (one expired since), one bought. Bad options exit 2.
+#[test]
+fn abandoned_carts_are_counted_by_idle_age() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let run = |args: &[&str]| {
+        let output = kernel(data.path()).args(args).output().expect("run");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, out, _) = run(&["abandoned-carts"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("abandonment rate: none yet"), "{out}");
+
+    let now = chrono::Utc::now();
+    let days = |n: i64| (now - chrono::Duration::days(n)).timestamp_micros();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let url = format!("sqlite://{}", data.path().join("commerce.db").display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("database");
+        // (idle days, expired, checked out)
+        for (idle, expired, bought) in [(2, true, false), (40, false, false), (3, false, true)] {
+            sqlx::query(
+                "INSERT INTO cart_activity (cart_id, owner_kind, owner_id, status, version, \
+                 line_count, created_at, last_activity_at, expires_at, checked_out_at, order_id) \
+                 VALUES (?1, 'session', 'visitor', ?2, 2, 1, ?3, ?4, ?5, ?6, NULL)",
+            )
+            .bind(uuid::Uuid::now_v7())
+            .bind(if bought { "CHECKED_OUT" } else { "OPEN" })
+            .bind(days(idle + 1))
+            .bind(days(idle))
+            .bind(if expired { days(1) } else { days(-5) })
+            .bind(bought.then(|| days(idle)))
+            .execute(&pool)
+            .await
+            .expect("insert");
+        }
+        pool.close().await;
+    });
+    let (code, out, _) = run(&["abandoned-carts", "--hours", "24"]);
+    assert_eq!(code, Some(0), "{out}");
+    for line in [
+        "abandoned (idle 24 h, never checked out): 2 (1 expired)",
+        "checked out: 1",
+        "abandonment rate: 66.7%",
+        "idle under 24 h: 0",
+        "idle 24 h to 168 h: 1",
+        "idle 168 h to 720 h: 0",
+        "idle 720 h or more: 1",
+    ] {
+        assert!(out.lines().any(|printed| printed == line), "{line}:\n{out}");
+    }
+    for bad in [
+        &["--hours", "0"][..],
+        &["--hours", "soon"],
+        &["--days", "2"],
+    ] {
+        let mut args = vec!["abandoned-carts"];
+        args.extend_from_slice(bad);
+        let (code, _, err) = run(&args);
+        assert_eq!(code, Some(2), "{bad:?}: {err}");
+    }
+}

@@ -732,7 +732,7 @@ async fn graphql_carts_check_out_once_and_report_abandonment(
         .await?;
     let left_id = left["data"]["createCart"]["cart"]["id"].clone();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    const REPORT: &str = r#"query { abandonedCarts(hours: 0.00005) { edges { cursor node { cartId sessionId expired } } pageInfo { hasNextPage } totalCount abandonedCount checkedOutCount abandonmentRate } }"#;
+    const REPORT: &str = r#"query { abandonedCarts(hours: 0.00005) { edges { cursor node { cartId sessionId expired } } pageInfo { hasNextPage } totalCount abandonedCount checkedOutCount abandonmentRate expiredCount byIdleAge { idleFromHours idleUnderHours count } } }"#;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let report = loop {
         let report = kernel.graphql(REPORT, json!({})).await?;
@@ -750,6 +750,17 @@ async fn graphql_carts_check_out_once_and_report_abandonment(
         "{report}"
     );
     ensure!(view["abandonmentRate"] == 0.5, "{report}");
+    ensure!(
+        view["expiredCount"] == 0
+            && view["byIdleAge"]
+                == json!([
+                    { "idleFromHours": 0, "idleUnderHours": 24, "count": 1 },
+                    { "idleFromHours": 24, "idleUnderHours": 168, "count": 0 },
+                    { "idleFromHours": 168, "idleUnderHours": 720, "count": 0 },
+                    { "idleFromHours": 720, "idleUnderHours": null, "count": 0 },
+                ]),
+        "{report}"
+    );
     let first = &view["edges"][0]["node"];
     ensure!(
         first["cartId"] == left_id && first["expired"] == false,

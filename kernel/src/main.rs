@@ -55,6 +55,9 @@ commands:
             count (with --apply, delete) idempotency keys, rows of finished
             sagas and cart activity older than N days (30, 90, 365); events
             are never deleted
+  abandoned-carts [--hours H]
+            carts idle H hours (default 24) and never checked out: how many,
+            the abandonment rate, and how long they have been idle
   loadtest [options]
             place orders on a running kernel as a storefront does and
             report orders/s, latencies and CPU per order (`loadtest --help`)
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
             return reconcile_inventory(&args[1..]);
         }
         [first, ..] if first == "prune" => return prune(&args[1..]),
+        [first, ..] if first == "abandoned-carts" => return abandoned_carts(&args[1..]),
         [first, ..] if first == "watch" => return watch(&args[1..]),
         [first, ..] if first == "plugin" => return plugin(&args[1..]),
         [one] => one.as_str(),
@@ -888,6 +892,65 @@ fn prune(args: &[String]) -> ExitCode {
     println!("cart activity: {} {verb}", report.cart_activity);
     if report.dry_run {
         println!("dry run: nothing deleted (--apply deletes)");
+    }
+    ExitCode::SUCCESS
+}
+
+/// `abandoned-carts [--hours H]`: the runbook's abandonment analysis, from
+/// the cart record in the configured database.
+fn abandoned_carts(args: &[String]) -> ExitCode {
+    let hours = match args {
+        [] => 24.0,
+        [flag, value] if flag == "--hours" => match value.parse::<f64>() {
+            Ok(hours) if hours > 0.0 && hours <= 87_600.0 => hours,
+            _ => {
+                eprintln!(
+                    "commerce-kernel abandoned-carts: --hours must be more than 0 and at most 87600\n\n{USAGE}"
+                );
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            eprintln!("commerce-kernel abandoned-carts: the one option is --hours H\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let now = chrono::Utc::now();
+    let cutoff = now - chrono::Duration::milliseconds((hours * 3_600_000.0) as i64);
+    let reported = on_database(|database| async move {
+        database
+            .cart_activity()
+            .abandoned(now, cutoff, None, 0)
+            .await
+            .map_err(|error| error.to_string())
+    });
+    let report = match reported {
+        Ok(Ok(report)) => report,
+        Ok(Err(error)) => {
+            eprintln!("commerce-kernel abandoned-carts: {error}");
+            return ExitCode::FAILURE;
+        }
+        Err(code) => return code,
+    };
+    println!(
+        "abandoned (idle {hours} h, never checked out): {} ({} expired)",
+        report.abandoned, report.expired
+    );
+    println!("checked out: {}", report.checked_out);
+    println!("active (touched within {hours} h): {}", report.active);
+    match report.abandonment_rate() {
+        Some(rate) => println!("abandonment rate: {:.1}%", rate * 100.0),
+        None => println!("abandonment rate: none yet (no cart abandoned or checked out)"),
+    }
+    let bounds = commerce_kernel::carts::IDLE_AGE_BOUNDS.map(|bound| bound.as_secs() / 3_600);
+    for (slot, count) in report.by_idle_age.iter().enumerate() {
+        let from = slot.checked_sub(1).and_then(|below| bounds.get(below));
+        match (from, bounds.get(slot)) {
+            (None, Some(under)) => println!("idle under {under} h: {count}"),
+            (Some(from), Some(under)) => println!("idle {from} h to {under} h: {count}"),
+            (Some(from), None) => println!("idle {from} h or more: {count}"),
+            (None, None) => {}
+        }
     }
     ExitCode::SUCCESS
 }

@@ -281,6 +281,42 @@ pub struct AbandonedCartStats {
     pub active_count: u64,
     /// abandoned / (abandoned + checked out); null when both are 0.
     pub abandonment_rate: Option<f64>,
+    /// The abandoned carts by how long they have been idle: under a day, a
+    /// day to a week, a week to 30 days, 30 days or more.
+    pub by_idle_age: Vec<IdleAgeCount>,
+    /// Abandoned carts past their expiry (the cart store has let them go;
+    /// only this record of them is left, until pruned).
+    pub expired_count: u64,
+}
+
+/// How many abandoned carts have been idle this long.
+#[derive(SimpleObject)]
+pub struct IdleAgeCount {
+    /// Idle at least this many hours…
+    pub idle_from_hours: u32,
+    /// …and less than this many; null: no upper bound.
+    pub idle_under_hours: Option<u32>,
+    pub count: u64,
+}
+
+/// The report's idle-age counts with their bounds, in hours.
+fn idle_ages(counts: [u64; 4]) -> Vec<IdleAgeCount> {
+    let hours: Vec<u32> = crate::carts::IDLE_AGE_BOUNDS
+        .iter()
+        .map(|bound| u32::try_from(bound.as_secs() / 3_600).unwrap_or(u32::MAX))
+        .collect();
+    counts
+        .into_iter()
+        .enumerate()
+        .map(|(slot, count)| IdleAgeCount {
+            idle_from_hours: slot
+                .checked_sub(1)
+                .and_then(|below| hours.get(below).copied())
+                .unwrap_or(0),
+            idle_under_hours: hours.get(slot).copied(),
+            count,
+        })
+        .collect()
 }
 
 fn cursor_text(cart: &AbandonedCartRecord) -> String {
@@ -407,7 +443,7 @@ impl CartQuery {
         // One more than asked for tells whether another page follows.
         let mut report = ctx
             .data_unchecked::<Arc<dyn CartActivityLog>>()
-            .abandoned(cutoff, after_cart, first + 1)
+            .abandoned(now, cutoff, after_cart, first + 1)
             .await?;
         let has_next = report.carts.len() > first as usize;
         report.carts.truncate(first as usize);
@@ -418,6 +454,8 @@ impl CartQuery {
             checked_out_count: report.checked_out,
             active_count: report.active,
             abandonment_rate: report.abandonment_rate(),
+            by_idle_age: idle_ages(report.by_idle_age),
+            expired_count: report.expired,
         };
         let mut connection = Connection::with_additional_fields(after.is_some(), has_next, stats);
         connection.edges.extend(

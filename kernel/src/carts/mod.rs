@@ -161,7 +161,20 @@ pub struct AbandonmentReport {
     pub checked_out: u64,
     /// Touched since the cutoff and not checked out: undecided, so not in the rate.
     pub active: u64,
+    /// The abandoned carts by how long they have been idle: the first
+    /// counts those idle less than [`IDLE_AGE_BOUNDS`]`[0]`, each next one
+    /// from the previous bound, the last those idle longer than every bound.
+    pub by_idle_age: [u64; 4],
+    /// Abandoned carts past their expiry: the cart store has let them go.
+    pub expired: u64,
 }
+
+/// Where the abandonment report's idle ages split: a day, a week, 30 days.
+pub const IDLE_AGE_BOUNDS: [Duration; 3] = [
+    Duration::from_secs(86_400),
+    Duration::from_secs(7 * 86_400),
+    Duration::from_secs(30 * 86_400),
+];
 
 impl AbandonmentReport {
     /// Abandoned carts over decided carts (abandoned or checked out); `None`
@@ -186,9 +199,11 @@ pub trait CartActivityLog: Send + Sync {
     /// the newest version of a cart wins and a checkout is never forgotten.
     async fn record(&self, entries: &[CartActivity]) -> Result<(), StoreError>;
 
-    /// Carts idle since `cutoff` and not checked out, plus the counts.
+    /// Carts idle since `cutoff` and not checked out, plus the counts (idle
+    /// ages and expiry as of `now`).
     async fn abandoned(
         &self,
+        now: DateTime<Utc>,
         cutoff: DateTime<Utc>,
         after: Option<AbandonedCursor>,
         limit: u32,

@@ -16,6 +16,7 @@ use super::postgres::PostgresDatabase;
 use super::sqlite::SqliteDatabase;
 use crate::carts::{
     AbandonedCart, AbandonedCursor, AbandonmentReport, CartActivity, CartActivityLog, CartKpis,
+    IDLE_AGE_BOUNDS,
 };
 use crate::domain::cart::{CartOwner, CartStatus};
 use crate::event_store::StoreError;
@@ -25,11 +26,47 @@ const ABANDONED_COLUMNS: &str =
     "cart_id, owner_kind, owner_id, line_count, created_at, last_activity_at, expires_at";
 type AbandonedRow = (Uuid, String, String, i32, i64, i64, i64);
 
+/// Abandoned (idle since $1), checked out, active; the abandoned by idle
+/// age (idle since $2, $3, $4: the bounds of [`IDLE_AGE_BOUNDS`] before
+/// now), and those expired by $5 (now).
 const COUNTS: &str = "SELECT \
      COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at <= $1 THEN 1 ELSE 0 END), 0), \
      COALESCE(SUM(CASE WHEN checked_out_at IS NOT NULL THEN 1 ELSE 0 END), 0), \
-     COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at > $1 THEN 1 ELSE 0 END), 0) \
+     COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at > $1 THEN 1 ELSE 0 END), 0), \
+     COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at <= $1 \
+       AND last_activity_at > $2 THEN 1 ELSE 0 END), 0), \
+     COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at <= $1 \
+       AND last_activity_at <= $2 AND last_activity_at > $3 THEN 1 ELSE 0 END), 0), \
+     COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at <= $1 \
+       AND last_activity_at <= $3 AND last_activity_at > $4 THEN 1 ELSE 0 END), 0), \
+     COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at <= $1 \
+       AND last_activity_at <= $4 THEN 1 ELSE 0 END), 0), \
+     COALESCE(SUM(CASE WHEN checked_out_at IS NULL AND last_activity_at <= $1 \
+       AND expires_at <= $5 THEN 1 ELSE 0 END), 0) \
      FROM cart_activity";
+
+type Counts = (i64, i64, i64, i64, i64, i64, i64, i64);
+
+/// [`COUNTS`] as of `now`, for carts idle since `cutoff`.
+fn counts_query<'q, DB>(
+    now: DateTime<Utc>,
+    cutoff: i64,
+) -> sqlx::query::QueryAs<'q, DB, Counts, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    i64: Encode<'q, DB> + Type<DB>,
+    Counts: for<'r> sqlx::FromRow<'r, DB::Row>,
+{
+    let before = |age: std::time::Duration| {
+        (now - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX)).timestamp_micros()
+    };
+    sqlx::query_as(COUNTS)
+        .bind(cutoff)
+        .bind(before(IDLE_AGE_BOUNDS[0]))
+        .bind(before(IDLE_AGE_BOUNDS[1]))
+        .bind(before(IDLE_AGE_BOUNDS[2]))
+        .bind(now.timestamp_micros())
+}
 
 /// Carts created in [$1, $2): all, checked out, idle since $3 and not
 /// checked out.
@@ -162,7 +199,7 @@ fn time(micros: i64) -> Result<DateTime<Utc>, StoreError> {
 
 fn report(
     rows: Vec<AbandonedRow>,
-    (abandoned, checked_out, active): (i64, i64, i64),
+    (abandoned, checked_out, active, day, week, month, older, expired): Counts,
 ) -> Result<AbandonmentReport, StoreError> {
     let count = |n: i64| u64::try_from(n).unwrap_or(0);
     let carts = rows
@@ -191,6 +228,8 @@ fn report(
         abandoned: count(abandoned),
         checked_out: count(checked_out),
         active: count(active),
+        by_idle_age: [count(day), count(week), count(month), count(older)],
+        expired: count(expired),
     })
 }
 
@@ -220,6 +259,7 @@ impl CartActivityLog for PostgresCartActivity {
 
     async fn abandoned(
         &self,
+        now: DateTime<Utc>,
         cutoff: DateTime<Utc>,
         after: Option<AbandonedCursor>,
         limit: u32,
@@ -229,8 +269,7 @@ impl CartActivityLog for PostgresCartActivity {
             .build_query_as()
             .fetch_all(self.database.connections())
             .await?;
-        let counts = sqlx::query_as(COUNTS)
-            .bind(cutoff)
+        let counts = counts_query(now, cutoff)
             .fetch_one(self.database.connections())
             .await?;
         report(rows, counts)
@@ -280,6 +319,7 @@ impl CartActivityLog for SqliteCartActivity {
 
     async fn abandoned(
         &self,
+        now: DateTime<Utc>,
         cutoff: DateTime<Utc>,
         after: Option<AbandonedCursor>,
         limit: u32,
@@ -289,8 +329,7 @@ impl CartActivityLog for SqliteCartActivity {
             .build_query_as()
             .fetch_all(self.database.reader())
             .await?;
-        let counts = sqlx::query_as(COUNTS)
-            .bind(cutoff)
+        let counts = counts_query(now, cutoff)
             .fetch_one(self.database.reader())
             .await?;
         report(rows, counts)
