@@ -1162,9 +1162,11 @@ impl Projector {
     /// transaction. Dropping the future drops the shadow and changes
     /// nothing.
     pub async fn rebuild_now(&self, projection: ProjectionName) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
         let mut shadow = self.views.shadow(projection).await?;
         let mut at = Position::START;
         while self.replay_batch(projection, &mut shadow, &mut at).await? {}
+        let locked = std::time::Instant::now();
         let live = shadow.lock_live().await?;
         // Every projector waits now. What they applied was readable, so
         // this replay, which reads to the log's end, has it too.
@@ -1173,6 +1175,14 @@ impl Projector {
         self.resets.fetch_add(1, Ordering::AcqRel);
         self.lock_written().remove(&projection);
         self.nudge();
+        // How long the live checkpoint was locked is what the rest of the
+        // system felt (see `ShadowView::lock_live`).
+        tracing::info!(
+            projection = projection.as_str(),
+            replay_ms = (locked - started).as_millis() as u64,
+            locked_ms = locked.elapsed().as_millis() as u64,
+            "projection rebuilt and swapped in"
+        );
         Ok(())
     }
 

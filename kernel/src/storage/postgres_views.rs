@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::views::{
     FINAL_STATUSES, KPI_STATUSES, ViewTables, count, email_condition, from_json, kpi_statuses,
-    money, shadow_table, status, tables, to_json,
+    money, shadow_table, status, swap_statements, tables, to_json,
 };
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
@@ -432,16 +432,20 @@ impl ShadowView for PostgresShadow {
     async fn swap(mut self: Box<Self>, at: Position) -> Result<(), StoreError> {
         let connection = &mut self.connection;
         for table in tables(self.projection) {
-            // Readers keep seeing the old rows until the commit.
-            sqlx::query(&format!("DELETE FROM {table}"))
-                .execute(&mut *connection)
-                .await?;
-            sqlx::query(&format!(
-                "INSERT INTO {table} SELECT * FROM {}",
-                shadow_table(table)
-            ))
-            .execute(&mut *connection)
+            let columns: Vec<String> = sqlx::query_scalar(
+                "SELECT column_name::text FROM information_schema.columns \
+                 WHERE table_schema = current_schema() AND table_name = $1 \
+                 ORDER BY ordinal_position",
+            )
+            .bind(table)
+            .fetch_all(&mut *connection)
             .await?;
+            // Readers keep seeing the old rows until the commit.
+            let differs = format!("({table}.*) IS DISTINCT FROM (excluded.*)");
+            for statement in swap_statements(table, table, &shadow_table(table), &columns, &differs)
+            {
+                sqlx::query(&statement).execute(&mut *connection).await?;
+            }
         }
         set_checkpoint(connection, self.projection, at).await?;
         sqlx::query("COMMIT").execute(&mut *connection).await?;

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::views::{
     FINAL_STATUSES, KPI_STATUSES, ViewTables, count, email_condition, from_json, kpi_statuses,
-    money, shadow_table, status, tables, to_json,
+    money, shadow_table, status, swap_statements, tables, to_json,
 };
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
@@ -329,15 +329,26 @@ impl ShadowView for SqliteShadow {
     async fn swap(mut self: Box<Self>, at: Position) -> Result<(), StoreError> {
         let connection = &mut self.connection;
         for table in tables(self.projection) {
-            sqlx::query(&format!("DELETE FROM main.{table}"))
-                .execute(&mut *connection)
-                .await?;
-            sqlx::query(&format!(
-                "INSERT INTO main.{table} SELECT * FROM temp.{}",
-                shadow_table(table)
-            ))
-            .execute(&mut *connection)
-            .await?;
+            let columns: Vec<String> =
+                sqlx::query_scalar("SELECT name FROM pragma_table_info(?1) ORDER BY cid")
+                    .bind(table)
+                    .fetch_all(&mut *connection)
+                    .await?;
+            let list = |prefix: &str| {
+                columns
+                    .iter()
+                    .map(|column| format!("{prefix}{column}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let differs = format!("({}) IS NOT ({})", list(""), list("excluded."));
+            let (live, shadow) = (
+                format!("main.{table}"),
+                format!("temp.{}", shadow_table(table)),
+            );
+            for statement in swap_statements(table, &live, &shadow, &columns, &differs) {
+                sqlx::query(&statement).execute(&mut *connection).await?;
+            }
         }
         set_checkpoint(connection, self.projection, at).await?;
         sqlx::query("COMMIT").execute(&mut *connection).await?;

@@ -20,6 +20,53 @@ pub fn tables(projection: ProjectionName) -> &'static [&'static str] {
     }
 }
 
+/// The primary key of a view's table (one column each).
+pub fn key_column(table: &str) -> &'static str {
+    match table {
+        "product_views" | "inventory_views" => "product_id",
+        "reservation_views" => "reservation_id",
+        _ => "order_id",
+    }
+}
+
+/// The two statements that make a live table (`live`, named as the swap's
+/// connection must name it) hold exactly its shadow's rows while writing
+/// only the rows that differ: those the shadow lacks are deleted, the
+/// others upserted where they differ. A rebuilt view is mostly what the
+/// live one holds, so this writes little where a copy of the whole view
+/// would write every row and index entry again, inside the transaction
+/// that holds the live checkpoint. `differs` compares the row being
+/// upserted (`excluded`) with the one in place.
+pub fn swap_statements(
+    table: &str,
+    live: &str,
+    shadow: &str,
+    columns: &[String],
+    differs: &str,
+) -> [String; 2] {
+    let key = key_column(table);
+    let set = columns
+        .iter()
+        .filter(|column| column.as_str() != key)
+        .map(|column| format!("{column} = excluded.{column}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    [
+        // NOT EXISTS, not NOT IN: Postgres runs the latter row by row
+        // against the subquery once it outgrows work_mem.
+        format!(
+            "DELETE FROM {live} WHERE NOT EXISTS \
+             (SELECT 1 FROM {shadow} AS shadow WHERE shadow.{key} = {table}.{key})"
+        ),
+        // `WHERE true`: SQLite's grammar needs it before an upsert's
+        // ON CONFLICT after a SELECT; Postgres ignores it.
+        format!(
+            "INSERT INTO {live} SELECT * FROM {shadow} WHERE true \
+             ON CONFLICT ({key}) DO UPDATE SET {set} WHERE {differs}"
+        ),
+    ]
+}
+
 /// Which tables a projection's changes are written to: the live ones that
 /// queries read, or a rebuild's shadow tables beside them (see
 /// [`crate::projections::ShadowView`]).
