@@ -757,6 +757,52 @@ fn reconcile_inventory_reports_drift_and_repairs_it() {
         let (code, after) = run(&["reconcile-inventory"]);
         assert_eq!(code, Some(0), "{after}");
         assert!(after.contains("no drift left"), "{after}");
+
+        // `rebuild-projections`: a catalog row renamed behind the events'
+        // back is put right; an unknown read model is refused.
+        let names = |database: &str| {
+            let database = database.to_string();
+            runtime.block_on(async move {
+                let query = "SELECT name FROM product_views ORDER BY product_id";
+                if database.starts_with("sqlite") {
+                    let pool = sqlx::SqlitePool::connect(&database).await.expect("sqlite");
+                    let names: Vec<String> = sqlx::query_scalar(query)
+                        .fetch_all(&pool)
+                        .await
+                        .expect("names");
+                    pool.close().await;
+                    names
+                } else {
+                    let pool = sqlx::PgPool::connect(&database).await.expect("postgres");
+                    let names: Vec<String> = sqlx::query_scalar(query)
+                        .fetch_all(&pool)
+                        .await
+                        .expect("names");
+                    pool.close().await;
+                    names
+                }
+            })
+        };
+        let catalog = names(&database);
+        let rename = "UPDATE product_views SET name = 'renamed by hand'";
+        runtime.block_on(async {
+            if database.starts_with("sqlite") {
+                let pool = sqlx::SqlitePool::connect(&database).await.expect("sqlite");
+                sqlx::query(rename).execute(&pool).await.expect("rename");
+                pool.close().await;
+            } else {
+                let pool = sqlx::PgPool::connect(&database).await.expect("postgres");
+                sqlx::query(rename).execute(&pool).await.expect("rename");
+                pool.close().await;
+            }
+        });
+        assert_ne!(names(&database), catalog);
+        let (code, rebuilt) = run(&["rebuild-projections", "products"]);
+        assert_eq!(code, Some(0), "{rebuilt}");
+        assert!(rebuilt.contains("rebuilt products in"), "{rebuilt}");
+        assert_eq!(names(&database), catalog, "{rebuilt}");
+        let (code, _) = run(&["rebuild-projections", "prices"]);
+        assert_eq!(code, Some(2));
     }
     if let Some(url) = &postgres {
         runtime.block_on(async {

@@ -51,6 +51,10 @@ commands:
             model and with the orders holding its reservations; --repair
             releases reservations held for ended orders (events) and rebuilds
             a read model that disagrees. Exit 0 when nothing is left to repair
+  rebuild-projections [products|inventory|orders]
+            rebuild a read model (default: all) from the event log into shadow
+            tables and swap it in, while kernels keep serving; queries never
+            see it half-built (see docs/runbooks.md)
   prune [--apply] [--idempotency-days N] [--saga-days N] [--cart-days N]
             count (with --apply, delete) idempotency keys, rows of finished
             sagas and cart activity older than N days (30, 90, 365); events
@@ -78,6 +82,9 @@ fn main() -> ExitCode {
         }
         [first, ..] if first == "prune" => return prune(&args[1..]),
         [first, ..] if first == "abandoned-carts" => return abandoned_carts(&args[1..]),
+        [first, ..] if first == "rebuild-projections" => {
+            return rebuild_projections(&args[1..]);
+        }
         [first, ..] if first == "watch" => return watch(&args[1..]),
         [first, ..] if first == "plugin" => return plugin(&args[1..]),
         [one] => one.as_str(),
@@ -894,6 +901,61 @@ fn prune(args: &[String]) -> ExitCode {
         println!("dry run: nothing deleted (--apply deletes)");
     }
     ExitCode::SUCCESS
+}
+
+/// `rebuild-projections [name]`: rebuilds read models on the configured
+/// database, each swapped in whole (`Projector::rebuild_now`), and says how
+/// long each took.
+fn rebuild_projections(args: &[String]) -> ExitCode {
+    use commerce_kernel::projections::{ProjectionName, Projector};
+    let projections = match args {
+        [] => ProjectionName::ALL.to_vec(),
+        [name] => match ProjectionName::parse(name) {
+            Some(projection) => vec![projection],
+            None => {
+                let known: Vec<&str> = ProjectionName::ALL.iter().map(|p| p.as_str()).collect();
+                eprintln!(
+                    "commerce-kernel rebuild-projections: no read model {name:?}; known: {}\n\n{USAGE}",
+                    known.join(", ")
+                );
+                return ExitCode::from(2);
+            }
+        },
+        _ => {
+            eprintln!("commerce-kernel rebuild-projections: one read model at most\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let rebuilt = on_database(|database| async move {
+        let projector = Projector::new(database.event_store(), database.view_store());
+        let mut took = Vec::with_capacity(projections.len());
+        for projection in projections {
+            let started = std::time::Instant::now();
+            projector
+                .rebuild_now(projection)
+                .await
+                .map_err(|error| format!("{}: {error}", projection.as_str()))?;
+            took.push((projection, started.elapsed()));
+        }
+        Ok(took)
+    });
+    match rebuilt {
+        Ok(Ok(took)) => {
+            for (projection, elapsed) in took {
+                println!(
+                    "rebuilt {} in {:.1} s",
+                    projection.as_str(),
+                    elapsed.as_secs_f64()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(Err(error)) => {
+            eprintln!("commerce-kernel rebuild-projections: {error}");
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
 }
 
 /// `abandoned-carts [--hours H]`: the runbook's abandonment analysis, from
