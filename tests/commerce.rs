@@ -801,7 +801,7 @@ async fn a_rebuild_never_shows_a_half_built_view(db: Arc<TestDatabase>) -> anyho
     }
 
     // The live views changed behind the events' back, as a bug or a hand
-    // would: a row changed, a row no event made, a row missing. The swap
+    // would: rows changed, a row no event made, a row missing. The swap
     // writes only the rows that differ; a rebuild puts all three right.
     let clean = snapshot().await?;
     let drift = [
@@ -814,9 +814,16 @@ async fn a_rebuild_never_shows_a_half_built_view(db: Arc<TestDatabase>) -> anyho
          (SELECT reservation_id FROM reservation_views ORDER BY reservation_id LIMIT 1)",
         "UPDATE order_views SET status = 'CANCELLED' WHERE order_id = \
          (SELECT order_id FROM order_views ORDER BY order_id LIMIT 1)",
+        // Only a NULL column given a value: a comparison that misses NULLs
+        // would keep it.
+        "UPDATE order_views SET reason = 'set by hand' WHERE reason IS NULL AND order_id = \
+         (SELECT order_id FROM order_views ORDER BY order_id DESC LIMIT 1)",
     ];
     for statement in drift {
-        execute(&db, statement, Uuid::now_v7()).await?;
+        ensure!(
+            execute(&db, statement, Uuid::now_v7()).await? == 1,
+            "{statement}"
+        );
     }
     let drifted = snapshot().await?;
     ensure!(
@@ -836,26 +843,26 @@ async fn a_rebuild_never_shows_a_half_built_view(db: Arc<TestDatabase>) -> anyho
     Ok(())
 }
 
-/// Runs `statement` on the test database, `$1` bound to `id` if it uses it.
-async fn execute(db: &TestDatabase, statement: &str, id: Uuid) -> anyhow::Result<()> {
+/// Runs `statement` on the test database, `$1` bound to `id` if it uses
+/// it; the rows it changed.
+async fn execute(db: &TestDatabase, statement: &str, id: Uuid) -> anyhow::Result<u64> {
     let bound = statement.contains("$1");
-    match &db.database {
+    Ok(match &db.database {
         Database::Postgres(postgres) => {
             let mut query = sqlx::query(statement);
             if bound {
                 query = query.bind(id);
             }
-            query.execute(postgres.pool()).await?;
+            query.execute(postgres.pool()).await?.rows_affected()
         }
         Database::Sqlite(sqlite) => {
             let mut query = sqlx::query(statement);
             if bound {
                 query = query.bind(id);
             }
-            query.execute(sqlite.writer()).await?;
+            query.execute(sqlite.writer()).await?.rows_affected()
         }
-    }
-    Ok(())
+    })
 }
 
 async fn projections_rebuild_to_the_same_views(db: Arc<TestDatabase>) -> anyhow::Result<()> {

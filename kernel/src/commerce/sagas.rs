@@ -154,6 +154,20 @@ impl Sagas {
         Ok(Saga::id_for(ORDER_FULFILMENT, order_id))
     }
 
+    /// [`Self::start_for_order`], saying whether this call started the saga:
+    /// its id, or `None` when it existed already (another process started
+    /// it meanwhile).
+    pub async fn start_if_missing(
+        &self,
+        order_id: Uuid,
+        context: &CommandContext,
+    ) -> Result<Option<Uuid>, CommandError> {
+        Ok(self
+            .start(order_id, None, context)
+            .await?
+            .map(|written| written.id))
+    }
+
     /// Starts the order's saga, with a cancellation (`cancel`, its reason)
     /// already requested in the same write when given. The saga as written
     /// when this call started it; `None` when it existed already.

@@ -1118,11 +1118,18 @@ impl Projector {
         timeout: Duration,
     ) -> Result<bool, StoreError> {
         let projector = self.clone();
+        // Read when asked, not when the task runs: a rebuild that swaps in
+        // between is one this request may join.
+        let swapped_before = self
+            .rebuilds
+            .get(&projection)
+            .map(|slot| slot.swapped.load(Ordering::Acquire));
         let rebuild = tokio::spawn(async move {
-            let Some(slot) = projector.rebuilds.get(&projection) else {
+            let (Some(slot), Some(swapped_before)) =
+                (projector.rebuilds.get(&projection), swapped_before)
+            else {
                 return projector.rebuild_now(projection).await;
             };
-            let swapped_before = slot.swapped.load(Ordering::Acquire);
             let _running = match slot.running.try_lock() {
                 Ok(running) => running,
                 Err(_) => {
@@ -1166,8 +1173,9 @@ impl Projector {
         let mut shadow = self.views.shadow(projection).await?;
         let mut at = Position::START;
         while self.replay_batch(projection, &mut shadow, &mut at).await? {}
-        let locked = std::time::Instant::now();
+        let replayed = std::time::Instant::now();
         let live = shadow.lock_live().await?;
+        let locked = std::time::Instant::now();
         // Every projector waits now. What they applied was readable, so
         // this replay, which reads to the log's end, has it too.
         while self.replay_batch(projection, &mut shadow, &mut at).await? {}
@@ -1179,7 +1187,8 @@ impl Projector {
         // system felt (see `ShadowView::lock_live`).
         tracing::info!(
             projection = projection.as_str(),
-            replay_ms = (locked - started).as_millis() as u64,
+            replay_ms = (replayed - started).as_millis() as u64,
+            lock_wait_ms = (locked - replayed).as_millis() as u64,
             locked_ms = locked.elapsed().as_millis() as u64,
             "projection rebuilt and swapped in"
         );

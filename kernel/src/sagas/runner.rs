@@ -652,8 +652,13 @@ impl SagaRunner {
                 }
             };
             for order_id in orphans {
-                match self.sagas.start_for_order(order_id, &self.context).await {
-                    Ok(saga_id) => tracing::info!(%order_id, %saga_id, "started a missing saga"),
+                match self.sagas.start_if_missing(order_id, &self.context).await {
+                    Ok(Some(saga_id)) => {
+                        tracing::info!(%order_id, %saga_id, "started a missing saga");
+                    }
+                    Ok(None) => {
+                        tracing::debug!(%order_id, "the missing saga was started elsewhere");
+                    }
                     Err(error) => tracing::warn!(%order_id, %error, "could not start a saga"),
                 }
             }

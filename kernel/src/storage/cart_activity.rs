@@ -57,8 +57,13 @@ where
     i64: Encode<'q, DB> + Type<DB>,
     Counts: for<'r> sqlx::FromRow<'r, DB::Row>,
 {
+    // The bounds are constants of days; a bound too far back to compute
+    // would count every abandoned cart as younger than it.
     let before = |age: std::time::Duration| {
-        (now - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX)).timestamp_micros()
+        chrono::Duration::from_std(age)
+            .ok()
+            .and_then(|age| now.checked_sub_signed(age))
+            .map_or(i64::MIN, |at| at.timestamp_micros())
     };
     sqlx::query_as(COUNTS)
         .bind(cutoff)

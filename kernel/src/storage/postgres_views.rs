@@ -432,17 +432,21 @@ impl ShadowView for PostgresShadow {
     async fn swap(mut self: Box<Self>, at: Position) -> Result<(), StoreError> {
         let connection = &mut self.connection;
         for table in tables(self.projection) {
+            // The table's columns, its name resolved as the statements
+            // below resolve it (the search path).
             let columns: Vec<String> = sqlx::query_scalar(
-                "SELECT column_name::text FROM information_schema.columns \
-                 WHERE table_schema = current_schema() AND table_name = $1 \
-                 ORDER BY ordinal_position",
+                "SELECT attname::text FROM pg_attribute WHERE attrelid = $1::regclass \
+                 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             )
             .bind(table)
             .fetch_all(&mut *connection)
             .await?;
-            // Readers keep seeing the old rows until the commit.
-            let differs = format!("({table}.*) IS DISTINCT FROM (excluded.*)");
-            for statement in swap_statements(table, table, &shadow_table(table), &columns, &differs)
+            // Readers keep seeing the old rows until the commit. `*<>`
+            // compares the rows' bytes: 10.5 and 10.50 differ, as they
+            // would in the text a query reads.
+            let differs = format!("({table}.*) *<> (excluded.*)");
+            for statement in
+                swap_statements(table, table, &shadow_table(table), &columns, &differs)?
             {
                 sqlx::query(&statement).execute(&mut *connection).await?;
             }

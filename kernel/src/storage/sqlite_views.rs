@@ -330,7 +330,7 @@ impl ShadowView for SqliteShadow {
         let connection = &mut self.connection;
         for table in tables(self.projection) {
             let columns: Vec<String> =
-                sqlx::query_scalar("SELECT name FROM pragma_table_info(?1) ORDER BY cid")
+                sqlx::query_scalar("SELECT name FROM pragma_table_info(?1, 'main') ORDER BY cid")
                     .bind(table)
                     .fetch_all(&mut *connection)
                     .await?;
@@ -346,7 +346,7 @@ impl ShadowView for SqliteShadow {
                 format!("main.{table}"),
                 format!("temp.{}", shadow_table(table)),
             );
-            for statement in swap_statements(table, &live, &shadow, &columns, &differs) {
+            for statement in swap_statements(table, &live, &shadow, &columns, &differs)? {
                 sqlx::query(&statement).execute(&mut *connection).await?;
             }
         }

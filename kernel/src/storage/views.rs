@@ -21,11 +21,14 @@ pub fn tables(projection: ProjectionName) -> &'static [&'static str] {
 }
 
 /// The primary key of a view's table (one column each).
-pub fn key_column(table: &str) -> &'static str {
+pub fn key_column(table: &str) -> Result<&'static str, StoreError> {
     match table {
-        "product_views" | "inventory_views" => "product_id",
-        "reservation_views" => "reservation_id",
-        _ => "order_id",
+        "product_views" | "inventory_views" => Ok("product_id"),
+        "reservation_views" => Ok("reservation_id"),
+        "order_views" => Ok("order_id"),
+        other => Err(StoreError::Corrupt(format!(
+            "{other} is not a view's table"
+        ))),
     }
 }
 
@@ -43,15 +46,21 @@ pub fn swap_statements(
     shadow: &str,
     columns: &[String],
     differs: &str,
-) -> [String; 2] {
-    let key = key_column(table);
+) -> Result<[String; 2], StoreError> {
+    let key = key_column(table)?;
+    if !columns.iter().any(|column| column == key) {
+        // A column list read from somewhere else than the table swapped.
+        return Err(StoreError::Corrupt(format!(
+            "the columns found for {table} lack its key {key}: {columns:?}"
+        )));
+    }
     let set = columns
         .iter()
         .filter(|column| column.as_str() != key)
         .map(|column| format!("{column} = excluded.{column}"))
         .collect::<Vec<_>>()
         .join(", ");
-    [
+    Ok([
         // NOT EXISTS, not NOT IN: Postgres runs the latter row by row
         // against the subquery once it outgrows work_mem.
         format!(
@@ -64,7 +73,7 @@ pub fn swap_statements(
             "INSERT INTO {live} SELECT * FROM {shadow} WHERE true \
              ON CONFLICT ({key}) DO UPDATE SET {set} WHERE {differs}"
         ),
-    ]
+    ])
 }
 
 /// Which tables a projection's changes are written to: the live ones that
