@@ -944,3 +944,169 @@ fn abandoned_carts_are_counted_by_idle_age() {
         assert_eq!(code, Some(2), "{bad:?}: {err}");
     }
 }
+
+/// `sagas`: a saga left as a node that claimed it and died leaves it (due
+/// ten minutes ago, its lease held by `node-gone`) is listed as overdue
+/// with its order and lease owner, not as parked; `sagas compensate`
+/// requests its compensation (an event by the command line's actor) and
+/// refuses an unknown saga with exit 1; bad options exit 2.
+#[test]
+fn sagas_lists_overdue_sagas_and_compensates_them() {
+    use commerce_kernel::commerce::{CommandContext, Commerce, NewProduct, PlaceOrderInput, Sagas};
+    use commerce_kernel::domain::money::{Currency, Money};
+    use commerce_kernel::domain::order::Address;
+    use commerce_kernel::storage::{Database, DatabaseConfig};
+
+    let data = tempfile::tempdir().expect("temp dir");
+    let run = |args: &[&str]| {
+        let output = kernel(data.path()).args(args).output().expect("run");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let config = DatabaseConfig::Sqlite {
+        path: data.path().join("commerce.db"),
+    };
+    let context = CommandContext {
+        actor: Some("test".into()),
+        correlation_id: None,
+    };
+    // An order whose saga started and no runner ever took.
+    let (order, saga) = runtime.block_on(async {
+        let database = Database::connect(&config).await.expect("database");
+        database.migrate().await.expect("migrate");
+        let commerce = Commerce::new(database.event_store(), database.view_store());
+        let product = commerce
+            .create_product(
+                NewProduct {
+                    sku: "CUP-1".into(),
+                    name: "Cup".into(),
+                    price: Money::new(
+                        "4.50".parse().expect("price"),
+                        Currency::parse("EUR").expect("EUR"),
+                    )
+                    .expect("money"),
+                    active: true,
+                },
+                &context,
+            )
+            .await
+            .expect("product")
+            .id;
+        let order = commerce
+            .place_order(
+                PlaceOrderInput {
+                    customer_id: uuid::Uuid::now_v7(),
+                    lines: vec![(product, 1)],
+                    shipping_address: Address {
+                        name: "Ada".into(),
+                        line1: "1 Main St".into(),
+                        line2: None,
+                        city: "Berlin".into(),
+                        postal_code: "10115".into(),
+                        region: None,
+                        country: "DE".into(),
+                    },
+                    payment_method: "card".into(),
+                    idempotency_key: None,
+                    email: None,
+                },
+                &context,
+            )
+            .await
+            .expect("order")
+            .id;
+        let sagas = Sagas::new(commerce, database.saga_store());
+        let saga = sagas.start_for_order(order, &context).await.expect("saga");
+        let now = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
+        let url = format!("sqlite://{}", data.path().join("commerce.db").display());
+        let pool = sqlx::SqlitePool::connect(&url).await.expect("sqlite");
+        let taken = sqlx::query(&format!(
+            "UPDATE saga_instances SET lease_owner = 'node-gone', \
+             lease_expires_at = {now} + 3600000000, next_run_at = {now} - 600000000"
+        ))
+        .execute(&pool)
+        .await
+        .expect("age the saga");
+        assert_eq!(taken.rows_affected(), 1);
+        pool.close().await;
+        database.close().await;
+        (order, saga)
+    });
+
+    let (code, parked, _) = run(&["sagas"]);
+    assert_eq!(code, Some(0), "{parked}");
+    assert!(parked.contains("0 saga(s)"), "{parked}");
+    let (code, listed, _) = run(&["sagas", "--overdue", "300"]);
+    assert_eq!(code, Some(0), "{listed}");
+    assert!(
+        listed.contains(&format!("{saga} order {order} RUNNING"))
+            && listed.contains("lease node-gone")
+            && listed.contains("1 saga(s)"),
+        "{listed}"
+    );
+    let (_, later, _) = run(&["sagas", "--overdue", "3600"]);
+    assert!(later.contains("0 saga(s)"), "{later}");
+    // Nothing parked: nothing retried, the running saga left alone.
+    let (code, retried, _) = run(&["sagas", "retry-parked", "--first", "10"]);
+    assert_eq!(code, Some(0), "{retried}");
+    assert!(retried.contains("0 retried"), "{retried}");
+
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let (code, out, _) = run(&[
+        "sagas",
+        "compensate",
+        "--reason",
+        "stuck since the outage",
+        &saga.to_string(),
+        &unknown,
+    ]);
+    assert_eq!(code, Some(1), "one refused: {out}");
+    assert!(
+        out.contains(&format!("{saga} compensation requested"))
+            && out.contains(&format!("{unknown} refused")),
+        "{out}"
+    );
+    let requested = runtime.block_on(async {
+        let database = Database::connect(&config).await.expect("database");
+        let commerce = Commerce::new(database.event_store(), database.view_store());
+        let loaded = Sagas::new(commerce, database.saga_store())
+            .load(saga)
+            .await
+            .expect("saga");
+        let events = database
+            .event_store()
+            .read_streams(&[saga])
+            .await
+            .expect("events");
+        database.close().await;
+        (
+            loaded.state.requested.map(|r| r.reason),
+            events.last().and_then(|e| e.metadata.actor.clone()),
+        )
+    });
+    assert_eq!(requested.0.as_deref(), Some("stuck since the outage"));
+    assert!(
+        requested.1.is_some_and(|actor| actor.starts_with("cli:")),
+        "the request is the command line's"
+    );
+
+    for bad in [
+        &["--overdue", "soon"][..],
+        &["retry-parked", "--first", "0"],
+        &["compensate", "--reason", "x"],
+        &["compensate", "--reason", "x", "not-a-uuid"],
+        &["--everything"],
+    ] {
+        let mut args = vec!["sagas"];
+        args.extend_from_slice(bad);
+        let (code, _, err) = run(&args);
+        assert_eq!(code, Some(2), "{bad:?}: {err}");
+    }
+}

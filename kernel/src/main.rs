@@ -51,6 +51,14 @@ commands:
             model and with the orders holding its reservations; --repair
             releases reservations held for ended orders (events) and rebuilds
             a read model that disagrees. Exit 0 when nothing is left to repair
+  sagas [--parked | --overdue SECONDS]
+            list parked sagas (the default) or those due for SECONDS and not
+            run, oldest first (at most 200), a line each: saga, order, status,
+            step, lease owner, reason
+  sagas retry-parked [--first N]
+            retry the oldest N parked sagas (default 50), as retrySaga does
+  sagas compensate --reason TEXT <saga id>...
+            request each saga's compensation (its order ends FAILED)
   rebuild-projections [products|inventory|orders]
             rebuild a read model (default: all) from the event log into shadow
             tables and swap it in, while kernels keep serving; queries never
@@ -82,6 +90,7 @@ fn main() -> ExitCode {
         }
         [first, ..] if first == "prune" => return prune(&args[1..]),
         [first, ..] if first == "abandoned-carts" => return abandoned_carts(&args[1..]),
+        [first, ..] if first == "sagas" => return sagas(&args[1..]),
         [first, ..] if first == "rebuild-projections" => {
             return rebuild_projections(&args[1..]);
         }
@@ -901,6 +910,147 @@ fn prune(args: &[String]) -> ExitCode {
         println!("dry run: nothing deleted (--apply deletes)");
     }
     ExitCode::SUCCESS
+}
+
+/// What `sagas` was asked to do.
+enum SagaCommand {
+    List(commerce_kernel::sagas::SagaFilter),
+    RetryParked(u32),
+    Compensate(String, Vec<uuid::Uuid>),
+}
+
+/// `sagas …`: the runbook's saga recovery on the configured database; the
+/// requests are events by `cli:<user>`, which the kernels' runners act on.
+fn sagas(args: &[String]) -> ExitCode {
+    use commerce_kernel::domain::saga::SagaStatus;
+    use commerce_kernel::sagas::SagaFilter;
+    let usage = |problem: &str| {
+        eprintln!("commerce-kernel sagas: {problem}\n\n{USAGE}");
+        ExitCode::from(2)
+    };
+    let command = match args {
+        [] => SagaCommand::List(SagaFilter {
+            status: Some(SagaStatus::Parked),
+            ..SagaFilter::default()
+        }),
+        [flag] if flag == "--parked" => SagaCommand::List(SagaFilter {
+            status: Some(SagaStatus::Parked),
+            ..SagaFilter::default()
+        }),
+        [flag, seconds] if flag == "--overdue" => match seconds.parse::<u64>() {
+            Ok(seconds) => SagaCommand::List(SagaFilter {
+                overdue_by: Some(Duration::from_secs(seconds)),
+                ..SagaFilter::default()
+            }),
+            Err(_) => return usage("--overdue needs a whole number of seconds"),
+        },
+        [command] if command == "retry-parked" => SagaCommand::RetryParked(50),
+        [command, flag, first] if command == "retry-parked" && flag == "--first" => {
+            match first.parse::<u32>() {
+                Ok(first @ 1..=10_000) => SagaCommand::RetryParked(first),
+                _ => return usage("--first needs a number from 1 to 10000"),
+            }
+        }
+        [command, flag, reason, ids @ ..] if command == "compensate" && flag == "--reason" => {
+            if ids.is_empty() {
+                return usage("compensate needs the ids of the sagas");
+            }
+            match ids
+                .iter()
+                .map(|id| id.parse())
+                .collect::<Result<Vec<_>, _>>()
+            {
+                Ok(ids) => SagaCommand::Compensate(reason.clone(), ids),
+                Err(_) => return usage("a saga id is not a UUID"),
+            }
+        }
+        _ => return usage("unknown options"),
+    };
+    let done = on_database(|database| async move {
+        let commerce =
+            commerce_kernel::commerce::Commerce::new(database.event_store(), database.view_store());
+        let sagas = commerce_kernel::commerce::Sagas::new(commerce, database.saga_store());
+        let mut lines = Vec::new();
+        let mut refused = 0usize;
+        match command {
+            SagaCommand::List(filter) => {
+                let rows = sagas
+                    .store()
+                    .list(&filter, None, 200)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                for row in &rows {
+                    let reason = match sagas.load(row.saga_id).await {
+                        Ok(loaded) => {
+                            let state = loaded.state;
+                            state
+                                .parked
+                                .or(state.compensation.map(|c| c.reason))
+                                .or(state.requested.map(|r| r.reason))
+                        }
+                        Err(error) => Some(format!("(not readable: {error})")),
+                    };
+                    lines.push(format!(
+                        "{} order {} {} step {} lease {} {}",
+                        row.saga_id,
+                        row.correlation_id,
+                        row.status,
+                        row.current_step.as_deref().unwrap_or("-"),
+                        row.lease_owner.as_deref().unwrap_or("-"),
+                        reason
+                            .map(|reason| commerce_kernel::domain::summarize(&reason, 200))
+                            .unwrap_or_default()
+                    ));
+                }
+                lines.push(format!("{} saga(s)", rows.len()));
+            }
+            SagaCommand::RetryParked(first) => {
+                let outcomes = sagas
+                    .retry_parked(None, first, &cli_context())
+                    .await
+                    .map_err(|error| error.to_string())?;
+                for (saga_id, outcome) in &outcomes {
+                    match outcome {
+                        Ok(_) => lines.push(format!("{saga_id} retried")),
+                        Err(error) => {
+                            refused += 1;
+                            lines.push(format!("{saga_id} refused: {error}"));
+                        }
+                    }
+                }
+                lines.push(format!("{} retried", outcomes.len() - refused));
+            }
+            SagaCommand::Compensate(reason, ids) => {
+                for saga_id in ids {
+                    match sagas.compensate(saga_id, &reason, &cli_context()).await {
+                        Ok(_) => lines.push(format!("{saga_id} compensation requested")),
+                        Err(error) => {
+                            refused += 1;
+                            lines.push(format!("{saga_id} refused: {error}"));
+                        }
+                    }
+                }
+            }
+        }
+        Ok((lines, refused))
+    });
+    match done {
+        Ok(Ok((lines, refused))) => {
+            for line in lines {
+                println!("{line}");
+            }
+            if refused == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Ok(Err(error)) => {
+            eprintln!("commerce-kernel sagas: {error}");
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
 }
 
 /// `rebuild-projections [name]`: rebuilds read models on the configured

@@ -32,8 +32,10 @@ use crate::projections::{
 /// Longest a mutation waits for the read models to show its change.
 pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest `rebuildProjections` waits for a rebuild to swap before returning
-/// (it goes on in the background after that).
-pub const REBUILD_TIMEOUT: Duration = Duration::from_secs(60);
+/// (it goes on in the background after that). Below the default request
+/// timeout (`COMMERCE_REQUEST_TIMEOUT_SECS`, 30 s), so that the admin reads
+/// "still being rebuilt" instead of a bare 408.
+pub const REBUILD_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub(super) fn commerce<'a>(ctx: &Context<'a>) -> &'a Commerce {
     ctx.data_unchecked::<Commerce>()
