@@ -30,6 +30,17 @@ fn kernel(data_dir: &std::path::Path) -> Command {
     command
 }
 
+/// Runs the binary with `args` on the embedded database in `data_dir`, to
+/// its end: its exit code, stdout and stderr.
+fn run_command(data_dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = kernel(data_dir).args(args).output().expect("run");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A minimal HTTP/1.1 GET, so the test needs no client tool on the machine.
 fn http_get(address: &str, path: &str) -> String {
     http(
@@ -843,14 +854,7 @@ async fn rows(database: &str, table: &str) -> i64 {
 #[test]
 fn prune_is_a_dry_run_unless_applied() {
     let data = tempfile::tempdir().expect("temp dir");
-    let run = |args: &[&str]| {
-        let output = kernel(data.path()).args(args).output().expect("run");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| run_command(data.path(), args);
     let (code, out, _) = run(&["prune"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
@@ -880,14 +884,7 @@ fn prune_is_a_dry_run_unless_applied() {
 #[test]
 fn abandoned_carts_are_counted_by_idle_age() {
     let data = tempfile::tempdir().expect("temp dir");
-    let run = |args: &[&str]| {
-        let output = kernel(data.path()).args(args).output().expect("run");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| run_command(data.path(), args);
     let (code, out, _) = run(&["abandoned-carts"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("abandonment rate: none yet"), "{out}");
@@ -958,14 +955,7 @@ fn sagas_lists_overdue_sagas_and_compensates_them() {
     use commerce_kernel::storage::{Database, DatabaseConfig};
 
     let data = tempfile::tempdir().expect("temp dir");
-    let run = |args: &[&str]| {
-        let output = kernel(data.path()).args(args).output().expect("run");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let run = |args: &[&str]| run_command(data.path(), args);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
