@@ -1032,21 +1032,22 @@ fn sagas_lists_overdue_sagas_and_compensates_them() {
 
     let (code, parked, _) = run(&["sagas"]);
     assert_eq!(code, Some(0), "{parked}");
-    assert!(parked.contains("0 saga(s)"), "{parked}");
+    let has_line = |out: &str, line: &str| out.lines().any(|printed| printed == line);
+    assert!(has_line(&parked, "0 saga(s)"), "{parked}");
     let (code, listed, _) = run(&["sagas", "--overdue", "300"]);
     assert_eq!(code, Some(0), "{listed}");
     assert!(
         listed.contains(&format!("{saga} order {order} RUNNING"))
             && listed.contains("lease node-gone")
-            && listed.contains("1 saga(s)"),
+            && has_line(&listed, "1 saga(s)"),
         "{listed}"
     );
     let (_, later, _) = run(&["sagas", "--overdue", "3600"]);
-    assert!(later.contains("0 saga(s)"), "{later}");
+    assert!(has_line(&later, "0 saga(s)"), "{later}");
     // Nothing parked: nothing retried, the running saga left alone.
     let (code, retried, _) = run(&["sagas", "retry-parked", "--first", "10"]);
     assert_eq!(code, Some(0), "{retried}");
-    assert!(retried.contains("0 retried"), "{retried}");
+    assert!(has_line(&retried, "0 retried"), "{retried}");
 
     let unknown = uuid::Uuid::now_v7().to_string();
     let (code, out, _) = run(&[
@@ -1056,12 +1057,33 @@ fn sagas_lists_overdue_sagas_and_compensates_them() {
         "stuck since the outage",
         &saga.to_string(),
         &unknown,
+        &saga.to_string(),
     ]);
     assert_eq!(code, Some(1), "one refused: {out}");
     assert!(
-        out.contains(&format!("{saga} compensation requested"))
+        has_line(&out, &format!("{saga} compensation requested"))
+            && out
+                .lines()
+                .filter(|line| line.starts_with(&saga.to_string()))
+                .count()
+                == 1
             && out.contains(&format!("{unknown} refused")),
-        "{out}"
+        "a repeated id counts once: {out}"
+    );
+    let (code, again, _) = run(&[
+        "sagas",
+        "compensate",
+        "--reason",
+        "stuck since the outage",
+        &saga.to_string(),
+    ]);
+    assert_eq!(code, Some(0), "{again}");
+    assert!(
+        has_line(
+            &again,
+            &format!("{saga} unchanged: its compensation was requested already")
+        ),
+        "{again}"
     );
     let requested = runtime.block_on(async {
         let database = Database::connect(&config).await.expect("database");
@@ -1092,6 +1114,12 @@ fn sagas_lists_overdue_sagas_and_compensates_them() {
         &["retry-parked", "--first", "0"],
         &["compensate", "--reason", "x"],
         &["compensate", "--reason", "x", "not-a-uuid"],
+        &[
+            "compensate",
+            "--reason",
+            "  ",
+            "0199a6f0-0000-7000-8000-000000000000",
+        ],
         &["--everything"],
     ] {
         let mut args = vec!["sagas"];

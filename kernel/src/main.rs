@@ -952,17 +952,24 @@ fn sagas(args: &[String]) -> ExitCode {
             }
         }
         [command, flag, reason, ids @ ..] if command == "compensate" && flag == "--reason" => {
+            use commerce_kernel::domain::saga::MAX_REASON_CHARS;
             if ids.is_empty() {
                 return usage("compensate needs the ids of the sagas");
             }
-            match ids
-                .iter()
-                .map(|id| id.parse())
-                .collect::<Result<Vec<_>, _>>()
+            if let Err(refused) =
+                commerce_kernel::domain::clean_text("reason", reason, MAX_REASON_CHARS)
             {
-                Ok(ids) => SagaCommand::Compensate(reason.clone(), ids),
-                Err(_) => return usage("a saga id is not a UUID"),
+                return usage(&refused.to_string());
             }
+            let mut unique: Vec<uuid::Uuid> = Vec::with_capacity(ids.len());
+            for id in ids {
+                match id.parse() {
+                    Ok(id) if !unique.contains(&id) => unique.push(id),
+                    Ok(_) => {}
+                    Err(_) => return usage(&format!("{id} is not a saga id (a UUID)")),
+                }
+            }
+            SagaCommand::Compensate(reason.clone(), unique)
         }
         _ => return usage("unknown options"),
     };
@@ -977,6 +984,11 @@ fn sagas(args: &[String]) -> ExitCode {
                 let rows = sagas
                     .store()
                     .list(&filter, None, 200)
+                    .await
+                    .map_err(|error| error.to_string())?;
+                let total = sagas
+                    .store()
+                    .count(&filter)
                     .await
                     .map_err(|error| error.to_string())?;
                 for row in &rows {
@@ -1002,7 +1014,11 @@ fn sagas(args: &[String]) -> ExitCode {
                             .unwrap_or_default()
                     ));
                 }
-                lines.push(format!("{} saga(s)", rows.len()));
+                lines.push(if total > rows.len() as u64 {
+                    format!("{} of {total} saga(s), the oldest", rows.len())
+                } else {
+                    format!("{} saga(s)", rows.len())
+                });
             }
             SagaCommand::RetryParked(first) => {
                 let outcomes = sagas
@@ -1023,6 +1039,15 @@ fn sagas(args: &[String]) -> ExitCode {
             SagaCommand::Compensate(reason, ids) => {
                 for saga_id in ids {
                     match sagas.compensate(saga_id, &reason, &cli_context()).await {
+                        Ok(written) if written.position.is_none() => lines.push(format!(
+                            "{saga_id} unchanged: its compensation was requested already"
+                        )),
+                        Ok(written) if written.state.status == Some(SagaStatus::Parked) => {
+                            lines.push(format!(
+                                "{saga_id} compensation recorded; the saga is parked: \
+                                 it acts on it once retried"
+                            ));
+                        }
                         Ok(_) => lines.push(format!("{saga_id} compensation requested")),
                         Err(error) => {
                             refused += 1;
@@ -1078,28 +1103,23 @@ fn rebuild_projections(args: &[String]) -> ExitCode {
     };
     let rebuilt = on_database(|database| async move {
         let projector = Projector::new(database.event_store(), database.view_store());
-        let mut took = Vec::with_capacity(projections.len());
         for projection in projections {
             let started = std::time::Instant::now();
             projector
                 .rebuild_now(projection)
                 .await
                 .map_err(|error| format!("{}: {error}", projection.as_str()))?;
-            took.push((projection, started.elapsed()));
+            // As each is swapped in: a later failure must not hide it.
+            println!(
+                "rebuilt {} in {:.1} s",
+                projection.as_str(),
+                started.elapsed().as_secs_f64()
+            );
         }
-        Ok(took)
+        Ok(())
     });
     match rebuilt {
-        Ok(Ok(took)) => {
-            for (projection, elapsed) in took {
-                println!(
-                    "rebuilt {} in {:.1} s",
-                    projection.as_str(),
-                    elapsed.as_secs_f64()
-                );
-            }
-            ExitCode::SUCCESS
-        }
+        Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(error)) => {
             eprintln!("commerce-kernel rebuild-projections: {error}");
             ExitCode::FAILURE

@@ -34,7 +34,8 @@ pub const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest `rebuildProjections` waits for a rebuild to swap before returning
 /// (it goes on in the background after that). Below the default request
 /// timeout (`COMMERCE_REQUEST_TIMEOUT_SECS`, 30 s), so that the admin reads
-/// "still being rebuilt" instead of a bare 408.
+/// "still being rebuilt" instead of a bare 408; a request timeout set below
+/// it answers 408 first (the rebuilds go on all the same).
 pub const REBUILD_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub(super) fn commerce<'a>(ctx: &Context<'a>) -> &'a Commerce {
@@ -888,9 +889,16 @@ impl CommerceMutation {
                 }
             },
         };
+        // All at once, waited for together: one deadline for the request.
+        let rebuilt = futures_util::future::join_all(
+            projections
+                .iter()
+                .map(|&projection| projector(ctx).rebuild(projection, REBUILD_TIMEOUT)),
+        )
+        .await;
         let mut errors = Vec::new();
-        for projection in projections {
-            if !projector(ctx).rebuild(projection, REBUILD_TIMEOUT).await? {
+        for (projection, rebuilt) in projections.into_iter().zip(rebuilt) {
+            if !rebuilt? {
                 errors.push(UserError::new(
                     ErrorCode::ReadModelLagging,
                     Some("name"),

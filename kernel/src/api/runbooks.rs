@@ -42,6 +42,7 @@ impl RunbookMutation {
             ));
         }
         let context = command_context(ctx)?;
+        let started = std::time::Instant::now();
         let grace = chrono::Duration::seconds(i64::from(older_than_seconds));
         let report = commerce(ctx)
             .reconcile_inventory(repair, grace, &context)
@@ -50,8 +51,12 @@ impl RunbookMutation {
         let mut errors = Vec::new();
         let mut read_model_rebuilt = false;
         if repair && report.read_model_drifted() {
+            // What is left of the request's wait after the replay above.
+            let wait = REBUILD_TIMEOUT
+                .saturating_sub(started.elapsed())
+                .max(std::time::Duration::from_secs(1));
             read_model_rebuilt = projector(ctx)
-                .rebuild(ProjectionName::Inventory, REBUILD_TIMEOUT)
+                .rebuild(ProjectionName::Inventory, wait)
                 .await?;
             if !read_model_rebuilt {
                 errors.push(UserError::new(
