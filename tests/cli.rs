@@ -1108,6 +1108,13 @@ fn sagas_lists_overdue_sagas_and_compensates_them() {
         requested.1.is_some_and(|actor| actor.starts_with("cli:")),
         "the request is the command line's"
     );
+    // Retried by id: the request is recorded (the runner acts on it once it
+    // holds the saga); an unknown saga is refused.
+    let (code, retried, _) = run(&["sagas", "retry", &saga.to_string()]);
+    assert_eq!(code, Some(0), "{retried}");
+    assert!(has_line(&retried, &format!("{saga} retried")), "{retried}");
+    let (code, _, _) = run(&["sagas", "retry", &unknown]);
+    assert_eq!(code, Some(1));
 
     for bad in [
         &["--overdue", "soon"][..],
@@ -1121,6 +1128,8 @@ fn sagas_lists_overdue_sagas_and_compensates_them() {
             "0199a6f0-0000-7000-8000-000000000000",
         ],
         &["--everything"],
+        &["retry"],
+        &["retry", "later"],
     ] {
         let mut args = vec!["sagas"];
         args.extend_from_slice(bad);

@@ -804,6 +804,26 @@ async fn a_rebuild_never_shows_a_half_built_view(db: Arc<TestDatabase>) -> anyho
     // would: rows changed, a row no event made, a row missing. The swap
     // writes only the rows that differ; a rebuild puts all three right.
     let clean = snapshot().await?;
+    // Postgres keeps a NUMERIC's scale: 2.50 written as 2.500 is equal as a
+    // number but reads back as other text. The swap compares bytes.
+    let prices = "SELECT price_amount::text FROM product_views ORDER BY product_id";
+    let clean_prices = match &db.database {
+        Database::Postgres(postgres) => {
+            let before: Vec<String> = sqlx::query_scalar(prices)
+                .fetch_all(postgres.pool())
+                .await?;
+            // One price rescaled, 9.99 to 9.990: the same number.
+            let rescaled = sqlx::query(
+                "UPDATE product_views SET price_amount = round(price_amount, 3) \
+                 WHERE product_id = (SELECT product_id FROM product_views ORDER BY product_id DESC LIMIT 1)",
+            )
+            .execute(postgres.pool())
+            .await?;
+            ensure!(rescaled.rows_affected() == 1);
+            Some(before)
+        }
+        Database::Sqlite(_) => None,
+    };
     let drift = [
         "UPDATE product_views SET name = 'drifted' WHERE product_id = \
          (SELECT product_id FROM product_views ORDER BY product_id LIMIT 1)",
@@ -840,6 +860,12 @@ async fn a_rebuild_never_shows_a_half_built_view(db: Arc<TestDatabase>) -> anyho
         snapshot().await? == clean,
         "a rebuild left drift in the views"
     );
+    if let (Some(before), Database::Postgres(postgres)) = (clean_prices, &db.database) {
+        let after: Vec<String> = sqlx::query_scalar(prices)
+            .fetch_all(postgres.pool())
+            .await?;
+        ensure!(after == before, "a price's scale stayed drifted: {after:?}");
+    }
     Ok(())
 }
 

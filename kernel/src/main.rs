@@ -55,8 +55,9 @@ commands:
             list parked sagas (the default) or those due for SECONDS and not
             run, oldest first (at most 200), a line each: saga, order, status,
             step, lease owner, reason
-  sagas retry-parked [--first N]
-            retry the oldest N parked sagas (default 50), as retrySaga does
+  sagas retry <saga id>... | retry-parked [--first N]
+            go on with these sagas now (a parked one resumes compensating), or
+            with the oldest N parked ones (default 50), as retrySaga does
   sagas compensate --reason TEXT <saga id>...
             request each saga's compensation (its order ends FAILED)
   rebuild-projections [products|inventory|orders]
@@ -916,7 +917,24 @@ fn prune(args: &[String]) -> ExitCode {
 enum SagaCommand {
     List(commerce_kernel::sagas::SagaFilter),
     RetryParked(u32),
+    Retry(Vec<uuid::Uuid>),
     Compensate(String, Vec<uuid::Uuid>),
+}
+
+/// The saga ids given, each once, or what is wrong with one.
+fn saga_ids(ids: &[String]) -> Result<Vec<uuid::Uuid>, String> {
+    if ids.is_empty() {
+        return Err("name the sagas by id".to_string());
+    }
+    let mut unique: Vec<uuid::Uuid> = Vec::with_capacity(ids.len());
+    for id in ids {
+        match id.parse() {
+            Ok(id) if !unique.contains(&id) => unique.push(id),
+            Ok(_) => {}
+            Err(_) => return Err(format!("{id} is not a saga id (a UUID)")),
+        }
+    }
+    Ok(unique)
 }
 
 /// `sagas …`: the runbook's saga recovery on the configured database; the
@@ -953,24 +971,20 @@ fn sagas(args: &[String]) -> ExitCode {
         }
         [command, flag, reason, ids @ ..] if command == "compensate" && flag == "--reason" => {
             use commerce_kernel::domain::saga::MAX_REASON_CHARS;
-            if ids.is_empty() {
-                return usage("compensate needs the ids of the sagas");
-            }
             if let Err(refused) =
                 commerce_kernel::domain::clean_text("reason", reason, MAX_REASON_CHARS)
             {
                 return usage(&refused.to_string());
             }
-            let mut unique: Vec<uuid::Uuid> = Vec::with_capacity(ids.len());
-            for id in ids {
-                match id.parse() {
-                    Ok(id) if !unique.contains(&id) => unique.push(id),
-                    Ok(_) => {}
-                    Err(_) => return usage(&format!("{id} is not a saga id (a UUID)")),
-                }
+            match saga_ids(ids) {
+                Ok(ids) => SagaCommand::Compensate(reason.clone(), ids),
+                Err(problem) => return usage(&problem),
             }
-            SagaCommand::Compensate(reason.clone(), unique)
         }
+        [command, ids @ ..] if command == "retry" => match saga_ids(ids) {
+            Ok(ids) => SagaCommand::Retry(ids),
+            Err(problem) => return usage(&problem),
+        },
         _ => return usage("unknown options"),
     };
     let done = on_database(|database| async move {
@@ -1035,6 +1049,17 @@ fn sagas(args: &[String]) -> ExitCode {
                     }
                 }
                 lines.push(format!("{} retried", outcomes.len() - refused));
+            }
+            SagaCommand::Retry(ids) => {
+                for saga_id in ids {
+                    match sagas.retry(saga_id, &cli_context()).await {
+                        Ok(_) => lines.push(format!("{saga_id} retried")),
+                        Err(error) => {
+                            refused += 1;
+                            lines.push(format!("{saga_id} refused: {error}"));
+                        }
+                    }
+                }
             }
             SagaCommand::Compensate(reason, ids) => {
                 for saga_id in ids {
