@@ -63,6 +63,7 @@ fn main() {
             inventory_reconciliation_finds_injected_drift_and_repairs_it,
             prune_store_deletes_only_what_is_old_enough,
             overdue_sagas_are_listed_and_compensated_in_bulk,
+            a_periodic_check_runs_on_one_process_per_interval,
         ],
         // SQLite has one writer: nothing commits behind an open transaction.
         &["an_update_committed_behind_an_open_transaction_arrives_once_the_log_shows_it"],
@@ -3211,6 +3212,63 @@ async fn prune_store_deletes_only_what_is_old_enough(db: Arc<TestDatabase>) -> a
     ensure!(
         body["data"]["order"]["saga"]["status"] == "COMPLETED",
         "{body}"
+    );
+    kernel.stop().await
+}
+
+/// The periodic inventory check's schedule, as two processes sharing a
+/// database see it: within an interval only the first claim wins, the
+/// other reports what the run recorded; once the interval has passed the
+/// check may run again. The reconciliation mutation records its result too.
+async fn a_periodic_check_runs_on_one_process_per_interval(
+    db: Arc<TestDatabase>,
+) -> anyhow::Result<()> {
+    use commerce_kernel::storage::maintenance::INVENTORY_CHECK;
+    let (first, second) = (db.database.maintenance(), db.database.maintenance());
+    let hour = Duration::from_secs(3600);
+    ensure!(second.last_check(INVENTORY_CHECK).await?.is_none());
+    // An admin's run before any scheduled one is recorded and counts as run.
+    second.record_check("elsewhere", 2).await?;
+    ensure!(first.last_check("elsewhere").await? == Some(2));
+    ensure!(!first.claim_check("elsewhere", hour).await?);
+    ensure!(
+        first.claim_check(INVENTORY_CHECK, hour).await?,
+        "the first claim runs"
+    );
+    ensure!(
+        !second.claim_check(INVENTORY_CHECK, hour).await?,
+        "a second claim within the interval waits"
+    );
+    ensure!(
+        second.last_check(INVENTORY_CHECK).await?.is_none(),
+        "nothing recorded yet"
+    );
+    first.record_check(INVENTORY_CHECK, 3).await?;
+    ensure!(second.last_check(INVENTORY_CHECK).await? == Some(3));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    ensure!(
+        second
+            .claim_check(INVENTORY_CHECK, Duration::from_millis(10))
+            .await?,
+        "a run older than the interval is due again"
+    );
+    ensure!(
+        second.last_check(INVENTORY_CHECK).await? == Some(3),
+        "a new run keeps the last result until it records its own"
+    );
+
+    let kernel = RunningKernel::start(&db, &[]).await?;
+    shop::open(&kernel, 5).await?;
+    let body = kernel
+        .graphql(RECONCILE, json!({ "repair": false }))
+        .await?;
+    ensure!(
+        body["data"]["reconcileInventory"]["drift"] == json!([]),
+        "{body}"
+    );
+    ensure!(
+        first.last_check(INVENTORY_CHECK).await? == Some(0),
+        "the mutation's result is the latest"
     );
     kernel.stop().await
 }

@@ -424,6 +424,7 @@ pub async fn serve(
         )),
         tokio::spawn(check_inventory(
             state.commerce.clone(),
+            database.maintenance(),
             Arc::clone(&state.metrics),
             config.inventory_check_interval,
             background_stopped.clone(),
@@ -574,10 +575,14 @@ async fn sweep_expired_reservations(
 
 /// Reconciles the inventory every `interval` (report only) and sets
 /// `commerce_inventory_drift_products`, for the InventoryMismatch alert.
-/// The first run comes at a random point of the first interval, so the
-/// processes of a deployment do not all replay the streams at once.
+/// Every process looks at a random point of each interval; the first to
+/// look once the last run is nine tenths of an interval old runs the check
+/// (`StoreMaintenance::claim_check`), so a deployment replays the streams
+/// about once per interval, not once per process. The others report what
+/// the last run found.
 async fn check_inventory(
     commerce: Commerce,
+    maintenance: crate::storage::maintenance::StoreMaintenance,
     metrics: Arc<Metrics>,
     interval: Option<Duration>,
     mut stopped: tokio::sync::watch::Receiver<bool>,
@@ -596,6 +601,27 @@ async fn check_inventory(
             _ = stopped.changed() => return,
         }
         wait = interval;
+        use crate::storage::maintenance::INVENTORY_CHECK;
+        match maintenance
+            .claim_check(INVENTORY_CHECK, interval.mul_f64(0.9))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                match maintenance.last_check(INVENTORY_CHECK).await {
+                    Ok(Some(found)) => {
+                        metrics.set_inventory_drift(usize::try_from(found).unwrap_or(usize::MAX));
+                    }
+                    Ok(None) => {}
+                    Err(error) => tracing::warn!(%error, "could not read the last inventory check"),
+                }
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not schedule the inventory check; trying again later");
+                continue;
+            }
+        }
         let check =
             commerce.reconcile_inventory(false, crate::commerce::RECONCILIATION_GRACE, &context);
         let checked = tokio::select! {
@@ -607,6 +633,12 @@ async fn check_inventory(
             Ok(report) => {
                 let drifted = report.drifted_products();
                 metrics.set_inventory_drift(drifted);
+                if let Err(error) = maintenance
+                    .record_check(INVENTORY_CHECK, drifted as u64)
+                    .await
+                {
+                    tracing::warn!(%error, "could not record the inventory check");
+                }
                 if drifted > 0 {
                     tracing::warn!(
                         products = drifted,

@@ -13,7 +13,7 @@ use super::{ApiError, ErrorCode};
 use crate::commerce::{DriftKind, InventoryReconciliation};
 use crate::metrics::Metrics;
 use crate::projections::ProjectionName;
-use crate::storage::maintenance::{PruneBefore, StoreMaintenance};
+use crate::storage::maintenance::{INVENTORY_CHECK, PruneBefore, StoreMaintenance};
 
 #[derive(Default)]
 pub struct RunbookMutation;
@@ -67,8 +67,16 @@ impl RunbookMutation {
                 ));
             }
         }
+        let left = unrepaired_products(&report, read_model_rebuilt);
         if let Some(metrics) = ctx.data_opt::<Arc<Metrics>>() {
-            metrics.set_inventory_drift(unrepaired_products(&report, read_model_rebuilt));
+            metrics.set_inventory_drift(left);
+        }
+        // The other processes report the periodic check's last result:
+        // this run is the latest.
+        if let Some(maintenance) = ctx.data_opt::<StoreMaintenance>()
+            && let Err(error) = maintenance.record_check(INVENTORY_CHECK, left as u64).await
+        {
+            tracing::warn!(%error, "could not record the inventory check");
         }
         Ok(ReconcileInventoryPayload::new(
             report,

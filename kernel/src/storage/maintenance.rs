@@ -15,6 +15,12 @@
 //! Each kind is deleted in batches of [`BATCH`] rows, one short transaction
 //! each, so a large backlog never holds a lock for long. A dry run counts
 //! what would go and deletes nothing.
+//!
+//! It also schedules the checks every process runs on a timer (the
+//! inventory report): [`StoreMaintenance::claim_check`] lets one process
+//! per interval run one, and the others report what it found.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -80,6 +86,19 @@ const CART_ACTIVITY: Kind = Kind {
     timestamptz_on_postgres: false,
 };
 
+/// The inventory reconciliation's periodic report ([`StoreMaintenance::claim_check`]).
+pub const INVENTORY_CHECK: &str = "inventory";
+
+/// Claims a check unless one started less than `$2` microseconds ago, by
+/// the database's clock (`{NOW}`); returns the row when claimed.
+const CLAIM_CHECK: &str = "INSERT INTO runbook_checks (name, started_at) VALUES ($1, {NOW}) \
+     ON CONFLICT (name) DO UPDATE SET started_at = excluded.started_at \
+     WHERE runbook_checks.started_at <= excluded.started_at - $2 RETURNING name";
+
+/// Records what a check found (`$2`), keeping when it started.
+const RECORD_CHECK: &str = "INSERT INTO runbook_checks (name, started_at, found) \
+     VALUES ($1, {NOW}, $2) ON CONFLICT (name) DO UPDATE SET found = excluded.found";
+
 /// Prunes one database.
 #[derive(Clone)]
 pub struct StoreMaintenance {
@@ -109,6 +128,77 @@ impl StoreMaintenance {
                 .await?,
             dry_run,
         })
+    }
+
+    /// Claims the periodic check `name` for this process unless any
+    /// process started it less than `interval` ago (by the database's
+    /// clock): true for the one process that should run it now.
+    pub async fn claim_check(&self, name: &str, interval: Duration) -> Result<bool, StoreError> {
+        let interval = i64::try_from(interval.as_micros()).unwrap_or(i64::MAX);
+        let claimed: Option<(String,)> = match &self.database {
+            Database::Postgres(db) => {
+                sqlx::query_as(&CLAIM_CHECK.replace("{NOW}", super::sagas::POSTGRES.now()))
+                    .bind(name)
+                    .bind(interval)
+                    .fetch_optional(db.connections().pool())
+                    .await?
+            }
+            Database::Sqlite(db) => {
+                sqlx::query_as(&CLAIM_CHECK.replace("{NOW}", super::sagas::SQLITE.now()))
+                    .bind(name)
+                    .bind(interval)
+                    .fetch_optional(db.writer())
+                    .await?
+            }
+        };
+        Ok(claimed.is_some())
+    }
+
+    /// Records what the check `name` found (a count), for every process to
+    /// report. A check run outside the schedule (an admin's) counts as run
+    /// now when none ever was.
+    pub async fn record_check(&self, name: &str, found: u64) -> Result<(), StoreError> {
+        let found = i64::try_from(found).unwrap_or(i64::MAX);
+        match &self.database {
+            Database::Postgres(db) => {
+                sqlx::query(&RECORD_CHECK.replace("{NOW}", super::sagas::POSTGRES.now()))
+                    .bind(name)
+                    .bind(found)
+                    .execute(db.connections().pool())
+                    .await?;
+            }
+            Database::Sqlite(db) => {
+                sqlx::query(&RECORD_CHECK.replace("{NOW}", super::sagas::SQLITE.now()))
+                    .bind(name)
+                    .bind(found)
+                    .execute(db.writer())
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What the last finished run of the check `name` found; `None` before
+    /// any has.
+    pub async fn last_check(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let query = "SELECT found FROM runbook_checks WHERE name = $1";
+        let found: Option<(Option<i64>,)> = match &self.database {
+            Database::Postgres(db) => {
+                sqlx::query_as(query)
+                    .bind(name)
+                    .fetch_optional(db.connections().pool())
+                    .await?
+            }
+            Database::Sqlite(db) => {
+                sqlx::query_as(query)
+                    .bind(name)
+                    .fetch_optional(db.reader())
+                    .await?
+            }
+        };
+        Ok(found
+            .and_then(|(found,)| found)
+            .map(|found| u64::try_from(found).unwrap_or(0)))
     }
 
     async fn prune_kind(

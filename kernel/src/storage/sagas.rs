@@ -115,7 +115,7 @@ pub(super) const POSTGRES: Fragments = Fragments {
     lock_claimed: " FOR UPDATE SKIP LOCKED",
 };
 
-const SQLITE: Fragments = Fragments {
+pub(super) const SQLITE: Fragments = Fragments {
     now: "CAST(unixepoch('subsec') * 1000000 AS INTEGER)",
     greatest: "MAX",
     least: "MIN",
@@ -123,6 +123,11 @@ const SQLITE: Fragments = Fragments {
 };
 
 impl Fragments {
+    /// The database's clock in microseconds since the Unix epoch (SQL).
+    pub(super) fn now(&self) -> &'static str {
+        self.now
+    }
+
     /// `sql` with `{NOW}`, `{GREATEST}` and `{LEAST}` filled in.
     pub(super) fn fill(&self, sql: &str) -> String {
         sql.replace("{NOW}", self.now)
