@@ -3031,7 +3031,7 @@ async fn edit_stock_row(db: &TestDatabase, product: Uuid, extra: i64) -> anyhow:
     let statement =
         format!("UPDATE inventory_views SET on_hand = on_hand + {extra} WHERE product_id = $1");
     ensure!(
-        execute(db, &statement, Some(product)).await? == 1,
+        db.execute(&statement, Some(product)).await? == 1,
         "no stock row for {product}"
     );
     Ok(())
@@ -3138,7 +3138,7 @@ async fn prune_store_deletes_only_what_is_old_enough(db: Arc<TestDatabase>) -> a
         ),
     ];
     for (statement, order) in &aged {
-        ensure!(execute(&db, statement, *order).await? == 1, "{statement}");
+        ensure!(db.execute(statement, *order).await? == 1, "{statement}");
     }
 
     let prune = |dry_run: bool| {
@@ -3307,7 +3307,7 @@ async fn overdue_sagas_are_listed_and_compensated_in_bulk(
          next_run_at = {now} - 600000000 WHERE correlation_id = $1 AND status = 'RUNNING'"
     );
     ensure!(
-        execute(&db, &takeover, Some(stuck)).await? == 1,
+        db.execute(&takeover, Some(stuck)).await? == 1,
         "the saga ran on"
     );
 
@@ -3382,7 +3382,7 @@ async fn overdue_sagas_are_listed_and_compensated_in_bulk(
     // The dead node's lease lapses: a live runner takes the saga over.
     let lapse =
         format!("UPDATE saga_instances SET lease_expires_at = {now} - 1 WHERE correlation_id = $1");
-    ensure!(execute(&db, &lapse, Some(stuck)).await? == 1);
+    ensure!(db.execute(&lapse, Some(stuck)).await? == 1);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let body = kernel
@@ -3401,33 +3401,6 @@ async fn overdue_sagas_are_listed_and_compensated_in_bulk(
     let body = overdue(json!(0)).await?;
     ensure!(body["data"]["sagas"]["totalCount"] == 0, "{body}");
     kernel.stop().await
-}
-
-/// Runs `statement` (its `$1` bound to `id`, if given) on the test
-/// database; the rows it changed.
-async fn execute(db: &TestDatabase, statement: &str, id: Option<Uuid>) -> anyhow::Result<u64> {
-    Ok(match db.kind {
-        support::BackendKind::Postgres => {
-            let pool = sqlx::PgPool::connect(&db.url()).await?;
-            let mut query = sqlx::query(statement);
-            if let Some(id) = id {
-                query = query.bind(id);
-            }
-            let done = query.execute(&pool).await?.rows_affected();
-            pool.close().await;
-            done
-        }
-        support::BackendKind::Sqlite => {
-            let pool = sqlx::SqlitePool::connect(&db.url()).await?;
-            let mut query = sqlx::query(statement);
-            if let Some(id) = id {
-                query = query.bind(id);
-            }
-            let done = query.execute(&pool).await?.rows_affected();
-            pool.close().await;
-            done
-        }
-    })
 }
 
 /// The count `query` (its `$1` bound to `id`, if given) reads.

@@ -841,7 +841,9 @@ async fn a_rebuild_never_shows_a_half_built_view(db: Arc<TestDatabase>) -> anyho
     ];
     for statement in drift {
         ensure!(
-            execute(&db, statement, Uuid::now_v7()).await? == 1,
+            db.execute(statement, statement.contains("$1").then(Uuid::now_v7))
+                .await?
+                == 1,
             "{statement}"
         );
     }
@@ -867,28 +869,6 @@ async fn a_rebuild_never_shows_a_half_built_view(db: Arc<TestDatabase>) -> anyho
         ensure!(after == before, "a price's scale stayed drifted: {after:?}");
     }
     Ok(())
-}
-
-/// Runs `statement` on the test database, `$1` bound to `id` if it uses
-/// it; the rows it changed.
-async fn execute(db: &TestDatabase, statement: &str, id: Uuid) -> anyhow::Result<u64> {
-    let bound = statement.contains("$1");
-    Ok(match &db.database {
-        Database::Postgres(postgres) => {
-            let mut query = sqlx::query(statement);
-            if bound {
-                query = query.bind(id);
-            }
-            query.execute(postgres.pool()).await?.rows_affected()
-        }
-        Database::Sqlite(sqlite) => {
-            let mut query = sqlx::query(statement);
-            if bound {
-                query = query.bind(id);
-            }
-            query.execute(sqlite.writer()).await?.rows_affected()
-        }
-    })
 }
 
 async fn projections_rebuild_to_the_same_views(db: Arc<TestDatabase>) -> anyhow::Result<()> {

@@ -150,6 +150,28 @@ impl TestDatabase {
         self.database.event_store()
     }
 
+    /// Runs `statement` (its `$1` bound to `id`, if given) on this
+    /// database, as a hand or a bug would write behind the kernel's back;
+    /// the rows it changed.
+    pub async fn execute(&self, statement: &str, id: Option<uuid::Uuid>) -> anyhow::Result<u64> {
+        Ok(match &self.database {
+            Database::Postgres(db) => {
+                let mut query = sqlx::query(statement);
+                if let Some(id) = id {
+                    query = query.bind(id);
+                }
+                query.execute(db.pool()).await?.rows_affected()
+            }
+            Database::Sqlite(db) => {
+                let mut query = sqlx::query(statement);
+                if let Some(id) = id {
+                    query = query.bind(id);
+                }
+                query.execute(db.writer()).await?.rows_affected()
+            }
+        })
+    }
+
     /// Starts `request` in a transaction that stays open until [`HeldAppend::commit`].
     pub async fn hold_append(&self, request: AppendRequest) -> anyhow::Result<HeldAppend> {
         match &self.database {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::views::{
     FINAL_STATUSES, KPI_STATUSES, ViewTables, count, email_condition, from_json, kpi_statuses,
-    money, shadow_table, status, swap_statements, tables, to_json,
+    money, no_checkpoint, shadow_table, status, swap_statements, tables, to_json,
 };
 use crate::domain::order::OrderStatus;
 use crate::event_store::{Position, StoreError, validate_stream_ids};
@@ -456,10 +456,6 @@ impl ShadowView for PostgresShadow {
         sqlx::Connection::close(self.connection).await?;
         Ok(())
     }
-}
-
-fn no_checkpoint(projection: ProjectionName) -> StoreError {
-    StoreError::Corrupt(format!("no checkpoint row for {}", projection.as_str()))
 }
 
 #[async_trait]

@@ -114,6 +114,11 @@ pub fn shadow_table(table: &str) -> String {
     format!("shadow_{table}")
 }
 
+/// A projection's checkpoint row is missing (the migrations write one each).
+pub fn no_checkpoint(projection: ProjectionName) -> StoreError {
+    StoreError::Corrupt(format!("no checkpoint row for {}", projection.as_str()))
+}
+
 pub fn money(amount: &str, currency: &str) -> Result<Money, StoreError> {
     let amount = Decimal::from_str(amount)
         .map_err(|e| StoreError::Corrupt(format!("amount {amount:?}: {e}")))?;
